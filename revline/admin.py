@@ -1,0 +1,49 @@
+"""Topic administration through the Kafka admin API."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+
+from revline.errors import InfrastructureError
+
+
+def ensure_topics(
+    bootstrap: str,
+    topics: Mapping[str, int],
+    *,
+    config: Mapping[str, Mapping[str, str]] | None = None,
+    timeout: float = 30.0,
+) -> list[str]:
+    """Create the missing ones of ``topics`` (name -> partitions); returns those created."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    try:
+        existing = set(admin.list_topics(timeout=timeout).topics)
+    except KafkaException as exc:
+        raise InfrastructureError(f"cannot reach Kafka at {bootstrap}: {exc}") from exc
+    missing = [name for name in topics if name not in existing]
+    if not missing:
+        return []
+    futures = admin.create_topics(
+        [
+            NewTopic(name, num_partitions=topics[name], config=dict((config or {}).get(name, {})))
+            for name in missing
+        ],
+        operation_timeout=timeout,
+    )
+    for name, future in futures.items():
+        try:
+            future.result()
+        except KafkaException as exc:
+            if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                raise InfrastructureError(f"cannot create topic {name}: {exc}") from exc
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:  # metadata propagates asynchronously
+        metadata = admin.list_topics(timeout=timeout).topics
+        if all(name in metadata and metadata[name].partitions for name in missing):
+            return missing
+        time.sleep(0.1)
+    raise InfrastructureError(f"topics {missing} were created but never became visible")

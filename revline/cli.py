@@ -1,0 +1,316 @@
+"""The ``revline`` command line. Errors say what to do; long jobs show progress."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, TextIO
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from revline.errors import RevlineError
+from revline.settings import Settings
+
+console = Console(stderr=False, highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    )
+
+
+# -- broker --------------------------------------------------------------------------
+def cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
+    from revline.broker import broker_command
+
+    return broker_command(args.action, settings.broker_home)
+
+
+def bootstrap_for(settings: Settings, *, start_if_missing: bool) -> str:
+    from revline.broker import resolve_bootstrap
+
+    address, started = resolve_bootstrap(settings.broker_home, start_if_missing=start_if_missing)
+    if started:
+        err_console.print(
+            f"[dim]Started a local Kafka broker at {address} "
+            "(stop it with `revline broker stop`).[/dim]"
+        )
+    return address
+
+
+def serializer_for(settings: Settings) -> Any:
+    from schemas import EventSerializer, registry_client
+
+    if settings.schema_registry_url:
+        return EventSerializer(registry=registry_client(settings.schema_registry_url))
+    return EventSerializer()
+
+
+def deserializer_for(settings: Settings) -> Any:
+    from schemas import EventDeserializer, registry_client
+
+    if settings.schema_registry_url:
+        return EventDeserializer(registry=registry_client(settings.schema_registry_url))
+    return EventDeserializer()
+
+
+# -- generate ------------------------------------------------------------------------
+def _workload_options(args: argparse.Namespace) -> Any:
+    from revline.workload import WorkloadOptions
+
+    known = {f.name for f in fields(WorkloadOptions)}
+    values = {k: v for k, v in vars(args).items() if k in known and v is not None}
+    return WorkloadOptions(**values)
+
+
+def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
+    from revline.workload import WorkloadGenerator
+
+    workload = WorkloadGenerator(_workload_options(args)).generate()
+    out = Path(args.out)
+    events_path, manifest_path = workload.write(out)
+    counts = workload.counts()
+    console.print(
+        f"Generated {len(workload.records)} inputs for {args.orders} orders "
+        f"→ {events_path} and {manifest_path}"
+    )
+    console.print(_counts_table("Expected outcomes (manifest)", counts))
+    if args.publish:
+        return _publish_file(events_path, settings, topic=args.topic, allow_raw=True)
+    return 0
+
+
+def _counts_table(title: str, counts: dict[str, int]) -> Table:
+    table = Table(title=title)
+    table.add_column("outcome")
+    table.add_column("inputs", justify="right")
+    for name, value in counts.items():
+        table.add_row(name, f"{value:,}")
+    return table
+
+
+# -- publish -------------------------------------------------------------------------
+def _lines(stream: TextIO) -> Iterator[str]:
+    yield from stream
+
+
+def _publish_file(
+    path: Path | None, settings: Settings, *, topic: str | None, allow_raw: bool
+) -> int:
+    from revline.admin import ensure_topics
+    from revline.publisher import Publisher, publish_lines
+
+    bootstrap = bootstrap_for(settings, start_if_missing=False)
+    topic = topic or settings.input_topic
+    ensure_topics(bootstrap, {topic: settings.input_partitions})
+    total = sum(1 for _ in path.open()) if path else None
+    publisher = Publisher(bootstrap, topic, settings=settings, serializer=serializer_for(settings))
+    with _progress() as progress:
+        task = progress.add_task(f"publishing to {topic}", total=total)
+        source = path.open() if path else sys.stdin
+        try:
+            report = publish_lines(
+                publisher,
+                _lines(source),
+                allow_raw=allow_raw,
+                progress=lambda n: progress.update(task, completed=n),
+            )
+        finally:
+            if path:
+                source.close()
+    for number, why in report.rejected:
+        err_console.print(f"[red]line {number}[/red]: {why}")
+    for failure in report.delivery_failures:
+        err_console.print(f"[red]delivery failed[/red]: {failure}")
+    console.print(
+        f"Published {report.sent:,} events to {topic} on {bootstrap}; "
+        f"{len(report.rejected)} lines rejected."
+    )
+    return 0 if report.ok else 1
+
+
+def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
+    path = None if args.file == "-" else Path(args.file)
+    if path is not None and not path.exists():
+        raise RevlineError(f"{path} does not exist (give a JSON-lines file, or - for stdin)")
+    return _publish_file(path, settings, topic=args.topic, allow_raw=args.allow_raw)
+
+
+# -- readback ------------------------------------------------------------------------
+def cmd_readback(args: argparse.Namespace, settings: Settings) -> int:
+
+    bootstrap = bootstrap_for(settings, start_if_missing=False)
+    topic = args.topic or settings.input_topic
+    manifest = json.loads(Path(args.manifest).read_text())
+    report = _readback(bootstrap, topic, manifest, settings)
+    return 0 if report.ok else 1
+
+
+def _readback(bootstrap: str, topic: str, manifest: dict[str, Any], settings: Settings) -> Any:
+    from revline.readback import check_against_manifest, read_topic
+
+    with _progress() as progress:
+        task = progress.add_task(f"reading {topic} back", total=len(manifest["inputs"]))
+        report = check_against_manifest(
+            read_topic(bootstrap, topic),
+            manifest,
+            deserializer_for(settings),
+            progress=lambda n: progress.update(task, completed=n),
+        )
+    table = Table(title=f"What landed on {topic}")
+    table.add_column("event type / failure")
+    table.add_column("records", justify="right")
+    for name, count in sorted(report.by_type.items()):
+        table.add_row(name, f"{count:,}")
+    for name, count in sorted(report.decode_errors.items()):
+        table.add_row(f"[yellow]undecodable — {name}[/yellow]", f"{count:,}")
+    table.add_row("[bold]total[/bold]", f"[bold]{report.records:,}[/bold]")
+    console.print(table)
+    verdict = "[green]matches[/green]" if report.ok else "[red]does NOT match[/red]"
+    console.print(
+        f"{report.matched:,} of {len(manifest['inputs']):,} manifest inputs found and decoded as "
+        f"expected; the topic {verdict} the manifest."
+    )
+    for problem in report.mismatches[:20]:
+        err_console.print(f"[red]mismatch[/red]: {problem}")
+    if report.missing:
+        err_console.print(f"[red]missing inputs[/red]: {report.missing[:20]}")
+    return report
+
+
+# -- demo ----------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from revline.admin import ensure_topics
+    from revline.publisher import SOURCE_LINE_HEADER, Headers, Publisher
+    from revline.workload import WorkloadGenerator, WorkloadOptions
+
+    bootstrap = bootstrap_for(settings, start_if_missing=True)
+    run_id = time.strftime("d%H%M%S")
+    topic = f"{settings.input_topic}.demo-{run_id}" if args.fresh_topic else settings.input_topic
+    ensure_topics(bootstrap, {topic: settings.input_partitions})
+    options = WorkloadOptions(orders=args.orders, seed=args.seed, run_id=run_id, orphans=1)
+    workload = WorkloadGenerator(options).generate()
+    out = settings.state_dir / "demo" / run_id
+    _, manifest_path = workload.write(out)
+    console.print(
+        f"[bold]Revline demo[/bold] — {args.orders} orders → {len(workload.records):,} inputs "
+        f"(manifest: {manifest_path})"
+    )
+    publisher = Publisher(bootstrap, topic, settings=settings, serializer=serializer_for(settings))
+    started = time.perf_counter()
+    with _progress() as progress:
+        task = progress.add_task(f"publishing to {topic}", total=len(workload.records))
+        for i, rec in enumerate(workload.records, start=1):
+            headers: Headers = [(SOURCE_LINE_HEADER, str(rec.seq).encode())]
+            if rec.event is not None:
+                publisher.publish(rec.event, headers=headers, validate=False)
+            else:
+                assert rec.raw is not None
+                publisher.publish_raw(rec.key, rec.raw, headers)
+            if i % 500 == 0:
+                progress.update(task, completed=i)
+        publisher.flush()
+    elapsed = time.perf_counter() - started
+    console.print(
+        f"Published {len(workload.records):,} records in {elapsed:.2f}s "
+        f"({len(workload.records) / elapsed:,.0f}/s, idempotent producer, acks=all)."
+    )
+    console.print(_counts_table("What a correct pipeline must conclude", workload.counts()))
+    manifest = workload.manifest()
+    report = _readback(bootstrap, topic, manifest, settings)
+    return 0 if report.ok else 1
+
+
+# -- parser --------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="revline",
+        description="Revline: an auditable Kafka pipeline for revenue operations.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("broker", help="start, stop or inspect the local single-node Kafka broker")
+    p.add_argument("action", choices=["start", "stop", "status", "restart"])
+    p.set_defaults(func=cmd_broker)
+
+    p = sub.add_parser(
+        "demo", help="start a broker if needed, publish a workload, show what landed"
+    )
+    p.add_argument("--orders", type=int, default=500)
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument(
+        "--fresh-topic",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="publish to a new topic per run (default) instead of the input topic",
+    )
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("generate", help="write a realistic workload and its manifest")
+    p.add_argument("--orders", type=int, default=100)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--run-id", dest="run_id", help="prefix of order ids (default: r<seed>)")
+    p.add_argument("--out", default="workload", help="directory for events.jsonl, manifest.json")
+    for name, help_text in [
+        ("duplicates", "share of events re-sent with the same body"),
+        ("conflicts", "share of invoices/payments re-sent with a different body"),
+        ("out-of-order", "share of orders delivered shuffled"),
+        ("incomplete", "share of orders with an incomplete booking"),
+        ("off-policy", "share of orders with an off-policy price or discount"),
+        ("unknown-attribution", "share of orders with an unknown campaign or channel"),
+        ("amount-mismatch", "share of orders whose amounts do not reconcile"),
+        ("poison", "share of inputs that are poison bytes"),
+    ]:
+        p.add_argument(f"--{name}", dest=name.replace("-", "_"), type=float, help=help_text)
+    p.add_argument("--orphans", type=int, help="amendments whose booking never arrives")
+    p.add_argument("--publish", action="store_true", help="also publish to the input topic")
+    p.add_argument("--topic", help="topic to publish to (default: the input topic)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("publish", help="publish JSON lines of canonical events (FILE or -)")
+    p.add_argument("file", metavar="FILE|-")
+    p.add_argument("--topic", help="default: the input topic (REVLINE_INPUT_TOPIC)")
+    p.add_argument(
+        "--allow-raw",
+        action="store_true",
+        help='send {"__raw__": base64} lines as-is (for testing the dead-letter path)',
+    )
+    p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("readback", help="read a topic back and compare it with a manifest")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--topic")
+    p.set_defaults(func=cmd_readback)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings()
+        result: int = args.func(args, settings)
+        return result
+    except RevlineError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        return 2
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

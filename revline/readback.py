@@ -1,0 +1,147 @@
+"""Read a topic back to its end and check what landed against a workload manifest."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import Consumer, Message, TopicPartition
+
+from revline.errors import InfrastructureError
+from revline.publisher import SOURCE_LINE_HEADER
+from schemas import DecodeError, EventDeserializer, MalformedRecordError, UnknownSchemaError
+
+
+def read_topic(
+    bootstrap: str,
+    topic: str,
+    *,
+    timeout: float = 120.0,
+    batch: int = 1000,
+) -> Iterator[Message]:
+    """Every record of ``topic`` from the beginning to the end offsets seen at the start."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"revline-readback-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+            "enable.partition.eof": False,
+        }
+    )
+    try:
+        metadata = consumer.list_topics(topic, timeout=10)
+        if topic not in metadata.topics or metadata.topics[topic].error is not None:
+            raise InfrastructureError(f"topic {topic} does not exist on {bootstrap}")
+        partitions = sorted(metadata.topics[topic].partitions)
+        end: dict[int, int] = {}
+        start: list[TopicPartition] = []
+        for p in partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            if high > low:
+                end[p] = high
+                start.append(TopicPartition(topic, p, low))
+        consumer.assign(start)
+        deadline = time.monotonic() + timeout
+        while end:
+            if time.monotonic() > deadline:
+                raise InfrastructureError(f"timed out reading {topic}: partitions {sorted(end)}")
+            for msg in consumer.consume(batch, 1.0):
+                if msg.error():
+                    raise InfrastructureError(f"reading {topic}: {msg.error()}")
+                p = msg.partition()
+                if p in end:
+                    yield msg
+                    if (msg.offset() or 0) + 1 >= end[p]:
+                        del end[p]
+    finally:
+        consumer.close()
+
+
+def header(msg: Message, name: str) -> bytes | None:
+    headers = msg.headers() or []
+    pairs = headers.items() if isinstance(headers, dict) else headers
+    for key, value in pairs:
+        if key == name:
+            return value.encode() if isinstance(value, str) else value
+    return None
+
+
+@dataclass
+class ReadbackReport:
+    records: int = 0
+    decoded: int = 0
+    by_type: Counter[str] = field(default_factory=Counter)
+    decode_errors: Counter[str] = field(default_factory=Counter)
+    matched: int = 0
+    mismatches: list[str] = field(default_factory=list)
+    missing: list[int] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches and not self.missing
+
+
+_STAGE = {UnknownSchemaError: "schema", MalformedRecordError: "decode"}
+
+
+def check_against_manifest(
+    messages: Iterator[Message],
+    manifest: Mapping[str, Any],
+    deserializer: EventDeserializer | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> ReadbackReport:
+    """Decode every record and compare it, by its source-line header, with the manifest."""
+    from schemas import structural_error
+
+    deserializer = deserializer or EventDeserializer()
+    inputs = {entry["seq"]: entry for entry in manifest["inputs"]}
+    seen: set[int] = set()
+    report = ReadbackReport()
+    for msg in messages:
+        report.records += 1
+        if progress:
+            progress(report.records)
+        raw_seq = header(msg, SOURCE_LINE_HEADER)
+        seq = int(raw_seq) if raw_seq else -1
+        expected = inputs.get(seq)
+        stage: str | None = None
+        try:
+            event = deserializer.decode(msg.value() or b"")
+            problem = structural_error(event)
+            if problem:
+                stage = "structure"
+                report.decode_errors[f"structure: {problem}"] += 1
+            else:
+                report.decoded += 1
+                report.by_type[event["envelope"]["event_type"]] += 1
+        except DecodeError as exc:
+            stage = _STAGE.get(type(exc), "decode")
+            report.decode_errors[f"{stage}: {type(exc).__name__}"] += 1
+            event = None
+        if expected is None:
+            report.mismatches.append(f"offset {msg.partition()}/{msg.offset()}: no manifest entry")
+            continue
+        seen.add(seq)
+        if expected["outcome"] == "dead_letter":
+            if stage != expected["stage"]:
+                report.mismatches.append(
+                    f"input {seq}: expected a {expected['stage']} failure, got {stage or 'ok'}"
+                )
+                continue
+        elif event is None or stage is not None:
+            report.mismatches.append(f"input {seq}: expected an event, got a {stage} failure")
+            continue
+        elif (
+            event["envelope"]["event_id"] != expected["event_id"]
+            or event["envelope"]["idempotency_key"] != expected["idempotency_key"]
+            or msg.key() != expected["order_id"].encode()
+        ):
+            report.mismatches.append(f"input {seq}: decoded event is not the one published")
+            continue
+        report.matched += 1
+    report.missing = sorted(set(inputs) - seen)
+    return report

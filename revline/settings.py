@@ -1,0 +1,71 @@
+"""Every setting in one place, read once from the environment and passed down.
+
+Environment variables use the ``REVLINE_`` prefix (``REVLINE_INPUT_TOPIC``…),
+except the two that are conventional across Kafka tooling:
+``KAFKA_BOOTSTRAP_SERVERS`` and ``SCHEMA_REGISTRY_URL``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DATA_DIR = Path(__file__).parent / "data"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="REVLINE_", extra="ignore", frozen=True)
+
+    kafka_bootstrap_servers: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "REVLINE_KAFKA_BOOTSTRAP_SERVERS"),
+        description="Existing Kafka cluster; unset means the local broker (started on demand).",
+    )
+    schema_registry_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("SCHEMA_REGISTRY_URL", "REVLINE_SCHEMA_REGISTRY_URL"),
+        description="Confluent Schema Registry; unset means single-object encoding.",
+    )
+    state_dir: Path = Field(default=Path(".revline"), description="Local broker, stores, reports.")
+
+    input_topic: str = "revline.events.v1"
+    validated_topic: str = "revline.validated.v1"
+    exceptions_topic: str = "revline.exceptions.v1"
+    dead_letter_topic: str = "revline.deadletter.v1"
+    outcomes_topic: str = "revline.outcomes.v1"
+    input_partitions: int = 6
+
+    rules_file: Path = DATA_DIR / "rules.yaml"
+    reference_file: Path = DATA_DIR / "reference.yaml"
+
+    # librdkafka producer tuning (mapped in producer_config()).
+    producer_linger_ms: int = 5
+    producer_batch_size: int = 256 * 1024
+    producer_compression: str = "lz4"
+
+    @property
+    def broker_home(self) -> Path:
+        return self.state_dir / "kafka"
+
+    def producer_config(self, bootstrap: str) -> dict[str, Any]:
+        """An idempotent, acks=all producer: retries never duplicate or reorder."""
+        return {
+            "bootstrap.servers": bootstrap,
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": self.producer_linger_ms,
+            "batch.size": self.producer_batch_size,
+            "compression.type": self.producer_compression,
+        }
+
+    def consumer_config(self, bootstrap: str, group_id: str) -> dict[str, Any]:
+        return {
+            "bootstrap.servers": bootstrap,
+            "group.id": group_id,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+        }

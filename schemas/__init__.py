@@ -1,0 +1,44 @@
+"""The wire contract: versioned Avro canonical events, their catalog and codecs."""
+
+from schemas._catalog import (
+    EVENT_TYPES,
+    RECORD_NAMES,
+    SchemaCatalog,
+    SchemaEntry,
+    crc64_fingerprint,
+    default_catalog,
+)
+from schemas._codec import (
+    DecodeError,
+    EncodeError,
+    EventDeserializer,
+    EventSerializer,
+    MalformedRecordError,
+    UnknownSchemaError,
+    WireFormat,
+    registry_client,
+)
+from schemas._models import EVENT_MODELS, EventValidationError, validate_event
+from schemas._structure import REQUIRED_REFS, structural_error
+
+__all__ = [
+    "EVENT_MODELS",
+    "EVENT_TYPES",
+    "RECORD_NAMES",
+    "REQUIRED_REFS",
+    "DecodeError",
+    "EncodeError",
+    "EventDeserializer",
+    "EventSerializer",
+    "EventValidationError",
+    "MalformedRecordError",
+    "SchemaCatalog",
+    "SchemaEntry",
+    "UnknownSchemaError",
+    "WireFormat",
+    "crc64_fingerprint",
+    "default_catalog",
+    "registry_client",
+    "structural_error",
+    "validate_event",
+]

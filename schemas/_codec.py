@@ -1,0 +1,224 @@
+"""Encode and decode canonical events on the wire.
+
+Two framings, both read by the same decoder:
+
+* Avro single-object encoding (``C3 01`` + 8-byte CRC-64-AVRO fingerprint +
+  body), resolved from the local catalog: the embedded default.
+* The Confluent Schema Registry framing (``00`` + 4-byte schema id + body),
+  used when a schema registry client is configured.
+
+A record written with an older version of its event type is resolved to the
+newest reader schema, so the rest of the pipeline sees one shape per type.
+Serializers follow confluent-kafka's ``__call__(obj, ctx)`` convention.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, cast
+
+from fastavro import schemaless_reader, schemaless_writer
+
+from revline.errors import RevlineError
+from schemas._catalog import SchemaCatalog, SchemaEntry, crc64_fingerprint, default_catalog
+
+if TYPE_CHECKING:
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+
+SINGLE_OBJECT_MAGIC = b"\xc3\x01"
+CONFLUENT_MAGIC = b"\x00"
+
+
+class WireFormat(StrEnum):
+    SINGLE_OBJECT = "single-object"
+    CONFLUENT = "confluent"
+
+
+class DecodeError(RevlineError):
+    """A record that cannot become a canonical event. Routed to the dead-letter topic."""
+
+    stage = "decode"
+
+    def __init__(self, message: str, *, schema_ref: str = "") -> None:
+        super().__init__(message)
+        self.schema_ref = schema_ref
+
+
+class UnknownSchemaError(DecodeError):
+    """The record names a schema (fingerprint or registry id) this catalog does not know."""
+
+    stage = "schema"
+
+
+class MalformedRecordError(DecodeError):
+    """The bytes are not a well-framed Avro record of the schema they name."""
+
+
+class EncodeError(RevlineError):
+    """An event does not fit its schema (a bug in the caller: validate first)."""
+
+
+def subject_for(entry: SchemaEntry) -> str:
+    # RecordNameStrategy: one input topic carries every event type.
+    return entry.full_name
+
+
+class EventSerializer:
+    """Canonical event dict -> framed Avro bytes."""
+
+    def __init__(
+        self,
+        catalog: SchemaCatalog | None = None,
+        registry: SchemaRegistryClient | None = None,
+    ) -> None:
+        self.catalog = catalog or default_catalog()
+        self.registry = registry
+        self._headers: dict[tuple[str, int], bytes] = {}
+
+    @property
+    def wire_format(self) -> WireFormat:
+        return WireFormat.CONFLUENT if self.registry is not None else WireFormat.SINGLE_OBJECT
+
+    def entry_for(self, event: Mapping[str, Any]) -> SchemaEntry:
+        envelope = event["envelope"]
+        event_type = envelope["event_type"]
+        entry = self.catalog.get(event_type, envelope.get("schema_version"))
+        if entry is None:
+            raise EncodeError(
+                f"no schema for event_type={event_type!r} "
+                f"version={envelope.get('schema_version')!r}"
+            )
+        return entry
+
+    def header_for(self, entry: SchemaEntry) -> bytes:
+        key = (entry.event_type, entry.version)
+        header = self._headers.get(key)
+        if header is None:
+            if self.registry is None:
+                header = SINGLE_OBJECT_MAGIC + entry.fingerprint
+            else:
+                from confluent_kafka.schema_registry import Schema
+
+                schema_id = self.registry.register_schema(
+                    subject_for(entry), Schema(entry.schema_str, "AVRO")
+                )
+                header = CONFLUENT_MAGIC + int(schema_id).to_bytes(4, "big")
+            self._headers[key] = header
+        return header
+
+    def __call__(self, event: Mapping[str, Any], ctx: object = None) -> bytes:
+        entry = self.entry_for(event)
+        out = io.BytesIO()
+        out.write(self.header_for(entry))
+        try:
+            schemaless_writer(out, entry.parsed, event)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise EncodeError(f"{entry.event_type} v{entry.version}: {exc}") from exc
+        return out.getvalue()
+
+
+class EventDeserializer:
+    """Framed Avro bytes (either framing) -> canonical event dict (newest shape)."""
+
+    def __init__(
+        self,
+        catalog: SchemaCatalog | None = None,
+        registry: SchemaRegistryClient | None = None,
+    ) -> None:
+        self.catalog = catalog or default_catalog()
+        self.registry = registry
+        self._by_fingerprint = {e.fingerprint: e for e in self.catalog}
+        self._by_schema_id: dict[int, SchemaEntry] = {}
+        # Writer -> reader: None when the writer is the newest version (no resolution).
+        self._reader: dict[bytes, dict[str, Any] | None] = {}
+        for entry in self.catalog:
+            latest = self.catalog.latest(entry.event_type)
+            assert latest is not None
+            self._reader[entry.fingerprint] = None if latest is entry else latest.parsed
+
+    def writer_entry(self, data: bytes) -> tuple[SchemaEntry, int]:
+        """The writer schema a record names and where its body starts."""
+        if data[:2] == SINGLE_OBJECT_MAGIC:
+            if len(data) < 10:
+                raise MalformedRecordError("single-object header is truncated")
+            entry = self._by_fingerprint.get(data[2:10])
+            if entry is None:
+                fp = data[2:10].hex()
+                raise UnknownSchemaError(
+                    f"unknown schema fingerprint {fp}: not in the local catalog "
+                    "(schema drift: a producer uses a version this worker does not know)",
+                    schema_ref=f"fingerprint:{fp}",
+                )
+            return entry, 10
+        if data[:1] == CONFLUENT_MAGIC and len(data) >= 5:
+            schema_id = int.from_bytes(data[1:5], "big")
+            entry = self._by_schema_id.get(schema_id) or self._resolve_schema_id(schema_id)
+            return entry, 5
+        head = data[:4].hex() if data else "(empty)"
+        raise MalformedRecordError(
+            f"not a framed Avro record: starts with {head}, expected C3 01 (single-object) "
+            "or 00 (Confluent schema registry)"
+        )
+
+    def _resolve_schema_id(self, schema_id: int) -> SchemaEntry:
+        ref = f"schema-id:{schema_id}"
+        if self.registry is None:
+            raise UnknownSchemaError(
+                f"schema id {schema_id} uses the Confluent framing but no schema registry "
+                "is configured (set SCHEMA_REGISTRY_URL)",
+                schema_ref=ref,
+            )
+        import json
+
+        try:
+            registered = self.registry.get_schema(schema_id)
+        except Exception as exc:  # the client raises its own error types
+            raise UnknownSchemaError(
+                f"schema id {schema_id} is not in the schema registry: {exc}", schema_ref=ref
+            ) from exc
+        fp = crc64_fingerprint(json.loads(registered.schema_str or "null"))
+        entry = self._by_fingerprint.get(fp)
+        if entry is None:
+            raise UnknownSchemaError(
+                f"schema id {schema_id} (fingerprint {fp.hex()}) is registered but not in "
+                "the local catalog (schema drift)",
+                schema_ref=ref,
+            )
+        self._by_schema_id[schema_id] = entry
+        return entry
+
+    def decode(self, data: bytes) -> dict[str, Any]:
+        entry, start = self.writer_entry(data)
+        body = io.BytesIO(data)
+        body.seek(start)
+        try:
+            record = cast(
+                dict[str, Any],
+                schemaless_reader(body, entry.parsed, self._reader[entry.fingerprint]),
+            )
+        except Exception as exc:  # fastavro raises anything from EOFError to UnicodeError
+            raise MalformedRecordError(
+                f"{entry.event_type} v{entry.version}: body does not decode "
+                f"({type(exc).__name__}: {exc})",
+                schema_ref=f"fingerprint:{entry.fingerprint_hex}",
+            ) from exc
+        if body.tell() != len(data):
+            raise MalformedRecordError(
+                f"{entry.event_type} v{entry.version}: {len(data) - body.tell()} trailing bytes "
+                "after the record",
+                schema_ref=f"fingerprint:{entry.fingerprint_hex}",
+            )
+        return record
+
+    def __call__(self, data: bytes, ctx: object = None) -> dict[str, Any]:
+        return self.decode(data)
+
+
+def registry_client(url: str) -> SchemaRegistryClient:
+    """A schema registry client; ``mock://`` URLs give confluent-kafka's in-process double."""
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+
+    client: SchemaRegistryClient = SchemaRegistryClient.new_client({"url": url})
+    return client

@@ -351,17 +351,14 @@ class WorkloadGenerator:
                 target["unit_price_minor"] = (
                     target["unit_price_minor"] * (10_000 + self.rules.price_tolerance_bps + 800)
                 ) // 10_000
-        warnings: list[str] = []
-        if fault == "unknown_attribution":
+        if fault == "unknown_attribution":  # passes with a P3 warning, see generate()
             if rng.random() < 0.5:
                 lines[0]["campaign_id"] = "cmp-typo-" + str(rng.randint(1, 99))
-                warnings = ["attribution.campaign"]
             else:
                 lines[0]["channel_id"] = "chan-unknown"
-                warnings = ["attribution.channel"]
 
         _, tax, total = totals(lines, currency)
-        booking = b.add(
+        b.add(
             {
                 "envelope": envelope,
                 "booking_kind": b.kind,
@@ -375,7 +372,6 @@ class WorkloadGenerator:
             ("booked", ""),
             fault=booking_fault,
         )
-        booking.expect.warnings = warnings
         currency_in_use = currency
 
         # Amendments replace the lines; each needs the booking and the previous one.
@@ -420,7 +416,7 @@ class WorkloadGenerator:
             return b.items
 
         # Fulfilment, possibly split in two shipments.
-        splits = 2 if rng.random() < 0.2 and lines else 1
+        splits = 2 if rng.random() < 0.2 and len(lines) >= 2 else 1
         for s in range(1, splits + 1):
             shipments = [
                 {"line_id": ln["line_id"], "sku": ln["sku"], "quantity": abs(ln["quantity"])}
@@ -607,8 +603,20 @@ class WorkloadGenerator:
 
         for seq, rec in enumerate(delivered, start=1):
             rec.seq = seq
+            rec.expect.warnings = self._attribution_warnings(rec)
         orders = self._simulate(delivered)
         return Workload(options=opts, records=delivered, orders=orders)
+
+    def _attribution_warnings(self, rec: WorkloadRecord) -> list[str]:
+        """Unknown campaign/channel ids pass with a P3 warning on every event carrying them."""
+        lines = rec.event.get("lines", []) if rec.event else []
+        out = set()
+        for ln in lines:
+            if ln["campaign_id"] is not None and ln["campaign_id"] not in self.reference.campaigns:
+                out.add("attribution.campaign")
+            if ln["channel_id"] is not None and ln["channel_id"] not in self.reference.channels:
+                out.add("attribution.channel")
+        return sorted(out)
 
     def _poison(self, n: int, delivered: list[WorkloadRecord]) -> WorkloadRecord:
         rng = self.rng

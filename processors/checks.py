@@ -1,0 +1,247 @@
+"""The QA checks: pure functions of (event, order state, reference data, rules).
+
+Each finding carries a stable check id; severity and default owner come from
+the versioned rules file. Completeness runs first: when a record is
+incomplete, later checks would only produce noise, so they are skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from processors.currencies import ISO_4217
+from processors.order_state import OrderState
+from processors.reference import ReferenceData, Rules
+
+Event = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Finding:
+    check_id: str
+    reason: str  # human-readable, names the record's own values
+
+
+@dataclass(frozen=True)
+class CheckContext:
+    reference: ReferenceData
+    rules: Rules
+
+
+Check = Callable[[Event, OrderState, CheckContext], Iterable[Finding]]
+
+_LINES = ("order_booked", "order_amended", "invoice_issued")
+_MONEY = ("order_booked", "order_amended", "invoice_issued", "payment_captured", "refund_issued")
+
+
+def _line_amount(line: Mapping[str, Any]) -> int:
+    amount: int = line["quantity"] * line["unit_price_minor"] - line["discount_minor"]
+    return amount
+
+
+# -- completeness ------------------------------------------------------------------------
+def completeness(event: Event, state: OrderState, ctx: CheckContext) -> Iterable[Finding]:
+    env = event["envelope"]
+    kind = env["event_type"]
+    if not env["source_system"] or not env["source_record_id"]:
+        yield Finding(
+            "completeness.source_ref",
+            "record does not point back to its source (source_system/source_record_id empty)",
+        )
+    if kind in _MONEY and event["currency"] not in ISO_4217:
+        yield Finding("completeness.currency", f"currency {event['currency']!r} is not ISO 4217")
+    products = ctx.reference.products
+    if kind in _LINES:
+        lines = event["lines"]
+        if not lines:
+            yield Finding("completeness.lines", f"{kind} has no lines")
+        for ln in lines:
+            if ln["sku"] not in products:
+                yield Finding("completeness.sku", f"line {ln['line_id']}: SKU {ln['sku']!r} unknown")
+            if ln["quantity"] <= 0 or ln["unit_price_minor"] < 0 or not (
+                0 <= ln["discount_minor"] <= ln["quantity"] * ln["unit_price_minor"]
+            ):
+                yield Finding(
+                    "completeness.amounts",
+                    f"line {ln['line_id']}: quantity {ln['quantity']}, unit price "
+                    f"{ln['unit_price_minor']}, discount {ln['discount_minor']} are not a valid line",
+                )
+        subtotal = sum(_line_amount(ln) for ln in lines)
+        if event["tax_minor"] < 0:
+            yield Finding("completeness.amounts", f"tax {event['tax_minor']} is negative")
+        if kind == "invoice_issued" and event["subtotal_minor"] != subtotal:
+            yield Finding(
+                "completeness.amounts",
+                f"invoice subtotal {event['subtotal_minor']} != sum of its lines {subtotal}",
+            )
+        if event["total_minor"] != subtotal + event["tax_minor"]:
+            yield Finding(
+                "completeness.amounts",
+                f"total {event['total_minor']} != lines {subtotal} + tax {event['tax_minor']}",
+            )
+    elif kind in ("payment_captured", "refund_issued") and event["amount_minor"] < 0:
+        yield Finding("completeness.amounts", f"amount {event['amount_minor']} is negative")
+    elif kind == "fulfilment_confirmed":
+        if not event["shipments"]:
+            yield Finding("completeness.lines", "fulfilment has no shipped lines")
+        for sh in event["shipments"]:
+            if sh["sku"] not in products:
+                yield Finding("completeness.sku", f"line {sh['line_id']}: SKU {sh['sku']!r} unknown")
+            if sh["quantity"] <= 0:
+                yield Finding(
+                    "completeness.amounts", f"line {sh['line_id']}: quantity {sh['quantity']}"
+                )
+    elif kind == "discount_approved":
+        if event["sku"] != "*" and event["sku"] not in products:
+            yield Finding("completeness.sku", f"approval for unknown SKU {event['sku']!r}")
+        if not 0 <= event["max_discount_bps"] <= 10_000:
+            yield Finding(
+                "completeness.amounts",
+                f"max_discount_bps {event['max_discount_bps']} is outside 0..10000",
+            )
+
+
+# -- policy ------------------------------------------------------------------------------
+def policy(event: Event, state: OrderState, ctx: CheckContext) -> Iterable[Finding]:
+    if event["envelope"]["event_type"] not in ("order_booked", "order_amended"):
+        return
+    rules = ctx.rules
+    currency = event["currency"]
+    for ln in event["lines"]:
+        product = ctx.reference.products[ln["sku"]]
+        list_price = product.list_prices.get(currency)
+        if list_price is None:
+            yield Finding("policy.price", f"SKU {ln['sku']} has no list price in {currency}")
+            continue
+        if abs(ln["unit_price_minor"] - list_price) * 10_000 > rules.price_tolerance_bps * list_price:
+            yield Finding(
+                "policy.price",
+                f"line {ln['line_id']}: unit price {ln['unit_price_minor']} is off list price "
+                f"{list_price} by more than {rules.price_tolerance_bps} bps",
+            )
+        list_amount = ln["quantity"] * list_price
+        tolerance = rules.discount_tolerance_bps(ln["sku"], product.family)
+        if ln["discount_minor"] * 10_000 <= tolerance * list_amount:
+            continue
+        approval = state.data["approvals"].get(ln["approval_id"]) if ln["approval_id"] else None
+        if (
+            approval is not None
+            and approval["sku"] in (ln["sku"], "*")
+            and ln["discount_minor"] * 10_000 <= approval["max_bps"] * list_amount
+        ):
+            continue
+        bps = ln["discount_minor"] * 10_000 // max(list_amount, 1)
+        yield Finding(
+            "policy.discount",
+            f"line {ln['line_id']}: discount {bps} bps exceeds the {tolerance} bps tolerance for "
+            f"{product.family}"
+            + (f" and approval {ln['approval_id']}" if ln["approval_id"] else " with no approval"),
+        )
+
+
+# -- attribution -------------------------------------------------------------------------
+def attribution(event: Event, state: OrderState, ctx: CheckContext) -> Iterable[Finding]:
+    if event["envelope"]["event_type"] not in _LINES:
+        return
+    for ln in event["lines"]:
+        if ln["campaign_id"] is not None and ln["campaign_id"] not in ctx.reference.campaigns:
+            yield Finding(
+                "attribution.campaign",
+                f"line {ln['line_id']}: campaign {ln['campaign_id']!r} is not a known campaign",
+            )
+        if ln["channel_id"] is not None and ln["channel_id"] not in ctx.reference.channels:
+            yield Finding(
+                "attribution.channel",
+                f"line {ln['line_id']}: channel {ln['channel_id']!r} is not a known channel",
+            )
+
+
+# -- reconciliation anchor ---------------------------------------------------------------
+def reconciliation(event: Event, state: OrderState, ctx: CheckContext) -> Iterable[Finding]:
+    env = event["envelope"]
+    kind = env["event_type"]
+    d = state.data
+    if kind == "order_amended":
+        if state.currency is not None and event["currency"] != state.currency:
+            yield Finding(
+                "reconciliation.currency",
+                f"amendment in {event['currency']} but the order is in {state.currency}",
+            )
+    elif kind == "invoice_issued":
+        version = state.version(env.get("amendment_number"))
+        if d["cancelled"]:
+            yield Finding("reconciliation.after_cancellation", "invoice for a cancelled order")
+        if version is None:
+            return
+        if event["currency"] != version["currency"]:
+            yield Finding(
+                "reconciliation.currency",
+                f"invoice in {event['currency']} but the order is in {version['currency']}",
+            )
+            return
+        remaining = version["total"] - d["invoiced"]
+        if event["total_minor"] != remaining:
+            label = f"amendment {env['amendment_number']}" if env.get("amendment_number") else (
+                "booking"
+            )
+            yield Finding(
+                "reconciliation.invoice_total",
+                f"invoice total {event['total_minor']} != order total {version['total']} "
+                f"(as of {label}) less {d['invoiced']} already invoiced",
+            )
+    elif kind == "payment_captured":
+        invoice = d["invoices"].get(env["invoice_id"])
+        if invoice is None:
+            return
+        if event["currency"] != invoice["currency"]:
+            yield Finding(
+                "reconciliation.currency",
+                f"payment in {event['currency']} against an invoice in {invoice['currency']}",
+            )
+            return
+        open_balance = invoice["total"] - invoice["captured"]
+        if event["amount_minor"] > open_balance:
+            yield Finding(
+                "reconciliation.payment_balance",
+                f"capture {event['amount_minor']} exceeds the open balance {open_balance} of "
+                f"invoice {env['invoice_id']}",
+            )
+    elif kind == "refund_issued":
+        payment = d["payments"].get(env["payment_id"])
+        if payment is None:
+            return
+        if event["currency"] != payment["currency"]:
+            yield Finding(
+                "reconciliation.currency",
+                f"refund in {event['currency']} against a payment in {payment['currency']}",
+            )
+            return
+        refundable = payment["amount"] - payment["refunded"]
+        if event["amount_minor"] > refundable:
+            yield Finding(
+                "reconciliation.refund_balance",
+                f"refund {event['amount_minor']} exceeds the refundable {refundable} of payment "
+                f"{env['payment_id']}",
+            )
+
+
+LATER_STAGES: tuple[Check, ...] = (policy, attribution, reconciliation)
+
+
+def run_checks(event: Event, state: OrderState, ctx: CheckContext) -> list[Finding]:
+    findings = list(completeness(event, state, ctx))
+    if findings:
+        return findings
+    for check in LATER_STAGES:
+        findings.extend(check(event, state, ctx))
+    return findings
+
+
+SEVERITY_RANK = {"P1": 0, "P2": 1, "P3": 2}
+
+
+def primary(findings: list[Finding], rules: Rules) -> Finding:
+    """The most severe finding; ties go to the first found (check order)."""
+    return min(findings, key=lambda f: SEVERITY_RANK[rules.spec(f.check_id).severity])

@@ -59,14 +59,16 @@ def completeness(event: Event, state: OrderState, ctx: CheckContext) -> Iterable
             yield Finding("completeness.lines", f"{kind} has no lines")
         for ln in lines:
             if ln["sku"] not in products:
-                yield Finding("completeness.sku", f"line {ln['line_id']}: SKU {ln['sku']!r} unknown")
+                yield Finding(
+                    "completeness.sku", f"line {ln['line_id']}: SKU {ln['sku']!r} unknown"
+                )
             if ln["quantity"] <= 0 or ln["unit_price_minor"] < 0 or not (
                 0 <= ln["discount_minor"] <= ln["quantity"] * ln["unit_price_minor"]
             ):
                 yield Finding(
                     "completeness.amounts",
                     f"line {ln['line_id']}: quantity {ln['quantity']}, unit price "
-                    f"{ln['unit_price_minor']}, discount {ln['discount_minor']} are not a valid line",
+                    f"{ln['unit_price_minor']}, discount {ln['discount_minor']} do not make a line",
                 )
         subtotal = sum(_line_amount(ln) for ln in lines)
         if event["tax_minor"] < 0:
@@ -88,7 +90,9 @@ def completeness(event: Event, state: OrderState, ctx: CheckContext) -> Iterable
             yield Finding("completeness.lines", "fulfilment has no shipped lines")
         for sh in event["shipments"]:
             if sh["sku"] not in products:
-                yield Finding("completeness.sku", f"line {sh['line_id']}: SKU {sh['sku']!r} unknown")
+                yield Finding(
+                    "completeness.sku", f"line {sh['line_id']}: SKU {sh['sku']!r} unknown"
+                )
             if sh["quantity"] <= 0:
                 yield Finding(
                     "completeness.amounts", f"line {sh['line_id']}: quantity {sh['quantity']}"
@@ -115,7 +119,8 @@ def policy(event: Event, state: OrderState, ctx: CheckContext) -> Iterable[Findi
         if list_price is None:
             yield Finding("policy.price", f"SKU {ln['sku']} has no list price in {currency}")
             continue
-        if abs(ln["unit_price_minor"] - list_price) * 10_000 > rules.price_tolerance_bps * list_price:
+        deviation = abs(ln["unit_price_minor"] - list_price)
+        if deviation * 10_000 > rules.price_tolerance_bps * list_price:
             yield Finding(
                 "policy.price",
                 f"line {ln['line_id']}: unit price {ln['unit_price_minor']} is off list price "

@@ -117,7 +117,9 @@ class Engine:
     deserializer: EventDeserializer = field(default_factory=EventDeserializer)
 
     # -- decode ------------------------------------------------------------------------
-    def decode(self, record: InputRecord, now_ms: int) -> tuple[dict[str, Any] | None, Decision | None]:
+    def decode(
+        self, record: InputRecord, now_ms: int
+    ) -> tuple[dict[str, Any] | None, Decision | None]:
         """The event, or a dead-letter decision saying why there is none."""
         try:
             event = self.deserializer.decode(record.value)

@@ -59,6 +59,9 @@ class Settings(BaseSettings):
             "linger.ms": self.producer_linger_ms,
             "batch.size": self.producer_batch_size,
             "compression.type": self.producer_compression,
+            # Java-compatible partitioning, so every client keys an order to one partition.
+            "partitioner": "murmur2_random",
+            "log_level": 3,  # retried warnings (e.g. coordinator loading) are not news
         }
 
     def consumer_config(self, bootstrap: str, group_id: str) -> dict[str, Any]:

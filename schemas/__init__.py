@@ -19,6 +19,7 @@ from schemas._codec import (
     registry_client,
 )
 from schemas._models import EVENT_MODELS, EventValidationError, validate_event
+from schemas._records import RecordCodec, exception_codec, outcome_codec
 from schemas._structure import REQUIRED_REFS, structural_error
 
 __all__ = [
@@ -32,12 +33,15 @@ __all__ = [
     "EventSerializer",
     "EventValidationError",
     "MalformedRecordError",
+    "RecordCodec",
     "SchemaCatalog",
     "SchemaEntry",
     "UnknownSchemaError",
     "WireFormat",
     "crc64_fingerprint",
     "default_catalog",
+    "exception_codec",
+    "outcome_codec",
     "registry_client",
     "structural_error",
     "validate_event",

@@ -83,7 +83,7 @@ def test_replaying_everything_changes_nothing() -> None:
     states: dict[bytes, OrderState] = {}
     first: dict[str, tuple[str, str | None]] = {}
     for rec in records:
-        event, dead = engine.decode(rec, 0)
+        event, _ = engine.decode(rec, 0)
         if event is None:
             continue
         assert rec.key is not None
@@ -93,7 +93,7 @@ def test_replaying_everything_changes_nothing() -> None:
 
     kinds: Counter[str] = Counter()
     for rec in records:  # a replay from offset 0 against the state the first pass left
-        event, dead = engine.decode(rec, 0)
+        event, _ = engine.decode(rec, 0)
         if event is None:
             continue
         assert rec.key is not None
@@ -111,7 +111,7 @@ def test_held_is_interim_and_visible() -> None:
     states: dict[bytes, OrderState] = {}
     held = 0
     for rec in records:
-        event, dead = engine.decode(rec, 0)
+        event, _ = engine.decode(rec, 0)
         if event is None:
             continue
         assert rec.key is not None

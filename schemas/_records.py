@@ -1,0 +1,49 @@
+"""Avro records the pipeline itself writes: outcomes and exceptions.
+
+Framed with Avro single-object encoding like the canonical events.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any, cast
+
+from fastavro import schemaless_reader, schemaless_writer
+from fastavro.schema import parse_schema
+
+from schemas._catalog import crc64_fingerprint
+from schemas._codec import SINGLE_OBJECT_MAGIC, MalformedRecordError
+
+PIPELINE_ROOT = Path(__file__).parent / "avro" / "pipeline"
+
+
+class RecordCodec:
+    def __init__(self, name: str) -> None:
+        schema = json.loads((PIPELINE_ROOT / f"{name}.avsc").read_text())
+        self.name = name
+        self.parsed = cast(dict[str, Any], parse_schema(schema, _write_hint=False))
+        self.header = SINGLE_OBJECT_MAGIC + crc64_fingerprint(schema)
+
+    def encode(self, record: dict[str, Any]) -> bytes:
+        out = io.BytesIO()
+        out.write(self.header)
+        schemaless_writer(out, self.parsed, record)
+        return out.getvalue()
+
+    def decode(self, data: bytes) -> dict[str, Any]:
+        if data[:10] != self.header:
+            raise MalformedRecordError(f"not a {self.name} record (header {data[:10].hex()})")
+        return cast(dict[str, Any], schemaless_reader(io.BytesIO(data[10:]), self.parsed, None))
+
+
+@cache
+def outcome_codec() -> RecordCodec:
+    return RecordCodec("Outcome")
+
+
+@cache
+def exception_codec() -> RecordCodec:
+    return RecordCodec("ExceptionRecord")

@@ -1,0 +1,85 @@
+"""The contracts every sink adapter fulfils: one small Protocol per kind.
+
+An adapter receives canonical events (the dicts ``schemas.EventDeserializer``
+returns, as published on the validated topic) and applies their effect to a
+system of record. Every adapter is idempotent on the event's idempotency key:
+applying the same event twice (a replay, a redelivery, an offset reset)
+returns the earlier result and changes nothing.
+
+Failures are split by what the caller must do:
+* ``TransientSinkError``: retry later (timeouts, connection refused, 5xx,
+  deadlocks). The sink processor backs off, opens a circuit breaker, pauses.
+* ``PermanentSinkError``: the target refused the event (validation, unknown
+  account); retrying cannot help. Routed to the exception topic with owner
+  "integrations" and the adapter's own error text.
+* ``PartialWriteError``: some steps were applied, the rest failed; ``done``
+  names the completed steps so the next attempt completes only the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from revline.errors import InfrastructureError, RevlineError
+
+Event = Mapping[str, Any]  # a decoded canonical event
+
+
+@dataclass(frozen=True)
+class EffectResult:
+    """What applying one event did in one adapter."""
+
+    adapter: str  # e.g. "ledger", "erp"
+    idempotency_key: str
+    status: str  # "applied" | "already_applied" | "not_applicable"
+    external_refs: Mapping[str, str] = field(default_factory=dict)  # step -> external id
+    detail: str = ""
+
+
+class TransientSinkError(InfrastructureError):
+    """The target is unavailable for now; the same call may succeed later."""
+
+
+class PermanentSinkError(RevlineError):
+    """The target refused the event; the message is the target's own error text."""
+
+
+class PartialWriteError(RevlineError):
+    """Some steps were applied; ``done`` maps step -> external id of what exists."""
+
+    def __init__(self, message: str, done: Mapping[str, str], cause: Exception) -> None:
+        super().__init__(message)
+        self.done = dict(done)
+        self.cause = cause
+
+
+@runtime_checkable
+class LedgerAdapter(Protocol):
+    """Double-entry, append-only postings for money events."""
+
+    name: str
+
+    def post(self, events: Sequence[Event]) -> list[EffectResult]:
+        """Post a batch atomically (one transaction); one result per event, in order."""
+        ...
+
+    def balances(self, currency: str | None = None) -> dict[tuple[str, str], int]:
+        """(account, currency) -> balance in minor units (debits positive)."""
+        ...
+
+
+@runtime_checkable
+class ErpAdapter(Protocol):
+    """Orders, invoices, payments and credit notes in an ERP."""
+
+    name: str
+
+    def apply(self, event: Event) -> EffectResult:
+        """Apply one event; idempotent via the idempotency key stored on the ERP document."""
+        ...
+
+    def lookup(self, idempotency_key: str) -> dict[str, str]:
+        """step -> external id already in the ERP for this key (empty if none)."""
+        ...

@@ -203,7 +203,14 @@ class Engine:
                 f"depends on {', '.join(blocked)}, which ended in an exception; fix that first",
             )]
         else:
-            findings = run_checks(event, state, CheckContext(self.reference(), self.rules))
+            try:
+                findings = run_checks(event, state, CheckContext(self.reference(), self.rules))
+            except Exception as exc:  # a check bug must not become a crash loop
+                findings = [Finding(
+                    "qa.internal_error",
+                    f"a QA check failed on this record ({type(exc).__name__}: {exc}); "
+                    "the record is kept for re-drive once the check is fixed",
+                )]
         rules = self.rules
         blocking = [f for f in findings if rules.spec(f.check_id).severity != "P3"]
         if blocking:

@@ -235,6 +235,97 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if report.ok else 1
 
 
+# -- worker --------------------------------------------------------------------------
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    bootstrap = bootstrap_for(settings, start_if_missing=True)
+    if args.workers <= 1:
+        from streams import run
+
+        run(settings, bootstrap)
+        return 0
+    return _run_worker_processes(args.workers, settings, bootstrap)
+
+
+def _run_worker_processes(count: int, settings: Settings, bootstrap: str) -> int:
+    """N processes in one consumer group split the partitions; SIGTERM stops them all."""
+    import os
+    import signal
+    import subprocess
+
+    procs = []
+    for i in range(count):
+        env = dict(os.environ)
+        env["KAFKA_BOOTSTRAP_SERVERS"] = bootstrap
+        if settings.metrics_port:
+            env["REVLINE_METRICS_PORT"] = str(settings.metrics_port + i)
+        env["REVLINE_STATE_DIR"] = str(settings.state_dir / f"worker-{i}")
+        procs.append(subprocess.Popen([sys.executable, "-m", "revline.cli", "worker"], env=env))
+
+    def stop(signum: int, _frame: object) -> None:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    codes = [proc.wait() for proc in procs]
+    return max(codes, default=0)
+
+
+def cmd_reference(args: argparse.Namespace, settings: Settings) -> int:
+    from processors import load_yaml
+    from streams import publish_reference
+
+    bootstrap = bootstrap_for(settings, start_if_missing=False)
+    path = Path(args.file) if args.file else settings.reference_file
+    data = load_yaml(path)
+    count = publish_reference(bootstrap, settings.reference_topic, data)
+    console.print(
+        f"Published {count} reference items (version {data['version']}) from {path} "
+        f"to {settings.reference_topic}."
+    )
+    return 0
+
+
+def cmd_holds(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.inspect import held_events
+
+    bootstrap = bootstrap_for(settings, start_if_missing=False)
+    rows = held_events(bootstrap, settings)
+    table = Table(title=f"Held events ({len(rows)})")
+    for column in ("order", "event", "waiting for", "held since", "age", "input"):
+        table.add_column(column)
+    now = time.time()
+    for row in rows[: args.limit]:
+        since = row["since_ms"] / 1000
+        table.add_row(
+            row["order_id"], row["event_type"], ", ".join(row["waiting_for"]),
+            time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(since)) + "Z",
+            f"{(now - since) / 60:.1f} min", row["coords"],
+        )
+    console.print(table)
+    return 0
+
+
+# -- bench ---------------------------------------------------------------------------
+def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    from revline.bench import rich_progress_callback, run_benchmark
+
+    bootstrap = bootstrap_for(settings, start_if_missing=True)
+    with _progress() as progress:
+        report = run_benchmark(
+            events=args.events,
+            partitions=args.partitions,
+            bootstrap=bootstrap,
+            include_pipeline=not args.no_pipeline,
+            progress=rich_progress_callback(progress),
+        )
+    console.print(report.to_rich())
+    if args.out:
+        Path(args.out).write_text(report.to_markdown())
+        console.print(f"Wrote {args.out}")
+    return 0 if report.raw.ok and report.faust.ok else 1
+
+
 # -- parser --------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -291,10 +382,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_publish)
 
+    p = sub.add_parser("worker", help="run the stream core (dedup, holds, QA, routing)")
+    p.add_argument("--workers", type=int, default=1, help="processes sharing the partitions")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("reference", help="publish reference data (products, campaigns, channels)")
+    p.add_argument("action", choices=["load"])
+    p.add_argument("--file", help="YAML file (default: the bundled reference.yaml)")
+    p.set_defaults(func=cmd_reference)
+
+    p = sub.add_parser("holds", help="list held events: order, waiting for what, since when")
+    p.add_argument("--limit", type=int, default=200)
+    p.set_defaults(func=cmd_holds)
+
     p = sub.add_parser("readback", help="read a topic back and compare it with a manifest")
     p.add_argument("--manifest", required=True)
     p.add_argument("--topic")
     p.set_defaults(func=cmd_readback)
+
+    p = sub.add_parser("bench", help="pipeline vs bare Faust vs raw confluent-kafka: events/s")
+    p.add_argument("--events", type=int, default=20000)
+    p.add_argument("--partitions", type=int, default=3)
+    p.add_argument("--no-pipeline", action="store_true", help="only raw and Faust")
+    p.add_argument("--out", metavar="FILE.md", help="also write the markdown table here")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -36,7 +36,24 @@ class Settings(BaseSettings):
     exceptions_topic: str = "revline.exceptions.v1"
     dead_letter_topic: str = "revline.deadletter.v1"
     outcomes_topic: str = "revline.outcomes.v1"
+    reference_topic: str = "revline.reference.v1"
+    ticks_topic: str = "revline.ticks.v1"
     input_partitions: int = 6
+
+    # Worker (stream core).
+    app_id: str = Field(default="revline", description="Faust app id and consumer group.")
+    store: str = Field(default="memory", description="memory, or rocksdb (rocksdict).")
+    orders_table: str = "orders"
+    metrics_port: int = Field(default=9100, description="/metrics of the worker; 0 = any.")
+    batch_size: int = 1000
+    batch_within_s: float = 0.05
+    commit_interval_s: float = 1.0
+    hold_check_interval_s: float = 5.0
+    session_timeout_s: float = Field(
+        default=15.0, description="A crashed worker's partitions move after this long."
+    )
+    dedup_retention_days: float = 30.0
+    log_level: str = "warn"
 
     rules_file: Path = DATA_DIR / "rules.yaml"
     reference_file: Path = DATA_DIR / "reference.yaml"

@@ -1,0 +1,210 @@
+"""What both ERP adapters share: step names, idempotency markers, money and line pricing.
+
+The two adapters (Tryton and the in-memory reference) must give the same answers,
+so everything that decides *what* to write lives here and only *how* differs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from decimal import ROUND_HALF_EVEN, Decimal
+from typing import Any
+
+from sinks._protocols import EffectResult, Event, PartialWriteError, PermanentSinkError
+
+ADAPTER = "erp"
+
+# Steps, in the order a document chain is built; also the keys of external_refs.
+PARTY = "party"
+SALE = "sale"
+INVOICE = "invoice"
+PAYMENT = "payment"
+CREDIT_NOTE = "credit_note"
+REFUND_PAYMENT = "refund_payment"
+
+APPLICABLE = frozenset(
+    {
+        "order_booked",
+        "order_amended",
+        "order_cancelled",
+        "invoice_issued",
+        "payment_captured",
+        "refund_issued",
+    }
+)
+
+# ISO 4217 minor units for the currencies whose exponent is not 2 (used where the
+# ERP does not say; Tryton's own currency records win there).
+_NON_TWO_DIGITS = {
+    "BHD": 3, "BIF": 0, "CLP": 0, "DJF": 0, "GNF": 0, "IQD": 3, "ISK": 0, "JOD": 3,
+    "JPY": 0, "KMF": 0, "KRW": 0, "KWD": 3, "LYD": 3, "OMR": 3, "PYG": 0, "RWF": 0,
+    "TND": 3, "UGX": 0, "UYI": 0, "VND": 0, "VUV": 0, "XAF": 0, "XOF": 0, "XPF": 0,
+}  # fmt: skip
+
+# Price precision of a sale line in major units (Tryton's default price_decimal).
+PRICE_DECIMALS = 4
+
+_MARKER = re.compile(r"\[revline step=(?P<step>[a-z_]+) key=(?P<key>[^\]\n]+)\]")
+
+
+def currency_digits(code: str) -> int:
+    return _NON_TWO_DIGITS.get(code, 2)
+
+
+def marker(step: str, key: str) -> str:
+    """The text stored on an ERP document so a search for the key finds it."""
+    if "]" in key or "\n" in key:
+        raise PermanentSinkError(f"idempotency key {key!r} cannot be stored in the ERP")
+    return f"[revline step={step} key={key}]"
+
+
+def markers(text: str | None) -> list[tuple[str, str]]:
+    """(step, key) of every marker in a document's text field."""
+    return [(m["step"], m["key"]) for m in _MARKER.finditer(text or "")]
+
+
+def like_pattern(key: str) -> str:
+    """A LIKE pattern (escape ``\\``) matching any marker of exactly this key."""
+    escaped = key.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    # The closing bracket stops "SO-1:amend:1" from matching "SO-1:amend:10".
+    return f"%key={escaped}]%"
+
+
+def add_marker(text: str | None, step: str, key: str) -> str:
+    line = marker(step, key)
+    if (step, key) in markers(text):
+        return text or ""
+    return f"{text}\n{line}" if text else line
+
+
+def to_major(minor: int, digits: int) -> Decimal:
+    return Decimal(minor).scaleb(-digits)
+
+
+def to_minor(amount: Decimal, digits: int) -> int:
+    return int(amount.scaleb(digits).quantize(Decimal(1), rounding=ROUND_HALF_EVEN))
+
+
+@dataclass(frozen=True)
+class PricedLine:
+    """One ERP document line: the discount is folded into the unit price."""
+
+    line_id: str
+    sku: str
+    quantity: int
+    unit_price: Decimal  # major units, at most PRICE_DECIMALS decimals
+    amount_minor: int  # quantity * unit_price, exact in minor units
+
+    @property
+    def description(self) -> str:
+        return f"{self.line_id} {self.sku}"
+
+
+def price_lines(lines: Sequence[Mapping[str, Any]], digits: int) -> list[PricedLine]:
+    """Event lines -> ERP lines whose amounts equal the event's to the minor unit.
+
+    ERP lines carry a unit price and no separate discount amount, so the net
+    (quantity x price - discount) is spread over the units. Where that unit price
+    is not exact at the ERP's price precision, the line is split in two
+    (quantity - 1 units at the floor price, one unit carrying the remainder) rather
+    than letting rounding move the total.
+    """
+    if not lines:
+        raise PermanentSinkError("the event has no lines")
+    priced: list[PricedLine] = []
+    step = Decimal(1).scaleb(-PRICE_DECIMALS)
+    for ln in lines:
+        qty = int(ln["quantity"])
+        unit = int(ln["unit_price_minor"])
+        discount = int(ln.get("discount_minor") or 0)
+        if qty <= 0:
+            raise PermanentSinkError(f"line {ln['line_id']}: quantity {qty} is not positive")
+        net = qty * unit - discount
+        if unit < 0 or discount < 0 or net < 0:
+            raise PermanentSinkError(
+                f"line {ln['line_id']}: negative amount (price {unit}, discount {discount})"
+            )
+        price = (to_major(net, digits) / qty).quantize(step, rounding=ROUND_HALF_EVEN)
+        if to_minor(price * qty, digits) == net:
+            priced.append(PricedLine(ln["line_id"], ln["sku"], qty, price, net))
+            continue
+        floor, remainder = divmod(net, qty)
+        if qty > 1:
+            priced.append(
+                PricedLine(
+                    ln["line_id"], ln["sku"], qty - 1, to_major(floor, digits), floor * (qty - 1)
+                )
+            )
+        priced.append(
+            PricedLine(
+                ln["line_id"], ln["sku"], 1, to_major(floor + remainder, digits), floor + remainder
+            )
+        )
+    return priced
+
+
+def summarize(lines: Sequence[PricedLine]) -> dict[str, tuple[int, int]]:
+    """sku -> (quantity, amount_minor): what an invoice must agree with its sale on."""
+    out: dict[str, tuple[int, int]] = {}
+    for ln in lines:
+        qty, amount = out.get(ln.sku, (0, 0))
+        out[ln.sku] = (qty + ln.quantity, amount + ln.amount_minor)
+    return out
+
+
+def event_day(value: Any) -> date:
+    """The accounting date of a timestamp (UTC calendar day)."""
+    if isinstance(value, datetime):
+        return value.date() if value.tzinfo is None else value.astimezone(UTC).date()
+    if isinstance(value, date):
+        return value
+    raise PermanentSinkError(f"not a timestamp: {value!r}")
+
+
+def envelope(event: Event) -> Mapping[str, Any]:
+    env = event.get("envelope")
+    if not isinstance(env, Mapping):
+        raise PermanentSinkError("event has no envelope")
+    return env
+
+
+def result(key: str, applied: bool, refs: Mapping[str, str], detail: str = "") -> EffectResult:
+    return EffectResult(
+        adapter=ADAPTER,
+        idempotency_key=key,
+        status="applied" if applied else "already_applied",
+        external_refs=dict(refs),
+        detail=detail,
+    )
+
+
+def not_applicable(key: str, event_type: str) -> EffectResult:
+    return EffectResult(
+        adapter=ADAPTER,
+        idempotency_key=key,
+        status="not_applicable",
+        detail=f"{event_type} has no ERP document",
+    )
+
+
+def partial(done: Mapping[str, str], exc: Exception, event_type: str) -> PartialWriteError:
+    steps = ", ".join(f"{k}={v}" for k, v in done.items())
+    return PartialWriteError(f"{event_type}: done {steps}; then failed: {exc}", done, exc)
+
+
+class Progress:
+    """Which steps exist for one event, and whether this call wrote anything."""
+
+    def __init__(self) -> None:
+        self.refs: dict[str, str] = {}
+        self.done: dict[str, str] = {}  # completed steps (the partial-write report)
+        self.wrote = False
+
+    def ref(self, step: str, ref: object) -> None:
+        self.refs[step] = str(ref)
+
+    def complete(self, step: str, ref: object) -> None:
+        self.refs[step] = self.done[step] = str(ref)

@@ -1,0 +1,496 @@
+"""``InMemoryErp``: the reference ERP adapter, documents in dicts.
+
+Same documents, steps, markers, refs and errors as ``TrytonErp`` (the shared rules
+are in ``_mapping``), so the demo runs without Tryton and the contract suite pins
+both to one behaviour. The documents live in a ``MemoryErpStore``; a second
+adapter over the same store is a restarted worker in front of the same ERP.
+
+Test hooks: ``fail_next(step, error)`` makes the next write of a step raise
+``error`` (after the earlier steps were applied), ``available = False`` makes
+every call raise ``TransientSinkError`` as an unreachable server would.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from sinks._protocols import EffectResult, Event, PermanentSinkError, TransientSinkError
+from sinks.erp import _mapping as m
+from sinks.erp._tryton_setup import REFUND_SKU
+
+
+def _default_skus() -> frozenset[str]:
+    import yaml
+
+    from processors.reference import ReferenceData
+    from sinks.erp._tryton_setup import REFERENCE_FILE
+
+    data = yaml.safe_load(REFERENCE_FILE.read_text(encoding="utf-8"))
+    return frozenset(ReferenceData.from_mapping(data).products) | {REFUND_SKU}
+
+
+@dataclass
+class MemoryErpStore:
+    """The ERP's database: what survives an adapter (worker) restart."""
+
+    skus: frozenset[str] = field(default_factory=_default_skus)
+    parties: dict[int, dict[str, Any]] = field(default_factory=dict)
+    sales: dict[int, dict[str, Any]] = field(default_factory=dict)
+    invoices: dict[int, dict[str, Any]] = field(default_factory=dict)
+    moves: dict[int, dict[str, Any]] = field(default_factory=dict)
+    available: bool = True
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    _next: int = 0
+
+    def new_id(self) -> int:
+        self._next += 1
+        return self._next
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "party": len(self.parties),
+            "sale": len(self.sales),
+            "invoice": sum(1 for i in self.invoices.values() if i["total_minor"] >= 0),
+            "credit_note": sum(1 for i in self.invoices.values() if i["total_minor"] < 0),
+            "move": len(self.moves),
+        }
+
+
+class InMemoryErp:
+    """``ErpAdapter`` over a ``MemoryErpStore`` (see the module docstring)."""
+
+    name = "erp"
+
+    def __init__(self, store: MemoryErpStore | None = None) -> None:
+        self.store = store if store is not None else MemoryErpStore()
+        self._failures: dict[str, Exception] = {}
+
+    # -- test hooks ------------------------------------------------------------------------
+    @property
+    def available(self) -> bool:
+        return self.store.available
+
+    @available.setter
+    def available(self, value: bool) -> None:
+        self.store.available = value
+
+    def fail_next(self, step: str, error: Exception) -> None:
+        """The next write of ``step`` raises ``error`` instead of happening."""
+        self._failures[step] = error
+
+    def pending_failures(self) -> dict[str, Exception]:
+        return dict(self._failures)
+
+    def clear_failures(self) -> None:
+        self._failures.clear()
+
+    def _write(self, step: str) -> None:
+        """Called right before each write, where a real ERP could fail."""
+        self._reach()
+        error = self._failures.pop(step, None)
+        if error is not None:
+            raise error
+
+    def _reach(self) -> None:
+        if not self.store.available:
+            raise TransientSinkError("in-memory ERP is unavailable (simulated outage)")
+
+    # -- lookup ----------------------------------------------------------------------------
+    def _marked(
+        self, docs: Mapping[int, Mapping[str, Any]], field_: str, key: str
+    ) -> list[tuple[str, int]]:
+        return [
+            (step, doc_id)
+            for doc_id, doc in sorted(docs.items())
+            for step, k in m.markers(doc.get(field_))
+            if k == key
+        ]
+
+    def lookup(self, idempotency_key: str) -> dict[str, str]:
+        with self.store.lock:
+            self._reach()
+            refs: dict[str, str] = {}
+            for docs, field_ in (
+                (self.store.sales, "comment"),
+                (self.store.invoices, "comment"),
+                (self.store.moves, "description"),
+            ):
+                for step, doc_id in self._marked(docs, field_, idempotency_key):
+                    # Completed steps only, as TrytonErp: a marked draft is a step under way.
+                    if docs[doc_id].get("state") != "draft":
+                        refs.setdefault(step, str(doc_id))
+            return refs
+
+    # -- apply -----------------------------------------------------------------------------
+    def apply(self, event: Event) -> EffectResult:
+        env = m.envelope(event)
+        key = str(env["idempotency_key"])
+        etype = str(env["event_type"])
+        handler = {
+            "order_booked": self._book,
+            "order_amended": self._amend,
+            "order_cancelled": self._cancel,
+            "invoice_issued": self._invoice,
+            "payment_captured": self._payment,
+            "refund_issued": self._refund,
+        }.get(etype)
+        if handler is None:
+            return m.not_applicable(key, etype)
+        progress = m.Progress()
+        with self.store.lock:
+            try:
+                self._reach()
+                handler(event, env, key, progress)
+            except (TransientSinkError, PermanentSinkError) as exc:
+                if progress.done:
+                    raise m.partial(progress.done, exc, etype) from exc
+                raise
+        return m.result(key, progress.wrote, progress.refs)
+
+    # -- shared pieces ---------------------------------------------------------------------
+    def _sale_for_order(self, order_id: str) -> tuple[int, dict[str, Any]] | None:
+        rows = [(i, s) for i, s in sorted(self.store.sales.items()) if s["reference"] == order_id]
+        if not rows:
+            return None
+        live = [r for r in rows if r[1]["state"] != "cancelled"]
+        return (live or rows)[-1]
+
+    def _require_sale(self, order_id: str, etype: str) -> tuple[int, dict[str, Any]]:
+        found = self._sale_for_order(order_id)
+        if found is None:
+            raise PermanentSinkError(
+                f"{etype} for order {order_id}: the ERP has no sale with reference {order_id} "
+                "(the booking has not been applied)"
+            )
+        return found
+
+    def _priced(self, lines: Any, currency: str) -> list[m.PricedLine]:
+        priced = m.price_lines(lines, m.currency_digits(currency))
+        unknown = sorted({ln.sku for ln in priced} - self.store.skus)
+        if unknown:
+            raise PermanentSinkError(f"unknown SKU(s) in the ERP: {unknown}")
+        return priced
+
+    def _check_currency(self, doc: Mapping[str, Any], code: str, what: str) -> int:
+        if doc["currency"] != code:
+            raise PermanentSinkError(
+                f"{what} is in {doc['currency']} in the ERP, the event is in {code}"
+            )
+        return m.currency_digits(code)
+
+    def _party(self, customer_id: str) -> int:
+        for pid, party in self.store.parties.items():
+            if party["code"] == customer_id:
+                return pid
+        pid = self.store.new_id()
+        self.store.parties[pid] = {"code": customer_id, "name": customer_id}
+        return pid
+
+    # -- events ----------------------------------------------------------------------------
+    def _book(self, event: Event, env: Mapping[str, Any], key: str, p: m.Progress) -> None:
+        order_id = str(env["order_id"])
+        marked = [i for s, i in self._marked(self.store.sales, "comment", key) if s == m.SALE]
+        if marked:
+            sale = self.store.sales[marked[0]]
+            p.ref(m.PARTY, sale["party"])
+            if sale["state"] == "draft":
+                self._write(m.SALE)
+                sale["state"] = "quotation"
+                p.wrote = True
+            p.complete(m.SALE, marked[0])
+            return
+        other = self._sale_for_order(order_id)
+        if other is not None and other[1]["state"] != "cancelled":
+            raise PermanentSinkError(
+                f"order {order_id} is already sale {other[0]} in the ERP, booked under another key"
+            )
+        currency = str(event["currency"])
+        priced = self._priced(event["lines"], currency)
+        self._write(m.PARTY)
+        party = self._party(str(event["customer_id"]))
+        p.ref(m.PARTY, party)
+        self._write(m.SALE)
+        sale_id = self.store.new_id()
+        self.store.sales[sale_id] = {
+            "reference": order_id,
+            "party": party,
+            "currency": currency,
+            "state": "quotation",
+            "lines": priced,
+            "comment": m.marker(m.SALE, key),
+            "invoices": [],
+            "sale_date": m.event_day(env["occurred_at"]),
+        }
+        p.wrote = True
+        p.complete(m.SALE, sale_id)
+
+    def _amend(self, event: Event, env: Mapping[str, Any], key: str, p: m.Progress) -> None:
+        sale_id, sale = self._require_sale(str(env["order_id"]), "order_amended")
+        p.ref(m.PARTY, sale["party"])
+        if (m.SALE, key) in m.markers(sale["comment"]):
+            p.complete(m.SALE, sale_id)
+            return
+        if sale["state"] not in ("draft", "quotation"):
+            raise PermanentSinkError(
+                f"sale {sale_id} for order {env['order_id']} is {sale['state']}: the ERP does not "
+                "change the lines of a confirmed sale; amendment "
+                f"{env.get('amendment_number')} needs a credit note and a new order"
+            )
+        self._check_currency(sale, str(event["currency"]), f"sale {sale_id}")
+        priced = self._priced(event["lines"], str(event["currency"]))
+        self._write(m.SALE)
+        sale["lines"] = priced
+        sale["comment"] = m.add_marker(sale["comment"], m.SALE, key)
+        sale["state"] = "quotation"
+        p.wrote = True
+        p.complete(m.SALE, sale_id)
+
+    def _cancel(self, event: Event, env: Mapping[str, Any], key: str, p: m.Progress) -> None:
+        sale_id, sale = self._require_sale(str(env["order_id"]), "order_cancelled")
+        p.ref(m.PARTY, sale["party"])
+        if sale["state"] in ("draft", "quotation"):
+            self._write(m.SALE)
+            sale["state"] = "cancelled"
+            p.wrote = True
+        elif sale["state"] != "cancelled":
+            for inv_id in list(sale["invoices"]):
+                credit = self._credit_invoice(inv_id, key, env, p)
+                if credit is not None:
+                    p.complete(m.CREDIT_NOTE, credit)
+        if (m.SALE, key) not in m.markers(sale["comment"]):
+            self._write(m.SALE)
+            sale["comment"] = m.add_marker(sale["comment"], m.SALE, key)
+            p.wrote = True
+        p.complete(m.SALE, sale_id)
+
+    def _credit_invoice(
+        self, inv_id: int, key: str, env: Mapping[str, Any], p: m.Progress
+    ) -> int | None:
+        invoice = self.store.invoices[inv_id]
+        mine = [
+            i
+            for s, i in self._marked(self.store.invoices, "comment", key)
+            if s == m.CREDIT_NOTE and self.store.invoices[i].get("credit_of") == inv_id
+        ]
+        if mine:
+            return mine[0]
+        if invoice["state"] == "draft":
+            self._write(m.INVOICE)
+            invoice["state"] = "cancelled"
+            p.wrote = True
+            return None
+        if invoice["state"] not in ("posted", "paid"):
+            return None
+        self._write(m.CREDIT_NOTE)
+        credit_id = self.store.new_id()
+        unpaid = invoice["amount_to_pay_minor"] == invoice["total_minor"]
+        self.store.invoices[credit_id] = {
+            **invoice,
+            "reference": None,
+            "state": "paid" if unpaid else "posted",
+            "untaxed_minor": -invoice["untaxed_minor"],
+            "tax_minor": -invoice["tax_minor"],
+            "total_minor": -invoice["total_minor"],
+            "amount_to_pay_minor": 0 if unpaid else -invoice["total_minor"],
+            "comment": m.marker(m.CREDIT_NOTE, key),
+            "invoice_date": m.event_day(env["occurred_at"]),
+            "credit_of": inv_id,
+        }
+        if unpaid:  # credited with refund: the two cancel out, as Tryton reconciles them
+            invoice["state"] = "cancelled"
+            invoice["amount_to_pay_minor"] = 0
+        p.wrote = True
+        return credit_id
+
+    def _invoice(self, event: Event, env: Mapping[str, Any], key: str, p: m.Progress) -> None:
+        order_id = str(env["order_id"])
+        invoice_ref = str(env.get("invoice_id") or key)
+        sale_id, sale = self._require_sale(order_id, "invoice_issued")
+        p.ref(m.PARTY, sale["party"])
+        currency = str(event["currency"])
+        self._check_currency(sale, currency, f"sale {sale_id}")
+        marked = [i for s, i in self._marked(self.store.invoices, "comment", key) if s == m.INVOICE]
+        if not marked:
+            priced = self._priced(event["lines"], currency)
+            if sum(ln.amount_minor for ln in priced) != int(event["subtotal_minor"]):
+                raise PermanentSinkError(
+                    f"invoice {invoice_ref}: lines sum to {sum(ln.amount_minor for ln in priced)} "
+                    f"but subtotal_minor is {event['subtotal_minor']}"
+                )
+            have = m.summarize(sale["lines"])
+            if have != m.summarize(priced):
+                raise PermanentSinkError(
+                    f"invoice {invoice_ref} bills {m.summarize(priced)} (sku: qty, minor) but sale "
+                    f"{sale_id} holds {have}: the ERP invoices what the sale holds"
+                )
+        if sale["state"] == "cancelled":
+            raise PermanentSinkError(f"sale {sale_id} for order {order_id} is cancelled")
+        if sale["state"] in ("draft", "quotation"):
+            self._write(m.SALE)
+            sale["state"] = "processing"
+            draft_id = self.store.new_id()
+            untaxed = sum(ln.amount_minor for ln in sale["lines"])
+            # Processing the confirmed sale drafts its invoice, as Tryton does.
+            self.store.invoices[draft_id] = {
+                "reference": None,
+                "party": sale["party"],
+                "currency": sale["currency"],
+                "sale": sale_id,
+                "state": "draft",
+                "lines": list(sale["lines"]),
+                "untaxed_minor": untaxed,
+                "tax_minor": 0,
+                "total_minor": untaxed,
+                "amount_to_pay_minor": untaxed,
+                "comment": None,
+                "invoice_date": None,
+            }
+            sale["invoices"].append(draft_id)
+            p.wrote = True
+        if (m.SALE, key) not in m.markers(sale["comment"]):
+            self._write(m.SALE)
+            sale["comment"] = m.add_marker(sale["comment"], m.SALE, key)
+            p.wrote = True
+        p.complete(m.SALE, sale_id)
+
+        if marked:
+            inv_id = marked[0]
+        else:
+            drafts = [
+                i
+                for i in sale["invoices"]
+                if self.store.invoices[i]["state"] == "draft"
+                and not self.store.invoices[i]["reference"]
+            ]
+            if not drafts:
+                raise PermanentSinkError(
+                    f"sale {sale_id} has no draft invoice left for {invoice_ref} "
+                    "(already invoiced under another key?)"
+                )
+            inv_id = drafts[0]
+            self._write(m.INVOICE)
+            tax = int(event.get("tax_minor") or 0)
+            inv = self.store.invoices[inv_id]
+            inv.update(
+                reference=invoice_ref,
+                comment=m.marker(m.INVOICE, key),
+                invoice_date=m.event_day(env["occurred_at"]),
+                tax_minor=tax,
+                total_minor=inv["untaxed_minor"] + tax,
+                amount_to_pay_minor=inv["untaxed_minor"] + tax,
+            )
+            p.wrote = True
+        inv = self.store.invoices[inv_id]
+        p.ref(m.INVOICE, inv_id)
+        if inv["state"] == "draft":
+            if inv["total_minor"] != int(event["total_minor"]):
+                raise PermanentSinkError(
+                    f"invoice {inv_id} totals {inv['total_minor']} in the ERP but the event says "
+                    f"{event['total_minor']}"
+                )
+            self._write(m.INVOICE)
+            inv["state"] = "posted"
+            p.wrote = True
+        elif inv["state"] == "cancelled":
+            raise PermanentSinkError(f"invoice {inv_id} for {invoice_ref} is cancelled in the ERP")
+        p.complete(m.INVOICE, inv_id)
+
+    def _move(self, key: str, step: str) -> int | None:
+        moves = [i for s, i in self._marked(self.store.moves, "description", key) if s == step]
+        return moves[0] if moves else None
+
+    def _pay(self, inv_id: int, amount_minor: int, description: str, env: Mapping[str, Any]) -> int:
+        inv = self.store.invoices[inv_id]
+        move_id = self.store.new_id()
+        self.store.moves[move_id] = {
+            "invoice": inv_id,
+            "amount_minor": amount_minor,
+            "description": description,
+            "date": m.event_day(env["occurred_at"]),
+        }
+        inv["amount_to_pay_minor"] -= amount_minor
+        if inv["amount_to_pay_minor"] == 0:
+            inv["state"] = "paid"
+        return move_id
+
+    def _payment(self, event: Event, env: Mapping[str, Any], key: str, p: m.Progress) -> None:
+        invoice_ref = str(env.get("invoice_id") or "")
+        found = [
+            i
+            for i, inv in sorted(self.store.invoices.items())
+            if inv["reference"] == invoice_ref
+            and any(step == m.INVOICE for step, _ in m.markers(inv["comment"]))
+        ]
+        if not found:
+            raise PermanentSinkError(
+                f"payment {env.get('payment_id')}: the ERP has no invoice {invoice_ref}"
+            )
+        inv_id = found[0]
+        inv = self.store.invoices[inv_id]
+        p.ref(m.INVOICE, inv_id)
+        move = self._move(key, m.PAYMENT)
+        if move is None:
+            self._check_currency(inv, str(event["currency"]), f"invoice {inv_id}")
+            amount = int(event["amount_minor"])
+            if inv["state"] != "posted":
+                raise PermanentSinkError(
+                    f"invoice {inv_id} ({invoice_ref}) is {inv['state']}: cannot take a payment"
+                )
+            if amount <= 0 or amount > inv["amount_to_pay_minor"]:
+                digits = m.currency_digits(inv["currency"])
+                raise PermanentSinkError(
+                    f"payment of {m.to_major(amount, digits)} {event['currency']} does not fit "
+                    f"invoice {invoice_ref}'s open balance "
+                    f"{m.to_major(inv['amount_to_pay_minor'], digits)}"
+                )
+            self._write(m.PAYMENT)
+            description = f"{m.marker(m.PAYMENT, key)} {env.get('payment_id')}"
+            move = self._pay(inv_id, amount, description, env)
+            p.wrote = True
+        p.complete(m.PAYMENT, move)
+
+    def _refund(self, event: Event, env: Mapping[str, Any], key: str, p: m.Progress) -> None:
+        order_id = str(env["order_id"])
+        refund_ref = str(event.get("refund_id") or key)
+        currency = str(event["currency"])
+        amount = int(event["amount_minor"])
+        if amount <= 0:
+            raise PermanentSinkError(f"refund {refund_ref}: amount {amount} is not positive")
+        marked = [
+            i for s, i in self._marked(self.store.invoices, "comment", key) if s == m.CREDIT_NOTE
+        ]
+        if marked:
+            credit_id = marked[0]
+        else:
+            _sale_id, sale = self._require_sale(order_id, "refund_issued")
+            self._write(m.CREDIT_NOTE)
+            credit_id = self.store.new_id()
+            self.store.invoices[credit_id] = {
+                "reference": refund_ref,
+                "party": sale["party"],
+                "currency": currency,
+                "sale": None,
+                "state": "posted",
+                "lines": [m.PricedLine("refund", REFUND_SKU, -1, Decimal(amount), -amount)],
+                "untaxed_minor": -amount,
+                "tax_minor": 0,
+                "total_minor": -amount,
+                "amount_to_pay_minor": -amount,
+                "comment": m.marker(m.CREDIT_NOTE, key),
+                "invoice_date": m.event_day(env["occurred_at"]),
+            }
+            p.wrote = True
+        credit = self.store.invoices[credit_id]
+        p.ref(m.PARTY, credit["party"])
+        p.complete(m.CREDIT_NOTE, credit_id)
+        move = self._move(key, m.REFUND_PAYMENT)
+        if move is None:
+            self._write(m.REFUND_PAYMENT)
+            description = f"{m.marker(m.REFUND_PAYMENT, key)} {refund_ref}"
+            move = self._pay(credit_id, -amount, description, env)
+            p.wrote = True
+        p.complete(m.REFUND_PAYMENT, move)

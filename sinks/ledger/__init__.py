@@ -1,0 +1,42 @@
+"""The ledger adapter: double-entry, append-only postings on SQLAlchemy Core.
+
+``SqlLedger(url)`` works on SQLite (the embedded default, ``sqlite:///.revline/ledger.db``)
+and PostgreSQL (``postgresql://...``, driven by psycopg 3). The chart of accounts and
+the posting rule per event type live in ``postings.yaml`` next to this file.
+"""
+
+from sinks.ledger._errors import RefusedEventError
+from sinks.ledger._ledger import (
+    DEFAULT_URL,
+    Journal,
+    JournalLine,
+    SideEffect,
+    SqlLedger,
+    TrialBalance,
+    normalize_url,
+)
+from sinks.ledger._rules import (
+    DEFAULT_RULES_FILE,
+    Account,
+    LineRule,
+    PostingRule,
+    PostingRules,
+    load_posting_rules,
+)
+
+__all__ = [
+    "DEFAULT_RULES_FILE",
+    "DEFAULT_URL",
+    "Account",
+    "Journal",
+    "JournalLine",
+    "LineRule",
+    "PostingRule",
+    "PostingRules",
+    "RefusedEventError",
+    "SideEffect",
+    "SqlLedger",
+    "TrialBalance",
+    "load_posting_rules",
+    "normalize_url",
+]

@@ -1,0 +1,95 @@
+"""Ledger throughput: journal lines per second posted in batches.
+
+    python -m sinks.ledger._bench postgresql://revline@127.0.0.1:55432/revline 20000
+
+Posts the validated money events of a generated workload (fresh keys every run, so
+nothing is ``already_applied``) into the ledger at ``url`` and times ``post`` only.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import uuid
+from typing import Any
+
+import sqlalchemy as sa
+
+from revline.workload import WorkloadOptions, generate
+from sinks.ledger._ledger import SqlLedger
+from sinks.ledger._schema import journal_lines
+
+MONEY_EVENTS = ("invoice_issued", "payment_captured", "refund_issued", "order_cancelled")
+BATCH = 500
+
+
+def money_events(n_events: int, seed: int = 7) -> list[dict[str, Any]]:
+    """At least ``n_events`` validated money events, cut to exactly that many."""
+    run = f"b{uuid.uuid4().hex[:10]}"
+    orders = max(10, n_events // 2)  # about 2.1 money events per generated order
+    while True:
+        workload = generate(WorkloadOptions(orders=orders, seed=seed, run_id=run))
+        events = [
+            r.event
+            for r in workload.records
+            if r.event is not None
+            and r.expect.outcome == "validated"
+            and r.event_type in MONEY_EVENTS
+        ]
+        if len(events) >= n_events:
+            return events[:n_events]
+        orders = orders * 3 // 2 + 10
+
+
+def _line_count(ledger: SqlLedger) -> int:
+    with ledger.engine.connect() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(journal_lines)).scalar_one())
+
+
+def bench_ledger(url: str, n_events: int, batch_size: int = BATCH) -> dict[str, Any]:
+    """Post ``n_events`` money events in batches; report journal lines/s and batch latency."""
+    events = money_events(n_events)
+    with SqlLedger(url) as ledger:
+        before = _line_count(ledger)
+        statuses: dict[str, int] = {}
+        latencies: list[float] = []
+        started = time.perf_counter()
+        for start in range(0, len(events), batch_size):
+            t0 = time.perf_counter()
+            for result in ledger.post(events[start : start + batch_size]):
+                statuses[result.status] = statuses.get(result.status, 0) + 1
+            latencies.append(time.perf_counter() - t0)
+        elapsed = time.perf_counter() - started
+        lines = _line_count(ledger) - before
+        balanced = all(tb.balanced for tb in ledger.trial_balance().values())
+        backend = ledger.dialect
+    latencies.sort()
+    return {
+        "backend": backend,
+        "events": len(events),
+        "batch_size": batch_size,
+        "batches": len(latencies),
+        "statuses": statuses,
+        "journal_lines": lines,
+        "seconds": round(elapsed, 3),
+        "lines_per_s": round(lines / elapsed) if elapsed else 0,
+        "events_per_s": round(len(events) / elapsed) if elapsed else 0,
+        "batch_p50_ms": round(latencies[len(latencies) // 2] * 1000, 1) if latencies else 0.0,
+        "batch_max_ms": round(latencies[-1] * 1000, 1) if latencies else 0.0,
+        "trial_balance_ok": balanced,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or len(args) > 2:
+        print("usage: python -m sinks.ledger._bench URL [N_EVENTS]", file=sys.stderr)
+        return 2
+    n_events = int(args[1]) if len(args) == 2 else 20_000
+    print(json.dumps(bench_ledger(args[0], n_events), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,806 @@
+"""``SqlLedger``: the double-entry, append-only ledger adapter on SQLAlchemy Core."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import sqlalchemy as sa
+import sqlalchemy.exc as sa_exc
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.pool import StaticPool
+
+from revline.errors import ConfigurationError
+from sinks._protocols import EffectResult, Event, PermanentSinkError, TransientSinkError
+from sinks.ledger._errors import RefusedEventError, db_errors, db_message, translate
+from sinks.ledger._rules import PostingRule, PostingRules, load_posting_rules
+from sinks.ledger._schema import accounts, create_schema, journal_lines, journals, side_effects
+
+DEFAULT_URL = "sqlite:///.revline/ledger.db"
+ADAPTER_NAME = "ledger"
+MAX_MINOR = 2**63 - 1  # BIGINT
+# Journal ids are uuid5(key): a replay into an empty ledger reproduces the same ids.
+_JOURNAL_NAMESPACE = uuid.UUID("5b0f6f43-3c59-4d0e-9d55-2f6f0b7f3e11")
+_CURRENCY = re.compile(r"^[A-Z]{3}$")
+_CHUNK = 500  # keys per IN (...) lookup, well under every backend's parameter limit
+_MAX_ATTEMPTS = 5  # re-plans of one batch after losing a race to a concurrent writer
+
+
+@dataclass(frozen=True)
+class JournalLine:
+    line_no: int
+    account: str
+    currency: str
+    debit_minor: int
+    credit_minor: int
+
+
+@dataclass(frozen=True)
+class Journal:
+    id: str
+    idempotency_key: str
+    event_key: str
+    order_id: str
+    event_type: str
+    currency: str
+    total_minor: int
+    source_ref: str
+    occurred_at: datetime
+    posted_at: datetime
+    reverses_journal_id: str | None
+    description: str
+    lines: tuple[JournalLine, ...]
+
+
+@dataclass(frozen=True)
+class TrialBalance:
+    currency: str
+    debit_minor: int
+    credit_minor: int
+    accounts: Mapping[str, int]  # account -> balance, debits positive
+
+    @property
+    def balanced(self) -> bool:
+        return self.debit_minor == self.credit_minor
+
+
+@dataclass(frozen=True)
+class SideEffect:
+    """One row of the side-effect ledger: what an adapter did for one idempotency key."""
+
+    idempotency_key: str
+    adapter: str
+    external_ref: Mapping[str, str]
+    status: str
+    attempts: int
+    applied_at: datetime
+    detail: str
+
+
+Amounts = tuple[tuple[str, int, int], ...]  # (account, debit_minor, credit_minor) per line
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    key: str
+    order_id: str
+    event_type: str
+    rule: PostingRule | None
+    source_ref: str
+    occurred_at: datetime
+    description: str
+    currency: str = ""
+    amounts: Amounts = ()
+
+
+@dataclass(frozen=True)
+class _Journal:
+    """A journal to insert, or an existing one that a cancellation may reverse."""
+
+    id: str
+    idempotency_key: str
+    event_key: str
+    order_id: str
+    event_type: str
+    currency: str
+    source_ref: str
+    occurred_at: datetime
+    description: str
+    amounts: Amounts
+    reverses_journal_id: str | None = None
+
+    @property
+    def total(self) -> int:
+        return sum(debit for _, debit, _ in self.amounts)
+
+
+@dataclass
+class _Plan:
+    results: list[EffectResult] = field(default_factory=list)
+    new: list[_Journal] = field(default_factory=list)
+
+    @property
+    def keys(self) -> frozenset[str]:
+        return frozenset(j.idempotency_key for j in self.new)
+
+
+class SqlLedger:
+    """Double-entry ledger in SQLite (embedded default) or PostgreSQL.
+
+    ``url`` is a SQLAlchemy URL; ``postgresql://`` and ``postgres://`` mean psycopg 3.
+    The schema is created (idempotently, safe against concurrent starts) by the
+    constructor unless ``migrate=False``; call ``migrate()`` yourself then. A database
+    that is down at construction raises ``TransientSinkError``.
+    """
+
+    name = ADAPTER_NAME
+
+    def __init__(
+        self, url: str = DEFAULT_URL, rules: PostingRules | None = None, *, migrate: bool = True
+    ) -> None:
+        self._rules = rules if rules is not None else load_posting_rules()
+        self._engine = _create_engine(url)
+        if migrate:
+            self.migrate()
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    @property
+    def rules(self) -> PostingRules:
+        return self._rules
+
+    @property
+    def dialect(self) -> str:
+        return self._engine.dialect.name
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def __enter__(self) -> SqlLedger:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"SqlLedger({self._engine.url.render_as_string(hide_password=True)!r})"
+
+    def migrate(self) -> None:
+        """Create missing tables and triggers and add the chart's missing accounts.
+
+        An account whose kind in the database differs from the chart is a
+        ConfigurationError: changing a kind would silently change old reports.
+        """
+        with db_errors(), self._transaction(write=True) as conn:
+            create_schema(conn)
+            rows = conn.execute(sa.select(accounts.c.code, accounts.c.kind))
+            existing = {row.code: row.kind for row in rows}
+            for account in self._rules.accounts:
+                kind = existing.get(account.code)
+                if kind is not None and kind != account.kind:
+                    raise ConfigurationError(
+                        f"account {account.code!r} is a {kind} in the ledger database but a "
+                        f"{account.kind} in the posting rules; a kind cannot change once used"
+                    )
+            missing = [
+                {"code": a.code, "name": a.name, "kind": a.kind}
+                for a in self._rules.accounts
+                if a.code not in existing
+            ]
+            if missing:
+                conn.execute(accounts.insert(), missing)
+
+    # -- posting -----------------------------------------------------------------
+
+    def post(self, events: Sequence[Event]) -> list[EffectResult]:
+        """Post a batch in one transaction; one result per event, in order.
+
+        Raises RefusedEventError (naming the event) before touching the database if
+        an event cannot be posted, TransientSinkError when the database is
+        unavailable, PermanentSinkError when it refuses the write. In every error
+        case nothing of the batch is written.
+        """
+        prepared = [self._prepare(event) for event in events]
+        if not prepared:
+            return []
+        failed: frozenset[str] | None = None
+        for _ in range(_MAX_ATTEMPTS):
+            plan = _Plan()
+            try:
+                with self._transaction(write=True) as conn:
+                    plan = self._plan(conn, prepared)
+                    self._insert(conn, plan.new, datetime.now(UTC))
+                return plan.results
+            except sa_exc.IntegrityError as exc:
+                # A concurrent writer may have posted one of our keys (or reversed one
+                # of our targets) after we looked: re-plan against what is committed
+                # now. The same plan failing twice is not a race but refused data.
+                if plan.keys == failed or not plan.new:
+                    raise PermanentSinkError(
+                        f"ledger database refused the batch: {db_message(exc)}"
+                    ) from exc
+                failed = plan.keys
+            except (sa_exc.DBAPIError, sa_exc.TimeoutError, sa_exc.DisconnectionError) as exc:
+                sink_error = translate(exc)
+                if sink_error is exc:
+                    raise  # not a database verdict but a bug: let it surface as is
+                raise sink_error from exc
+        raise TransientSinkError(
+            f"ledger batch kept conflicting with concurrent writers after {_MAX_ATTEMPTS} attempts"
+        )
+
+    def _prepare(self, event: Event) -> _Prepared:
+        env = event.get("envelope")
+        if not isinstance(env, Mapping):
+            raise RefusedEventError("ledger: event has no envelope")
+        key = env.get("idempotency_key")
+        if not isinstance(key, str) or not key:
+            raise RefusedEventError("ledger: event has no idempotency_key")
+
+        def refuse(message: str) -> RefusedEventError:
+            return RefusedEventError(f"ledger refused {key}: {message}", key)
+
+        fields = {}
+        for name in ("event_type", "order_id", "source_system", "source_record_id"):
+            value = env.get(name)
+            if not isinstance(value, str) or (not value and name != "source_record_id"):
+                raise refuse(f"envelope.{name} must be a non-empty string, got {value!r}")
+            fields[name] = value
+        occurred_at = env.get("occurred_at")
+        if not isinstance(occurred_at, datetime) or occurred_at.tzinfo is None:
+            raise refuse(f"envelope.occurred_at must be an aware datetime, got {occurred_at!r}")
+        rule = self._rules.rule_for(fields["event_type"])
+        base = _Prepared(
+            key=key,
+            order_id=fields["order_id"],
+            event_type=fields["event_type"],
+            rule=rule,
+            source_ref=f"{fields['source_system']}:{fields['source_record_id']}",
+            occurred_at=occurred_at,
+            description=_describe(rule, env, event),
+        )
+        if rule is None or rule.action != "post":
+            return base
+        currency = event.get(rule.currency)
+        if not isinstance(currency, str) or not _CURRENCY.match(currency):
+            raise refuse(f"{rule.currency} must be an ISO 4217 code, got {currency!r}")
+        amounts: list[tuple[str, int, int]] = []
+        for line in rule.lines:
+            amount = event.get(line.amount)
+            if not isinstance(amount, int) or isinstance(amount, bool):
+                raise refuse(f"{line.amount} must be integer minor units, got {amount!r}")
+            if not 0 <= amount <= MAX_MINOR:
+                raise refuse(f"{line.amount} must be between 0 and {MAX_MINOR}, got {amount}")
+            if amount:  # a zero line (no tax) is left out: a line has one positive side
+                debit = amount if line.side == "debit" else 0
+                amounts.append((line.account, debit, amount - debit))
+        debits = sum(d for _, d, _ in amounts)
+        credits = sum(c for _, _, c in amounts)
+        if debits != credits:
+            raise refuse(
+                f"{fields['event_type']} does not balance under the posting rules: "
+                f"debits {debits} != credits {credits} {currency}"
+            )
+        if debits > MAX_MINOR:
+            raise refuse(f"journal total {debits} exceeds {MAX_MINOR}")
+        return replace(base, currency=currency, amounts=tuple(amounts))
+
+    def _plan(self, conn: Connection, prepared: list[_Prepared]) -> _Plan:
+        existing = self._existing(conn, list(dict.fromkeys(p.key for p in prepared)))
+        reversing = [
+            p
+            for p in prepared
+            if p.rule is not None and p.rule.action == "reverse" and p.key not in existing
+        ]
+        types = {t for p in reversing if p.rule is not None for t in p.rule.reverses}
+        candidates = self._reversible(conn, {p.order_id for p in reversing}, types)
+
+        plan = _Plan()
+        first: dict[str, EffectResult] = {}
+        reversed_ids: set[str] = set()
+        for p in prepared:
+            if p.key in first:
+                earlier = first[p.key]
+                if earlier.status == "applied":
+                    refs = earlier.external_refs
+                    plan.results.append(
+                        _result(p.key, "already_applied", refs, "duplicate in batch")
+                    )
+                else:
+                    plan.results.append(earlier)
+                continue
+            if p.key in existing:
+                result = _result(p.key, "already_applied", _refs(existing[p.key]), "posted earlier")
+            elif p.rule is None:
+                result = _result(p.key, "not_applicable", {}, f"no posting rule for {p.event_type}")
+            elif p.rule.action == "not_applicable":
+                result = _result(p.key, "not_applicable", {}, f"{p.event_type} posts nothing")
+            elif p.rule.action == "post":
+                if not p.amounts:
+                    result = _result(p.key, "not_applicable", {}, "nothing to post: amounts are 0")
+                else:
+                    journal = _Journal(
+                        id=_journal_id(p.key),
+                        idempotency_key=p.key,
+                        event_key=p.key,
+                        order_id=p.order_id,
+                        event_type=p.event_type,
+                        currency=p.currency,
+                        source_ref=p.source_ref,
+                        occurred_at=p.occurred_at,
+                        description=p.description,
+                        amounts=p.amounts,
+                    )
+                    plan.new.append(journal)
+                    candidates[p.order_id].append(journal)
+                    result = _result(p.key, "applied", {"journal": journal.id}, p.description)
+            else:
+                targets = [
+                    j
+                    for j in candidates.get(p.order_id, [])
+                    if j.event_type in p.rule.reverses and j.id not in reversed_ids
+                ]
+                notes = []
+                for target in targets:
+                    reversed_ids.add(target.id)
+                    effect_key = f"{p.key}:reverses:{target.id}"
+                    notes.append(
+                        _Journal(
+                            id=_journal_id(effect_key),
+                            idempotency_key=effect_key,
+                            event_key=p.key,
+                            order_id=p.order_id,
+                            event_type=p.event_type,
+                            currency=target.currency,
+                            source_ref=p.source_ref,
+                            occurred_at=p.occurred_at,
+                            description=f"{p.description} [reverses {target.event_type} "
+                            f"{target.idempotency_key}]",
+                            amounts=tuple(
+                                (a, credit, debit) for a, debit, credit in target.amounts
+                            ),
+                            reverses_journal_id=target.id,
+                        )
+                    )
+                if notes:
+                    notes.sort(key=lambda j: j.idempotency_key)
+                    plan.new.extend(notes)
+                    refs = _refs([(j.idempotency_key, j.id) for j in notes])
+                    result = _result(p.key, "applied", refs, p.description)
+                else:
+                    result = _result(
+                        p.key,
+                        "not_applicable",
+                        {},
+                        f"no unreversed {'/'.join(p.rule.reverses)} journal for {p.order_id}",
+                    )
+            first[p.key] = result
+            plan.results.append(result)
+        return plan
+
+    def _existing(self, conn: Connection, keys: list[str]) -> dict[str, list[tuple[str, str]]]:
+        """event key -> [(journal idempotency key, journal id)] already committed."""
+        out: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        for chunk in _chunks(keys):
+            rows = conn.execute(
+                sa.select(journals.c.event_key, journals.c.idempotency_key, journals.c.id).where(
+                    journals.c.event_key.in_(chunk)
+                )
+            )
+            for event_key, journal_key, journal_id in rows:
+                out[event_key].append((journal_key, journal_id))
+        return dict(out)
+
+    def _reversible(
+        self, conn: Connection, order_ids: set[str], event_types: set[str]
+    ) -> defaultdict[str, list[_Journal]]:
+        """order id -> its committed, not yet reversed journals of the given types."""
+        out: defaultdict[str, list[_Journal]] = defaultdict(list)
+        if not order_ids or not event_types:
+            return out
+        reversal = journals.alias("reversal")
+        found: dict[str, dict[str, Any]] = {}
+        for chunk in _chunks(sorted(order_ids)):
+            rows = conn.execute(
+                sa.select(journals)
+                .where(
+                    journals.c.order_id.in_(chunk),
+                    journals.c.event_type.in_(sorted(event_types)),
+                    journals.c.reverses_journal_id.is_(None),
+                    ~sa.exists().where(reversal.c.reverses_journal_id == journals.c.id),
+                )
+                .order_by(journals.c.occurred_at, journals.c.idempotency_key)
+            )
+            for found_row in rows.mappings():
+                found[found_row["id"]] = dict(found_row)
+        lines = self._lines(conn, list(found))
+        for journal_id, row in found.items():
+            out[row["order_id"]].append(
+                _Journal(
+                    id=journal_id,
+                    idempotency_key=row["idempotency_key"],
+                    event_key=row["event_key"],
+                    order_id=row["order_id"],
+                    event_type=row["event_type"],
+                    currency=row["currency"],
+                    source_ref=row["source_ref"],
+                    occurred_at=row["occurred_at"],
+                    description=row["description"],
+                    amounts=tuple(
+                        (line.account, line.debit_minor, line.credit_minor)
+                        for line in lines.get(journal_id, ())
+                    ),
+                )
+            )
+        return out
+
+    def _lines(self, conn: Connection, journal_ids: list[str]) -> dict[str, list[JournalLine]]:
+        out: dict[str, list[JournalLine]] = defaultdict(list)
+        for chunk in _chunks(journal_ids):
+            rows = conn.execute(
+                sa.select(journal_lines)
+                .where(journal_lines.c.journal_id.in_(chunk))
+                .order_by(journal_lines.c.journal_id, journal_lines.c.line_no)
+            )
+            for row in rows:
+                out[row.journal_id].append(
+                    JournalLine(
+                        line_no=row.line_no,
+                        account=row.account,
+                        currency=row.currency,
+                        debit_minor=int(row.debit_minor),
+                        credit_minor=int(row.credit_minor),
+                    )
+                )
+        return dict(out)
+
+    @staticmethod
+    def _insert(conn: Connection, new: list[_Journal], posted_at: datetime) -> None:
+        if not new:
+            return
+        # Lines before headers: on SQLite the header insert is the balance check
+        # (see _schema); PostgreSQL checks at commit, so the order is free there.
+        line_rows = [
+            (j.id, n, account, j.currency, debit, credit)
+            for j in new
+            for n, (account, debit, credit) in enumerate(j.amounts, start=1)
+        ]
+        journal_rows = [
+            (
+                j.id,
+                j.idempotency_key,
+                j.event_key,
+                j.order_id,
+                j.event_type,
+                j.currency,
+                j.total,
+                sum(credit for _, _, credit in j.amounts),
+                j.source_ref,
+                j.occurred_at,
+                posted_at,
+                j.reverses_journal_id,
+                j.description,
+            )
+            for j in new
+        ]
+        if conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg":
+            _copy_rows(conn, journal_lines, line_rows)
+            _copy_rows(conn, journals, journal_rows)
+            return
+        for table, rows in ((journal_lines, line_rows), (journals, journal_rows)):
+            names = [c.name for c in table.columns]
+            conn.execute(table.insert(), [dict(zip(names, row, strict=True)) for row in rows])
+
+    # -- reports -----------------------------------------------------------------
+
+    def balances(self, currency: str | None = None) -> dict[tuple[str, str], int]:
+        """(account, currency) -> balance in minor units, debits positive."""
+        stmt = (
+            sa.select(
+                journal_lines.c.account,
+                journal_lines.c.currency,
+                sa.cast(
+                    sa.func.sum(journal_lines.c.debit_minor)
+                    - sa.func.sum(journal_lines.c.credit_minor),
+                    sa.BigInteger,
+                ),
+            )
+            .select_from(_posted_lines())
+            .group_by(journal_lines.c.account, journal_lines.c.currency)
+            .order_by(journal_lines.c.currency, journal_lines.c.account)
+        )
+        if currency is not None:
+            stmt = stmt.where(journal_lines.c.currency == currency)
+        with db_errors(), self._transaction() as conn:
+            return {(acct, cur): int(balance) for acct, cur, balance in conn.execute(stmt)}
+
+    def trial_balance(self) -> dict[str, TrialBalance]:
+        """Per currency: total debits, total credits (equal when sound) and account balances."""
+        stmt = (
+            sa.select(
+                journal_lines.c.currency,
+                sa.cast(sa.func.sum(journal_lines.c.debit_minor), sa.BigInteger),
+                sa.cast(sa.func.sum(journal_lines.c.credit_minor), sa.BigInteger),
+            )
+            .select_from(_posted_lines())
+            .group_by(journal_lines.c.currency)
+        )
+        with db_errors(), self._transaction() as conn:
+            totals = [(cur, int(d), int(c)) for cur, d, c in conn.execute(stmt)]
+        per_account = self.balances()
+        return {
+            cur: TrialBalance(
+                currency=cur,
+                debit_minor=debits,
+                credit_minor=credits,
+                accounts={a: b for (a, c), b in per_account.items() if c == cur},
+            )
+            for cur, debits, credits in sorted(totals)
+        }
+
+    def journals_for(self, order_id: str) -> list[Journal]:
+        """Every journal of an order, oldest first, with its lines."""
+        with db_errors(), self._transaction() as conn:
+            rows = list(
+                conn.execute(
+                    sa.select(journals)
+                    .where(journals.c.order_id == order_id)
+                    .order_by(
+                        journals.c.occurred_at, journals.c.posted_at, journals.c.idempotency_key
+                    )
+                ).mappings()
+            )
+            lines = self._lines(conn, [row["id"] for row in rows])
+        return [
+            Journal(
+                id=row["id"],
+                idempotency_key=row["idempotency_key"],
+                event_key=row["event_key"],
+                order_id=row["order_id"],
+                event_type=row["event_type"],
+                currency=row["currency"],
+                total_minor=int(row["total_debit_minor"]),
+                source_ref=row["source_ref"],
+                occurred_at=row["occurred_at"],
+                posted_at=row["posted_at"],
+                reverses_journal_id=row["reverses_journal_id"],
+                description=row["description"],
+                lines=tuple(lines.get(row["id"], ())),
+            )
+            for row in rows
+        ]
+
+    # -- side-effect ledger ------------------------------------------------------
+
+    def record_effect(
+        self,
+        key: str,
+        adapter: str,
+        external_ref: Mapping[str, str],
+        status: str,
+        attempts: int,
+        detail: str = "",
+        *,
+        applied_at: datetime | None = None,
+    ) -> SideEffect:
+        """Insert or replace the (key, adapter) row; returns what was stored."""
+        if not key or not adapter or not status:
+            raise ValueError("record_effect needs a key, an adapter and a status")
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 0:
+            raise ValueError(f"attempts must be a non-negative int, got {attempts!r}")
+        refs = {str(k): str(v) for k, v in external_ref.items()}
+        row = {
+            "idempotency_key": key,
+            "adapter": adapter,
+            "external_ref": json.dumps(refs, sort_keys=True, separators=(",", ":")),
+            "status": status,
+            "attempts": attempts,
+            "applied_at": applied_at or datetime.now(UTC),
+            "detail": detail,
+        }
+        insert = (pg_dialect.insert if self.dialect == "postgresql" else sqlite_dialect.insert)(
+            side_effects
+        )
+        stmt = insert.values(**row).on_conflict_do_update(
+            index_elements=[side_effects.c.idempotency_key, side_effects.c.adapter],
+            set_={
+                name: insert.excluded[name]
+                for name in ("external_ref", "status", "attempts", "applied_at", "detail")
+            },
+        )
+        with db_errors(), self._transaction(write=True) as conn:
+            conn.execute(stmt)
+        return _side_effect(row)
+
+    def effect(self, key: str, adapter: str) -> SideEffect | None:
+        return self.effects_for([key], adapter).get(key)
+
+    def effects_for(self, keys: Iterable[str], adapter: str) -> dict[str, SideEffect]:
+        """key -> row for the keys that have one (one query per 500 keys)."""
+        wanted = list(dict.fromkeys(keys))
+        out: dict[str, SideEffect] = {}
+        with db_errors(), self._transaction() as conn:
+            for chunk in _chunks(wanted):
+                rows = conn.execute(
+                    sa.select(side_effects).where(
+                        side_effects.c.adapter == adapter,
+                        side_effects.c.idempotency_key.in_(chunk),
+                    )
+                ).mappings()
+                for row in rows:
+                    out[row["idempotency_key"]] = _side_effect(dict(row))
+        return out
+
+    # -- plumbing ----------------------------------------------------------------
+
+    @contextmanager
+    def _transaction(self, *, write: bool = False) -> Iterator[Connection]:
+        with self._engine.connect() as conn:
+            if write:
+                conn = conn.execution_options(revline_write=True)
+            with conn.begin():
+                yield conn
+
+
+def _copy_rows(conn: Connection, table: sa.Table, rows: list[tuple[Any, ...]]) -> None:
+    """COPY ... FROM STDIN on the transaction's own connection.
+
+    About twice the rows/s of a pipelined executemany; constraints and triggers
+    (the balance check included) fire exactly as for INSERT.
+    """
+    statement = f"COPY {table.name} ({', '.join(c.name for c in table.columns)}) FROM STDIN"
+    raw = conn.connection.driver_connection
+    assert raw is not None
+    dbapi = conn.dialect.loaded_dbapi
+    try:
+        with raw.cursor() as cursor, cursor.copy(statement) as copy:
+            for row in rows:
+                copy.write_row(row)
+    except dbapi.Error as exc:
+        # Bypassing SQLAlchemy's execute: wrap like it would, so errors classify alike.
+        lost = conn.dialect.is_disconnect(exc, conn.connection.dbapi_connection, None)
+        raise sa_exc.DBAPIError.instance(
+            statement, None, exc, dbapi.Error, connection_invalidated=lost, dialect=conn.dialect
+        ) from exc
+
+
+def _posted_lines() -> sa.Join:
+    # Through the header: a line can only count once its journal exists (see _schema).
+    return journal_lines.join(journals, journals.c.id == journal_lines.c.journal_id)
+
+
+def _result(key: str, status: str, refs: Mapping[str, str], detail: str) -> EffectResult:
+    return EffectResult(ADAPTER_NAME, key, status, dict(refs), detail)
+
+
+def _refs(journal_keys_and_ids: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """{"journal": id}; a cancellation reversing several invoices adds "journal.2", ..."""
+    ordered = sorted(journal_keys_and_ids)
+    return {
+        ("journal" if n == 1 else f"journal.{n}"): journal_id
+        for n, (_, journal_id) in enumerate(ordered, start=1)
+    }
+
+
+def _journal_id(effect_key: str) -> str:
+    return str(uuid.uuid5(_JOURNAL_NAMESPACE, effect_key))
+
+
+def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), _CHUNK):
+        yield items[start : start + _CHUNK]
+
+
+class _Fields(dict[str, Any]):
+    def __missing__(self, key: str) -> str:
+        return "?"
+
+
+def _describe(rule: PostingRule | None, env: Mapping[str, Any], event: Event) -> str:
+    if rule is None or not rule.description:
+        return str(env.get("event_type", ""))
+    fields = _Fields({k: v for k, v in event.items() if isinstance(v, str | int)})
+    fields.update({k: v for k, v in env.items() if v is not None})
+    try:
+        return rule.description.format_map(fields)
+    except (ValueError, IndexError, AttributeError, TypeError):
+        return rule.description
+
+
+def _side_effect(row: Mapping[str, Any]) -> SideEffect:
+    refs = json.loads(row["external_ref"])
+    return SideEffect(
+        idempotency_key=row["idempotency_key"],
+        adapter=row["adapter"],
+        external_ref={str(k): str(v) for k, v in refs.items()},
+        status=row["status"],
+        attempts=int(row["attempts"]),
+        applied_at=row["applied_at"],
+        detail=row["detail"],
+    )
+
+
+def normalize_url(url: str) -> str:
+    """``postgresql://`` / ``postgres://`` -> psycopg 3 (SQLAlchemy's default is psycopg2)."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def _create_engine(url: str) -> Engine:
+    try:
+        parsed = make_url(normalize_url(url))
+    except sa_exc.ArgumentError as exc:
+        raise ConfigurationError(f"ledger database URL {url!r} is not valid: {exc}") from exc
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        return _sqlite_engine(parsed)
+    if backend == "postgresql":
+        connect_args: dict[str, Any] = {}
+        if "connect_timeout" not in parsed.query:
+            connect_args["connect_timeout"] = 10
+        if "application_name" not in parsed.query:
+            connect_args["application_name"] = "revline-ledger"
+        # pre_ping: a connection killed by a server restart is replaced, not reused.
+        return sa.create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
+    raise ConfigurationError(
+        f"ledger database {backend!r} is not supported: use sqlite:///... or postgresql://..."
+    )
+
+
+def _sqlite_engine(parsed: sa.URL) -> Engine:
+    database = parsed.database or ""
+    memory = database in ("", ":memory:") or "mode=memory" in database
+    if memory:
+        # One shared connection, else every pooled connection sees its own empty DB.
+        engine = sa.create_engine(
+            parsed, poolclass=StaticPool, connect_args={"check_same_thread": False}
+        )
+    else:
+        if not database.startswith("file:"):
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(parsed, connect_args={"timeout": 30})
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy emit BEGIN itself (pysqlite's implicit transactions start
+        # late, after our SELECTs); see the "begin" hook below.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA foreign_keys = ON")  # the deferred FK seals journals
+            cursor.execute("PRAGMA recursive_triggers = ON")  # REPLACE fires delete triggers
+            if not memory:
+                cursor.execute("PRAGMA journal_mode = WAL")  # readers never block the writer
+        finally:
+            cursor.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        # A writer takes the write lock up front, so its existence checks and its
+        # inserts see the same database and never fail mid-way on SQLITE_BUSY.
+        immediate = conn.get_execution_options().get("revline_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine

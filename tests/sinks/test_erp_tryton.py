@@ -1,0 +1,147 @@
+"""The ERP contract against a real trytond server, over its JSON-RPC."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from contextlib import contextmanager
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from sinks._protocols import ErpAdapter, PartialWriteError, PermanentSinkError
+from sinks.erp import TrytonErp, TrytonServer
+from tests.sinks.erp_contract import (
+    LINES,
+    PARTIAL_DAY,
+    ErpContract,
+    booked,
+    invoiced,
+    new_order,
+)
+from tests.sinks.erp_fixtures import tryton_adapter, tryton_server
+
+__all__ = ["tryton_server"]  # the session fixture, registered by this import
+
+
+def _t(erp: ErpAdapter) -> TrytonErp:
+    assert isinstance(erp, TrytonErp)
+    return erp
+
+
+def _minor(amount: Decimal, digits: int) -> int:
+    return int(amount.scaleb(digits))
+
+
+class TestTrytonErp(ErpContract):
+    server: TrytonServer
+
+    @pytest.fixture
+    def erp(self, tryton_server: TrytonServer) -> Iterator[ErpAdapter]:
+        self.server = tryton_server
+        self._opened: list[TrytonErp] = []
+        adapter = tryton_adapter(tryton_server)
+        yield adapter
+        adapter.close()
+        for other in self._opened:
+            other.close()
+
+    def reopen(self, erp: ErpAdapter) -> ErpAdapter:
+        fresh = tryton_adapter(self.server)
+        self._opened.append(fresh)
+        return fresh
+
+    def counts(self, erp: ErpAdapter) -> dict[str, int]:
+        t = _t(erp)
+        invoices = t.rpc(
+            "model.account.invoice.search_read", [["type", "=", "out"]], 0, None, None,
+            ["total_amount"],
+        )  # fmt: skip
+        return {
+            "sale": t.rpc("model.sale.sale.search_count", []),
+            "invoice": sum(1 for i in invoices if i["total_amount"] >= 0),
+            "credit_note": sum(1 for i in invoices if i["total_amount"] < 0),
+            "payment": t.rpc(
+                "model.account.move.search_count", [["description", "like", "%[revline step=%"]]
+            ),
+            "party": t.rpc("model.party.party.search_count", []),
+        }
+
+    def sale(self, erp: ErpAdapter, ref: str) -> dict[str, Any]:
+        t = _t(erp)
+        (sale,) = t.rpc(
+            "model.sale.sale.read", [int(ref)],
+            ["state", "currency.code", "currency.digits", "lines", "untaxed_amount"],
+        )  # fmt: skip
+        digits = sale["currency."]["digits"]
+        lines = t.rpc("model.sale.line.read", sale["lines"], ["product.code", "quantity", "amount"])
+        by_sku: dict[str, tuple[int, int]] = {}
+        for ln in lines:
+            sku = ln["product."]["code"]
+            q, a = by_sku.get(sku, (0, 0))
+            by_sku[sku] = (q + round(ln["quantity"]), a + _minor(ln["amount"], digits))
+        return {
+            "state": sale["state"],
+            "currency": sale["currency."]["code"],
+            "lines": sorted((sku, q, a) for sku, (q, a) in by_sku.items()),
+            "untaxed_minor": _minor(sale["untaxed_amount"], digits),
+        }
+
+    def invoice(self, erp: ErpAdapter, ref: str) -> dict[str, Any]:
+        (inv,) = _t(erp).rpc(
+            "model.account.invoice.read", [int(ref)],
+            ["state", "total_amount", "amount_to_pay", "reference", "currency.digits"],
+        )  # fmt: skip
+        digits = inv["currency."]["digits"]
+        return {
+            "state": inv["state"],
+            "total_minor": _minor(inv["total_amount"], digits),
+            "to_pay_minor": _minor(inv["amount_to_pay"], digits),
+            "reference": inv["reference"],
+        }
+
+    @contextmanager
+    def failing(self, erp: ErpAdapter, step: str) -> Iterator[None]:
+        # A real refusal, not a stub: the accountant closed the month the invoice falls in.
+        assert step == "invoice", "Tryton's contract run only breaks the invoice step"
+        with self.closed_period(_t(erp), PARTIAL_DAY.date()):
+            yield
+
+    @contextmanager
+    def closed_period(self, t: TrytonErp, day: dt.date) -> Iterator[None]:
+        periods = t.rpc(
+            "model.account.period.search",
+            [["start_date", "<=", day], ["end_date", ">=", day], ["type", "=", "standard"]],
+            0, None, None,
+        )  # fmt: skip
+        assert len(periods) == 1
+        t.rpc("model.account.period.close", periods)
+        try:
+            yield
+        finally:
+            t.rpc("model.account.period.reopen", periods)
+
+    @contextmanager
+    def outage(self, erp: ErpAdapter) -> Iterator[None]:
+        self.server.stop()
+        try:
+            yield
+        finally:
+            self.server.start()
+
+
+def test_tryton_refusal_carries_trytons_own_text(tryton_server: TrytonServer) -> None:
+    contract = TestTrytonErp()
+    with tryton_adapter(tryton_server) as erp:
+        order = new_order()
+        erp.apply(booked(order, LINES, at=PARTIAL_DAY))
+        with (
+            contract.closed_period(erp, PARTIAL_DAY.date()),
+            pytest.raises(PartialWriteError) as caught,
+        ):
+            erp.apply(invoiced(order, LINES, at=PARTIAL_DAY))
+        cause = caught.value.cause
+        assert isinstance(cause, PermanentSinkError)
+        assert "Tryton refused" in str(cause)
+        print(cause)

@@ -119,6 +119,21 @@ class Publisher:
         self.flush()
 
 
+def publish_records(publisher: Publisher, records: Iterable[Any],
+                    progress: Callable[[int], None] | None = None) -> int:
+    """Publish generated workload records (events or poison bytes) with their source line."""
+    count = 0
+    for count, rec in enumerate(records, start=1):
+        headers: Headers = [(SOURCE_LINE_HEADER, str(rec.seq).encode())]
+        if rec.event is not None:
+            publisher.publish(rec.event, headers=headers, validate=False)
+        else:
+            publisher.publish_raw(rec.key, rec.raw, headers)
+        if progress and count % 500 == 0:
+            progress(count)
+    return count
+
+
 def publish_lines(
     publisher: Publisher,
     lines: Iterable[str],

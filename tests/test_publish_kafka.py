@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from revline.cli import main
-from revline.publisher import SOURCE_LINE_HEADER, Publisher, publish_lines
+from revline.publisher import SOURCE_LINE_HEADER, Publisher, publish_lines, publish_records
 from revline.readback import check_against_manifest, header, read_topic
 from revline.workload import WorkloadOptions, generate
 
@@ -22,13 +22,7 @@ def test_ten_thousand_generated_events_round_trip_and_match_the_manifest(
     workload = generate(WorkloadOptions(orders=2000, seed=42, orphans=3, poison=0.003))
     assert len(workload.records) >= 10_000
     with Publisher(kafka_bootstrap, topic) as publisher:
-        for rec in workload.records:
-            headers = [(SOURCE_LINE_HEADER, str(rec.seq).encode())]
-            if rec.event is not None:
-                publisher.publish(rec.event, headers=headers, validate=False)
-            else:
-                assert rec.raw is not None
-                publisher.publish_raw(rec.key, rec.raw, headers)
+        publish_records(publisher, workload.records)
     assert publisher.delivery_failures == []
 
     report = check_against_manifest(read_topic(kafka_bootstrap, topic), workload.manifest())

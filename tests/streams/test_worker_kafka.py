@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from revline.isolated import IsolatedPipeline as Pipeline
 from revline.readback import header, read_topic
 from revline.settings import DATA_DIR
+from revline.verify import compare_with_manifest, finals_by_input
 from revline.workload import WorkloadOptions, generate
-
-from .harness import Pipeline, compare_with_manifest, finals_by_input
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -43,7 +43,7 @@ def test_generated_workload_ends_exactly_as_the_manifest_says(
         )
     finally:
         pipeline.stop_all()
-    assert compare_with_manifest(workload, outcomes) == []
+    assert compare_with_manifest(workload.manifest(), outcomes) == []
 
     # Routed records: validated carries the QA stamp; dead letters keep the original
     # bytes and say why; exceptions are one per excepted input (plus P3 advisories).
@@ -98,7 +98,7 @@ def test_kill_9_twice_mid_stream_still_one_outcome_per_input(
                                      "every input after two kill -9 and restarts")
     finally:
         pipeline.stop_all()
-    assert compare_with_manifest(workload, outcomes) == []
+    assert compare_with_manifest(workload.manifest(), outcomes) == []
     # No event was released (validated) twice from different inputs.
     inputs_per_key: dict[str, set[bytes | None]] = defaultdict(set)
     from schemas import EventDeserializer

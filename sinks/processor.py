@@ -1,0 +1,457 @@
+"""The sink processor: validated topic → ledger and ERP, exactly once in effect.
+
+Per batch: decode, post to the ledger (one transaction, idempotent by key), apply
+each event to the ERP unless the side-effect ledger says it already was, record
+every effect, and only then commit the batch's offsets (synchronously). Transient
+failures are retried with backoff and jitter; repeated ones open the adapter's
+circuit breaker, which pauses consumption (no commit, no exception) until a
+half-open probe succeeds. Permanent refusals become exception records owned by
+"integrations" and a "refused" side-effect row; the batch moves on.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+
+from processors import exception_id_for
+from schemas import EventDeserializer, exception_codec
+from sinks._breaker import CircuitBreaker
+from sinks._protocols import (
+    EffectResult,
+    ErpAdapter,
+    Event,
+    PartialWriteError,
+    PermanentSinkError,
+    TransientSinkError,
+)
+from sinks.ledger import RefusedEventError, SqlLedger
+
+log = logging.getLogger("revline.sinks")
+
+# Side-effect statuses after which an event is never sent to the adapter again:
+# "refused" already raised an exception that a person owns; re-sending on a replay
+# would only duplicate it.
+_DONE = frozenset({"applied", "already_applied", "not_applicable", "refused"})
+
+
+@dataclass
+class SinkStats:
+    batches: int = 0
+    events: int = 0
+    commits: int = 0
+    applied: dict[str, int] = field(default_factory=dict)  # adapter -> effects written now
+    skipped: dict[str, int] = field(default_factory=dict)  # adapter -> already in the ledger
+    exceptions: int = 0
+    partials: int = 0
+    transient_failures: int = 0
+    pauses: int = 0
+    committed: dict[tuple[str, int], int] = field(default_factory=dict)  # next offset
+
+
+@dataclass(frozen=True)
+class _Item:
+    msg: Message
+    event: Event | None  # None: undecodable
+    error: str = ""
+
+    @property
+    def key(self) -> str:
+        if self.event is None:
+            return f"undecodable:{self.msg.topic()}/{self.msg.partition()}/{self.msg.offset()}"
+        return str(self.event["envelope"]["idempotency_key"])
+
+
+class _Suspend(Exception):
+    """An adapter's breaker is open: stop the batch, keep it, commit nothing."""
+
+    def __init__(self, adapter: str, cause: BaseException | None) -> None:
+        super().__init__(f"{adapter} circuit open: {cause}")
+        self.adapter = adapter
+
+
+class SinkProcessor:
+    """Consumes the validated topic and applies each event to the ledger and the ERP."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        validated_topic: str,
+        group_id: str,
+        ledger: SqlLedger,
+        erp: ErpAdapter,
+        exceptions_topic: str,
+        metrics: Callable[[str, str, int], None] | None = None,
+        batch_size: int = 500,
+        *,
+        poll_timeout_s: float = 0.5,
+        backoff_base_s: float = 0.05,
+        backoff_max_s: float = 1.0,
+        breaker_threshold: int = 5,
+        breaker_cooldown_s: float = 2.0,
+        sla_minutes: int = 15,
+        decoder: EventDeserializer | None = None,
+        consumer_config: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.validated_topic = validated_topic
+        self.exceptions_topic = exceptions_topic
+        self.ledger = ledger
+        self.erp = erp
+        self.metrics = metrics  # (adapter, status, count): optional hook, e.g. a Prometheus counter
+        self.batch_size = batch_size
+        self.poll_timeout_s = poll_timeout_s
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self.sla_minutes = sla_minutes
+        self.decoder = decoder or EventDeserializer()
+        self.breakers = {
+            name: CircuitBreaker(name, breaker_threshold, breaker_cooldown_s)
+            for name in (ledger.name, erp.name)
+        }
+        self.stats = SinkStats()
+        self._codec = exception_codec()
+        self._stop = threading.Event()
+        self._pending: list[_Item] = []  # a batch held back by an open breaker
+        self._paused = False
+        config: dict[str, Any] = {
+            "bootstrap.servers": bootstrap,
+            "group.id": group_id,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "enable.partition.eof": False,
+        }
+        config.update(consumer_config or {})
+        self.consumer = Consumer(config)
+        self.producer = Producer({
+            "bootstrap.servers": bootstrap,
+            "enable.idempotence": True,
+            "acks": "all",
+        })
+        self.consumer.subscribe([validated_topic], on_revoke=self._on_revoke)
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        self.producer.flush(10)
+        self.consumer.close()
+
+    def run(self, stop: threading.Event | None = None, *, idle_exit_s: float | None = None) -> None:
+        """Process until ``stop`` is set (or, for tests, nothing arrived for ``idle_exit_s``)."""
+        stop = stop or self._stop
+        idle_since = time.monotonic()
+        try:
+            while not stop.is_set() and not self._stop.is_set():
+                if self.step():
+                    idle_since = time.monotonic()
+                elif idle_exit_s is not None and time.monotonic() - idle_since >= idle_exit_s:
+                    return
+        finally:
+            self.close()
+
+    def step(self) -> bool:
+        """One loop iteration; True if a batch was completed."""
+        if self._pending:
+            return self._retry_pending()
+        msgs = self.consumer.consume(num_messages=self.batch_size, timeout=self.poll_timeout_s)
+        items = [self._decode(m) for m in msgs if not self._is_error(m)]
+        if not items:
+            return False
+        self._pending = items
+        return self._retry_pending()
+
+    # -- batch ---------------------------------------------------------------------------
+    def _retry_pending(self) -> bool:
+        wait = max((b.remaining_s() for b in self.breakers.values()), default=0.0)
+        if wait > 0:
+            # Open breaker: poll anyway, so the group membership (and rebalance
+            # callbacks) stay alive; a paused consumer returns nothing, no busy loop.
+            self.consumer.pause(self.consumer.assignment())
+            self.consumer.poll(min(wait, 1.0))
+            return False
+        items = self._pending
+        try:
+            self._process(items)
+        except _Suspend as exc:
+            if not self._paused:
+                self.stats.pauses += 1
+                log.warning("pausing consumption: %s", exc)
+            self._paused = True
+            self.consumer.pause(self.consumer.assignment())
+            return False
+        self._commit(items)
+        self._pending = []
+        if self._paused:
+            log.info("circuit closed, resuming consumption")
+            self._paused = False
+            self.consumer.resume(self.consumer.assignment())
+        self.stats.batches += 1
+        self.stats.events += len(items)
+        return True
+
+    def _process(self, items: list[_Item]) -> None:
+        decodable = [i for i in items if i.event is not None]
+        for bad in (i for i in items if i.event is None):
+            self._refuse(bad, "ledger", "sink.undecodable", bad.error, {})
+        self._to_ledger(decodable)
+        self._to_erp(decodable)
+        self.producer.flush(30)  # exception records must be durable before the commit
+
+    def _commit(self, items: list[_Item]) -> None:
+        nxt: dict[tuple[str, int], int] = {}
+        for i in items:
+            tp = (i.msg.topic() or "", i.msg.partition() or 0)
+            nxt[tp] = max(nxt.get(tp, 0), (i.msg.offset() or 0) + 1)
+        offsets = [TopicPartition(t, p, o) for (t, p), o in nxt.items()]
+        try:
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+        except Exception as exc:
+            # Lost the partitions in a rebalance: the new owner re-reads the batch and
+            # the side-effect ledger makes that harmless.
+            log.warning("offset commit failed (%s); the batch will be re-read", exc)
+            return
+        self.stats.commits += 1
+        self.stats.committed.update(nxt)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # The new owner redoes a held-back batch; keeping it here would apply it twice
+        # concurrently.
+        lost = {(p.topic, p.partition) for p in partitions}
+        self._pending = [i for i in self._pending
+                         if (i.msg.topic(), i.msg.partition()) not in lost]
+
+    # -- ledger --------------------------------------------------------------------------
+    def _to_ledger(self, items: list[_Item]) -> None:
+        name = self.ledger.name
+        remaining = list(items)
+        done = self.ledger_effects([i.key for i in items])
+        while remaining:
+            events = [i.event for i in remaining if i.event is not None]
+            try:
+                results, attempts = self._call(name, partial(self.ledger.post, events))
+            except RefusedEventError as exc:
+                culprit = next((i for i in remaining if i.key == exc.idempotency_key), None)
+                if culprit is None:
+                    remaining = self._ledger_one_by_one(remaining, exc)
+                    continue
+                self._refuse(culprit, name, "sink.ledger_refused", str(exc), {})
+                remaining.remove(culprit)
+                continue
+            except PermanentSinkError as exc:
+                remaining = self._ledger_one_by_one(remaining, exc)
+                continue
+            for item, result in zip(remaining, results, strict=True):
+                self._record_ledger(item, result, attempts, done)
+            return
+
+    def ledger_effects(self, keys: Sequence[str]) -> dict[str, str]:
+        effects = self._call(self.ledger.name, lambda: self.ledger.effects_for(keys, "ledger"))[0]
+        return {k: e.status for k, e in effects.items()}
+
+    def _ledger_one_by_one(self, items: list[_Item], batch_error: Exception) -> list[_Item]:
+        """Find the refused event(s) of a batch the ledger refused as a whole."""
+        if len(items) == 1:
+            self._refuse(items[0], self.ledger.name, "sink.ledger_refused", str(batch_error), {})
+            return []
+        keep: list[_Item] = []
+        for item in items:
+            assert item.event is not None
+            event = item.event
+            try:
+                self._call(self.ledger.name, partial(self.ledger.post, [event]))
+                keep.append(item)  # posted now; the final batch call returns already_applied
+            except PermanentSinkError as exc:
+                self._refuse(item, self.ledger.name, "sink.ledger_refused", str(exc), {})
+        return keep
+
+    def _record_ledger(
+        self, item: _Item, result: EffectResult, attempts: int, done: Mapping[str, str]
+    ) -> None:
+        if result.status == "not_applicable":
+            return  # most events carry no money; a row each would only slow the batch
+        if result.status == "already_applied" and done.get(item.key) in _DONE:
+            self._count("ledger", "skipped")
+            return
+        self._record(item.key, "ledger", result.external_refs, "applied", attempts,
+                     result.detail)
+        self._count("ledger", result.status)
+        self._audit("ledger", item, result.external_refs, attempts, result.status)
+
+    # -- ERP -----------------------------------------------------------------------------
+    def _to_erp(self, items: list[_Item]) -> None:
+        name = self.erp.name
+        done = self._call(name, lambda: self.ledger.effects_for([i.key for i in items], name))[0]
+        for item in items:
+            existing = done.get(item.key)
+            if existing is not None and existing.status in _DONE:
+                self._count(name, "skipped")
+                continue
+            self._apply_erp(item)
+
+    def _apply_erp(self, item: _Item) -> None:
+        name = self.erp.name
+        assert item.event is not None
+        event = item.event
+        refs: dict[str, str] = {}
+        total = 0
+        partial_permanent = 0
+        while True:
+            try:
+                result, attempts = self._call(name, lambda: self.erp.apply(event))
+                total += attempts
+                break
+            except PartialWriteError as exc:
+                total += 1
+                refs.update(exc.done)
+                self.stats.partials += 1
+                self._record(item.key, name, refs, "partial", total, str(exc))
+                log.warning("partial write %s %s done=%s: %s", name, item.key, refs, exc)
+                if isinstance(exc.cause, PermanentSinkError):
+                    # One more go: the adapter re-discovers the done steps and may finish.
+                    partial_permanent += 1
+                    if partial_permanent > 1:
+                        self._refuse(item, name, "sink.erp_refused", str(exc.cause), refs,
+                                     attempts=total)
+                        return
+                else:
+                    self._note_transient(name, exc)
+            except PermanentSinkError as exc:
+                self._refuse(item, name, "sink.erp_refused", str(exc), refs, attempts=total + 1)
+                return
+        merged = {**refs, **result.external_refs}
+        self._record(item.key, name, merged, result.status, total, result.detail)
+        self._count(name, result.status)
+        self._audit(name, item, merged, total, result.status)
+
+    # -- retries and breakers ------------------------------------------------------------
+    def _call(self, adapter: str, fn: Callable[[], Any]) -> tuple[Any, int]:
+        """fn() with retries on TransientSinkError; raises _Suspend when the breaker opens."""
+        breaker = self.breakers[adapter]
+        attempt = 0
+        while True:
+            if not breaker.allow():
+                raise _Suspend(adapter, None)
+            attempt += 1
+            try:
+                value = fn()
+            except TransientSinkError as exc:
+                self._note_transient(adapter, exc)
+                if not breaker.allow():
+                    raise _Suspend(adapter, exc) from exc
+                self._backoff(attempt)
+                continue
+            except PartialWriteError as exc:
+                if isinstance(exc.cause, TransientSinkError):
+                    breaker.record_failure()
+                raise
+            breaker.record_success()
+            return value, attempt
+
+    def _note_transient(self, adapter: str, exc: BaseException) -> None:
+        self.stats.transient_failures += 1
+        self.breakers[adapter].record_failure()
+        log.info("transient %s failure: %s", adapter, exc)
+
+    def _backoff(self, attempt: int) -> None:
+        # Full jitter: workers retrying together do not hit the target in lock-step.
+        ceiling = min(self.backoff_max_s, self.backoff_base_s * 2 ** (attempt - 1))
+        time.sleep(random.uniform(ceiling / 2, ceiling))
+
+    # -- records -------------------------------------------------------------------------
+    def _record(self, key: str, adapter: str, refs: Mapping[str, str], status: str,
+                attempts: int, detail: str) -> None:
+        self._call(self.ledger.name, lambda: self.ledger.record_effect(
+            key, adapter, refs, status, attempts, detail))
+
+    def _refuse(self, item: _Item, adapter: str, check_id: str, reason: str,
+                refs: Mapping[str, str], attempts: int = 1) -> None:
+        self._produce_exception(item, check_id, reason)
+        # Flushed before the "refused" row, which stops re-sends: a crash in between
+        # re-sends the same exception_id, never loses it.
+        self.producer.flush(30)
+        self._record(item.key, adapter, refs, "refused", attempts, reason)
+        self.stats.exceptions += 1
+        self._count(adapter, "refused")
+        log.error("%s refused %s: %s", adapter, item.key, reason)
+
+    def _produce_exception(self, item: _Item, check_id: str, reason: str) -> None:
+        msg = item.msg
+        coords = _header(msg, "revline.input") or f"{msg.topic()}/{msg.partition()}/{msg.offset()}"
+        parts = coords.rsplit("/", 2)  # "topic/partition/offset" of the original input
+        in_topic = parts[0] if len(parts) == 3 else (msg.topic() or "")
+        in_part = int(parts[1]) if len(parts) == 3 else (msg.partition() or 0)
+        in_off = int(parts[2]) if len(parts) == 3 else (msg.offset() or 0)
+        env: Mapping[str, Any] = item.event["envelope"] if item.event is not None else {}
+        now = int(time.time() * 1000)
+        value = self._codec.encode({
+            "exception_id": exception_id_for(f"{coords}|{check_id}"),
+            "check_id": check_id,
+            "severity": "P1",
+            "owner": "integrations",
+            "reason": reason,
+            "all_findings": [{"check_id": check_id, "reason": reason}],
+            "blocking": True,
+            "opened_at_ms": now,
+            "sla_deadline_ms": now + self.sla_minutes * 60_000,
+            "rules_version": _header(msg, "revline.qa.rules_version") or "",
+            "event_type": env.get("event_type"),
+            "idempotency_key": env.get("idempotency_key"),
+            "order_id": env.get("order_id"),
+            "source_system": env.get("source_system"),
+            "source_record_id": env.get("source_record_id"),
+            "input_topic": in_topic,
+            "input_partition": in_part,
+            "input_offset": in_off,
+            "event": msg.value() or b"",
+        })
+        self.producer.produce(self.exceptions_topic, value=value, key=msg.key())
+
+    def _audit(self, adapter: str, item: _Item, refs: Mapping[str, str], attempts: int,
+               status: str) -> None:
+        log.info("effect %s adapter=%s key=%s refs=%s attempts=%d", status, adapter, item.key,
+                 dict(refs), attempts)
+
+    def _count(self, adapter: str, status: str) -> None:
+        bucket = self.stats.skipped if status == "skipped" else self.stats.applied
+        if status != "refused":
+            bucket[adapter] = bucket.get(adapter, 0) + 1
+        if self.metrics is not None:
+            self.metrics(adapter, status, 1)
+
+    # -- decoding ------------------------------------------------------------------------
+    def _is_error(self, msg: Message) -> bool:
+        err = msg.error()
+        if err is None:
+            return False
+        if err.code() != KafkaError._PARTITION_EOF:
+            log.warning("consumer error: %s", err)
+        return True
+
+    def _decode(self, msg: Message) -> _Item:
+        try:
+            return _Item(msg, self.decoder.decode(msg.value() or b""))
+        except Exception as exc:  # the worker validated it, so this is drift: own it
+            return _Item(msg, None, f"undecodable on the validated topic: {exc}")
+
+
+def _header(msg: Message, name: str) -> str | None:
+    raw = msg.headers() or []
+    pairs = raw.items() if isinstance(raw, dict) else raw
+    for key, value in pairs:
+        if key == name and value is not None:
+            return value.decode() if isinstance(value, bytes) else str(value)
+    return None
+
+
+def new_group_id(prefix: str = "revline-sink") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"

@@ -329,6 +329,38 @@ def _run_worker_processes(count: int, settings: Settings, bootstrap: str) -> int
     return max(codes, default=0)
 
 
+def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
+    """Validated topic → ledger and ERP until SIGTERM (or SIGINT)."""
+    import logging
+    import os
+    import signal
+    import threading
+
+    from sinks.erp import InMemoryErp
+    from sinks.ledger import SqlLedger
+    from sinks.processor import SinkProcessor
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    bootstrap = bootstrap_for(settings, start_if_missing=True)
+    dsn = os.environ.get("REVLINE_LEDGER_DSN")
+    if not dsn:
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        dsn = f"sqlite:///{settings.state_dir / 'ledger.db'}"
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    with SqlLedger(dsn) as ledger:
+        # The in-memory ERP lives only as long as this process; the side-effect
+        # ledger still keeps a restart from re-applying what it recorded.
+        processor = SinkProcessor(
+            bootstrap, settings.validated_topic, args.group or f"{settings.app_id}-sink",
+            ledger, InMemoryErp(), settings.exceptions_topic, batch_size=args.batch_size,
+            decoder=deserializer_for(settings),
+        )
+        processor.run(stop)
+    return 0
+
+
 def cmd_reference(args: argparse.Namespace, settings: Settings) -> int:
     from processors import load_yaml
     from streams import publish_reference
@@ -439,6 +471,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="run the stream core (dedup, holds, QA, routing)")
     p.add_argument("--workers", type=int, default=1, help="processes sharing the partitions")
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("sink", help="apply validated events to the ledger and the ERP")
+    p.add_argument("--group", help="consumer group (default: <app id>-sink)")
+    p.add_argument("--batch-size", type=int, default=500, help="events per batch")
+    p.set_defaults(func=cmd_sink)
 
     p = sub.add_parser("reference", help="publish reference data (products, campaigns, channels)")
     p.add_argument("action", choices=["load"])

@@ -208,6 +208,8 @@ class SinkProcessor:
         self.producer.flush(30)  # exception records must be durable before the commit
 
     def _commit(self, items: list[_Item]) -> None:
+        if not items:
+            return
         nxt: dict[tuple[str, int], int] = {}
         for i in items:
             tp = (i.msg.topic() or "", i.msg.partition() or 0)
@@ -235,6 +237,7 @@ class SinkProcessor:
         name = self.ledger.name
         remaining = list(items)
         done = self.ledger_effects([i.key for i in items])
+        split = False
         while remaining:
             events = [i.event for i in remaining if i.event is not None]
             try:
@@ -248,6 +251,11 @@ class SinkProcessor:
                 remaining.remove(culprit)
                 continue
             except PermanentSinkError as exc:
+                if split:  # each posted alone, refused together: nothing left to isolate
+                    for item in remaining:
+                        self._refuse(item, name, "sink.ledger_refused", str(exc), {})
+                    return
+                split = True
                 remaining = self._ledger_one_by_one(remaining, exc)
                 continue
             for item, result in zip(remaining, results, strict=True):
@@ -325,10 +333,13 @@ class SinkProcessor:
                         return
                 else:
                     self._note_transient(name, exc)
+                    self._backoff(total)
             except PermanentSinkError as exc:
                 self._refuse(item, name, "sink.erp_refused", str(exc), refs, attempts=total + 1)
                 return
         merged = {**refs, **result.external_refs}
+        if result.status == "not_applicable":
+            return  # no ERP document for this event type: nothing to remember
         self._record(item.key, name, merged, result.status, total, result.detail)
         self._count(name, result.status)
         self._audit(name, item, merged, total, result.status)
@@ -350,10 +361,6 @@ class SinkProcessor:
                     raise _Suspend(adapter, exc) from exc
                 self._backoff(attempt)
                 continue
-            except PartialWriteError as exc:
-                if isinstance(exc.cause, TransientSinkError):
-                    breaker.record_failure()
-                raise
             breaker.record_success()
             return value, attempt
 

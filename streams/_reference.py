@@ -66,6 +66,10 @@ class ReferenceView:
         return self._table.get(META_KEY) is not None
 
     def __call__(self) -> ReferenceData:
+        return self._data
+
+    def refresh(self) -> ReferenceData:
+        """Rebuild if the loader published a new version (call once per batch, not per event)."""
         meta = self._table.get(META_KEY) or {}
         stamp = (meta.get("version"), meta.get("loaded_at_ms"))
         if stamp != self._stamp:

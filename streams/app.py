@@ -1,24 +1,32 @@
 """Faust wiring of the stream core: thin, all decisions live in ``processors``.
 
-One agent reads the input topic (and the internal ticks topic) in batches
-(``take_events``). For each batch it:
+Faust hosts the worker: consumer-group membership and partition assignment,
+the ``orders`` table (state, recovered from its changelog on assignment), the
+reference-data global table, timers and clean shutdown. The input topic itself
+is read with a confluent-kafka consumer assigned to the partitions Faust gave
+this worker, in batches of up to ``batch_size`` records: Faust's per-event
+stream path costs more than all of Revline's own per-event work, and the
+worker's correctness does not depend on consumer commits (see below).
+
+For each batch the worker:
 
 1. decodes each input once and asks the engine for decisions, against the
    order's state read from the ``orders`` table;
 2. produces every output (validated, exception, dead-letter, outcome) and
    waits until all are acknowledged;
-3. only then writes the touched orders' state to the table (changelog) and
-   lets Faust ack the inputs, whose offsets Faust commits after flushing the
-   changelog.
+3. writes the touched orders' state and, per partition, the next input offset
+   to the table's changelog with the same idempotent producer, and waits again;
+4. only then updates the local store.
 
-A crash anywhere replays uncommitted inputs against the last durable state;
-because decisions are deterministic and remembered by input coordinates, a
-replay re-sends at most identical records and changes nothing.
+The next-offset records are the worker's source of truth for where to resume:
+after a crash or a rebalance, consumption restarts exactly after the last
+input whose outcome and state are durable. Replayed inputs are recognised by
+their coordinates and change nothing.
 
-Hold timeouts and retention are driven by a timer that cannot write the
-table itself (a table write belongs to an input's partition), so it publishes
-a tick for the order to the co-partitioned ticks topic; the agent handles it
-like an input.
+Hold timeouts and retention are driven by a timer that publishes a tick for
+the order to the co-partitioned ticks topic; a Faust agent on that topic
+handles it like an input (it is also what makes Faust assign this worker the
+matching ``orders`` partitions).
 """
 
 from __future__ import annotations
@@ -28,12 +36,15 @@ import json
 import logging
 import os
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from types import SimpleNamespace
 from typing import Any, cast
 
 import faust
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
+from faust.streams import _current_event
 
 from processors import (
     DEAD_LETTER,
@@ -49,7 +60,6 @@ from processors import (
     Rules,
     load_yaml,
 )
-from revline.errors import InfrastructureError
 from revline.metrics import Metrics
 from revline.settings import Settings
 from streams._outputs import OutputWriter
@@ -67,24 +77,32 @@ def _headers(raw: Any) -> tuple[tuple[str, bytes], ...]:
     return tuple((k, v if isinstance(v, bytes) else str(v).encode()) for k, v in pairs)
 
 
-@contextmanager
-def _partition_of(stream: faust.Stream[bytes], event: faust.EventT[bytes]) -> Iterator[None]:
-    """Make table reads/writes use ``event``'s partition.
+class _PartitionEvent:
+    """The one thing Faust's stores read from the "current event": its partition."""
 
-    Faust picks a table's partition from the current event. With batches we set it
-    explicitly, then restore the stream's attribute: ``take_events`` reads it to pair
-    the next buffered value with its event, and a stale one would lose that input.
-    """
-    previous = stream.current_event
-    stream._set_current_event(event)
+    __slots__ = ("__weakref__", "message")
+
+    def __init__(self, partition: int) -> None:
+        self.message = SimpleNamespace(partition=partition)
+
+
+@contextmanager
+def _in_partition(partition: int) -> Iterator[None]:
+    # Table stores (RocksDB) pick the partition's database from the current event.
+    # faust.streams exposes the context variable but no public setter for it.
+    event = _PartitionEvent(partition)
+    token = _current_event.set(weakref.ref(event))  # type: ignore[arg-type]
     try:
         yield
     finally:
-        stream.current_event = previous
+        _current_event.reset(token)
 
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+Touched = dict[bytes, tuple[int, OrderState]]
 
 
 class Worker:
@@ -105,7 +123,6 @@ class Worker:
             topic_partitions=settings.input_partitions,
             web_enabled=False,
             broker_commit_interval=settings.commit_interval_s,
-            broker_commit_every=settings.batch_size * 4,
             consumer_auto_offset_reset="earliest",
             producer_acks=-1,
             table_standby_replicas=0,
@@ -113,9 +130,9 @@ class Worker:
             broker_session_timeout=settings.session_timeout_s,
             broker_heartbeat_interval=max(1.0, settings.session_timeout_s / 5),
         )
-        self.source = self.app.topic(
-            settings.input_topic, settings.ticks_topic,
-            key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
+        self.ticks = self.app.topic(
+            settings.ticks_topic, key_type=bytes, value_type=bytes, key_serializer="raw",
+            value_serializer="raw",
         )
         # key_type/value_type must be given directly: a table declared with schema=... has
         # no key_type, faust then uses the json codec for its changelog, and recovery fails
@@ -139,35 +156,49 @@ class Worker:
         self.writer = OutputWriter(settings, bootstrap, metrics, self.rules)
         self.ticker = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True,
                                 "acks": "all", "log_level": 3})
+        self.consumer = Consumer({
+            "bootstrap.servers": bootstrap,
+            # Offsets are committed for lag tooling only; the worker resumes from its own
+            # next-offset records, which are durable together with its state.
+            "group.id": f"{settings.app_id}-input",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+            "log_level": 3,
+        })
+        self.assigned: set[int] = set()
+        self.next_offset: dict[int, int] = {}
+        self._lock: asyncio.Lock | None = None
         # Orders with held events: order id -> (partition, oldest since_ms, count).
         self.holding: dict[bytes, tuple[int, int, int]] = {}
         self.tick_sent: dict[bytes, int] = {}
-        self.processed: dict[int, int] = {}  # input partition -> last offset processed
-        self._bootstrap = bootstrap
-        self._gap_consumer: Consumer | None = None
         self._last_scan_ms = 0
         self._last_retention_ms = _now_ms()
         self._register()
+
+    @property
+    def lock(self) -> asyncio.Lock:
+        # Created on first use, inside the running loop: batches, ticks and revocations
+        # must not interleave.
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
 
     # -- wiring ------------------------------------------------------------------------
     def _register(self) -> None:
         worker = self
 
-        @self.app.agent(self.source, name="pipeline", concurrency=1)
-        async def pipeline(source: faust.StreamT[bytes]) -> None:
+        @self.app.agent(self.ticks, name="ticks", concurrency=1)
+        async def ticks(source: faust.StreamT[bytes]) -> None:
             stream = cast(faust.Stream[bytes], source)  # take_events is not on the protocol
-            async for batch in stream.take_events(worker.settings.batch_size,
-                                                  within=worker.settings.batch_within_s):
+            async for batch in stream.take_events(100, within=0.2):
                 await worker.wait_for_reference()
-                try:
-                    await worker.process_batch(stream, batch)
-                except Exception:
-                    # Crash-only: the batch stays unacked and uncommitted, so a restart
-                    # replays it against durable state. Continuing would stall the partition.
-                    log.critical("batch failed; exiting so the supervisor restarts the worker",
-                                 exc_info=True)
-                    logging.shutdown()
-                    os._exit(70)
+                commands = [
+                    (e.message.partition, e.message.key, e.message.value) for e in batch
+                    if isinstance(e.message.key, bytes) and isinstance(e.message.value, bytes)
+                ]
+                async with worker.lock:
+                    await worker.guarded(worker.process_batch([], commands))
 
         @self.app.agent(self.reference_source, name="reference-sync")
         async def reference_sync(source: faust.StreamT[Any]) -> None:
@@ -176,9 +207,33 @@ class Worker:
                 if isinstance(key, bytes):
                     worker.reference[key] = event.value
 
+        @self.app.task  # type: ignore[untyped-decorator]
+        async def consume_input() -> None:
+            await worker.consume_input()
+
         @self.app.timer(self.settings.hold_check_interval_s)  # type: ignore[untyped-decorator]
         async def housekeeping() -> None:
             worker.housekeeping()
+
+        @self.app.on_partitions_revoked.connect  # type: ignore[arg-type]
+        async def on_revoked(app: faust.App, revoked: set[Any], **_: Any) -> None:
+            # Faust awaits this before handing partitions over: finish the batch in
+            # flight, then stop reading the input partitions we are losing.
+            async with worker.lock:
+                lost = {tp.partition for tp in revoked if tp.topic == worker.settings.ticks_topic}
+                if lost & worker.assigned:
+                    worker.reassign(worker.assigned - lost)
+
+    async def guarded(self, work: Any) -> None:
+        try:
+            await work
+        except Exception:
+            # Crash-only: nothing of the batch is durable, so a restart redoes it from the
+            # last durable next-offset. Carrying on would skip it.
+            log.critical("batch failed; exiting so the supervisor restarts the worker",
+                         exc_info=True)
+            logging.shutdown()
+            os._exit(70)
 
     async def wait_for_reference(self) -> None:
         waited = 0.0
@@ -192,87 +247,117 @@ class Worker:
             waited += 0.5
         self.metrics.reference_loaded.set(1)
 
+    # -- input consumption -------------------------------------------------------------
+    def _owned(self) -> set[int]:
+        try:
+            assignment = self.app.consumer.assignment()
+        except Exception:  # not started yet
+            return set()
+        return {tp.partition for tp in assignment if tp.topic == self.settings.ticks_topic}
+
+    def reassign(self, partitions: set[int]) -> None:
+        """Read exactly these input partitions, each from its durable next offset."""
+        for gone in self.assigned - partitions:
+            self.next_offset.pop(gone, None)
+        for new in partitions - self.assigned:
+            stored = self._stored_position(new)
+            self.next_offset[new] = OFFSET_BEGINNING if stored is None else stored
+        topic = self.settings.input_topic
+        self.consumer.assign([TopicPartition(topic, p, self.next_offset[p]) for p in partitions])
+        self.assigned = set(partitions)
+        log.info("reading %s partitions %s from %s", topic, sorted(partitions),
+                 {p: self.next_offset[p] for p in sorted(partitions)})
+
+    async def consume_input(self) -> None:
+        await self.wait_for_reference()
+        app = self.app
+        while not app.should_stop:
+            if app.rebalancing or app.in_recovery:
+                await asyncio.sleep(0.05)
+                continue
+            owned = self._owned()
+            if owned != self.assigned:
+                async with self.lock:
+                    if not (app.rebalancing or app.in_recovery):
+                        self.reassign(self._owned())
+                continue
+            if not self.assigned:
+                await asyncio.sleep(0.1)
+                continue
+            # Non-blocking: librdkafka prefetches in its own thread, so this takes what has
+            # arrived (up to batch_size); under load batches fill up by themselves.
+            messages = self.consumer.consume(self.settings.batch_size, 0)
+            if not messages:
+                await asyncio.sleep(self.settings.batch_within_s)
+                continue
+            async with self.lock:
+                batch = [m for m in messages
+                         if m.error() is None and m.partition() in self.assigned]
+                await self.guarded(self.process_batch(batch, []))
+
     # -- the batch ---------------------------------------------------------------------
-    async def process_batch(self, stream: faust.Stream[bytes],
-                            batch: Sequence[faust.EventT[bytes]]) -> None:
+    async def process_batch(self, messages: Sequence[Message],
+                            commands: Sequence[tuple[int, bytes, bytes]]) -> None:
         started = time.perf_counter()
         now = _now_ms()
-        ticks_topic = self.settings.ticks_topic
-        touched: dict[bytes, tuple[faust.EventT[bytes], OrderState]] = {}
-        evicted: dict[bytes, faust.EventT[bytes]] = {}
-        positions: dict[int, tuple[faust.EventT[bytes], int]] = {}  # partition -> next offset
+        self.view.refresh()
+        touched: Touched = {}
+        evicted: dict[bytes, int] = {}
+        positions: dict[int, int] = {}
         decisions: list[Decision] = []
-        for event in batch:
-            msg = event.message
-            key = msg.key if isinstance(msg.key, bytes) else None
-            if msg.topic == ticks_topic:
-                if key is None:
-                    continue
-                if msg.value == TICK_EVICT and key not in touched:
-                    evicted[key] = event
-                else:
-                    decisions.extend(self.engine.expire_holds(
-                        self._state(stream, event, key, touched), now))
-                continue
+        topic = self.settings.input_topic
+        for partition, order_id, command in commands:
+            if command == TICK_EVICT and order_id not in touched:
+                evicted[order_id] = partition
+            else:
+                decisions.extend(self.engine.expire_holds(
+                    self._state(partition, order_id, touched), now))
+        for msg in messages:
+            partition, offset = msg.partition() or 0, msg.offset() or 0
             record = InputRecord(
-                topic=msg.topic, partition=msg.partition, offset=msg.offset, key=key,
-                value=msg.value if isinstance(msg.value, bytes) else b"",
-                headers=_headers(msg.headers),
-                timestamp_ms=int((msg.timestamp or 0) * 1000),
+                topic=topic, partition=partition, offset=offset, key=msg.key(),
+                value=msg.value() or b"", headers=_headers(msg.headers()),
+                timestamp_ms=msg.timestamp()[1],
             )
-            expected = self._next_offset(stream, event, positions)
-            if expected is not None and msg.offset > expected:
-                # Never skip an input, whatever the consumer did: fetch what is missing.
-                missed = self._fetch(msg.topic, msg.partition, expected, msg.offset)
-                log.warning("consumer skipped %s/%d offsets %d..%d; processing %d records "
-                            "fetched directly", msg.topic, msg.partition, expected,
-                            msg.offset - 1, len(missed))
-                self.metrics.gaps_filled.inc(len(missed))
-                for lost in missed:
-                    decisions.extend(self._decide(stream, event, lost, touched, now))
-            positions[msg.partition] = (event, max(expected or 0, msg.offset + 1))
-            self.processed[msg.partition] = msg.offset
-            decisions.extend(self._decide(stream, event, record, touched, now))
+            positions[partition] = max(positions.get(partition, 0), offset + 1)
+            decisions.extend(self._decide(record, touched, now))
         for decision in decisions:
             self.writer.emit(decision)
         # 1. Outputs durable before the state that remembers them as decided: otherwise a
         #    crash could leave an input "replayed" whose outputs were never delivered.
         await self.writer.flush()
-        # 2. State durable before Faust may commit these inputs. The changelog is written
-        #    with our own idempotent producer and flushed, because Faust's producer buffer
-        #    flush gives up after 0.1 s of no progress and its offset commit can then
-        #    overtake table writes still buffered.
+        # 2. State and next offsets durable before the next batch builds on them.
         changelog = self.orders.changelog_topic.get_topic_name()
-        values: dict[bytes, bytes | None] = {}
-        for order_id, (event, state) in touched.items():
-            values[order_id] = json.dumps(state.data).encode()
-            self.writer.write_state(changelog, event.message.partition, order_id,
-                                    values[order_id])
-        for order_id, event in evicted.items():
-            values[order_id] = None
-            self.writer.write_state(changelog, event.message.partition, order_id, None)
-        events_of = {k: v[0] for k, v in touched.items()} | evicted
-        for partition, (event, next_offset) in positions.items():
-            key = self._position_key(partition)
-            values[key] = json.dumps({"next": next_offset}).encode()
-            self.writer.write_state(changelog, partition, key, values[key])
-            events_of[key] = event
+        values: dict[bytes, tuple[int, bytes | None]] = {}
+        for order_id, (partition, state) in touched.items():
+            values[order_id] = (partition, json.dumps(state.data).encode())
+        for order_id, partition in evicted.items():
+            values[order_id] = (partition, None)
+        for partition, next_offset in positions.items():
+            values[self._position_key(partition)] = (
+                partition, json.dumps({"next": next_offset}).encode())
+        for key, (partition, value) in values.items():
+            self.writer.write_state(changelog, partition, key, value)
         await self.writer.flush()
         # 3. Only now the local store (what the next batch reads).
-        for order_id, value in values.items():
-            event = events_of[order_id]
-            with _partition_of(stream, event):
+        for key, (partition, value) in values.items():
+            with _in_partition(partition):
                 if value is None:
-                    self.orders.data.pop(order_id, None)
+                    self.orders.data.pop(key, None)
                 else:
-                    self.orders.data[order_id] = value
-            self._index_holds(order_id, event, touched.get(order_id, (event, None))[1])
+                    self.orders.data[key] = value
+        for order_id, (partition, state) in touched.items():
+            self._index_holds(order_id, partition, state)
+        for order_id in evicted:
+            self.holding.pop(order_id, None)
+        self.next_offset.update(positions)
+        if positions:
+            self.consumer.commit(offsets=[TopicPartition(topic, p, o)
+                                          for p, o in positions.items()], asynchronous=True)
         self._observe(decisions, now)
         self.metrics.processing_latency.observe(time.perf_counter() - started)
 
-    def _decide(self, stream: faust.Stream[bytes], event: faust.EventT[bytes],
-                record: InputRecord, touched: dict[bytes, tuple[faust.EventT[bytes], OrderState]],
-                now: int) -> list[Decision]:
+    def _decide(self, record: InputRecord, touched: Touched, now: int) -> list[Decision]:
         decoded, dead = self.engine.decode(record, now)
         if dead is not None:
             if dead.stage == "schema" and dead.schema_ref:
@@ -282,7 +367,7 @@ class Worker:
             return [dead]
         assert decoded is not None and record.key is not None
         self.metrics.events_in.labels(decoded["envelope"]["event_type"]).inc()
-        state = self._state(stream, event, record.key, touched)
+        state = self._state(record.partition, record.key, touched)
         try:
             return self.engine.process(state, record, decoded, now)
         except Exception as exc:  # an engine bug: route the record, never crash-loop on it
@@ -293,67 +378,30 @@ class Worker:
                 decided_at_ms=now, rules_version=self.rules.version,
             )]
 
-    def _state(self, stream: faust.Stream[bytes], event: faust.EventT[bytes], order_id: bytes,
-               touched: dict[bytes, tuple[faust.EventT[bytes], OrderState]]) -> OrderState:
+    def _state(self, partition: int, order_id: bytes, touched: Touched) -> OrderState:
         if order_id in touched:
             return touched[order_id][1]
-        with _partition_of(stream, event):
-            raw = self.orders.get(order_id)
+        with _in_partition(partition):
+            raw = self.orders.data.get(order_id)
         state = OrderState(json.loads(raw)) if raw else OrderState()
-        state.data["partition"] = event.message.partition
-        touched[order_id] = (event, state)
+        state.data["partition"] = partition
+        touched[order_id] = (partition, state)
         return state
 
-    # -- input positions: our own record of what was processed ------------------------------
     def _position_key(self, partition: int) -> bytes:
         return f"__position__:{self.settings.input_topic}:{partition}".encode()
 
-    def _next_offset(self, stream: faust.Stream[bytes], event: faust.EventT[bytes],
-                     positions: dict[int, tuple[faust.EventT[bytes], int]]) -> int | None:
-        partition = event.message.partition
-        if partition in positions:
-            return positions[partition][1]
-        with _partition_of(stream, event):
-            raw = self.orders.get(self._position_key(partition))
+    def _stored_position(self, partition: int) -> int | None:
+        with _in_partition(partition):
+            raw = self.orders.data.get(self._position_key(partition))
         return int(json.loads(raw)["next"]) if raw else None
 
-    def _fetch(self, topic: str, partition: int, start: int, end: int) -> list[InputRecord]:
-        """Records [start, end) of one input partition, read directly from the broker."""
-        if self._gap_consumer is None:
-            self._gap_consumer = Consumer({
-                "bootstrap.servers": self._bootstrap,
-                "group.id": f"{self.settings.app_id}-gapfill",
-                "enable.auto.commit": False,
-                "isolation.level": "read_committed",
-                "log_level": 3,
-            })
-        consumer = self._gap_consumer
-        consumer.assign([TopicPartition(topic, partition, start)])
-        out: list[InputRecord] = []
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            for msg in consumer.consume(500, 0.5):
-                offset = msg.offset() or 0
-                if msg.error() or offset >= end:
-                    continue
-                out.append(InputRecord(
-                    topic=topic, partition=partition, offset=offset, key=msg.key(),
-                    value=msg.value() or b"", headers=_headers(msg.headers()),
-                    timestamp_ms=msg.timestamp()[1],
-                ))
-            _, high = consumer.get_watermark_offsets(TopicPartition(topic, partition))
-            position = consumer.position([TopicPartition(topic, partition)])[0].offset
-            if position >= end or position >= high:
-                return out
-        raise InfrastructureError(f"could not re-read {topic}/{partition} [{start}, {end})")
-
-    def _index_holds(self, order_id: bytes, event: faust.EventT[bytes],
-                     state: OrderState | None) -> None:
-        oldest = self.engine.oldest_hold_ms(state) if state is not None else None
-        if oldest is None or state is None:
+    def _index_holds(self, order_id: bytes, partition: int, state: OrderState) -> None:
+        oldest = self.engine.oldest_hold_ms(state)
+        if oldest is None:
             self.holding.pop(order_id, None)
         else:
-            self.holding[order_id] = (event.message.partition, oldest, len(state.held))
+            self.holding[order_id] = (partition, oldest, len(state.held))
 
     def _observe(self, decisions: list[Decision], now: int) -> None:
         m = self.metrics
@@ -427,19 +475,16 @@ class Worker:
         self.holding = holding
 
     def _observe_lag(self) -> None:
-        consumer = self.app.consumer
-        try:
-            assignment = consumer.assignment()
-        except Exception:  # not assigned yet
-            return
-        for tp in assignment:
-            if tp.topic != self.settings.input_topic:
+        topic = self.settings.input_topic
+        for partition, done in list(self.next_offset.items()):
+            if done < 0:
                 continue
-            highwater = consumer.highwater(tp)
-            if highwater is None:
+            try:
+                _, high = self.consumer.get_watermark_offsets(
+                    TopicPartition(topic, partition), cached=True)
+            except Exception:  # no statistics yet
                 continue
-            done = self.processed.get(tp.partition, -1) + 1
-            self.metrics.consumer_lag.labels(str(tp.partition)).set(max(0, highwater - done))
+            self.metrics.consumer_lag.labels(str(partition)).set(max(0, high - done))
 
 
 def build_worker(settings: Settings, bootstrap: str, metrics: Metrics | None = None) -> Worker:

@@ -53,6 +53,7 @@ class Settings(BaseSettings):
         default=15.0, description="A crashed worker's partitions move after this long."
     )
     dedup_retention_days: float = 30.0
+    max_orders: int = Field(default=2_000_000, description="Bound on orders kept in state.")
     log_level: str = "warn"
 
     rules_file: Path = DATA_DIR / "rules.yaml"

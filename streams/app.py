@@ -445,19 +445,33 @@ class Worker:
                 self.tick_sent[order_id] = now
                 ticks += 1
         retention_ms = int(self.settings.dedup_retention_days * 86_400_000)
-        if now - self._last_retention_ms > min(3_600_000, retention_ms):
+        due = now - self._last_retention_ms > min(3_600_000, retention_ms)
+        if due or len(self.orders.data) > self.settings.max_orders * 1.1:
             self._last_retention_ms = now
-            for key, raw in list(self.orders.items()):
-                data = json.loads(raw) if raw else None
-                if data and now - data.get("last_seen_ms", now) > retention_ms:
-                    self._send_tick(key, data["partition"], TICK_EVICT)
-                    ticks += 1
+            ticks += self._evict_old_orders(now, retention_ms)
         if ticks:
             self.ticker.flush(10)
         self.metrics.held.set(sum(count for _, _, count in self.holding.values()))
         oldest_all = min((o for _, o, _ in self.holding.values()), default=None)
         self.metrics.oldest_hold_age.set(0 if oldest_all is None else (now - oldest_all) / 1000)
         self._observe_lag()
+
+    def _evict_old_orders(self, now: int, retention_ms: int) -> int:
+        """Dedup state is bounded in time (retention) and size (max_orders, oldest first)."""
+        seen: list[tuple[int, bytes, int]] = []
+        for key, raw in list(self.orders.data.items()):
+            if raw and not key.startswith(b"__position__"):
+                data = json.loads(raw)
+                seen.append((data.get("last_seen_ms", now), key, data["partition"]))
+        seen.sort()
+        excess = max(0, len(seen) - self.settings.max_orders)
+        evict = [s for i, s in enumerate(seen) if i < excess or now - s[0] > retention_ms]
+        for _, key, partition in evict:
+            self._send_tick(key, partition, TICK_EVICT)
+        if evict:
+            log.warning("evicting %d orders from dedup state (retention %.0f days, bound %d)",
+                        len(evict), self.settings.dedup_retention_days, self.settings.max_orders)
+        return len(evict)
 
     def _send_tick(self, order_id: bytes, partition: int, command: bytes) -> None:
         self.ticker.produce(self.settings.ticks_topic, key=order_id, value=command,

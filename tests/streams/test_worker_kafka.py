@@ -108,3 +108,80 @@ def test_kill_9_twice_mid_stream_still_one_outcome_per_input(
         key = decode.decode(msg.value() or b"")["envelope"]["idempotency_key"]
         inputs_per_key[key].add(header(msg, "revline.input"))
     assert all(len(inputs) == 1 for inputs in inputs_per_key.values())
+
+
+@pytest.mark.parametrize("store", ["memory", "rocksdb"])
+def test_out_of_order_events_are_held_visibly_then_released_and_state_survives_restart(
+    kafka_bootstrap: str, tmp_path: Path, store: str
+) -> None:
+    import re
+    import urllib.request
+
+    from revline.settings import Settings
+    from streams.inspect import held_events
+
+    pipeline = Pipeline(kafka_bootstrap, tmp_path,
+                        rules_file=rules_with(tmp_path, hold_timeout_seconds=600),
+                        extra_env={"REVLINE_STORE": store})
+    workload = generate(WorkloadOptions(orders=1, seed=3, duplicates=0, conflicts=0,
+                                        out_of_order=0, incomplete=0, off_policy=0,
+                                        unknown_attribution=0, amount_mismatch=0, poison=0))
+    booking, *later = workload.records
+    assert booking.event_type in ("order_booked", "discount_approved")
+    try:
+        pipeline.cli("reference", "load")
+        pipeline.start_worker()
+        pipeline.publish(workload, later)  # everything but the first event
+        pipeline.wait_for(lambda o: sum(not x["final"] for x in o) >= 1, 90, "a hold")
+        settings = Settings(_env_file=None, app_id=f"revline-t-{pipeline.name}",
+                            input_topic=pipeline.topic("events"))
+        holds = held_events(kafka_bootstrap, settings)
+        assert holds and all(h["order_id"] == booking.key for h in holds)
+        assert any(h["waiting_for"] for h in holds)
+
+        # Restart: holds live in durable state, not in the process.
+        pipeline.stop_all()
+        pipeline.start_worker()
+        pipeline.publish(workload, [booking])
+        outcomes = pipeline.wait_for(
+            lambda o: len(finals_by_input(o)) >= len(workload.records), 90, "the release")
+        log = (tmp_path / "worker-1.log").read_text()
+        port = re.search(r"metrics on http://127.0.0.1:(\d+)/metrics", log)
+        assert port, log[-2000:]
+        metrics = urllib.request.urlopen(
+            f"http://127.0.0.1:{port.group(1)}/metrics", timeout=10).read().decode()
+        assert "revline_holds_released_total" in metrics
+        assert 'revline_outcomes_total{kind="validated"}' in metrics
+    finally:
+        pipeline.stop_all()
+    finals = [o for v in finals_by_input(outcomes).values() for o in v]
+    assert len(finals) == len(workload.records)
+    assert {o["kind"] for o in finals} == {"validated"}
+    released = [o for o in finals if o["held"]]
+    assert released and all(o["released_by"] for o in released)
+    assert len(held_events(kafka_bootstrap, settings)) == 0
+
+
+def test_dedup_state_is_bounded(kafka_bootstrap: str, tmp_path: Path) -> None:
+    from revline.settings import Settings
+    from streams.inspect import order_states
+
+    pipeline = Pipeline(kafka_bootstrap, tmp_path, extra_env={"REVLINE_MAX_ORDERS": "5"})
+    workload = generate(WorkloadOptions(orders=20, seed=4, poison=0.0, out_of_order=0.0))
+    settings = Settings(_env_file=None, app_id=f"revline-t-{pipeline.name}")
+    try:
+        pipeline.cli("reference", "load")
+        pipeline.start_worker()
+        pipeline.publish(workload)
+        pipeline.wait_for(lambda o: len(finals_by_input(o)) >= len(workload.records), 90,
+                          "every input")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            orders = [k for k in order_states(kafka_bootstrap, settings)
+                      if not k.startswith("__position__")]
+            if len(orders) <= 5:
+                break
+            time.sleep(1)
+    finally:
+        pipeline.stop_all()
+    assert len(orders) <= 5

@@ -18,7 +18,7 @@ from processors.reference import ReferenceData, Rules
 Event = Mapping[str, Any]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Finding:
     check_id: str
     reason: str  # human-readable, names the record's own values

@@ -38,7 +38,7 @@ REPLAYED = "replayed"
 FINAL_KINDS = (VALIDATED, DUPLICATE, EXCEPTION, DEAD_LETTER)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class InputRecord:
     topic: str
     partition: int
@@ -59,7 +59,7 @@ class InputRecord:
         return None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: frozen dataclasses cost ~2x to build, per event
 class Decision:
     input: InputRecord
     kind: str

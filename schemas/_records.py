@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any, cast
@@ -16,6 +17,7 @@ from fastavro.schema import parse_schema
 
 from schemas._catalog import crc64_fingerprint
 from schemas._codec import SINGLE_OBJECT_MAGIC, MalformedRecordError
+from schemas._fastwrite import compile_encoder
 
 PIPELINE_ROOT = Path(__file__).parent / "avro" / "pipeline"
 
@@ -26,8 +28,14 @@ class RecordCodec:
         self.name = name
         self.parsed = cast(dict[str, Any], parse_schema(schema, _write_hint=False))
         self.header = SINGLE_OBJECT_MAGIC + crc64_fingerprint(schema)
+        try:
+            self._fast: Callable[[dict[str, Any]], bytes] | None = compile_encoder(schema)
+        except TypeError:
+            self._fast = None
 
     def encode(self, record: dict[str, Any]) -> bytes:
+        if self._fast is not None:
+            return self.header + self._fast(record)
         out = io.BytesIO()
         out.write(self.header)
         schemaless_writer(out, self.parsed, record)

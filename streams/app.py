@@ -32,17 +32,18 @@ matching ``orders`` partitions).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
 import weakref
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Any, cast
 
 import faust
+import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
 from faust.streams import _current_event
 
@@ -50,9 +51,9 @@ from processors import (
     DEAD_LETTER,
     DUPLICATE,
     EXCEPTION,
-    FINAL_KINDS,
     HELD,
     REPLAYED,
+    VALIDATED,
     Decision,
     Engine,
     InputRecord,
@@ -69,7 +70,7 @@ log = logging.getLogger("revline.worker")
 
 TICK_EXPIRE = b"expire"
 TICK_EVICT = b"evict"
-_HELD_MARK = b'"held": [{'  # json.dumps default separators: cheap test before parsing
+_HELD_MARK = b'"held":[{'  # orjson writes no spaces: a cheap test before parsing
 
 
 def _headers(raw: Any) -> tuple[tuple[str, bytes], ...]:
@@ -330,12 +331,12 @@ class Worker:
         changelog = self.orders.changelog_topic.get_topic_name()
         values: dict[bytes, tuple[int, bytes | None]] = {}
         for order_id, (partition, state) in touched.items():
-            values[order_id] = (partition, json.dumps(state.data).encode())
+            values[order_id] = (partition, orjson.dumps(state.data))
         for order_id, partition in evicted.items():
             values[order_id] = (partition, None)
         for partition, next_offset in positions.items():
             values[self._position_key(partition)] = (
-                partition, json.dumps({"next": next_offset}).encode())
+                partition, orjson.dumps({"next": next_offset}))
         for key, (partition, value) in values.items():
             self.writer.write_state(changelog, partition, key, value)
         await self.writer.flush()
@@ -366,7 +367,6 @@ class Worker:
             self.metrics.events_in.labels("undecodable").inc()
             return [dead]
         assert decoded is not None and record.key is not None
-        self.metrics.events_in.labels(decoded["envelope"]["event_type"]).inc()
         state = self._state(record.partition, record.key, touched)
         try:
             return self.engine.process(state, record, decoded, now)
@@ -383,7 +383,7 @@ class Worker:
             return touched[order_id][1]
         with _in_partition(partition):
             raw = self.orders.data.get(order_id)
-        state = OrderState(json.loads(raw)) if raw else OrderState()
+        state = OrderState(orjson.loads(raw)) if raw else OrderState()
         state.data["partition"] = partition
         touched[order_id] = (partition, state)
         return state
@@ -394,7 +394,7 @@ class Worker:
     def _stored_position(self, partition: int) -> int | None:
         with _in_partition(partition):
             raw = self.orders.data.get(self._position_key(partition))
-        return int(json.loads(raw)["next"]) if raw else None
+        return int(orjson.loads(raw)["next"]) if raw else None
 
     def _index_holds(self, order_id: bytes, partition: int, state: OrderState) -> None:
         oldest = self.engine.oldest_hold_ms(state)
@@ -404,32 +404,49 @@ class Worker:
             self.holding[order_id] = (partition, oldest, len(state.held))
 
     def _observe(self, decisions: list[Decision], now: int) -> None:
+        # Counted per batch, then one inc() per label: per-event label lookups add up.
         m = self.metrics
+        counts: Counter[tuple[str, ...]] = Counter()
+        seconds_now = now / 1000
         for d in decisions:
-            if d.kind == REPLAYED:
-                m.replayed.inc()
+            kind = d.kind
+            if kind in (REPLAYED, HELD):
+                counts[(kind,)] += 1
                 continue
-            if d.kind == HELD:
-                continue
-            if d.kind in FINAL_KINDS:
-                m.outcomes.labels(d.kind).inc()
-            if d.kind == DUPLICATE:
-                m.duplicates.inc()
-            elif d.kind == EXCEPTION and d.check_id:
-                m.qa_failures.labels(d.check_id, d.severity or "").inc()
-                if d.check_id == "dedup.conflict":
-                    m.conflicting_duplicates.inc()
-                if d.check_id == "hold.timeout":
-                    m.hold_timeouts.inc()
-            elif d.kind == DEAD_LETTER:
-                m.dead_letters.labels(d.stage or "").inc()
-            for warning in d.warnings if d.kind != EXCEPTION else ():
-                m.qa_failures.labels(warning, self.rules.spec(warning).severity).inc()
+            counts[("outcome", kind)] += 1
+            if kind == EXCEPTION and d.check_id:
+                counts[("qa", d.check_id, d.severity or "")] += 1
+            elif kind == DEAD_LETTER:
+                counts[("dead", d.stage or "")] += 1
+            elif kind == VALIDATED:
+                for warning in d.warnings:
+                    counts[("qa", warning, self.rules.spec(warning).severity)] += 1
             if d.held and d.released_by:
-                m.holds_released.inc()
+                counts[("released",)] += 1
             env = d.envelope
             if env is not None:
-                m.end_to_end_latency.observe(max(0.0, now / 1000 - env["occurred_at"].timestamp()))
+                counts[("in", env["event_type"])] += 1
+                m.end_to_end_latency.observe(max(0.0, seconds_now - env["occurred_at"].timestamp()))
+        for key, n in counts.items():
+            head = key[0]
+            if head == REPLAYED:
+                m.replayed.inc(n)
+            elif head == "outcome":
+                m.outcomes.labels(key[1]).inc(n)
+                if key[1] == DUPLICATE:
+                    m.duplicates.inc(n)
+            elif head == "qa":
+                m.qa_failures.labels(key[1], key[2]).inc(n)
+                if key[1] == "dedup.conflict":
+                    m.conflicting_duplicates.inc(n)
+                elif key[1] == "hold.timeout":
+                    m.hold_timeouts.inc(n)
+            elif head == "dead":
+                m.dead_letters.labels(key[1]).inc(n)
+            elif head == "released":
+                m.holds_released.inc(n)
+            elif head == "in":
+                m.events_in.labels(key[1]).inc(n)
 
     # -- housekeeping (timer) ------------------------------------------------------------
     def housekeeping(self) -> None:
@@ -461,7 +478,7 @@ class Worker:
         seen: list[tuple[int, bytes, int]] = []
         for key, raw in list(self.orders.data.items()):
             if raw and not key.startswith(b"__position__"):
-                data = json.loads(raw)
+                data = orjson.loads(raw)
                 seen.append((data.get("last_seen_ms", now), key, data["partition"]))
         seen.sort()
         excess = max(0, len(seen) - self.settings.max_orders)
@@ -482,7 +499,7 @@ class Worker:
         holding: dict[bytes, tuple[int, int, int]] = {}
         for key, raw in list(self.orders.items()):
             if raw and _HELD_MARK in raw:
-                state = OrderState(json.loads(raw))
+                state = OrderState(orjson.loads(raw))
                 oldest = self.engine.oldest_hold_ms(state)
                 if oldest is not None:
                     holding[key] = (state.data["partition"], oldest, len(state.held))

@@ -1,8 +1,8 @@
 """Faust wiring of the stream core: thin, all decisions live in ``processors``.
 
 Faust hosts the worker: consumer-group membership and partition assignment,
-the ``orders`` table (state, recovered from its changelog on assignment), the
-reference-data global table, timers and clean shutdown. The input topic itself
+the ``orders`` table (state, recovered from its changelog on assignment),
+timers and clean shutdown. The input topic itself
 is read with a confluent-kafka consumer assigned to the partitions Faust gave
 this worker, in batches of up to ``batch_size`` records: Faust's per-event
 stream path costs more than all of Revline's own per-event work, and the
@@ -142,16 +142,15 @@ class Worker:
             settings.orders_table, default=None, partitions=settings.input_partitions,
             key_type=bytes, value_type=bytes,
         )
-        # Reference data: the loader's compacted topic is copied into a global table by a
-        # small agent (a GlobalTable reading a custom changelog topic hangs Faust's
-        # assignor in faust-streaming 0.15), so every worker sees all of it.
-        self.reference_source = self.app.topic(
-            settings.reference_topic, key_type=bytes, key_serializer="raw",
-            value_serializer="json", partitions=1,
-        )
-        self.reference = self.app.GlobalTable(
-            "reference", default=None, partitions=1, key_type=bytes,
-        )
+        # Reference data: every worker reads the whole compacted topic itself into memory.
+        # (A Faust GlobalTable fed by one worker never reached the others in
+        # faust-streaming 0.15.3: a second worker waited for reference data forever, and a
+        # GlobalTable on a custom changelog topic hangs the assignor.)
+        self.reference: dict[bytes, Any] = {}
+        self.reference_consumer = Consumer({
+            "bootstrap.servers": bootstrap, "group.id": f"{settings.app_id}-reference",
+            "enable.auto.commit": False, "log_level": 3,
+        })
         self.view = ReferenceView(self.reference)
         self.engine = Engine(rules=self.rules, reference=self.view)
         self.writer = OutputWriter(settings, bootstrap, metrics, self.rules)
@@ -201,12 +200,9 @@ class Worker:
                 async with worker.lock:
                     await worker.guarded(worker.process_batch([], commands))
 
-        @self.app.agent(self.reference_source, name="reference-sync")
-        async def reference_sync(source: faust.StreamT[Any]) -> None:
-            async for event in source.events():
-                key = event.key
-                if isinstance(key, bytes):
-                    worker.reference[key] = event.value
+        @self.app.task  # type: ignore[untyped-decorator]
+        async def follow_reference() -> None:
+            await worker.follow_reference()
 
         @self.app.task  # type: ignore[untyped-decorator]
         async def consume_input() -> None:
@@ -235,6 +231,25 @@ class Worker:
                          exc_info=True)
             logging.shutdown()
             os._exit(70)
+
+    async def follow_reference(self) -> None:
+        """Keep ``self.reference`` equal to the compacted reference topic (tombstones delete)."""
+        consumer = self.reference_consumer
+        consumer.assign([TopicPartition(self.settings.reference_topic, 0, OFFSET_BEGINNING)])
+        while not self.app.should_stop:
+            messages = consumer.consume(500, 0)
+            if not messages:
+                await asyncio.sleep(0.5)
+                continue
+            for msg in messages:
+                key = msg.key()
+                if msg.error() is not None or key is None:
+                    continue
+                value = msg.value()
+                if value is None:
+                    self.reference.pop(key, None)
+                else:
+                    self.reference[key] = orjson.loads(value)
 
     async def wait_for_reference(self) -> None:
         waited = 0.0
@@ -540,6 +555,8 @@ def run(settings: Settings, bootstrap: str) -> None:
     from revline.admin import ensure_topics
 
     ensure_topics(bootstrap, topics_for(settings))
+    ensure_topics(bootstrap, {settings.reference_topic: 1},
+                  config={settings.reference_topic: {"cleanup.policy": "compact"}})
     metrics = Metrics()
     port = metrics.serve(settings.metrics_port)
     log.warning("metrics on http://127.0.0.1:%d/metrics", port)

@@ -185,3 +185,25 @@ def test_dedup_state_is_bounded(kafka_bootstrap: str, tmp_path: Path) -> None:
     finally:
         pipeline.stop_all()
     assert len(orders) <= 5
+
+
+def test_two_workers_share_the_partitions_and_agree_with_the_manifest(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    pipeline = Pipeline(kafka_bootstrap, tmp_path, partitions=4,
+                        rules_file=rules_with(tmp_path, hold_timeout_seconds=600))
+    workload = generate(WorkloadOptions(orders=600, seed=12, poison=0.003))
+    try:
+        pipeline.cli("reference", "load")
+        pipeline.start_worker()
+        pipeline.start_worker()
+        time.sleep(3)
+        pipeline.publish(workload)
+        outcomes = pipeline.wait_for(
+            lambda o: len(finals_by_input(o)) >= len(workload.records), 180,
+            "every input, decided by two workers")
+    finally:
+        pipeline.stop_all()
+    assert compare_with_manifest(workload.manifest(), outcomes) == []
+    logs = [(tmp_path / f"worker-{i}.log").read_text() for i in range(2)]
+    assert all("reading" in log or "metrics" in log for log in logs)

@@ -7,13 +7,19 @@ so everything that decides *what* to write lives here and only *how* differs.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
-from sinks._protocols import EffectResult, Event, PartialWriteError, PermanentSinkError
+from sinks._protocols import (
+    EffectResult,
+    Event,
+    PartialWriteError,
+    PermanentSinkError,
+    TransientSinkError,
+)
 
 ADAPTER = "erp"
 
@@ -208,3 +214,38 @@ class Progress:
 
     def complete(self, step: str, ref: object) -> None:
         self.refs[step] = self.done[step] = str(ref)
+
+
+# Event type -> the adapter method that applies it; other types are not applicable.
+HANDLERS = {
+    "order_booked": "_book",
+    "order_amended": "_amend",
+    "order_cancelled": "_cancel",
+    "invoice_issued": "_invoice",
+    "payment_captured": "_payment",
+    "refund_issued": "_refund",
+}
+
+
+def dispatch(
+    adapter: object, event: Event, before: Callable[[], None] | None = None
+) -> EffectResult:
+    """Apply ``event`` with the adapter's handler, turning a failure after a finished step
+    into a ``PartialWriteError`` that names what is already done."""
+    env = envelope(event)
+    key = str(env["idempotency_key"])
+    etype = str(env["event_type"])
+    name = HANDLERS.get(etype)
+    if name is None:
+        return not_applicable(key, etype)
+    handler = getattr(adapter, name)
+    progress = Progress()
+    try:
+        if before is not None:
+            before()
+        handler(event, env, key, progress)
+    except (TransientSinkError, PermanentSinkError) as exc:
+        if progress.done:
+            raise partial(progress.done, exc, etype) from exc
+        raise
+    return result(key, progress.wrote, progress.refs)

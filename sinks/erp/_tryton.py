@@ -443,27 +443,7 @@ class TrytonErp:
 
     # -- apply ---------------------------------------------------------------------------
     def apply(self, event: Event) -> EffectResult:
-        env = m.envelope(event)
-        key = str(env["idempotency_key"])
-        etype = str(env["event_type"])
-        handler = {
-            "order_booked": self._book,
-            "order_amended": self._amend,
-            "order_cancelled": self._cancel,
-            "invoice_issued": self._invoice,
-            "payment_captured": self._payment,
-            "refund_issued": self._refund,
-        }.get(etype)
-        if handler is None:
-            return m.not_applicable(key, etype)
-        progress = m.Progress()
-        try:
-            handler(event, env, key, progress)
-        except (TransientSinkError, PermanentSinkError) as exc:
-            if progress.done:
-                raise m.partial(progress.done, exc, etype) from exc
-            raise
-        return m.result(key, progress.wrote, progress.refs)
+        return m.dispatch(self, event)
 
     # -- shared pieces -------------------------------------------------------------------
     def _sale_for_order(self, order_id: str) -> dict[str, Any] | None:

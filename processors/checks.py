@@ -198,38 +198,34 @@ def reconciliation(event: Event, state: OrderState, ctx: CheckContext) -> Iterab
             )
     elif kind == "payment_captured":
         invoice = d["invoices"].get(env["invoice_id"])
-        if invoice is None:
-            return
-        if event["currency"] != invoice["currency"]:
-            yield Finding(
-                "reconciliation.currency",
-                f"payment in {event['currency']} against an invoice in {invoice['currency']}",
-            )
-            return
-        open_balance = invoice["total"] - invoice["captured"]
-        if event["amount_minor"] > open_balance:
-            yield Finding(
-                "reconciliation.payment_balance",
-                f"capture {event['amount_minor']} exceeds the open balance {open_balance} of "
-                f"invoice {env['invoice_id']}",
+        if invoice is not None:
+            yield from _against_parent(
+                event, invoice, invoice["total"] - invoice["captured"],
+                "payment", "an invoice", "reconciliation.payment_balance",
+                f"exceeds the open balance {{}} of invoice {env['invoice_id']}", "capture",
             )
     elif kind == "refund_issued":
         payment = d["payments"].get(env["payment_id"])
-        if payment is None:
-            return
-        if event["currency"] != payment["currency"]:
-            yield Finding(
-                "reconciliation.currency",
-                f"refund in {event['currency']} against a payment in {payment['currency']}",
+        if payment is not None:
+            yield from _against_parent(
+                event, payment, payment["amount"] - payment["refunded"],
+                "refund", "a payment", "reconciliation.refund_balance",
+                f"exceeds the refundable {{}} of payment {env['payment_id']}", "refund",
             )
-            return
-        refundable = payment["amount"] - payment["refunded"]
-        if event["amount_minor"] > refundable:
-            yield Finding(
-                "reconciliation.refund_balance",
-                f"refund {event['amount_minor']} exceeds the refundable {refundable} of payment "
-                f"{env['payment_id']}",
-            )
+
+
+def _against_parent(event: Event, parent: Mapping[str, Any], remaining: int, noun: str,
+                    parent_label: str, check_id: str, excess: str,
+                    amount_label: str) -> Iterable[Finding]:
+    """Money moved against an earlier record: same currency, no more than what is left."""
+    if event["currency"] != parent["currency"]:
+        yield Finding(
+            "reconciliation.currency",
+            f"{noun} in {event['currency']} against {parent_label} in {parent['currency']}",
+        )
+    elif event["amount_minor"] > remaining:
+        amount = event["amount_minor"]
+        yield Finding(check_id, f"{amount_label} {amount} {excess.format(remaining)}")
 
 
 LATER_STAGES: tuple[Check, ...] = (policy, attribution, reconciliation)

@@ -24,6 +24,7 @@ import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from revline.broker import LocalBroker
+from tests._procs import owner_alive
 
 REPO = Path(__file__).resolve().parent.parent
 STATE_DIR = REPO / ".revline"
@@ -68,14 +69,7 @@ def _reap_stale_test_brokers() -> None:
             owner = int(home.name.rsplit("-", 1)[1])
         except ValueError:
             continue
-        if owner == os.getpid():
-            continue
-        try:
-            os.kill(owner, 0)
-            continue  # that session is still running
-        except ProcessLookupError:
-            pass
-        except PermissionError:
+        if owner_alive(owner):
             continue
         LocalBroker(home, jars_dir=SHARED_JARS).stop(timeout=10)
         shutil.rmtree(home, ignore_errors=True)

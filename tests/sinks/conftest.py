@@ -30,6 +30,7 @@ import pytest
 import sqlalchemy as sa
 
 from sinks.ledger import normalize_url
+from tests._procs import owner_alive
 
 PG_ENV = "REVLINE_TEST_POSTGRES_DSN"
 PG_USER = "revline"
@@ -100,14 +101,7 @@ def _reap_stale_clusters(pg_bin: Path, prefix: list[str]) -> None:
             owner_pid = int(home.name[len(TMP_PREFIX) :].split("-", 1)[0])
         except ValueError:
             continue
-        if owner_pid == os.getpid():
-            continue
-        try:
-            os.kill(owner_pid, 0)
-            continue  # that session is still running
-        except ProcessLookupError:
-            pass
-        except PermissionError:
+        if owner_alive(owner_pid):
             continue
         if (home / "data" / "postmaster.pid").exists():
             subprocess.run(

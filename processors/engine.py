@@ -37,6 +37,13 @@ HELD = "held"
 REPLAYED = "replayed"
 FINAL_KINDS = (VALIDATED, DUPLICATE, EXCEPTION, DEAD_LETTER)
 
+# Headers set by re-drive and by a resolution carrying a corrected event. An input
+# with REENTRY_HEADER whose idempotency key ended in an exception is judged again
+# (it is a second attempt, not a duplicate). REDRIVE_COUNT_HEADER counts re-drives
+# of one record; the loop guard quarantines it after ``redrive_max``.
+REENTRY_HEADER = "revline.reentry"  # value: the exception id being retried or corrected
+REDRIVE_COUNT_HEADER = "revline.redrive.count"  # value: ASCII integer
+
 
 @dataclass(slots=True)
 class InputRecord:
@@ -154,6 +161,16 @@ class Engine:
         digest = body_hash(record.value)
         state.data["last_seen_ms"] = max(state.data["last_seen_ms"], now_ms)
         first = state.seen(key)
+        if first is not None and record.coords in first.get("prev", ()):
+            return [Decision(input=record, kind=REPLAYED, event=event)]
+        if (first is not None and first["k"] == EXCEPTION and first["c"] != record.coords
+                and record.header(REENTRY_HEADER) is not None):
+            # A re-drive or a correction: judge it again. Earlier attempts' coordinates
+            # are kept so replaying them is still recognised as a replay.
+            prev = [*first.get("prev", ()), first["c"]]
+            first = None
+        else:
+            prev = []
         if first is not None:
             if first["c"] == record.coords:
                 return [Decision(input=record, kind=REPLAYED, event=event)]
@@ -169,6 +186,8 @@ class Engine:
                 )], now_ms, held=False, released_by=None)]
 
         memo: dict[str, Any] = {"c": record.coords, "h": digest, "k": HELD}
+        if prev:
+            memo["prev"] = prev
         state.remember(key, memo)
         waiting = state.missing(depends_on(event))
         if waiting:

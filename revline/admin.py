@@ -9,6 +9,7 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from revline.errors import InfrastructureError
+from revline.settings import Settings
 
 
 def ensure_topics(
@@ -47,3 +48,29 @@ def ensure_topics(
             return missing
         time.sleep(0.1)
     raise InfrastructureError(f"topics {missing} were created but never became visible")
+
+
+def ensure_operations_topics(bootstrap: str, settings: Settings) -> None:
+    """Audit and exception-lifecycle topics, created alongside the worker's.
+
+    The audit topics are partitioned like the outcomes topic (the same key, the
+    order id, lands on the same partition number), so one chainer instance owns
+    all of an order's records.
+    """
+    n = settings.input_partitions
+    compact = {"cleanup.policy": "compact"}
+    ensure_topics(
+        bootstrap,
+        {
+            settings.audit_facts_topic: n,
+            settings.audit_topic: n,
+            settings.audit_heads_topic: n,
+            settings.exception_events_topic: n,
+            settings.exception_state_topic: n,
+            settings.quarantine_topic: n,
+        },
+        config={
+            settings.audit_heads_topic: compact,
+            settings.exception_state_topic: compact,
+        },
+    )

@@ -497,7 +497,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-pipeline", action="store_true", help="only raw and Faust")
     p.add_argument("--out", metavar="FILE.md", help="also write the markdown table here")
     p.set_defaults(func=cmd_bench)
+
+    # Operations commands live in their own modules; each adds its parsers here.
+    import importlib
+
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
     return parser
+
+
+_COMMAND_MODULES = (
+    "revline.cli_audit",  # auditor, audit ORDER_ID, audit verify
+    "revline.cli_exceptions",  # exceptions run|list|show|ack|resolve|waive, override
+    "revline.cli_replay",  # replay, redrive
+    "revline.cli_reconcile",  # reconcile, shadow parity
+    "revline.cli_report",  # report
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -49,6 +49,13 @@ class IsolatedPipeline:
             "REVLINE_OUTCOMES_TOPIC": self.topic("outcomes"),
             "REVLINE_REFERENCE_TOPIC": self.topic("reference"),
             "REVLINE_TICKS_TOPIC": self.topic("ticks"),
+            "REVLINE_AUDIT_FACTS_TOPIC": self.topic("audit-facts"),
+            "REVLINE_AUDIT_TOPIC": self.topic("audit"),
+            "REVLINE_AUDIT_HEADS_TOPIC": self.topic("audit-heads"),
+            "REVLINE_EXCEPTION_EVENTS_TOPIC": self.topic("exception-events"),
+            "REVLINE_EXCEPTION_STATE_TOPIC": self.topic("exception-state"),
+            "REVLINE_QUARANTINE_TOPIC": self.topic("quarantine"),
+            "REVLINE_SINK_METRICS_PORT": "0",
             "REVLINE_APP_ID": f"revline-{self.prefix}-{self.name}",
             "REVLINE_STATE_DIR": str(self.state_dir),
             "REVLINE_INPUT_PARTITIONS": str(self.partitions),
@@ -66,9 +73,14 @@ class IsolatedPipeline:
                        stdout=subprocess.DEVNULL)
 
     def start_worker(self, log_name: str = "worker") -> subprocess.Popen[bytes]:
+        return self.start("worker", log_name=log_name)
+
+    def start(self, *command: str, log_name: str | None = None) -> subprocess.Popen[bytes]:
+        """Run ``revline COMMAND…`` in the background with this pipeline's settings."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.state_dir / f"{log_name}-{len(self.procs)}.log", "wb")  # noqa: SIM115
-        proc = subprocess.Popen([sys.executable, "-m", "revline.cli", "worker"], env=self.env,
+        name = log_name or command[0]
+        log = open(self.state_dir / f"{name}-{len(self.procs)}.log", "wb")  # noqa: SIM115
+        proc = subprocess.Popen([sys.executable, "-m", "revline.cli", *command], env=self.env,
                                 stdout=log, stderr=subprocess.STDOUT)
         self.procs.append(proc)
         return proc

@@ -40,6 +40,41 @@ class Settings(BaseSettings):
     ticks_topic: str = "revline.ticks.v1"
     input_partitions: int = 6
 
+    # Operations: audit trail, exception lifecycle, re-drive.
+    audit_facts_topic: str = Field(
+        default="revline.audit-facts.v1",
+        description="Facts from the sink, exception manager and operators, before chaining.",
+    )
+    audit_topic: str = Field(default="revline.audit.v1", description="Hash-chained audit trail.")
+    audit_heads_topic: str = Field(
+        default="revline.audit-heads.v1", description="Compacted: last hash and seq per order."
+    )
+    exception_events_topic: str = Field(
+        default="revline.exception-events.v1",
+        description="Exception lifecycle: ack, resolve, waive, escalate, expire.",
+    )
+    exception_state_topic: str = Field(
+        default="revline.exception-state.v1", description="Compacted: each exception's state."
+    )
+    quarantine_topic: str = Field(
+        default="revline.quarantine.v1", description="Records re-driven too often (loop guard)."
+    )
+    ownership_file: Path = DATA_DIR / "ownership.yaml"
+    redrive_max: int = Field(default=3, description="Re-drives of one record before quarantine.")
+
+    # Sinks.
+    ledger_dsn: str | None = Field(
+        default=None, description="SQLAlchemy URL of the ledger; unset means SQLite in state_dir."
+    )
+    erp: str = Field(default="auto", description="memory, tryton, or auto (tryton if configured).")
+    tryton_url: str | None = Field(
+        default=None, description="trytond JSON-RPC root, e.g. http://127.0.0.1:8000/revline/."
+    )
+    tryton_user: str = "admin"
+    tryton_password: str = "admin"
+    sink_group: str | None = Field(default=None, description="Default: <app_id>-sink.")
+    sink_metrics_port: int = Field(default=9101, description="/metrics of the sink; 0 = any.")
+
     # Worker (stream core).
     app_id: str = Field(default="revline", description="Faust app id and consumer group.")
     store: str = Field(default="memory", description="memory, or rocksdb (rocksdict).")
@@ -67,6 +102,10 @@ class Settings(BaseSettings):
     @property
     def broker_home(self) -> Path:
         return self.state_dir / "kafka"
+
+    @property
+    def ledger_url(self) -> str:
+        return self.ledger_dsn or f"sqlite:///{(self.state_dir / 'ledger.db').absolute()}"
 
     def producer_config(self, bootstrap: str) -> dict[str, Any]:
         """An idempotent, acks=all producer: retries never duplicate or reorder."""

@@ -552,9 +552,10 @@ def topics_for(settings: Settings) -> dict[str, int]:
 
 def run(settings: Settings, bootstrap: str) -> None:
     """Run one worker process until SIGTERM/SIGINT (Faust handles both gracefully)."""
-    from revline.admin import ensure_topics
+    from revline.admin import ensure_operations_topics, ensure_topics
 
     ensure_topics(bootstrap, topics_for(settings))
+    ensure_operations_topics(bootstrap, settings)
     ensure_topics(bootstrap, {settings.reference_topic: 1},
                   config={settings.reference_topic: {"cleanup.policy": "compact"}})
     metrics = Metrics()

@@ -332,33 +332,49 @@ def _run_worker_processes(count: int, settings: Settings, bootstrap: str) -> int
 def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
     """Validated topic → ledger and ERP until SIGTERM (or SIGINT)."""
     import logging
-    import os
     import signal
     import threading
 
-    from sinks.erp import InMemoryErp
+    from revline.admin import ensure_operations_topics, ensure_topics
+    from revline.metrics import SinkMetrics
+    from sinks.erp import erp_from_settings
     from sinks.ledger import SqlLedger
     from sinks.processor import SinkProcessor
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     bootstrap = bootstrap_for(settings, start_if_missing=True)
-    dsn = os.environ.get("REVLINE_LEDGER_DSN")
-    if not dsn:
-        settings.state_dir.mkdir(parents=True, exist_ok=True)
-        dsn = f"sqlite:///{settings.state_dir / 'ledger.db'}"
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    n = settings.input_partitions
+    ensure_topics(bootstrap, {settings.validated_topic: n, settings.exceptions_topic: n})
+    ensure_operations_topics(bootstrap, settings)
+    metrics = SinkMetrics()
+    port = metrics.serve(settings.sink_metrics_port)
+    erp = erp_from_settings(settings)
+    err_console.print(
+        f"sink: {settings.validated_topic} → ledger {_redacted(settings.ledger_url)} and ERP "
+        f"{erp.name} ({settings.tryton_url or 'in-memory: lives as long as this process'}); "
+        f"group {args.group or settings.sink_group_id}; metrics on :{port}/metrics"
+    )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    with SqlLedger(dsn) as ledger:
-        # The in-memory ERP lives only as long as this process; the side-effect
-        # ledger still keeps a restart from re-applying what it recorded.
+    with SqlLedger(settings.ledger_url) as ledger:
         processor = SinkProcessor(
-            bootstrap, settings.validated_topic, args.group or f"{settings.app_id}-sink",
-            ledger, InMemoryErp(), settings.exceptions_topic, batch_size=args.batch_size,
+            bootstrap, settings.validated_topic, args.group or settings.sink_group_id,
+            ledger, erp, settings.exceptions_topic, metrics,
+            batch_size=args.batch_size or settings.sink_batch_size,
+            audit_topic=settings.audit_facts_topic,
             decoder=deserializer_for(settings),
+            crash_after_erp_writes=settings.sink_crash_after_erp_writes,
         )
         processor.run(stop)
     return 0
+
+
+def _redacted(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def cmd_reference(args: argparse.Namespace, settings: Settings) -> int:
@@ -474,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sink", help="apply validated events to the ledger and the ERP")
     p.add_argument("--group", help="consumer group (default: <app id>-sink)")
-    p.add_argument("--batch-size", type=int, default=500, help="events per batch")
+    p.add_argument("--batch-size", type=int, help="events per batch (default 500)")
     p.set_defaults(func=cmd_sink)
 
     p = sub.add_parser("reference", help="publish reference data (products, campaigns, channels)")

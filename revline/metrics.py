@@ -75,6 +75,89 @@ class Metrics:
         self.reference_loaded = Gauge(
             "revline_reference_data_loaded", "1 once reference data is loaded", registry=r
         )
+        self.recovering = Gauge(
+            "revline_worker_recovering",
+            "1 while the worker rebuilds state or waits for reference data (not consuming)",
+            registry=r,
+        )
+        self.last_batch = Gauge(
+            "revline_worker_last_batch_timestamp_seconds",
+            "Unix time of the last batch the worker made durable", registry=r,
+        )
+
+    def serve(self, port: int, addr: str = "127.0.0.1") -> int:
+        """Expose /metrics; port 0 picks a free one. Returns the port."""
+        return serve_registry(self.registry, port, addr)
+
+
+def serve_registry(registry: CollectorRegistry, port: int, addr: str = "127.0.0.1") -> int:
+    server, _ = start_http_server(port, addr=addr, registry=registry)
+    bound: int = server.server_port
+    return bound
+
+
+class SinkMetrics:
+    """The sink processor's metrics: effects, breakers, pauses, lag, latency."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.effects = Counter(
+            "revline_sink_effects_total",
+            "Effects by adapter and status (applied, already_applied, skipped, partial, refused)",
+            ["adapter", "status"], registry=r,
+        )
+        self.breaker_open = Gauge(
+            "revline_sink_breaker_open", "1 while the adapter's circuit breaker is open",
+            ["adapter"], registry=r,
+        )
+        self.paused = Gauge(
+            "revline_sink_paused", "1 while consumption is paused by an open breaker", registry=r
+        )
+        self.lag = Gauge(
+            "revline_sink_lag", "Validated records not yet applied", ["partition"], registry=r
+        )
+        self.end_to_end = Histogram(
+            "revline_sink_end_to_end_seconds",
+            "Input record published -> its ledger/ERP effects committed",
+            registry=r, buckets=_LATENCY_BUCKETS,
+        )
+        self.batch_seconds = Histogram(
+            "revline_sink_batch_seconds", "Time to apply and commit one batch",
+            registry=r, buckets=_LATENCY_BUCKETS,
+        )
+
+    def serve(self, port: int, addr: str = "127.0.0.1") -> int:
+        return serve_registry(self.registry, port, addr)
+
+
+class ExceptionMetrics:
+    """The exception manager's metrics: open exceptions and their age, SLA breaches."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.open = Gauge(
+            "revline_exceptions_open", "Exceptions open or acknowledged (not yet closed)",
+            ["owner", "severity"], registry=r,
+        )
+        self.oldest_age = Gauge(
+            "revline_exception_oldest_age_seconds", "Age of the oldest exception not yet closed",
+            ["owner", "severity"], registry=r,
+        )
+        self.sla_breaches = Counter(
+            "revline_sla_breaches_total", "Exceptions not acknowledged within their SLA",
+            ["owner", "severity"], registry=r,
+        )
+        self.transitions = Counter(
+            "revline_exception_transitions_total",
+            "Lifecycle transitions applied (open, acknowledged, escalated, resolved, waived, "
+            "expired)", ["status"], registry=r,
+        )
+        self.escalations = Counter(
+            "revline_escalations_total", "Escalations, by the backup owner they went to",
+            ["owner"], registry=r,
+        )
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> int:
         """Expose /metrics; port 0 picks a free one. Returns the port."""

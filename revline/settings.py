@@ -70,10 +70,15 @@ class Settings(BaseSettings):
     tryton_url: str | None = Field(
         default=None, description="trytond JSON-RPC root, e.g. http://127.0.0.1:8000/revline/."
     )
+    tryton_database: str = "revline"
     tryton_user: str = "admin"
-    tryton_password: str = "admin"
+    tryton_password: str = "revline-admin"
     sink_group: str | None = Field(default=None, description="Default: <app_id>-sink.")
+    sink_batch_size: int = 500
     sink_metrics_port: int = Field(default=9101, description="/metrics of the sink; 0 = any.")
+    sink_crash_after_erp_writes: int | None = Field(
+        default=None, description="Testing only: SIGKILL the sink right after its Nth ERP write."
+    )
 
     # Worker (stream core).
     app_id: str = Field(default="revline", description="Faust app id and consumer group.")
@@ -104,6 +109,10 @@ class Settings(BaseSettings):
         return self.state_dir / "kafka"
 
     @property
+    def sink_group_id(self) -> str:
+        return self.sink_group or f"{self.app_id}-sink"
+
+    @property
     def ledger_url(self) -> str:
         return self.ledger_dsn or f"sqlite:///{(self.state_dir / 'ledger.db').absolute()}"
 
@@ -129,3 +138,34 @@ class Settings(BaseSettings):
             "auto.offset.reset": "earliest",
             "isolation.level": "read_committed",
         }
+
+    # Exception lifecycle (`revline exceptions run`).
+    exception_check_interval_s: float = Field(
+        default=5.0, description="How often the exception manager checks SLAs and expiry."
+    )
+    exceptions_metrics_port: int = Field(
+        default=9103, description="/metrics of the exception manager; 0 = any."
+    )
+
+    # replay and re-drive (`revline replay`, `revline redrive`).
+    redrive_log_topic: str = Field(
+        default="revline.redrive-log.v1",
+        description="Compacted: what re-drive did with each dead letter or exception (once each).",
+    )
+
+    # reconcile: `revline reconcile` and shadow mode (`revline shadow run|parity`).
+    shadow_ledger_dsn: str | None = Field(
+        default=None, description="The shadow sink's own ledger (SQLAlchemy URL)."
+    )
+    shadow_erp: str = Field(default="memory", description="The shadow sink's ERP: memory, tryton.")
+    shadow_tryton_url: str | None = Field(
+        default=None, description="trytond JSON-RPC root of the shadow ERP (shadow_erp=tryton)."
+    )
+    shadow_group: str | None = Field(default=None, description="Default: <app_id>-shadow-sink.")
+    shadow_exceptions_topic: str = Field(
+        default="revline.exceptions.shadow.v1",
+        description="Where the shadow sink's refusals go: never the real exceptions topic.",
+    )
+    shadow_min_parity_pct: float = Field(
+        default=99.5, description="`revline shadow parity` exits 1 below this."
+    )

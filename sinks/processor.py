@@ -7,12 +7,19 @@ failures are retried with backoff and jitter; repeated ones open the adapter's
 circuit breaker, which pauses consumption (no commit, no exception) until a
 half-open probe succeeds. Permanent refusals become exception records owned by
 "integrations" and a "refused" side-effect row; the batch moves on.
+
+Every effect is also an audit fact (adapter, external ids, attempts). A fact is
+re-sent whenever the side-effect ledger says the effect was already done, with
+the same fact id: a crash after the effect but before the fact was acknowledged
+loses nothing, and the audit chainer records each fact once.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
+import signal
 import threading
 import time
 import uuid
@@ -24,6 +31,8 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from processors import exception_id_for
+from revline.auditlog import AuditFact, AuditLog
+from revline.metrics import SinkMetrics
 from schemas import EventDeserializer, exception_codec
 from sinks._breaker import CircuitBreaker
 from sinks._protocols import (
@@ -34,7 +43,7 @@ from sinks._protocols import (
     PermanentSinkError,
     TransientSinkError,
 )
-from sinks.ledger import RefusedEventError, SqlLedger
+from sinks.ledger import RefusedEventError, SideEffect, SqlLedger
 
 log = logging.getLogger("revline.sinks")
 
@@ -56,6 +65,7 @@ class SinkStats:
     transient_failures: int = 0
     pauses: int = 0
     committed: dict[tuple[str, int], int] = field(default_factory=dict)  # next offset
+    latencies_ms: list[float] = field(default_factory=list)  # only when asked to keep them
 
 
 @dataclass(frozen=True)
@@ -90,9 +100,10 @@ class SinkProcessor:
         ledger: SqlLedger,
         erp: ErpAdapter,
         exceptions_topic: str,
-        metrics: Callable[[str, str, int], None] | None = None,
+        metrics: SinkMetrics | None = None,
         batch_size: int = 500,
         *,
+        audit_topic: str | None = None,
         poll_timeout_s: float = 0.5,
         backoff_base_s: float = 0.05,
         backoff_max_s: float = 1.0,
@@ -101,12 +112,19 @@ class SinkProcessor:
         sla_minutes: int = 15,
         decoder: EventDeserializer | None = None,
         consumer_config: Mapping[str, Any] | None = None,
+        keep_latencies: bool = False,
+        crash_after_erp_writes: int | None = None,
     ) -> None:
         self.validated_topic = validated_topic
         self.exceptions_topic = exceptions_topic
         self.ledger = ledger
         self.erp = erp
-        self.metrics = metrics  # (adapter, status, count): optional hook, e.g. a Prometheus counter
+        self.metrics = metrics
+        self.keep_latencies = keep_latencies
+        # Fault injection for tests: SIGKILL this process right after the Nth ERP write,
+        # before the side-effect row and the offset commit (the worst moment to die).
+        self._crash_after_erp_writes = crash_after_erp_writes
+        self._erp_writes = 0
         self.batch_size = batch_size
         self.poll_timeout_s = poll_timeout_s
         self.backoff_base_s = backoff_base_s
@@ -135,7 +153,12 @@ class SinkProcessor:
             "bootstrap.servers": bootstrap,
             "enable.idempotence": True,
             "acks": "all",
+            "linger.ms": 5,
+            # Keyed by order id like every other producer, so records and audit facts
+            # of one order share a partition number across topics.
+            "partitioner": "murmur2_random",
         })
+        self.audit = AuditLog(self.producer, audit_topic) if audit_topic else None
         self.consumer.subscribe([validated_topic], on_revoke=self._on_revoke)
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -172,6 +195,7 @@ class SinkProcessor:
 
     # -- batch ---------------------------------------------------------------------------
     def _retry_pending(self) -> bool:
+        self._observe_breakers()
         wait = max((b.remaining_s() for b in self.breakers.values()), default=0.0)
         if wait > 0:
             # Open breaker: poll anyway, so the group membership (and rebalance
@@ -180,6 +204,7 @@ class SinkProcessor:
             self.consumer.poll(min(wait, 1.0))
             return False
         items = self._pending
+        started = time.perf_counter()
         try:
             self._process(items)
         except _Suspend as exc:
@@ -188,6 +213,7 @@ class SinkProcessor:
                 log.warning("pausing consumption: %s", exc)
             self._paused = True
             self.consumer.pause(self.consumer.assignment())
+            self._observe_breakers()
             return False
         self._commit(items)
         self._pending = []
@@ -197,7 +223,35 @@ class SinkProcessor:
             self.consumer.resume(self.consumer.assignment())
         self.stats.batches += 1
         self.stats.events += len(items)
+        self._observe_batch(items, started)
         return True
+
+    def _observe_breakers(self) -> None:
+        if self.metrics is None:
+            return
+        for name, breaker in self.breakers.items():
+            self.metrics.breaker_open.labels(name).set(1 if breaker.remaining_s() > 0 else 0)
+        self.metrics.paused.set(1 if self._paused else 0)
+
+    def _observe_batch(self, items: list[_Item], started: float) -> None:
+        """Input published -> effects committed, per record (the input's timestamp travels)."""
+        now_ms = time.time() * 1000
+        latencies = [now_ms - ts for ts in (i.msg.timestamp()[1] for i in items) if ts > 0]
+        if self.keep_latencies:
+            self.stats.latencies_ms.extend(latencies)
+        if self.metrics is None:
+            return
+        self.metrics.batch_seconds.observe(time.perf_counter() - started)
+        for latency in latencies:
+            self.metrics.end_to_end.observe(latency / 1000)
+        for (topic, partition), offset in self.stats.committed.items():
+            try:
+                high = self.consumer.get_watermark_offsets(
+                    TopicPartition(topic, partition), cached=True)[1]
+            except Exception:  # no statistics yet
+                continue
+            self.metrics.lag.labels(str(partition)).set(max(0, high - offset))
+        self._observe_breakers()
 
     def _process(self, items: list[_Item]) -> None:
         decodable = [i for i in items if i.event is not None]
@@ -205,7 +259,9 @@ class SinkProcessor:
             self._refuse(bad, "ledger", "sink.undecodable", bad.error, {})
         self._to_ledger(decodable)
         self._to_erp(decodable)
-        self.producer.flush(30)  # exception records must be durable before the commit
+        # Exception records and audit facts must be durable before the commit.
+        if self.producer.flush(30):
+            raise _Suspend("kafka", None)
 
     def _commit(self, items: list[_Item]) -> None:
         if not items:
@@ -262,9 +318,10 @@ class SinkProcessor:
                 self._record_ledger(item, result, attempts, done)
             return
 
-    def ledger_effects(self, keys: Sequence[str]) -> dict[str, str]:
-        effects = self._call(self.ledger.name, lambda: self.ledger.effects_for(keys, "ledger"))[0]
-        return {k: e.status for k, e in effects.items()}
+    def ledger_effects(self, keys: Sequence[str]) -> dict[str, SideEffect]:
+        effects: dict[str, SideEffect] = self._call(
+            self.ledger.name, lambda: self.ledger.effects_for(keys, "ledger"))[0]
+        return effects
 
     def _ledger_one_by_one(self, items: list[_Item], batch_error: Exception) -> list[_Item]:
         """Find the refused event(s) of a batch the ledger refused as a whole."""
@@ -283,12 +340,15 @@ class SinkProcessor:
         return keep
 
     def _record_ledger(
-        self, item: _Item, result: EffectResult, attempts: int, done: Mapping[str, str]
+        self, item: _Item, result: EffectResult, attempts: int, done: Mapping[str, SideEffect]
     ) -> None:
         if result.status == "not_applicable":
             return  # most events carry no money; a row each would only slow the batch
-        if result.status == "already_applied" and done.get(item.key) in _DONE:
+        earlier = done.get(item.key)
+        if result.status == "already_applied" and earlier is not None \
+                and earlier.status in _DONE:
             self._count("ledger", "skipped")
+            self._audit_again(item, earlier)
             return
         self._record(item.key, "ledger", result.external_refs, "applied", attempts,
                      result.detail)
@@ -303,6 +363,7 @@ class SinkProcessor:
             existing = done.get(item.key)
             if existing is not None and existing.status in _DONE:
                 self._count(name, "skipped")
+                self._audit_again(item, existing)
                 continue
             self._apply_erp(item)
 
@@ -317,12 +378,15 @@ class SinkProcessor:
             try:
                 result, attempts = self._call(name, lambda: self.erp.apply(event))
                 total += attempts
+                self._maybe_crash(result)
                 break
             except PartialWriteError as exc:
                 total += 1
                 refs.update(exc.done)
                 self.stats.partials += 1
                 self._record(item.key, name, refs, "partial", total, str(exc))
+                self._fact(item, name, "partial", refs, total, str(exc),
+                           fact_id=f"{item.key}:{name}:partial:{total}")
                 log.warning("partial write %s %s done=%s: %s", name, item.key, refs, exc)
                 if isinstance(exc.cause, PermanentSinkError):
                     # One more go: the adapter re-discovers the done steps and may finish.
@@ -387,6 +451,7 @@ class SinkProcessor:
         # re-sends the same exception_id, never loses it.
         self.producer.flush(30)
         self._record(item.key, adapter, refs, "refused", attempts, reason)
+        self._fact(item, adapter, "refused", refs, attempts, reason)
         self.stats.exceptions += 1
         self._count(adapter, "refused")
         log.error("%s refused %s: %s", adapter, item.key, reason)
@@ -427,13 +492,47 @@ class SinkProcessor:
                status: str) -> None:
         log.info("effect %s adapter=%s key=%s refs=%s attempts=%d", status, adapter, item.key,
                  dict(refs), attempts)
+        self._fact(item, adapter, "applied", refs, attempts, status)
+
+    def _audit_again(self, item: _Item, effect: SideEffect) -> None:
+        """Re-send the fact of an effect done before (same id; the chainer keeps one)."""
+        kind = "refused" if effect.status == "refused" else "applied"
+        self._fact(item, effect.adapter, kind, effect.external_ref, effect.attempts,
+                   effect.detail or effect.status, at_ms=int(effect.applied_at.timestamp() * 1000))
+
+    def _fact(self, item: _Item, adapter: str, kind: str, refs: Mapping[str, str],
+              attempts: int, detail: str, *, fact_id: str | None = None,
+              at_ms: int | None = None) -> None:
+        if self.audit is None:
+            return
+        env: Mapping[str, Any] = item.event["envelope"] if item.event is not None else {}
+        self.audit.record(AuditFact(
+            fact_id=fact_id or f"{item.key}:{adapter}:effect",
+            kind=kind,
+            actor="sink",
+            order_id=env.get("order_id"),
+            detail={"adapter": adapter, "idempotency_key": item.key,
+                    "event_type": env.get("event_type"), "external_refs": dict(refs),
+                    "attempts": attempts, "detail": detail,
+                    "validated": f"{item.msg.topic()}/{item.msg.partition()}/{item.msg.offset()}"},
+            **({"at_ms": at_ms} if at_ms is not None else {}),
+        ))
+
+    def _maybe_crash(self, result: EffectResult) -> None:
+        if self._crash_after_erp_writes is None or result.status != "applied":
+            return
+        self._erp_writes += 1
+        if self._erp_writes >= self._crash_after_erp_writes:
+            log.error("failpoint: SIGKILL after ERP write %d (%s)", self._erp_writes,
+                      dict(result.external_refs))
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def _count(self, adapter: str, status: str) -> None:
         bucket = self.stats.skipped if status == "skipped" else self.stats.applied
         if status != "refused":
             bucket[adapter] = bucket.get(adapter, 0) + 1
         if self.metrics is not None:
-            self.metrics(adapter, status, 1)
+            self.metrics.effects.labels(adapter, status).inc()
 
     # -- decoding ------------------------------------------------------------------------
     def _is_error(self, msg: Message) -> bool:

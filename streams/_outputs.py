@@ -50,11 +50,12 @@ class OutputWriter:
 
     def _produce(self, topic: str, key: bytes | None, value: bytes | None,
                  headers: list[tuple[str, bytes]] | None = None,
-                 partition: int | None = None) -> None:
+                 partition: int | None = None, timestamp_ms: int = 0) -> None:
         while True:
             try:
                 if partition is None:
                     self._producer.produce(topic, value=value, key=key, headers=headers,  # type: ignore[arg-type]
+                                           timestamp=timestamp_ms,
                                            on_delivery=self._on_delivery)
                 else:
                     self._producer.produce(topic, value=value, key=key, partition=partition,
@@ -76,7 +77,10 @@ class OutputWriter:
                 ("revline.input", record.coords.encode()),
                 ("revline.held", b"true" if d.held else b"false"),
             ]
-            self._produce(s.validated_topic, record.key, record.value, headers)
+            # The input's own timestamp travels on: the sink measures input -> ledger commit,
+            # and a replay of the sink by --to-datetime means the inputs' time.
+            self._produce(s.validated_topic, record.key, record.value, headers,
+                          timestamp_ms=max(record.timestamp_ms, 0))
             if d.findings:  # P3: passes, but someone should still fix the source
                 self._produce_exception(d, blocking=False)
         elif d.kind == EXCEPTION:

@@ -285,12 +285,15 @@ class Worker:
                  {p: self.next_offset[p] for p in sorted(partitions)})
 
     async def consume_input(self) -> None:
+        self.metrics.recovering.set(1)
         await self.wait_for_reference()
         app = self.app
         while not app.should_stop:
             if app.rebalancing or app.in_recovery:
+                self.metrics.recovering.set(1)
                 await asyncio.sleep(0.05)
                 continue
+            self.metrics.recovering.set(0)
             owned = self._owned()
             if owned != self.assigned:
                 async with self.lock:
@@ -372,6 +375,7 @@ class Worker:
                                           for p, o in positions.items()], asynchronous=True)
         self._observe(decisions, now)
         self.metrics.processing_latency.observe(time.perf_counter() - started)
+        self.metrics.last_batch.set(time.time())
 
     def _decide(self, record: InputRecord, touched: Touched, now: int) -> list[Decision]:
         decoded, dead = self.engine.decode(record, now)

@@ -5,6 +5,7 @@
 ``InMemoryErp`` is what the embedded demo uses when Tryton is not installed.
 """
 
+from sinks.erp._factory import erp_from_settings
 from sinks.erp._mapping import (
     CREDIT_NOTE,
     INVOICE,
@@ -39,6 +40,7 @@ __all__ = [
     "TrytonDatabase",
     "TrytonErp",
     "TrytonServer",
+    "erp_from_settings",
     "marker",
     "markers",
     "prepare_database",

@@ -44,6 +44,8 @@ def test_expected_services_exist(services: dict[str, dict[str, Any]]) -> None:
         "grafana",
         "revline-worker",
         "revline-sink",
+        "revline-exceptions",
+        "revline-auditor",
     }
 
 
@@ -117,12 +119,32 @@ def test_every_mounted_local_path_exists(compose: dict[str, Any]) -> None:
 
 
 def test_revline_services_point_at_the_stack(services: dict[str, dict[str, Any]]) -> None:
-    for name in ("revline-worker", "revline-sink"):
+    for name in ("revline-worker", "revline-sink", "revline-exceptions", "revline-auditor"):
         env = services[name]["environment"]
         assert env["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
         assert env["SCHEMA_REGISTRY_URL"] == "http://schema-registry:8081"
-        assert env["REVLINE_LEDGER_DSN"].endswith("@postgres:5432/revline")
+        if name in ("revline-worker", "revline-sink"):
+            assert env["REVLINE_LEDGER_DSN"].endswith("@postgres:5432/revline")
         assert set(services[name]["depends_on"]) <= set(services)
+
+
+def test_metrics_ports_are_the_ones_each_service_reads(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    """Each service serves /metrics on the port its own setting names, and exposes it."""
+    from revline.settings import Settings
+
+    fields = Settings.model_fields
+    for name, variable in (("revline-worker", "REVLINE_METRICS_PORT"),
+                           ("revline-sink", "REVLINE_SINK_METRICS_PORT"),
+                           ("revline-exceptions", "REVLINE_EXCEPTIONS_METRICS_PORT")):
+        assert variable.removeprefix("REVLINE_").lower() in fields, variable
+        port = services[name]["environment"][variable]
+        assert port in {str(p) for p in services[name]["expose"]}, name
+    auditor = services["revline-auditor"]
+    command = auditor["command"]
+    port = command[command.index("--metrics-port") + 1]
+    assert port in {str(p) for p in auditor["expose"]}
 
 
 def test_prometheus_scrapes_existing_services(services: dict[str, dict[str, Any]]) -> None:

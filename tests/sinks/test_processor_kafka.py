@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 from confluent_kafka import TopicPartition
 
 from sinks._breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+from sinks._protocols import EffectResult, PermanentSinkError, TransientSinkError
 from sinks.erp import InMemoryErp
 from sinks.ledger import SqlLedger
 from tests.sinks._validated import (
@@ -150,3 +152,83 @@ def test_breaker_opens_after_threshold_probes_half_open_and_closes() -> None:
     now[0] = 4.0
     breaker.record_success()
     assert breaker.state == CLOSED and breaker.times_opened == 2
+
+
+class _FlakyInvoices(InMemoryErp):
+    """The ERP accepts the sale step but fails the invoice step for chosen keys."""
+
+    def __init__(self, transient: dict[str, int], refused: set[str]) -> None:
+        super().__init__()
+        self.transient = dict(transient)  # key -> how many more times to time out
+        self.refused = refused
+
+    def apply(self, event: Mapping[str, Any]) -> EffectResult:
+        key = event["envelope"]["idempotency_key"]
+        if self.transient.get(key, 0) > 0:
+            self.transient[key] -= 1
+            self.fail_next("invoice", TransientSinkError("invoice endpoint timed out (injected)"))
+        if key in self.refused:
+            self.fail_next("invoice", PermanentSinkError("invoice refused: period closed "
+                                                         "(injected)"))
+        return super().apply(event)
+
+
+def test_partial_writes_are_recorded_completed_once_or_owned_as_exceptions(
+    kafka_bootstrap: str, validated: Validated, tmp_path: Path, new_topic: object
+) -> None:
+    from revline.readback import read_topic
+    from schemas import EventDeserializer
+
+    decode = EventDeserializer()
+    invoices: dict[str, str] = {}  # invoice key -> order id
+    paid_orders: set[str] = set()
+    for msg in read_topic(kafka_bootstrap, validated.topic):
+        env = decode.decode(msg.value() or b"")["envelope"]
+        if env["event_type"] == "invoice_issued":
+            invoices[env["idempotency_key"]] = env["order_id"]
+        elif env["event_type"] in ("payment_captured", "refund_issued"):
+            paid_orders.add(env["order_id"])
+    unpaid = sorted(k for k, order in invoices.items() if order not in paid_orders)
+    paid = sorted(k for k, order in invoices.items() if order in paid_orders)
+    assert unpaid and paid
+    flaky, refused = paid[0], unpaid[0]  # the refused one has no payments to block
+
+    exceptions = new_topic("sink-exceptions", 1)  # type: ignore[operator]
+    ledger = SqlLedger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    erp = _FlakyInvoices({flaky: 2}, {refused})
+    proc = processor(kafka_bootstrap, validated, ledger, erp, exceptions)
+    try:
+        drain(proc, validated)
+    finally:
+        proc.close()
+    assert proc.stats.partials >= 4  # 2 timeouts + the refusal tried twice
+
+    done = ledger.effects_for([flaky, refused], "erp")
+    assert done[flaky].status == "applied" and set(done[flaky].external_ref) >= {"sale",
+                                                                                   "invoice"}
+    assert done[flaky].attempts >= 3
+    assert done[refused].status == "refused"
+    assert set(done[refused].external_ref) == {"sale"}  # what was done, kept
+    assert "period closed" in done[refused].detail
+    # The sale was reused by every attempt: one sale per booking, one invoice per success.
+    counts = erp.store.counts()
+    assert counts["sale"] == validated.type_counts.get("order_booked", 0)
+    posted = [i for i in erp.store.invoices.values()
+              if i["total_minor"] >= 0 and i["state"] != "draft"]
+    assert len(posted) == validated.type_counts.get("invoice_issued", 0) - 1
+    # The refused invoice stays a draft in the ERP: visible to `revline reconcile`.
+    assert counts["invoice"] == len(posted) + 1
+    assert sink_exceptions_with(kafka_bootstrap, exceptions) == validated.refusable | {refused}
+
+
+def sink_exceptions_with(bootstrap: str, topic: str) -> set[str]:
+    from revline.readback import read_topic
+    from schemas import exception_codec
+
+    codec = exception_codec()
+    out = set()
+    for msg in read_topic(bootstrap, topic, timeout=20):
+        record = codec.decode(msg.value() or b"")
+        assert (record["check_id"], record["owner"]) == ("sink.erp_refused", "integrations")
+        out.add(record["idempotency_key"])
+    return out

@@ -70,6 +70,7 @@ def ensure_operations_topics(bootstrap: str, settings: Settings) -> None:
             settings.quarantine_topic: n,
         },
         config={
+            settings.audit_topic: {"retention.ms": "-1"},  # the audit trail is never deleted
             settings.audit_heads_topic: compact,
             settings.exception_state_topic: compact,
         },

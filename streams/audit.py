@@ -1,0 +1,411 @@
+"""The audit chainer (``revline auditor``): outcomes and audit facts → the hash-chained trail.
+
+Reads the worker's outcome records and the audit facts of other components
+(sink, exception manager, operators) and appends one audit record per entry to
+the chain of its order on the audit topic, each carrying the hash of the
+previous one (``processors.audit_chain``).
+
+Exactly once, no gap, under kill -9 and restarts:
+
+* the two source topics are co-partitioned (same key, the Java murmur2
+  partitioner, same partition count) and the group uses the range assignor, so
+  partition p of both goes to one member, and that member alone writes the
+  chains fed by partition p;
+* audit records and chain heads are written to partition p of the audit and
+  heads topics, in one Kafka transaction with the consumed offsets; a crash
+  aborts all of it, and everything committed is mutually consistent;
+* on assignment the heads of the new partitions are read (read_committed) from
+  the compacted heads topic after the group's offsets are stable;
+* source records come again after crashes and replays (the worker re-emits
+  outcomes after kill -9, the sink re-sends facts); an entry whose fact id is
+  among its chain's recent ids is skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from collections import Counter as CountOf
+from collections.abc import Iterable, Iterator
+from types import TracebackType
+
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient, ConfigResource  # type: ignore[attr-defined]
+from prometheus_client import CollectorRegistry, Counter, start_http_server
+
+from processors.audit_chain import (
+    ChainHead,
+    Entry,
+    canonical,
+    chain_for,
+    entries_from_outcome,
+    entry_from_fact,
+    unreadable_entry,
+)
+from revline.auditlog import AuditFact
+from revline.errors import ConfigurationError, InfrastructureError
+from revline.settings import Settings
+from schemas import outcome_codec
+
+log = logging.getLogger("revline.auditor")
+
+# The group's offsets may wait for a dead member's transaction to be aborted
+# (transaction.timeout.ms); reading heads before that could miss its commit.
+STABLE_OFFSETS_TIMEOUT_S = 120.0
+TRANSACTION_TIMEOUT_MS = 60_000
+
+
+class AuditMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.chained = Counter(
+            "revline_audit_records_total",
+            "Audit records chained, by kind (unreadable_source: a source record that could not "
+            "be decoded)", ["kind"], registry=self.registry)
+        self.skipped = Counter(
+            "revline_audit_redelivered_total",
+            "Source entries already in their chain (redelivered or re-sent), not chained again",
+            registry=self.registry)
+
+    def serve(self, port: int) -> int:
+        try:
+            server, _ = start_http_server(port, addr="127.0.0.1", registry=self.registry)
+        except OSError as exc:
+            raise InfrastructureError(
+                f"cannot serve auditor metrics on port {port}: {exc} (use --metrics-port)"
+            ) from exc
+        bound: int = server.server_port
+        return bound
+
+
+# -- reading committed records ---------------------------------------------------------
+class CommittedReader:
+    """Every committed record of ``topic`` (or some partitions), from the start to its end.
+
+    read_committed, so aborted transactions are never seen; the end is where the
+    partition reports EOF, because a transaction's last offset is a commit marker
+    that no consumer ever receives. (``committed_only=False`` shows aborted records
+    too: for tests and forensics.)
+    """
+
+    def __init__(self, bootstrap: str, topic: str, partitions: Iterable[int] | None = None,
+                 *, timeout: float = 300.0, committed_only: bool = True) -> None:
+        self.topic = topic
+        self._timeout = timeout
+        self._consumer = Consumer({
+            "bootstrap.servers": bootstrap,
+            "group.id": f"revline-audit-reader-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "isolation.level": "read_committed" if committed_only else "read_uncommitted",
+        })
+        try:
+            metadata = self._consumer.list_topics(topic, timeout=10)
+        except KafkaException as exc:
+            self._consumer.close()
+            raise InfrastructureError(f"cannot reach Kafka at {bootstrap}: {exc}") from exc
+        if topic not in metadata.topics or metadata.topics[topic].error is not None:
+            self._consumer.close()
+            raise InfrastructureError(f"topic {topic} does not exist on {bootstrap}")
+        wanted = sorted(metadata.topics[topic].partitions if partitions is None else partitions)
+        self.total = 0  # approximate (includes markers and aborted records): for progress only
+        self._pending: set[int] = set()
+        for p in wanted:
+            low, high = self._consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            if high > low:
+                self.total += high - low
+                self._pending.add(p)
+        self._consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING)
+                               for p in sorted(self._pending)])
+
+    def __enter__(self) -> CommittedReader:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._consumer.close()
+
+    def __iter__(self) -> Iterator[Message]:
+        deadline = time.monotonic() + self._timeout
+        while self._pending:
+            if time.monotonic() > deadline:
+                raise InfrastructureError(
+                    f"timed out reading {self.topic}: partitions {sorted(self._pending)} "
+                    "never reached their end")
+            for msg in self._consumer.consume(1000, 1.0):
+                error = msg.error()
+                if error is None:
+                    yield msg
+                elif error.code() == KafkaError._PARTITION_EOF:
+                    self._pending.discard(msg.partition() or 0)
+                else:
+                    raise InfrastructureError(f"reading {self.topic}: {error}")
+
+
+def load_heads(bootstrap: str, topic: str,
+               partitions: Iterable[int] | None = None) -> dict[int, dict[str, ChainHead]]:
+    """The committed chain heads of ``partitions`` (all when None); the last per chain wins."""
+    wanted = None if partitions is None else sorted(set(partitions))
+    heads: dict[int, dict[str, ChainHead]] = {p: {} for p in wanted or ()}
+    with CommittedReader(bootstrap, topic, wanted) as reader:
+        for msg in reader:
+            if msg.value() is None:
+                continue
+            try:
+                head = ChainHead.decode(msg.value() or b"")
+            except Exception as exc:  # a forked chain would be worse than stopping
+                raise InfrastructureError(
+                    f"{topic}/{msg.partition()}/{msg.offset()} is not a chain head ({exc}); "
+                    "the heads topic was written by something other than the auditor") from exc
+            heads.setdefault(msg.partition() or 0, {})[head.chain] = head
+    return heads
+
+
+def head_summaries(bootstrap: str, topic: str) -> dict[str, tuple[int, str]]:
+    """chain -> (seq, hash) of every committed head, for ``revline audit verify``."""
+    return {chain: (head.seq, head.hash)
+            for by_chain in load_heads(bootstrap, topic).values()
+            for chain, head in by_chain.items()}
+
+
+# -- topics ------------------------------------------------------------------------------
+def ensure_audit_topics(bootstrap: str, settings: Settings) -> None:
+    """Create what is missing and insist the four topics are co-partitioned."""
+    from revline.admin import ensure_operations_topics, ensure_topics
+
+    ensure_topics(bootstrap, {settings.outcomes_topic: settings.input_partitions})
+    ensure_operations_topics(bootstrap, settings)
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
+    names = [settings.outcomes_topic, settings.audit_facts_topic, settings.audit_topic,
+             settings.audit_heads_topic]
+    metadata = admin.list_topics(timeout=30).topics
+    counts = {name: len(metadata[name].partitions) for name in names}
+    if len(set(counts.values())) != 1:
+        raise ConfigurationError(
+            "the audit chainer needs co-partitioned topics (one order = one partition number); "
+            f"partition counts differ: {counts}")
+    _warn_if_audit_expires(admin, settings.audit_topic)
+
+
+def _warn_if_audit_expires(admin: AdminClient, topic: str) -> None:
+    try:
+        resource = ConfigResource("topic", topic)
+        configs = admin.describe_configs([resource])[resource].result(timeout=30)
+        retention = configs["retention.ms"].value
+    except Exception as exc:  # only a warning: never stop the chainer for it
+        log.warning("could not read the retention of %s: %s", topic, exc)
+        return
+    if retention not in (None, "-1"):
+        log.warning("audit topic %s has retention.ms=%s: old audit records will be deleted and "
+                    "`revline audit verify` will report the chains as starting late; set "
+                    "retention.ms=-1", topic, retention)
+
+
+# -- the chainer -------------------------------------------------------------------------
+class Chainer:
+    """One chainer instance; several instances (distinct ``instance``) share the partitions."""
+
+    def __init__(self, settings: Settings, bootstrap: str, *, instance: str = "0",
+                 batch_size: int = 500, metrics: AuditMetrics | None = None,
+                 kill_before_commit: int | None = None) -> None:
+        self.settings = settings
+        self.bootstrap = bootstrap
+        self.batch_size = batch_size
+        self.metrics = metrics or AuditMetrics()
+        self._kill_before_commit = kill_before_commit  # tests: SIGKILL inside batch N's txn
+        self._batches = 0
+        self.group_id = f"{settings.app_id}-auditor"
+        self.transactional_id = f"{settings.app_id}-auditor-{instance}"
+        self.sources = (settings.outcomes_topic, settings.audit_facts_topic)
+        self.heads: dict[int, dict[str, ChainHead]] = {}
+        self._outcome = outcome_codec()
+        consumer_config = settings.consumer_config(bootstrap, self.group_id)
+        consumer_config.update({
+            "partition.assignment.strategy": "range",  # partition p of both sources together
+            "session.timeout.ms": int(settings.session_timeout_s * 1000),
+        })
+        self.consumer = Consumer(consumer_config)
+        producer_config = settings.producer_config(bootstrap)
+        producer_config.update({
+            # Stable per instance: a restart fences its predecessor and aborts its open
+            # transaction at once instead of after the transaction timeout.
+            "transactional.id": self.transactional_id,
+            "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS,
+        })
+        self.producer = Producer(producer_config)
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        try:
+            self.producer.init_transactions(60)
+        except KafkaException as exc:
+            raise InfrastructureError(
+                f"cannot initialise transactions as {self.transactional_id}: {exc}") from exc
+        self.consumer.subscribe(list(self.sources), on_assign=self._on_assign,
+                                on_revoke=self._on_revoke, on_lost=self._on_revoke)
+        log.info("auditor %s: chaining %s and %s into %s", self.transactional_id,
+                 *self.sources, self.settings.audit_topic)
+        try:
+            while not stop.is_set():
+                messages = self.consumer.consume(self.batch_size, 0.5)
+                if messages:
+                    self._chain_batch(messages)
+        finally:
+            self.consumer.close()
+            self.producer.flush(10)
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        by_topic: dict[str, set[int]] = {topic: set() for topic in self.sources}
+        for tp in partitions:
+            by_topic[tp.topic].add(tp.partition)
+        if by_topic[self.sources[0]] != by_topic[self.sources[1]]:
+            raise ConfigurationError(
+                f"auditor got different partitions of {self.sources[0]} and {self.sources[1]} "
+                f"({by_topic}); they must be co-partitioned and assigned with the range assignor")
+        if not partitions:
+            return
+        # Waits until a previous owner's pending transaction is resolved (KIP-447).
+        consumer.committed(partitions, timeout=STABLE_OFFSETS_TIMEOUT_S)
+        wanted = by_topic[self.sources[0]]
+        self.heads.update(load_heads(self.bootstrap, self.settings.audit_heads_topic, wanted))
+        log.info("auditor %s: partitions %s assigned, %d chain heads loaded",
+                 self.transactional_id, sorted(wanted), sum(len(self.heads[p]) for p in wanted))
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self.heads.pop(tp.partition, None)
+
+    # -- one batch = one transaction ---------------------------------------------------
+    def _chain_batch(self, messages: list[Message]) -> None:
+        next_offsets: dict[tuple[str, int], int] = {}
+        records: list[tuple[int, str, bytes]] = []
+        touched: dict[tuple[int, str], ChainHead] = {}
+        kinds: CountOf[str] = CountOf()
+        skipped = 0
+        for msg in messages:
+            error = msg.error()
+            if error is not None:
+                if error.fatal():
+                    raise InfrastructureError(f"auditor consumer: {error}")
+                log.warning("auditor consumer: %s", error)
+                continue
+            topic, partition = msg.topic() or "", msg.partition() or 0
+            chain = chain_for(msg.key(), partition)
+            heads = self.heads.setdefault(partition, {})
+            head = heads.get(chain)
+            if head is None:
+                head = heads[chain] = ChainHead(chain)
+            for entry in self._entries(msg):
+                if head.has(entry.fact_id):
+                    skipped += 1
+                    continue
+                record = head.append(entry)
+                records.append((partition, chain, canonical(record)))
+                touched[partition, chain] = head
+                kinds[entry.kind] += 1
+            next_offsets[topic, partition] = (msg.offset() or 0) + 1
+        if not next_offsets:
+            return
+        try:
+            self._commit(records, touched, next_offsets)
+        except KafkaException as exc:
+            self._recover(exc)
+            return
+        for kind, count in kinds.items():
+            self.metrics.chained.labels(kind).inc(count)
+        self.metrics.skipped.inc(skipped)
+
+    def _entries(self, msg: Message) -> list[Entry]:
+        coords = f"{msg.topic()}/{msg.partition()}/{msg.offset()}"
+        try:
+            if msg.topic() == self.settings.outcomes_topic:
+                return entries_from_outcome(self._outcome.decode(msg.value() or b""))
+            fact = AuditFact.decode(msg.value() or b"")
+            return [entry_from_fact(fact_id=fact.fact_id, kind=fact.kind, actor=fact.actor,
+                                    at_ms=fact.at_ms, detail=fact.detail)]
+        except Exception as exc:  # bad bytes are data: chained as unreadable, never dropped
+            _, timestamp_ms = msg.timestamp()
+            return [unreadable_entry(coords, timestamp_ms or int(time.time() * 1000),
+                                     f"{type(exc).__name__}: {exc}")]
+
+    def _commit(self, records: list[tuple[int, str, bytes]],
+                touched: dict[tuple[int, str], ChainHead],
+                next_offsets: dict[tuple[str, int], int]) -> None:
+        self.producer.begin_transaction()
+        for partition, chain, value in records:
+            self._produce(self.settings.audit_topic, partition, chain, value)
+        for (partition, chain), head in touched.items():
+            self._produce(self.settings.audit_heads_topic, partition, chain, head.encode())
+        offsets = [TopicPartition(topic, partition, offset)
+                   for (topic, partition), offset in next_offsets.items()]
+        self.producer.send_offsets_to_transaction(
+            offsets, self.consumer.consumer_group_metadata(), 60)
+        self._batches += 1
+        if self._batches == self._kill_before_commit:
+            self.producer.flush(30)  # the records reach the log, uncommitted
+            log.error("failpoint: SIGKILL before committing batch %d", self._batches)
+            os.kill(os.getpid(), signal.SIGKILL)
+        for attempt in range(3):
+            try:
+                self.producer.commit_transaction(60)
+                return
+            except KafkaException as exc:
+                error: KafkaError = exc.args[0]
+                # A retriable commit (e.g. a timeout) may have succeeded: retry, never abort.
+                if attempt == 2 or not error.retriable() or error.txn_requires_abort():
+                    raise
+                log.warning("auditor: commit failed (%s); retrying", error)
+
+    def _produce(self, topic: str, partition: int, chain: str, value: bytes) -> None:
+        while True:
+            try:
+                self.producer.produce(topic, value=value, key=chain.encode(), partition=partition)
+                return
+            except BufferError:
+                self.producer.poll(0.05)
+
+    def _recover(self, exc: KafkaException) -> None:
+        """Abort, then start again from what is committed: offsets and heads."""
+        error: KafkaError = exc.args[0]
+        if error.fatal() or not error.txn_requires_abort():
+            raise InfrastructureError(
+                f"auditor transaction failed ({error}); nothing uncommitted was kept, restart "
+                f"to resume (if fenced: another auditor runs as {self.transactional_id!r})"
+            ) from exc
+        log.warning("auditor: transaction aborted (%s); resuming from the committed state", error)
+        try:
+            self.producer.abort_transaction(60)
+            assignment = self.consumer.assignment()
+            committed = self.consumer.committed(assignment, timeout=STABLE_OFFSETS_TIMEOUT_S)
+            for tp in committed:
+                offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
+                self.consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+            partitions = {tp.partition for tp in assignment}
+            self.heads = load_heads(self.bootstrap, self.settings.audit_heads_topic, partitions)
+        except KafkaException as again:
+            raise InfrastructureError(f"auditor could not recover from {error}: {again}") from again
+
+
+def run_auditor(settings: Settings, bootstrap: str, stop: threading.Event, *,
+                instance: str = "0", batch_size: int = 500, metrics_port: int | None = None,
+                kill_before_commit: int | None = None) -> None:
+    """Create the topics, serve metrics (if a port is given), chain until ``stop`` is set."""
+    ensure_audit_topics(bootstrap, settings)
+    metrics = AuditMetrics()
+    if metrics_port is not None:
+        port = metrics.serve(metrics_port)
+        log.info("auditor metrics on http://127.0.0.1:%d/metrics", port)
+    Chainer(settings, bootstrap, instance=instance, batch_size=batch_size, metrics=metrics,
+            kill_before_commit=kill_before_commit).run(stop)

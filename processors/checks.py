@@ -7,7 +7,7 @@ incomplete, later checks would only produce noise, so they are skipped.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,7 @@ class Finding:
 class CheckContext:
     reference: ReferenceData
     rules: Rules
+    now_ms: int = 0  # when the event is judged (an override's expiry is checked against it)
 
 
 Check = Callable[[Event, OrderState, CheckContext], Iterable[Finding]]
@@ -97,6 +98,8 @@ def completeness(event: Event, state: OrderState, ctx: CheckContext) -> Iterable
                 yield Finding(
                     "completeness.amounts", f"line {sh['line_id']}: quantity {sh['quantity']}"
                 )
+    elif kind == "manual_override":
+        yield from override_validity(event, ctx)
     elif kind == "discount_approved":
         if event["sku"] != "*" and event["sku"] not in products:
             yield Finding("completeness.sku", f"approval for unknown SKU {event['sku']!r}")
@@ -107,6 +110,23 @@ def completeness(event: Event, state: OrderState, ctx: CheckContext) -> Iterable
             )
 
 
+def override_validity(event: Event, ctx: CheckContext) -> Iterable[Finding]:
+    """An override must say why and must not be expired on arrival; else finance looks."""
+    if not event["reason_code"].strip():
+        yield Finding(
+            "override.reason_missing",
+            f"override {event['override_id']} by {event['actor']!r} has no reason code; "
+            "it is not applied",
+        )
+    expires_ms = int(event["expires_at"].timestamp() * 1000)
+    if expires_ms <= ctx.now_ms:
+        yield Finding(
+            "override.expired",
+            f"override {event['override_id']} by {event['actor']!r} expired at "
+            f"{event['expires_at'].isoformat()} before it arrived; it is not applied",
+        )
+
+
 # -- policy ------------------------------------------------------------------------------
 def policy(event: Event, state: OrderState, ctx: CheckContext) -> Iterable[Finding]:
     if event["envelope"]["event_type"] not in ("order_booked", "order_amended"):
@@ -114,7 +134,9 @@ def policy(event: Event, state: OrderState, ctx: CheckContext) -> Iterable[Findi
     rules = ctx.rules
     currency = event["currency"]
     for ln in event["lines"]:
-        product = ctx.reference.products[ln["sku"]]
+        product = ctx.reference.products.get(ln["sku"])
+        if product is None:  # completeness.sku owns it (reached here only when overridden)
+            continue
         list_price = product.list_prices.get(currency)
         if list_price is None:
             yield Finding("policy.price", f"SKU {ln['sku']} has no list price in {currency}")
@@ -231,9 +253,12 @@ def _against_parent(event: Event, parent: Mapping[str, Any], remaining: int, nou
 LATER_STAGES: tuple[Check, ...] = (policy, attribution, reconciliation)
 
 
-def run_checks(event: Event, state: OrderState, ctx: CheckContext) -> list[Finding]:
+def run_checks(event: Event, state: OrderState, ctx: CheckContext,
+               waived: Collection[str] = ()) -> list[Finding]:
+    """Every finding, including those of ``waived`` checks (an active override drops them
+    later); only findings that are not waived stop the later stages."""
     findings = list(completeness(event, state, ctx))
-    if findings:
+    if findings and (not waived or any(f.check_id not in waived for f in findings)):
         return findings
     for check in LATER_STAGES:
         findings.extend(check(event, state, ctx))

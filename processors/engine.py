@@ -37,6 +37,10 @@ HELD = "held"
 REPLAYED = "replayed"
 FINAL_KINDS = (VALIDATED, DUPLICATE, EXCEPTION, DEAD_LETTER)
 
+# The warning a validated decision carries when an active manual override dropped one of
+# its findings (its reason names the override, check, reason code and actor).
+OVERRIDE_APPLIED = "override.applied"
+
 # Headers set by re-drive and by a resolution carrying a corrected event. An input
 # with REENTRY_HEADER whose idempotency key ended in an exception is judged again
 # (it is a second attempt, not a duplicate). REDRIVE_COUNT_HEADER counts re-drives
@@ -134,6 +138,11 @@ class Engine:
             return None, self._dead_letter(record, exc.stage, type(exc).__name__, str(exc),
                                            exc.schema_ref, now_ms)
         problem = structural_error(event)
+        if (problem is not None and event["envelope"]["event_type"] == "manual_override"
+                and not event["reason_code"].strip()):
+            # A reasonless override is flagged to its owner (override.reason_missing, an
+            # exception) rather than dead-lettered: it is a human decision missing its why.
+            problem = structural_error({**event, "reason_code": "-"})
         if problem is None and record.key != event["envelope"]["order_id"].encode():
             problem = (
                 f"record key {record.key!r} is not envelope.order_id "
@@ -215,6 +224,8 @@ class Engine:
     def _judge(self, state: OrderState, record: InputRecord, event: Mapping[str, Any],
                memo: dict[str, Any], now_ms: int, *, held: bool,
                released_by: str | None) -> Decision:
+        overrides = state.overrides_for(event["envelope"]["idempotency_key"], now_ms)
+        used: list[str] = []
         blocked = state.failed(depends_on(event))
         if blocked:
             findings = [Finding(
@@ -223,13 +234,19 @@ class Engine:
             )]
         else:
             try:
-                findings = run_checks(event, state, CheckContext(self.reference(), self.rules))
+                findings = run_checks(event, state,
+                                      CheckContext(self.reference(), self.rules, now_ms),
+                                      overrides or ())
             except Exception as exc:  # a check bug must not become a crash loop
                 findings = [Finding(
                     "qa.internal_error",
                     f"a QA check failed on this record ({type(exc).__name__}: {exc}); "
                     "the record is kept for re-drive once the check is fixed",
                 )]
+            else:
+                if overrides:  # a person decided these checks may not stop this event
+                    used = sorted({f.check_id for f in findings if f.check_id in overrides})
+                    findings = [f for f in findings if f.check_id not in overrides]
         rules = self.rules
         blocking = [f for f in findings if rules.spec(f.check_id).severity != "P3"]
         if blocking:
@@ -237,9 +254,18 @@ class Engine:
                                        released_by=released_by)
             state.settle(provides(event), ok=False)
         else:
+            warnings = tuple(f.check_id for f in findings)
+            reason = ""
+            if used:
+                assert overrides is not None
+                warnings += (OVERRIDE_APPLIED,)
+                reason = "passed by override: " + "; ".join(
+                    f"{c} ({overrides[c]['id']}, {overrides[c]['rc']} by {overrides[c]['by']})"
+                    for c in used
+                )
             decision = Decision(
                 input=record, kind=VALIDATED, event=event, held=held, released_by=released_by,
-                findings=tuple(findings), warnings=tuple(f.check_id for f in findings),
+                findings=tuple(findings), warnings=warnings, reason=reason,
                 exception_id=exception_id_for(record.coords) if findings else None,
                 decided_at_ms=now_ms, rules_version=rules.version,
             )

@@ -165,6 +165,27 @@ class OrderState:
                 "sku": event["sku"],
                 "max_bps": event["max_discount_bps"],
             }
+        elif kind == "manual_override":
+            # Kept outside the default state (most orders never see one): target key ->
+            # check id -> the override. A newer override of the same check replaces it.
+            targets = d.setdefault("overrides", {}).setdefault(event["target_idempotency_key"], {})
+            targets[event["check_id"]] = {
+                "id": event["override_id"],
+                "exp": int(event["expires_at"].timestamp() * 1000),
+                "by": event["actor"],
+                "rc": event["reason_code"],
+            }
+
+    def overrides_for(self, key: str, now_ms: int) -> dict[str, dict[str, Any]] | None:
+        """Active (unexpired) overrides of the event with this idempotency key, by check id."""
+        table = self.data.get("overrides")  # absent on the hot path: one dict lookup
+        if not table:
+            return None
+        entries: dict[str, dict[str, Any]] | None = table.get(key)
+        if not entries:
+            return None
+        active = {check: o for check, o in entries.items() if o["exp"] > now_ms}
+        return active or None
 
     def version(self, amendment: int | None) -> dict[str, Any] | None:
         version: dict[str, Any] | None = self.data["versions"].get(str(amendment or 0))

@@ -1,0 +1,453 @@
+"""The exception manager: owned, timed exceptions as state in Kafka.
+
+``revline exceptions run`` consumes
+
+* the exceptions topic (Avro ``ExceptionRecord`` from the worker's QA checks
+  and from the sink): a new exception id is assigned an owner, a severity, a
+  backup owner and an SLA by the ownership rules and becomes ``open``; a known
+  id (a replay re-sends the same one) changes nothing;
+* the exception-events topic (JSON): ``ack``, ``resolve``, ``waive`` from the
+  CLI, and the manager's own ``escalated`` / ``expired`` events (applied when
+  raised; seen again on the topic they are no-ops, unless a crash lost the
+  state write, which they then repair);
+
+and writes each exception's current state, keyed by exception id, to the
+compacted exception-state topic, from which it rebuilds itself on start. A
+timer (``exception_check_interval_s``) escalates exceptions still open at
+their SLA deadline, once, to the backup owner, and expires those neither
+resolved nor waived by their expiry age. Every transition is an audit fact.
+
+Ordering: for each batch, state, raised events and audit facts are produced
+and flushed *before* the consumer offsets are committed, so a crash repeats
+work (recognised as no-ops) and never loses it.
+
+One active instance: the state is global (every instance would read all of
+it) and timers are not partitioned, so run exactly one manager per pipeline;
+a restarted one resumes from its committed offsets and the state topic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import orjson
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+
+from processors.exception_lifecycle import (
+    ACTIVE,
+    ESCALATED,
+    MANAGER,
+    OPEN,
+    Change,
+    apply_event,
+    audit_kind,
+    due_events,
+    open_exception,
+)
+from processors.ownership import ExceptionFacts, Ownership, event_amount
+from processors.reference import OWNERS, SEVERITIES
+from revline.auditlog import AuditFact, AuditLog
+from revline.errors import InfrastructureError
+from revline.metrics import ExceptionMetrics
+from revline.settings import Settings
+from schemas import DecodeError, EventDeserializer, exception_codec
+
+log = logging.getLogger("revline.exceptions")
+
+State = dict[str, Any]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class ExceptionManager:
+    """Applies exception records, lifecycle events and the clock to the exceptions' state."""
+
+    def __init__(self, settings: Settings, bootstrap: str, ownership: Ownership,
+                 metrics: ExceptionMetrics, *, clock: Callable[[], int] = _now_ms,
+                 deserializer: EventDeserializer | None = None,
+                 producer: Producer | None = None) -> None:
+        self.settings = settings
+        self.bootstrap = bootstrap
+        self.ownership = ownership
+        self.metrics = metrics
+        self.clock = clock
+        self.deserializer = deserializer or EventDeserializer()
+        self.codec = exception_codec()
+        self.producer = producer or Producer(settings.producer_config(bootstrap))
+        self.audit = AuditLog(self.producer, settings.audit_facts_topic)
+        self.states: dict[str, State] = {}
+        self._failures: list[str] = []
+        self._dirty = False  # produced something since the last flush
+
+    # -- inputs ------------------------------------------------------------------------------
+    def on_exception_record(self, value: bytes) -> None:
+        try:
+            record = self.codec.decode(value)
+        except (DecodeError, ValueError, EOFError) as exc:
+            log.error("skipping an undecodable exception record: %s", exc)
+            return
+        exception_id = record["exception_id"]
+        if not exception_id or exception_id in self.states:
+            return  # a replay or a re-send: the same id is the same exception
+        event = None
+        with contextlib.suppress(DecodeError):  # it may be about an undecodable record
+            event = self.deserializer.decode(record["event"]) if record["event"] else None
+        amount, currency = event_amount(event)
+        assignment = self.ownership.assign(ExceptionFacts(
+            check_id=record["check_id"], severity=record["severity"], owner=record["owner"],
+            event_type=record.get("event_type"), source_system=record.get("source_system"),
+            amount_minor=amount, currency=currency,
+        ))
+        state = open_exception(record, assignment, amount_minor=amount, currency=currency)
+        self.states[exception_id] = state
+        self._write_state(state)
+        self.metrics.transitions.labels(OPEN).inc()
+        log.info("opened %s %s %s owner=%s backup=%s (rule %s)", exception_id,
+                 state["check_id"], state["severity"], state["owner"], state["backup_owner"],
+                 assignment.rule or "defaults")
+
+    def on_lifecycle_event(self, value: bytes) -> None:
+        try:
+            event = orjson.loads(value)
+        except orjson.JSONDecodeError as exc:
+            log.error("skipping a lifecycle event that is not JSON: %s", exc)
+            return
+        if not isinstance(event, dict):
+            log.error("skipping a lifecycle event that is not a JSON object: %r", event)
+            return
+        self.apply(event)
+
+    def apply(self, event: Mapping[str, Any]) -> Change | None:
+        exception_id = str(event.get("exception_id"))
+        state = self.states.get(exception_id)
+        if state is None:
+            log.warning("lifecycle event %s for unknown exception %s ignored",
+                        event.get("type"), exception_id)
+            return None
+        result = apply_event(state, event)
+        if isinstance(result, str):
+            # Our own events come back from the topic: already applied, not news.
+            level = logging.DEBUG if event.get("actor") == MANAGER else logging.WARNING
+            log.log(level, "lifecycle event %s ignored: %s", event.get("event_id"), result)
+            return None
+        self.states[exception_id] = result.state
+        self._write_state(result.state)
+        self._record(result, event)
+        return result
+
+    # -- the clock ---------------------------------------------------------------------------
+    def tick(self, now_ms: int | None = None) -> list[Change]:
+        """Raise and apply due escalations and expiries; returns what changed."""
+        now = self.clock() if now_ms is None else now_ms
+        active = [s for s in self.states.values() if s["status"] in ACTIVE]
+        changes = []
+        for event in due_events(active, now):
+            change = self.apply(event)
+            if change is not None:
+                self._produce(self.settings.exception_events_topic, event["exception_id"],
+                              orjson.dumps(event))
+                changes.append(change)
+        self.observe(now)
+        return changes
+
+    def observe(self, now_ms: int) -> None:
+        counts = {(o, s): 0 for o in OWNERS for s in SEVERITIES}
+        oldest: dict[tuple[str, str], int] = {}
+        for s in self.states.values():
+            if s["status"] in ACTIVE:
+                key = (s["owner"], s["severity"])
+                counts[key] = counts.get(key, 0) + 1
+                oldest[key] = min(oldest.get(key, now_ms), s["opened_at_ms"])
+        for (owner, severity), count in counts.items():
+            self.metrics.open.labels(owner, severity).set(count)
+            age = (now_ms - oldest[(owner, severity)]) / 1000 if (owner, severity) in oldest else 0
+            self.metrics.oldest_age.labels(owner, severity).set(max(0.0, age))
+
+    # -- outputs -----------------------------------------------------------------------------
+    def _record(self, change: Change, event: Mapping[str, Any]) -> None:
+        state = change.state
+        m = self.metrics
+        m.transitions.labels(change.transition).inc()
+        if change.transition == ESCALATED:
+            m.sla_breaches.labels(state["owner"], state["severity"]).inc()
+            m.escalations.labels(state["backup_owner"]).inc()
+        detail = {
+            "exception_id": state["exception_id"], "check_id": state["check_id"],
+            "severity": state["severity"], "owner": state["owner"],
+            "status": state["status"], "reason_code": event.get("reason_code"),
+            "note": event.get("note"), "lifecycle_event_id": event.get("event_id"),
+        }
+        if change.transition == ESCALATED:
+            detail.update(to=state["backup_owner"], sla_deadline_ms=state["sla_deadline_ms"])
+        if event.get("corrected_event_id"):
+            detail["corrected_event_id"] = event["corrected_event_id"]
+        self.audit.record(AuditFact(
+            fact_id=f"{state['exception_id']}:{change.transition}:{change.at_ms}",
+            kind=audit_kind(change.transition), actor=change.actor,
+            order_id=state.get("order_id"), detail=detail, at_ms=change.at_ms,
+        ))
+        self._dirty = True
+        log.info("%s %s by %s%s", state["exception_id"], change.transition, change.actor,
+                 f" → {state['backup_owner']}" if change.transition == ESCALATED else "")
+
+    def _write_state(self, state: State) -> None:
+        self._produce(self.settings.exception_state_topic, state["exception_id"],
+                      orjson.dumps(state))
+
+    def _produce(self, topic: str, key: str, value: bytes) -> None:
+        while True:
+            try:
+                self.producer.produce(topic, key=key.encode(), value=value,
+                                      on_delivery=self._on_delivery)
+                break
+            except BufferError:
+                self.producer.poll(0.05)
+        self.producer.poll(0)
+        self._dirty = True
+
+    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            self._failures.append(f"{msg.topic()}: {err.str()}")
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Everything produced is acknowledged, or InfrastructureError (nothing is committed)."""
+        if not self._dirty:
+            return
+        remaining = self.producer.flush(timeout)
+        if remaining or self._failures:
+            failures, self._failures = self._failures, []
+            raise InfrastructureError(
+                f"exception state not acknowledged by Kafka ({remaining} pending, "
+                f"first failure: {failures[:1] or 'timeout'}); restart the manager, it resumes "
+                "from its last committed offsets"
+            )
+        self._dirty = False
+
+    # -- the loop ----------------------------------------------------------------------------
+    def rebuild(self) -> int:
+        self.states = read_states(self.bootstrap, self.settings.exception_state_topic)
+        return len(self.states)
+
+    def run(self, stop: threading.Event) -> None:
+        s = self.settings
+        count = self.rebuild()
+        log.warning("exception manager: %d exceptions rebuilt from %s; ownership %s; "
+                    "checking SLAs every %.1fs", count, s.exception_state_topic,
+                    self.ownership.version, s.exception_check_interval_s)
+        consumer = Consumer({
+            **s.consumer_config(self.bootstrap, f"{s.app_id}-exceptions"),
+            "log_level": 3,
+        })
+        consumer.subscribe([s.exceptions_topic, s.exception_events_topic])
+        interval_ms = int(s.exception_check_interval_s * 1000)
+        last_tick = 0
+        caught_up = False
+        try:
+            while not stop.is_set():
+                messages = consumer.consume(500, min(0.5, s.exception_check_interval_s))
+                consumed = False
+                for msg in messages:
+                    if msg.error() is not None:
+                        log.warning("consumer: %s", msg.error())
+                        continue
+                    consumed = True
+                    value = msg.value() or b""
+                    if msg.topic() == s.exceptions_topic:
+                        self.on_exception_record(value)
+                    else:
+                        self.on_lifecycle_event(value)
+                # Timers wait until the backlog is read: an exception acknowledged while
+                # the manager was down must not be escalated on start.
+                caught_up = caught_up or _caught_up(consumer)
+                now = self.clock()
+                if caught_up and now - last_tick >= interval_ms:
+                    self.tick(now)
+                    last_tick = now
+                self.flush()
+                if consumed:
+                    try:
+                        consumer.commit(asynchronous=False)
+                    except KafkaException as exc:  # e.g. a rebalance; the work repeats as no-ops
+                        log.warning("offset commit failed: %s", exc)
+        finally:
+            try:
+                self.flush()  # what is produced but uncommitted repeats as no-ops otherwise
+            except InfrastructureError as exc:
+                log.error("%s", exc)
+            consumer.close()
+
+
+def _caught_up(consumer: Consumer) -> bool:
+    """Every assigned partition is read up to its current end."""
+    assignment = consumer.assignment()
+    if not assignment:
+        return False
+    try:
+        positions = consumer.position(assignment)
+        committed = {(tp.topic, tp.partition): tp.offset
+                     for tp in consumer.committed(assignment, timeout=5)}
+        for tp in positions:
+            low, high = consumer.get_watermark_offsets(tp, timeout=5)
+            at = tp.offset if tp.offset >= 0 else committed.get((tp.topic, tp.partition), -1)
+            if max(at, low) < high:
+                return False
+    except KafkaException:
+        return False
+    return True
+
+
+# -- helpers shared with the CLI -------------------------------------------------------------
+def _reader(bootstrap: str) -> Consumer:
+    return Consumer({
+        "bootstrap.servers": bootstrap,
+        "group.id": f"revline-exceptions-read-{uuid.uuid4().hex[:8]}",
+        "enable.auto.commit": False,
+        "enable.partition.eof": True,
+        "log_level": 3,
+    })
+
+
+def _partitions(consumer: Consumer, topic: str) -> list[int]:
+    metadata = consumer.list_topics(topic, timeout=10)
+    info = metadata.topics.get(topic)
+    if info is None or info.error is not None:
+        return []
+    return sorted(info.partitions)
+
+
+def _watermarks(consumer: Consumer, topic: str, partition: int,
+                timeout: float = 30.0) -> tuple[int, int]:
+    """(low, high) of a partition, waiting out a just-created topic's leader election."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition),
+                                                       timeout=10)
+            return int(low), int(high)
+        except KafkaException as exc:
+            if time.monotonic() > deadline:
+                raise InfrastructureError(f"cannot read where {topic}/{partition} ends: {exc}"
+                                          ) from exc
+            time.sleep(0.5)
+
+
+def read_states(bootstrap: str, topic: str, timeout: float = 60.0) -> dict[str, State]:
+    """Every exception's current state: the compacted topic read to its end."""
+    consumer = _reader(bootstrap)
+    states: dict[str, State] = {}
+    try:
+        start = []
+        for p in _partitions(consumer, topic):
+            low, high = _watermarks(consumer, topic, p)
+            if high > low:
+                start.append(TopicPartition(topic, p, OFFSET_BEGINNING))
+        if not start:
+            return states
+        consumer.assign(start)
+        pending = {tp.partition for tp in start}
+        deadline = time.monotonic() + timeout
+        while pending:
+            if time.monotonic() > deadline:
+                raise InfrastructureError(f"timed out reading {topic} (partitions {pending})")
+            for msg in consumer.consume(1000, 0.5):
+                err = msg.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        pending.discard(msg.partition() or 0)
+                        continue
+                    raise InfrastructureError(f"reading {topic}: {err}")
+                key = (msg.key() or b"").decode()
+                value = msg.value()
+                if value is None:
+                    states.pop(key, None)
+                else:
+                    states[key] = orjson.loads(value)
+    finally:
+        consumer.close()
+    return states
+
+
+def end_offsets(bootstrap: str, topic: str) -> list[TopicPartition]:
+    """Where the topic ends now (to watch only what is written after)."""
+    consumer = _reader(bootstrap)
+    try:
+        return [TopicPartition(topic, p, _watermarks(consumer, topic, p)[1])
+                for p in _partitions(consumer, topic)]
+    finally:
+        consumer.close()
+
+
+def wait_for_state(bootstrap: str, topic: str, exception_id: str, start: list[TopicPartition],
+                   done: Callable[[State], bool], timeout: float) -> State | None:
+    """The first state of ``exception_id`` written after ``start`` that is ``done``."""
+    if not start or timeout <= 0:
+        return None
+    consumer = _reader(bootstrap)
+    try:
+        consumer.assign(start)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for msg in consumer.consume(100, 0.3):
+                if msg.error() is not None or msg.value() is None:
+                    continue
+                if (msg.key() or b"").decode() == exception_id:
+                    state: State = orjson.loads(msg.value() or b"{}")
+                    if done(state):
+                        return state
+        return None
+    finally:
+        consumer.close()
+
+
+def send_lifecycle_events(settings: Settings, bootstrap: str,
+                          events: Iterable[Mapping[str, Any]]) -> None:
+    """Publish lifecycle events (keyed by exception id: one exception's events stay ordered)."""
+    producer = Producer(settings.producer_config(bootstrap))
+    failures: list[str] = []
+
+    def delivered(err: KafkaError | None, _msg: Message) -> None:
+        if err is not None:
+            failures.append(err.str())
+
+    for event in events:
+        producer.produce(settings.exception_events_topic, key=str(event["exception_id"]).encode(),
+                         value=orjson.dumps(event), on_delivery=delivered)
+    if producer.flush(30) or failures:
+        raise InfrastructureError(
+            f"lifecycle event not acknowledged by Kafka at {bootstrap} "
+            f"({failures[:1] or 'timeout'}); nothing changed, try again"
+        )
+
+
+def run_manager(settings: Settings, bootstrap: str, stop: threading.Event) -> None:
+    """``revline exceptions run``: topics, metrics, then the manager until ``stop``."""
+    from processors.ownership import load_ownership
+    from revline.admin import ensure_operations_topics, ensure_topics
+    from schemas import registry_client
+
+    ownership = load_ownership(settings.ownership_file)
+    ensure_topics(bootstrap, {settings.exceptions_topic: settings.input_partitions})
+    ensure_operations_topics(bootstrap, settings)
+    metrics = ExceptionMetrics()
+    port = metrics.serve(settings.exceptions_metrics_port)
+    log.warning("metrics on http://127.0.0.1:%d/metrics", port)
+    deserializer = (EventDeserializer(registry=registry_client(settings.schema_registry_url))
+                    if settings.schema_registry_url else EventDeserializer())
+    ExceptionManager(settings, bootstrap, ownership, metrics,
+                     deserializer=deserializer).run(stop)

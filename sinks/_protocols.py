@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import date
 from typing import Any, Protocol, runtime_checkable
 
 from revline.errors import InfrastructureError, RevlineError
@@ -36,6 +37,25 @@ class EffectResult:
     status: str  # "applied" | "already_applied" | "not_applicable"
     external_refs: Mapping[str, str] = field(default_factory=dict)  # step -> external id
     detail: str = ""
+
+
+@dataclass(frozen=True)
+class ErpDocument:
+    """One Revline marker on one ERP document, as reconciliation reads it back.
+
+    A document carrying several markers (a sale marked by its booking, amendments,
+    invoice and cancellation) appears once per marker. Amounts are minor units of
+    ``currency``: a sale's untaxed amount, an invoice's total (negative for a credit
+    note), a payment move's amount (negative when money went back to the customer).
+    """
+
+    idempotency_key: str
+    step: str  # party | sale | invoice | payment | credit_note | refund_payment
+    ref: str  # the ERP's own id of the document
+    currency: str
+    amount_minor: int
+    state: str  # the ERP's state (draft, quotation, processing, posted, paid, cancelled...)
+    day: date | None  # the document's accounting day
 
 
 class TransientSinkError(InfrastructureError):
@@ -82,4 +102,13 @@ class ErpAdapter(Protocol):
 
     def lookup(self, idempotency_key: str) -> dict[str, str]:
         """step -> external id already in the ERP for this key (empty if none)."""
+        ...
+
+
+@runtime_checkable
+class ErpInventory(Protocol):
+    """Read-only: what an ERP holds, for reconciliation (both ERP adapters have it)."""
+
+    def documents(self) -> list[ErpDocument]:
+        """Every document carrying a Revline marker, one entry per marker."""
         ...

@@ -18,7 +18,13 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from sinks._protocols import EffectResult, Event, PermanentSinkError, TransientSinkError
+from sinks._protocols import (
+    EffectResult,
+    ErpDocument,
+    Event,
+    PermanentSinkError,
+    TransientSinkError,
+)
 from sinks.erp import _mapping as m
 from sinks.erp._tryton_setup import REFUND_SKU
 
@@ -124,6 +130,28 @@ class InMemoryErp:
                     if docs[doc_id].get("state") != "draft":
                         refs.setdefault(step, str(doc_id))
             return refs
+
+    def documents(self) -> list[ErpDocument]:
+        """Read-only: every marked document, one entry per marker (for reconciliation)."""
+        with self.store.lock:
+            self._reach()
+            out: list[ErpDocument] = []
+            for sale_id, sale in sorted(self.store.sales.items()):
+                amount = sum(ln.amount_minor for ln in sale["lines"])
+                for step, key in m.markers(sale.get("comment")):
+                    out.append(ErpDocument(key, step, str(sale_id), sale["currency"], amount,
+                                           sale["state"], sale.get("sale_date")))
+            for inv_id, inv in sorted(self.store.invoices.items()):
+                for step, key in m.markers(inv.get("comment")):
+                    out.append(ErpDocument(key, step, str(inv_id), inv["currency"],
+                                           inv["total_minor"], inv["state"],
+                                           inv.get("invoice_date")))
+            for move_id, move in sorted(self.store.moves.items()):
+                currency = self.store.invoices[move["invoice"]]["currency"]
+                for step, key in m.markers(move.get("description")):
+                    out.append(ErpDocument(key, step, str(move_id), currency,
+                                           move["amount_minor"], "posted", move.get("date")))
+            return out
 
     # -- apply -----------------------------------------------------------------------------
     def apply(self, event: Event) -> EffectResult:

@@ -40,7 +40,13 @@ from typing import Any
 
 import httpx
 
-from sinks._protocols import EffectResult, Event, PermanentSinkError, TransientSinkError
+from sinks._protocols import (
+    EffectResult,
+    ErpDocument,
+    Event,
+    PermanentSinkError,
+    TransientSinkError,
+)
 from sinks.erp import _mapping as m
 from sinks.erp._tryton_setup import PAYMENT_METHOD, REFUND_SKU, TAX_NAME
 
@@ -440,6 +446,75 @@ class TrytonErp:
                 # Lowest id wins: a credit note copies its invoice's comment.
                 refs.setdefault(step, str(record))
         return refs
+
+    def _search_read_all(
+        self, model: str, domain: list[Any], fields: Sequence[str], page: int = 1000
+    ) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        while True:
+            chunk = self._m(model, "search_read", domain, len(rows), page, [["id", "ASC"]],
+                            list(fields))  # fmt: skip
+            rows.extend(chunk)
+            if len(chunk) < page:
+                return rows
+
+    def documents(self) -> list[ErpDocument]:
+        """Read-only: every marked document, one entry per marker (for reconciliation).
+
+        Payment moves carry no amount of their own: it is read from their receivable
+        line, in the invoice's currency (``amount_second_currency`` when that is not
+        the company's), credit positive, so a refund paid back is negative.
+        """
+        cfg = self._cfg()
+        codes = {cid: (code, digits) for code, (cid, digits) in self._currencies.items()}
+        company = self._read1("company.company", int(cfg["company"]), ["currency"])
+        company_currency = codes[int(company["currency"])]
+        marked = [["comment", "like", "%[revline step=%"]]
+        out: list[ErpDocument] = []
+        for model, amount_field, day_fields in (
+            ("sale.sale", "untaxed_amount", ("sale_date",)),
+            ("account.invoice", "total_amount", ("accounting_date", "invoice_date")),
+        ):
+            rows = self._search_read_all(
+                model, marked, ["comment", "state", "currency", amount_field, *day_fields]
+            )
+            for r in rows:
+                code, digits = codes[int(r["currency"])]
+                amount = m.to_minor(Decimal(r[amount_field] or 0), digits)
+                day = next((r[f] for f in day_fields if r.get(f)), None)
+                for step, key in m.markers(r.get("comment")):
+                    out.append(ErpDocument(key, step, str(r["id"]), code, amount,
+                                           str(r["state"]), day))  # fmt: skip
+        moves = self._search_read_all(
+            "account.move", [["description", "like", "%[revline step=%"]],
+            ["description", "state", "date", "lines"],
+        )  # fmt: skip
+        line_ids = [int(i) for mv in moves for i in mv["lines"]]
+        lines: dict[int, list[dict[str, Any]]] = {}
+        for start in range(0, len(line_ids), 1000):
+            for ln in self._read(
+                "account.move.line", line_ids[start : start + 1000],
+                ["move", "debit", "credit", "amount_second_currency", "second_currency",
+                 "account.type.receivable"],
+            ):  # fmt: skip
+                lines.setdefault(int(ln["move"]), []).append(ln)
+        for mv in moves:
+            receivable = [
+                ln for ln in lines.get(int(mv["id"]), [])
+                if ((ln.get("account.") or {}).get("type.") or {}).get("receivable")
+            ]  # fmt: skip
+            code, digits = company_currency
+            amount = 0
+            for ln in receivable:
+                if ln.get("second_currency"):
+                    code, digits = codes[int(ln["second_currency"])]
+                    amount -= m.to_minor(Decimal(ln["amount_second_currency"]), digits)
+                else:
+                    amount += m.to_minor(Decimal(ln["credit"]) - Decimal(ln["debit"]), digits)
+            for step, key in m.markers(mv.get("description")):
+                out.append(ErpDocument(key, step, str(mv["id"]), code, amount, str(mv["state"]),
+                                       mv.get("date")))  # fmt: skip
+        return out
 
     # -- apply ---------------------------------------------------------------------------
     def apply(self, event: Event) -> EffectResult:

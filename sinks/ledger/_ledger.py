@@ -88,6 +88,21 @@ class SideEffect:
     detail: str
 
 
+@dataclass(frozen=True)
+class JournalSummary:
+    """A journal header without its lines: what reconciliation compares."""
+
+    id: str
+    idempotency_key: str  # the effect's key (a credit note: "<event key>:reverses:<id>")
+    event_key: str  # the event's idempotency key
+    order_id: str
+    event_type: str
+    currency: str
+    total_minor: int
+    occurred_at: datetime
+    reverses_journal_id: str | None
+
+
 Amounts = tuple[tuple[str, int, int], ...]  # (account, debit_minor, credit_minor) per line
 
 
@@ -590,6 +605,36 @@ class SqlLedger:
             for row in rows
         ]
 
+    def journal_summaries(
+        self, since: datetime | None = None, until: datetime | None = None
+    ) -> list[JournalSummary]:
+        """Read-only: every journal header whose event occurred in [since, until)."""
+        stmt = sa.select(
+            journals.c.id, journals.c.idempotency_key, journals.c.event_key,
+            journals.c.order_id, journals.c.event_type, journals.c.currency,
+            journals.c.total_debit_minor, journals.c.occurred_at,
+            journals.c.reverses_journal_id,
+        ).order_by(journals.c.occurred_at, journals.c.idempotency_key)  # fmt: skip
+        if since is not None:
+            stmt = stmt.where(journals.c.occurred_at >= since)
+        if until is not None:
+            stmt = stmt.where(journals.c.occurred_at < until)
+        with db_errors(), self._transaction() as conn:
+            return [
+                JournalSummary(
+                    id=row.id,
+                    idempotency_key=row.idempotency_key,
+                    event_key=row.event_key,
+                    order_id=row.order_id,
+                    event_type=row.event_type,
+                    currency=row.currency,
+                    total_minor=int(row.total_debit_minor),
+                    occurred_at=row.occurred_at,
+                    reverses_journal_id=row.reverses_journal_id,
+                )
+                for row in conn.execute(stmt)
+            ]
+
     # -- side-effect ledger ------------------------------------------------------
 
     def record_effect(
@@ -650,6 +695,20 @@ class SqlLedger:
                 for row in rows:
                     out[row["idempotency_key"]] = _side_effect(dict(row))
         return out
+
+    def all_effects(
+        self, adapter: str | None = None, statuses: Iterable[str] | None = None
+    ) -> list[SideEffect]:
+        """Read-only: side-effect rows, optionally of one adapter and some statuses."""
+        stmt = sa.select(side_effects).order_by(
+            side_effects.c.idempotency_key, side_effects.c.adapter
+        )
+        if adapter is not None:
+            stmt = stmt.where(side_effects.c.adapter == adapter)
+        if statuses is not None:
+            stmt = stmt.where(side_effects.c.status.in_(sorted(set(statuses))))
+        with db_errors(), self._transaction() as conn:
+            return [_side_effect(dict(row)) for row in conn.execute(stmt).mappings()]
 
     # -- plumbing ----------------------------------------------------------------
 

@@ -1,0 +1,365 @@
+"""Reconciliation and shadow parity as pure functions over plain values.
+
+Where the model of "what a correct sink leaves" must agree with the real adapters,
+the actual side comes from the real ones (SqlLedger on in-memory SQLite, the
+in-memory ERP), driven without Kafka; the Kafka tests are test_reconcile_kafka.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from revline.errors import ConfigurationError
+from revline.workload import WorkloadOptions, generate
+from schemas import exception_codec
+from sinks._protocols import ErpDocument, PermanentSinkError
+from sinks.erp import InMemoryErp
+from sinks.erp import _mapping as m
+from sinks.ledger import JournalSummary, SideEffect, SqlLedger, load_posting_rules
+from sinks.reconcile import (
+    ERP_STEPS,
+    Report,
+    StreamView,
+    compare_erp,
+    compare_ledger,
+    exception_id,
+    exception_records,
+    expected_from_events,
+    fmt_minor,
+    parse_window,
+)
+from sinks.shadow import Footprint, footprints, parity
+from tests.sinks.erp_contract import (
+    DAY,
+    LINES,
+    amended,
+    booked,
+    cancelled,
+    captured,
+    fulfilled,
+    invoiced,
+    line,
+    new_order,
+    refunded,
+    subtotal,
+    tax_of,
+)
+
+RULES = load_posting_rules()
+
+
+def stream_of(events: Iterable[dict[str, Any]]) -> StreamView:
+    return expected_from_events(((e, None) for e in events), RULES)
+
+
+def journal(key: str, etype: str, total: int, currency: str = "EUR", order: str = "SO-1",
+            at: datetime = DAY, effect_key: str | None = None) -> JournalSummary:
+    return JournalSummary(id=f"J-{effect_key or key}", idempotency_key=effect_key or key,
+                          event_key=key, order_id=order, event_type=etype, currency=currency,
+                          total_minor=total, occurred_at=at, reverses_journal_id=None)
+
+
+def flow(order: str, currency: str = "EUR") -> list[dict[str, Any]]:
+    """Booked, amended, invoiced, paid in two captures, partly refunded."""
+    lines2 = [*LINES, line("L3", "SKU-CRM-PRO", 1, 110400)]
+    total = subtotal(lines2) + tax_of(lines2, currency)
+    return [booked(order, LINES, currency), amended(order, 1, lines2, currency),
+            fulfilled(order), invoiced(order, lines2, currency),
+            captured(order, 1, total // 3, currency), captured(order, 2, total - total // 3,
+                                                               currency),
+            refunded(order, 5000, currency)]
+
+
+def cancelled_after_invoice(order: str) -> list[dict[str, Any]]:
+    return [booked(order, LINES), invoiced(order, LINES), cancelled(order, DAY + timedelta(days=2))]
+
+
+def sink(events: list[dict[str, Any]], ledger: SqlLedger, erp: InMemoryErp) -> None:
+    """What the sink processor does, without Kafka: post, apply, record refusals."""
+    for event in events:
+        key = event["envelope"]["idempotency_key"]
+        ledger.post([event])
+        try:
+            erp.apply(event)
+        except PermanentSinkError as exc:
+            ledger.record_effect(key, "erp", {}, "refused", 1, str(exc))
+
+
+# -- the model agrees with the real adapters -------------------------------------------
+def test_a_correct_sink_leaves_zero_drift_in_the_real_ledger_and_erp() -> None:
+    a, b, c = new_order(), new_order(), new_order()
+    events = [*flow(a), *flow(b, "JPY"), *cancelled_after_invoice(c), booked(new_order(), LINES)]
+    stream = stream_of(events)
+    with SqlLedger("sqlite:///:memory:") as ledger:
+        erp = InMemoryErp()
+        sink(events, ledger, erp)
+        lr = compare_ledger(stream, ledger.journal_summaries(), {})
+        er = compare_erp(stream, erp.documents(), {})
+    assert (lr.issues, er.issues) == ([], [])
+    # invoice, 2 captures, refund per flow x2; invoice + credit note of the cancellation
+    assert lr.checked == lr.matched == 10
+    # per flow: booked, amended, invoice, 2 captures, refund; c: booked, invoice, cancel; +1
+    assert er.checked == er.matched == 6 * 2 + 3 + 1
+    cell = lr.cells[("order_cancelled", "EUR", "2026-11")]
+    inv = subtotal(LINES) + tax_of(LINES, "EUR")
+    assert (cell.stream_count, cell.stream_minor, cell.count, cell.minor) == (1, inv, 1, inv)
+    assert er.cells[("order_cancelled", "EUR", "2026-11")].minor == inv
+
+
+def test_generated_workload_sunk_in_order_reconciles_to_zero_with_refusals_owned() -> None:
+    workload = generate(WorkloadOptions(orders=60, seed=11, duplicates=0, conflicts=0,
+                                        out_of_order=0, incomplete=0, off_policy=0,
+                                        amount_mismatch=0, poison=0))
+    events = [r.event for r in workload.records
+              if r.event is not None and r.expect.outcome == "validated"]
+    # An amendment after invoicing: valid for the stream, refused by the ERP (a confirmed
+    # sale's lines do not change), so the sink owns it as an exception.
+    invoiced_order = next(e for e in events if e["envelope"]["event_type"] == "invoice_issued")
+    late = amended(invoiced_order["envelope"]["order_id"], 9, LINES,
+                   invoiced_order["currency"], DAY + timedelta(days=30))
+    events.append(late)
+    stream = stream_of(events)
+    with SqlLedger("sqlite:///:memory:") as ledger:
+        erp = InMemoryErp()
+        sink(events, ledger, erp)
+        refused = {e.idempotency_key: e.detail for e in ledger.all_effects("erp", ["refused"])}
+        lr = compare_ledger(stream, ledger.journal_summaries(), {})
+        er = compare_erp(stream, erp.documents(), refused)
+        balances = ledger.balances()
+    assert lr.issues == [] and er.issues == [], (lr.issues[:3], er.issues[:3])
+    assert list(refused) == [late["envelope"]["idempotency_key"]]
+    assert [i.key for i in er.refused] == list(refused) and "confirmed sale" in er.refused[0].detail
+    # The stream's amounts per currency equal the manifest's totals, independently derived.
+    invoiced_ = {cur: 0 for cur in {o.currency for o in workload.orders.values()}}
+    for (etype, cur, _), cell in lr.cells.items():
+        if etype == "invoice_issued":
+            invoiced_[cur] += cell.minor
+    for cur, total in invoiced_.items():
+        assert total == sum(o.invoiced_minor for o in workload.orders.values()
+                            if o.currency == cur)
+    assert sum(v for (acct, _), v in balances.items() if acct == "cash") == sum(
+        o.paid_minor - o.refunded_minor for o in workload.orders.values())
+
+
+def test_erp_steps_cover_exactly_what_the_erp_adapters_handle() -> None:
+    assert set(ERP_STEPS) == set(m.HANDLERS) == m.APPLICABLE
+
+
+# -- ledger: missing, extra, mismatched, refused ---------------------------------------
+def test_ledger_names_missing_extra_and_mismatched_records_with_amounts() -> None:
+    order = new_order()
+    events = flow(order)
+    stream = stream_of(events)
+    inv, cap1, cap2, ref = (stream.by_key[f"{order}:{s}"] for s in
+                            ("invoice:1", "capture:1", "capture:2", "refund:1"))
+    journals = [
+        journal(inv.key, "invoice_issued", inv.amount_minor or 0, order=order),
+        # capture:1 deleted behind the pipeline's back
+        journal(cap2.key, "payment_captured", (cap2.amount_minor or 0) + 1, order=order),
+        journal(ref.key, "refund_issued", 5000, order=order),
+        journal("SO-GHOST:invoice:1", "invoice_issued", 999, order="SO-GHOST"),
+    ]
+    report = compare_ledger(stream, journals, {})
+    assert [(i.kind, i.key, i.expected_minor, i.actual_minor) for i in report.missing] == [
+        ("missing", cap1.key, cap1.amount_minor, None)]
+    assert [(i.key, i.expected_minor, i.actual_minor) for i in report.mismatched] == [
+        (cap2.key, cap2.amount_minor, (cap2.amount_minor or 0) + 1)]
+    assert "≠" in report.mismatched[0].detail
+    assert [(i.key, i.actual_minor, i.order_id) for i in report.extra] == [
+        ("SO-GHOST:invoice:1", 999, "SO-GHOST")]
+    assert (report.checked, report.matched) == (4, 2)
+    assert report.drift_pct == pytest.approx(75.0)
+
+
+def test_refused_events_are_listed_as_owned_not_drift() -> None:
+    order = new_order()
+    stream = stream_of(flow(order))
+    key = f"{order}:capture:1"
+    kept = [journal(e.key, e.event_type, e.ledger_minor or 0, order=order)
+            for e in stream.records if e.ledger_minor and e.key != key]
+    report = compare_ledger(stream, kept, {key: "ledger refused: account closed"})
+    assert report.issues == []
+    assert [(i.kind, i.key, i.detail) for i in report.refused] == [
+        ("refused", key, "ledger refused: account closed")]
+    assert report.drift_pct == 0.0
+
+
+def test_cancellation_expects_the_reversal_of_only_unrefused_earlier_invoices() -> None:
+    order = new_order()
+    events = cancelled_after_invoice(order)
+    stream = stream_of(events)
+    cancel = stream.by_key[f"{order}:cancelled"]
+    inv = stream.by_key[f"{order}:invoice:1"]
+    assert cancel.reverses == (inv.key,) and cancel.amount_minor == inv.amount_minor
+    credit = journal(cancel.key, "order_cancelled", inv.amount_minor or 0, order=order,
+                     effect_key=f"{cancel.key}:reverses:J-{inv.key}")
+    ok = compare_ledger(stream, [journal(inv.key, "invoice_issued", inv.amount_minor or 0,
+                                         order=order), credit], {})
+    assert ok.issues == [] and ok.matched == 2
+    # The invoice was refused by the ledger: nothing to reverse, so a credit note is extra.
+    refused = compare_ledger(stream, [credit], {inv.key: "refused"})
+    assert [(i.kind, i.key) for i in refused.extra] == [("extra", cancel.key)]
+
+
+def test_window_limits_expected_and_actual_alike_and_parses_periods() -> None:
+    order = new_order()
+    events = [booked(order, LINES, at=datetime(2026, 10, 30, tzinfo=UTC)),
+              invoiced(order, LINES, at=datetime(2026, 10, 31, 12, tzinfo=UTC))]  # +1 day
+    stream = stream_of(events)
+    inv = stream.by_key[f"{order}:invoice:1"]
+    assert inv.period == "2026-11"
+    nov, oct_ = parse_window("2026-11"), parse_window("2026-10")
+    assert compare_ledger(stream, [], {}, oct_).checked == 0
+    assert [i.key for i in compare_ledger(stream, [], {}, nov).missing] == [inv.key]
+    assert parse_window("2026-W47").start == datetime(2026, 11, 16, tzinfo=UTC)
+    assert parse_window("2026-12").end == datetime(2027, 1, 1, tzinfo=UTC)
+    assert parse_window(since="2026-11-01", until="2026-11-08").contains(
+        datetime(2026, 11, 7, 23, 59, tzinfo=UTC))
+    assert not parse_window(since="2026-11-01", until="2026-11-08").contains(date(2026, 11, 8))
+    for bad in ({"period": "2026-13"}, {"period": "Nov"}, {"period": "2026-11", "since": "x"},
+                {"since": "2026-11-08", "until": "2026-11-01"}):
+        with pytest.raises(ConfigurationError):
+            parse_window(**bad)
+
+
+def test_copies_on_the_topic_count_once_and_conflicting_copies_are_noted() -> None:
+    order = new_order()
+    inv = invoiced(order, LINES)
+    other = {**inv, "total_minor": inv["total_minor"] + 1}
+    stream = stream_of([booked(order, LINES), inv, inv, other])
+    assert len(stream.records) == 2 and stream.copies == 2
+    assert stream.conflicts == [f"{order}:invoice:1"]
+
+
+# -- ERP -------------------------------------------------------------------------------
+def doc(key: str, step: str, amount: int, ref: str = "1", state: str = "posted",
+        currency: str = "EUR") -> ErpDocument:
+    return ErpDocument(key, step, ref, currency, amount, state, DAY.date())
+
+
+def test_erp_duplicate_invoice_cancelled_sale_draft_and_partial_are_drift() -> None:
+    order = new_order()
+    events = [booked(order, LINES), invoiced(order, LINES), captured(order, 1, 1000)]
+    stream = stream_of(events)
+    b, i, c = (e.key for e in stream.records)
+    total = stream.by_key[i].amount_minor or 0
+    net = subtotal(LINES)
+    clean = [doc(b, "sale", net, "7", "processing"), doc(i, "sale", net, "7", "processing"),
+             doc(i, "invoice", total, "8"), doc(c, "payment", 1000, "9")]
+    assert compare_erp(stream, clean, {}).issues == []
+
+    duplicated = [*clean, doc(i, "invoice", total, "10")]  # the two-invoices-per-amendment bug
+    (issue,) = compare_erp(stream, duplicated, {}).mismatched
+    assert issue.key == i and "2 invoice documents (8, 10), expected 1" in issue.detail
+    assert issue.money and issue.expected_minor == total and issue.actual_minor == 2 * total
+
+    cancelled_behind = [doc(b, "sale", net, "7", "cancelled"), *clean[1:]]
+    report = compare_erp(stream, cancelled_behind, {})
+    assert [(x.key, x.money) for x in report.mismatched] == [(b, False)]
+    assert "never cancelled" in report.mismatched[0].detail
+
+    draft = [*clean[:2], doc(i, "invoice", total, "8", "draft"), clean[3]]
+    (issue,) = compare_erp(stream, draft, {}).mismatched
+    assert "no invoice (document 8 is still a draft)" in issue.detail
+
+    report = compare_erp(stream, clean[:3], {}, {c: "payment: done invoice=8; then timeout"})
+    assert [(x.kind, x.key) for x in report.mismatched] == [("mismatch", c)]
+    assert "partial write not completed" in report.mismatched[0].detail
+
+    report = compare_erp(stream, [*clean[:3], doc("SO-X:capture:1", "payment", 5, "11")], {})
+    assert [(x.kind, x.key, x.key) for x in report.missing] == [("missing", c, c)]
+    assert [(x.kind, x.key, x.actual_minor) for x in report.extra] == [
+        ("extra", "SO-X:capture:1", 5)]
+
+
+def test_erp_sale_amount_is_checked_against_the_latest_accepted_amendment() -> None:
+    order = new_order()
+    lines2 = [*LINES, line("L3", "SKU-CRM-PRO", 1, 110400)]
+    stream = stream_of([booked(order, LINES), amended(order, 1, lines2),
+                        amended(order, 2, LINES)])
+    b, a1, a2 = (e.key for e in stream.records)
+    old, new = subtotal(LINES), subtotal(lines2)
+    docs = [doc(k, "sale", new, "5", "quotation") for k in (b, a1)]
+    # amendment 2 refused by the ERP: the sale keeps amendment 1's lines
+    assert compare_erp(stream, docs, {a2: "refused"}).issues == []
+    report = compare_erp(stream, [*docs, doc(a2, "sale", new, "5", "quotation")], {})
+    assert [(x.key, x.money) for x in report.mismatched] == [(a2, False)]
+    assert fmt_minor(old, "EUR") in report.mismatched[0].detail
+
+
+# -- exceptions ------------------------------------------------------------------------
+def test_exception_records_are_owned_by_finance_deterministic_and_encodable() -> None:
+    order = new_order()
+    stream = stream_of(flow(order))
+    report = compare_ledger(stream, [], {})
+    records = list(exception_records(report.issues, now_ms=1_000, rules_version="postings x",
+                                     sla_minutes={"P1": 15, "P2": 120}))
+    assert len(records) == report.checked == 4
+    key, first = records[0]
+    assert key == order
+    assert (first["check_id"], first["owner"], first["severity"]) == (
+        "reconcile.missing", "finance", "P1")
+    assert first["sla_deadline_ms"] == 1_000 + 15 * 60_000
+    assert first["exception_id"] == exception_id(report.issues[0])
+    again = compare_ledger(stream, [], {})  # a re-run: the same ids
+    assert [exception_id(i) for i in again.issues] == [r["exception_id"] for _, r in records]
+    assert len({r["exception_id"] for _, r in records}) == 4
+    codec = exception_codec()
+    assert codec.decode(codec.encode(first))["reason"] == first["reason"]
+    assert "missing in the ledger: invoice_issued" in first["reason"]
+
+
+def test_report_drift_is_over_both_systems() -> None:
+    order = new_order()
+    stream = stream_of(flow(order))
+    ledger = compare_ledger(stream, [], {})
+    erp = compare_erp(stream, [], {})
+    report = Report(parse_window(), stream, [ledger, erp])
+    assert report.checked == ledger.checked + erp.checked
+    assert report.drift_pct == 100.0
+    detail = report.fact_detail()
+    assert detail["missing"] == ledger.checked + erp.checked
+    assert detail["ledger"]["drift_pct"] == 100.0 and detail["period"] == "all"
+
+
+def test_fmt_minor_uses_the_currency_exponent() -> None:
+    assert fmt_minor(123456, "EUR") == "1,234.56 EUR"
+    assert fmt_minor(123456, "JPY") == "123,456 JPY"
+    assert fmt_minor(-5, "USD") == "-0.05 USD"
+    assert fmt_minor(None, "USD") == "—"
+
+
+# -- shadow parity ---------------------------------------------------------------------
+def test_parity_is_100_for_identical_ledgers_and_names_the_difference() -> None:
+    order = new_order()
+    events = [*flow(order), fulfilled(new_order())]
+    stream = stream_of(events)
+    with SqlLedger("sqlite:///:memory:") as primary, SqlLedger("sqlite:///:memory:") as shadow:
+        for ledger in (primary, shadow):
+            sink(events, ledger, InMemoryErp())
+            for e in stream.records:
+                ledger.record_effect(e.key, "ledger", {}, "applied", 1)
+        p = footprints(primary.journal_summaries(), primary.all_effects())
+        s = footprints(shadow.journal_summaries(), shadow.all_effects())
+    report = parity(stream, p, s, RULES)
+    assert report.parity_pct == 100.0
+    assert report.compared == 6  # fulfilments have no effect anywhere: not compared
+    key = f"{order}:capture:2"
+    s[key] = Footprint((), s[key].effects)
+    report = parity(stream, p, s, RULES)
+    assert report.compared == 6 and report.equal == 5
+    assert report.by_type["payment_captured"].parity_pct == 50.0
+    assert [(d.key, d.shadow) for d in report.differences] == [(key, "ledger=applied")]
+    assert report.parity_pct == pytest.approx(500 / 6)
+
+
+def test_footprints_ignore_erp_refs_but_not_statuses() -> None:
+    at = datetime(2026, 11, 1, tzinfo=UTC)
+    a = [SideEffect("K", "erp", {"sale": "1"}, "applied", 1, at, "")]
+    b = [SideEffect("K", "erp", {"sale": "99"}, "applied", 3, at, "")]
+    c = [SideEffect("K", "erp", {}, "refused", 1, at, "no")]
+    assert footprints([], a) == footprints([], b) != footprints([], c)

@@ -88,13 +88,13 @@ def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
         f"Generated {len(workload.records)} inputs for {args.orders} orders "
         f"→ {events_path} and {manifest_path}"
     )
-    console.print(_counts_table("Expected outcomes (manifest)", counts))
+    console.print(counts_table("Expected outcomes (manifest)", counts))
     if args.publish:
         return _publish_file(events_path, settings, topic=args.topic, allow_raw=True)
     return 0
 
 
-def _counts_table(title: str, counts: dict[str, int]) -> Table:
+def counts_table(title: str, counts: dict[str, int]) -> Table:
     table = Table(title=title)
     table.add_column("outcome")
     table.add_column("inputs", justify="right")
@@ -194,103 +194,13 @@ def _readback(bootstrap: str, topic: str, manifest: dict[str, Any], settings: Se
 
 # -- demo ----------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    """Broker (if needed) → reference data → worker → workload → outcomes vs manifest."""
-    import yaml
-
-    from revline.isolated import IsolatedPipeline
-    from revline.publisher import Publisher, publish_records
-    from revline.verify import compare_with_manifest, finals_by_input
-    from revline.workload import WorkloadGenerator, WorkloadOptions
+    """Broker (if needed) → reference data → worker + sink → workload → outcomes and money."""
+    from revline.demo import DemoOptions, run_demo
 
     bootstrap = bootstrap_for(settings, start_if_missing=True)
-    run_id = time.strftime("d%H%M%S")
-    run_dir = (settings.state_dir / "demo" / run_id).absolute()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    rules = yaml.safe_load(settings.rules_file.read_text())
-    rules["hold_timeout_seconds"] = args.hold_timeout
-    (run_dir / "rules.yaml").write_text(yaml.safe_dump(rules))
-    pipeline = IsolatedPipeline(bootstrap, run_dir, partitions=settings.input_partitions,
-                                rules_file=run_dir / "rules.yaml", name=run_id, prefix="demo")
-    workload = WorkloadGenerator(
-        WorkloadOptions(orders=args.orders, seed=args.seed, run_id=run_id, orphans=1)
-    ).generate()
-    _, manifest_path = workload.write(run_dir)
-    total = len(workload.records)
-    console.print(
-        f"[bold]Revline demo[/bold] — {args.orders} orders → {total:,} inputs on "
-        f"{pipeline.topic('events')} (manifest: {manifest_path})"
-    )
-    console.print(_counts_table("What a correct pipeline must conclude", workload.counts()))
-    try:
-        pipeline.cli("reference", "load")
-        pipeline.start_worker()
-        started = time.perf_counter()
-        with _progress() as progress:
-            task = progress.add_task("publishing", total=total)
-            publisher = Publisher(bootstrap, pipeline.topic("events"), settings=settings)
-            publish_records(publisher, workload.records,
-                            progress=lambda n: progress.update(task, completed=n))
-            publisher.flush()
-            progress.update(task, completed=total)
-            decided = progress.add_task("worker deciding (holds time out after "
-                                        f"{args.hold_timeout:.0f}s)", total=total)
-
-            def all_decided(outcomes: list[dict[str, Any]]) -> bool:
-                done = len(finals_by_input(outcomes))
-                progress.update(decided, completed=done)
-                return done >= total
-
-            outcomes = pipeline.wait_for(
-                all_decided,
-                timeout=args.hold_timeout + 120 + total / 200,
-                what="a final outcome for every input",
-            )
-        elapsed = time.perf_counter() - started
-    finally:
-        pipeline.stop_all()
-    problems = compare_with_manifest(workload.manifest(), outcomes)
-    _outcome_report(outcomes, elapsed)
-    if problems:
-        for problem in problems[:20]:
-            err_console.print(f"[red]mismatch[/red]: {problem}")
-        console.print(f"[red]{len(problems)} inputs do NOT match the manifest.[/red]")
-        return 1
-    console.print(
-        f"[green]All {total:,} inputs reached exactly the outcome the manifest expects.[/green] "
-        f"Worker log: {run_dir}/worker-0.log"
-    )
-    return 0
-
-
-def _outcome_report(outcomes: list[dict[str, Any]], elapsed: float) -> None:
-    from collections import Counter
-
-    from revline.verify import finals_by_input
-
-    finals = [o for verdicts in finals_by_input(outcomes).values() for o in verdicts]
-    kinds = Counter(o["kind"] for o in finals)
-    table = Table(title=f"Outcomes ({len(finals):,} inputs in {elapsed:.1f}s)")
-    table.add_column("outcome")
-    table.add_column("inputs", justify="right")
-    for kind in ("validated", "duplicate", "exception", "dead_letter"):
-        table.add_row(kind, f"{kinds.get(kind, 0):,}")
-    table.add_row("of which held first (out of order)", f"{sum(o['held'] for o in finals):,}")
-    console.print(table)
-    checks = Counter(
-        (o["check_id"], o["severity"], o["owner"]) for o in finals if o["kind"] == "exception"
-    )
-    table = Table(title="Exceptions by check (each has an owner and an SLA)")
-    for column in ("check", "severity", "owner", "count"):
-        table.add_column(column)
-    for (check, severity, owner), count in checks.most_common():
-        table.add_row(check, severity or "", owner or "", str(count))
-    warnings = Counter(w for o in finals if o["kind"] == "validated" for w in o["warnings"])
-    for check, count in warnings.most_common():
-        table.add_row(check, "P3", "revenue_ops", f"{count} (passed with warning)")
-    console.print(table)
-    stages = Counter(o["stage"] for o in finals if o["kind"] == "dead_letter")
-    if stages:
-        console.print("Dead-lettered: " + ", ".join(f"{k} {v}" for k, v in stages.items()))
+    options = DemoOptions(orders=args.orders, seed=args.seed, hold_timeout=args.hold_timeout,
+                          erp=args.erp)
+    return run_demo(options, settings, bootstrap, console, _progress)
 
 
 # -- worker --------------------------------------------------------------------------
@@ -447,10 +357,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo", help="start a broker if needed, publish a workload, show what landed"
     )
-    p.add_argument("--orders", type=int, default=500)
+    p.add_argument("--orders", type=int, default=120,
+                   help="orders to generate (default 120; Tryton applies ~3 events/s)")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--hold-timeout", type=float, default=5.0,
                    help="seconds a hold may wait in the demo (default 5)")
+    p.add_argument("--erp", choices=["auto", "tryton", "memory"], default="auto",
+                   help="auto: a local Tryton when installed, else the in-memory ERP")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("generate", help="write a realistic workload and its manifest")

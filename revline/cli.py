@@ -258,7 +258,7 @@ def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
     ensure_topics(bootstrap, {settings.validated_topic: n, settings.exceptions_topic: n})
     ensure_operations_topics(bootstrap, settings)
     metrics = SinkMetrics()
-    port = metrics.serve(settings.sink_metrics_port)
+    port = metrics.serve(settings.sink_metrics_port, settings.metrics_host)
     erp = erp_from_settings(settings)
     err_console.print(
         f"sink: {settings.validated_topic} → ledger {_redacted(settings.ledger_url)} and ERP "

@@ -161,6 +161,4 @@ class ExceptionMetrics:
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> int:
         """Expose /metrics; port 0 picks a free one. Returns the port."""
-        server, _ = start_http_server(port, addr=addr, registry=self.registry)
-        bound: int = server.server_port
-        return bound
+        return serve_registry(self.registry, port, addr)

@@ -85,6 +85,10 @@ class Settings(BaseSettings):
     store: str = Field(default="memory", description="memory, or rocksdb (rocksdict).")
     orders_table: str = "orders"
     metrics_port: int = Field(default=9100, description="/metrics of the worker; 0 = any.")
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        description="Address every /metrics endpoint binds; 0.0.0.0 in containers.",
+    )
     batch_size: int = 1000
     batch_within_s: float = 0.05
     commit_interval_s: float = 1.0

@@ -563,7 +563,7 @@ def run(settings: Settings, bootstrap: str) -> None:
     ensure_topics(bootstrap, {settings.reference_topic: 1},
                   config={settings.reference_topic: {"cleanup.policy": "compact"}})
     metrics = Metrics()
-    port = metrics.serve(settings.metrics_port)
+    port = metrics.serve(settings.metrics_port, settings.metrics_host)
     log.warning("metrics on http://127.0.0.1:%d/metrics", port)
     worker = build_worker(settings, bootstrap, metrics)
     faust_worker = faust.Worker(worker.app, loglevel=settings.log_level)

@@ -79,9 +79,9 @@ class AuditMetrics:
             "Source entries already in their chain (redelivered or re-sent), not chained again",
             registry=self.registry)
 
-    def serve(self, port: int) -> int:
+    def serve(self, port: int, addr: str = "127.0.0.1") -> int:
         try:
-            server, _ = start_http_server(port, addr="127.0.0.1", registry=self.registry)
+            server, _ = start_http_server(port, addr=addr, registry=self.registry)
         except OSError as exc:
             raise InfrastructureError(
                 f"cannot serve auditor metrics on port {port}: {exc} (use --metrics-port)"
@@ -405,7 +405,7 @@ def run_auditor(settings: Settings, bootstrap: str, stop: threading.Event, *,
     ensure_audit_topics(bootstrap, settings)
     metrics = AuditMetrics()
     if metrics_port is not None:
-        port = metrics.serve(metrics_port)
+        port = metrics.serve(metrics_port, settings.metrics_host)
         log.info("auditor metrics on http://127.0.0.1:%d/metrics", port)
     Chainer(settings, bootstrap, instance=instance, batch_size=batch_size, metrics=metrics,
             kill_before_commit=kill_before_commit).run(stop)

@@ -445,7 +445,7 @@ def run_manager(settings: Settings, bootstrap: str, stop: threading.Event) -> No
     ensure_topics(bootstrap, {settings.exceptions_topic: settings.input_partitions})
     ensure_operations_topics(bootstrap, settings)
     metrics = ExceptionMetrics()
-    port = metrics.serve(settings.exceptions_metrics_port)
+    port = metrics.serve(settings.exceptions_metrics_port, settings.metrics_host)
     log.warning("metrics on http://127.0.0.1:%d/metrics", port)
     deserializer = (EventDeserializer(registry=registry_client(settings.schema_registry_url))
                     if settings.schema_registry_url else EventDeserializer())

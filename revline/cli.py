@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import fields
@@ -38,6 +39,19 @@ def cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
     from revline.broker import broker_command
 
     return broker_command(args.action, settings.broker_home)
+
+
+def stop_on_signals(*, log_setup: bool = True) -> threading.Event:
+    """For long-running commands: an event SIGTERM/SIGINT set, and INFO logging."""
+    import logging
+    import signal
+
+    if log_setup:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    return stop
 
 
 def bootstrap_for(settings: Settings, *, start_if_missing: bool) -> str:
@@ -241,17 +255,13 @@ def _run_worker_processes(count: int, settings: Settings, bootstrap: str) -> int
 
 def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
     """Validated topic → ledger and ERP until SIGTERM (or SIGINT)."""
-    import logging
-    import signal
-    import threading
-
     from revline.admin import ensure_operations_topics, ensure_topics
     from revline.metrics import SinkMetrics
     from sinks.erp import erp_from_settings
     from sinks.ledger import SqlLedger
     from sinks.processor import SinkProcessor
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    stop = stop_on_signals()
     bootstrap = bootstrap_for(settings, start_if_missing=True)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     n = settings.input_partitions
@@ -265,9 +275,6 @@ def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
         f"{erp.name} ({settings.tryton_url or 'in-memory: lives as long as this process'}); "
         f"group {args.group or settings.sink_group_id}; metrics on :{port}/metrics"
     )
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
     with SqlLedger(settings.ledger_url) as ledger:
         processor = SinkProcessor(
             bootstrap, settings.validated_topic, args.group or settings.sink_group_id,

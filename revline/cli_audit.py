@@ -52,18 +52,12 @@ def register(sub: Any) -> None:
 # -- auditor ---------------------------------------------------------------------------
 def cmd_auditor(args: argparse.Namespace, settings: Settings) -> int:
     """Chain until SIGTERM/SIGINT; a batch in flight is finished or aborted, never half-written."""
-    import logging
-    import signal
-    import threading
 
-    from revline.cli import bootstrap_for
+    from revline.cli import bootstrap_for, stop_on_signals
     from streams.audit import run_auditor
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    stop = stop_on_signals()
     bootstrap = bootstrap_for(settings, start_if_missing=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
     run_auditor(settings, bootstrap, stop, instance=args.instance, batch_size=args.batch_size,
                 metrics_port=None if args.metrics_port < 0 else args.metrics_port,
                 kill_before_commit=args.failpoint_kill_before_commit)

@@ -156,18 +156,12 @@ def register(sub: Any) -> None:
 # -- run ---------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     """The manager, until SIGTERM/SIGINT."""
-    import logging
-    import signal
-    import threading
 
-    from revline.cli import bootstrap_for
+    from revline.cli import bootstrap_for, stop_on_signals
     from streams.exceptions import run_manager
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    stop = stop_on_signals()
     bootstrap = bootstrap_for(settings, start_if_missing=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
     run_manager(settings, bootstrap, stop)
     return 0
 

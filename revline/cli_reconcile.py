@@ -259,11 +259,9 @@ def _merged_cells(report: Any) -> dict[tuple[str, str, str], dict[str, tuple[int
 # -- shadow -----------------------------------------------------------------------------
 def cmd_shadow_run(args: argparse.Namespace, settings: Settings) -> int:
     import logging
-    import signal
-    import threading
 
     from revline.admin import ensure_topics
-    from revline.cli import bootstrap_for, deserializer_for, err_console
+    from revline.cli import bootstrap_for, deserializer_for, err_console, stop_on_signals
     from revline.errors import ConfigurationError
     from sinks.erp import InMemoryErp, TrytonErp
     from sinks.ledger import SqlLedger
@@ -294,9 +292,7 @@ def cmd_shadow_run(args: argparse.Namespace, settings: Settings) -> int:
     group = args.group or settings.shadow_group or f"{settings.app_id}-shadow-sink"
     topic = args.exceptions_topic or settings.shadow_exceptions_topic
     ensure_topics(bootstrap, {topic: settings.input_partitions})
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop = stop_on_signals(log_setup=False)
     with SqlLedger(dsn) as ledger:
         processor = shadow_processor(
             bootstrap, settings.validated_topic, ledger=ledger, erp=erp, group=group,

@@ -230,27 +230,65 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 def _run_worker_processes(count: int, settings: Settings, bootstrap: str) -> int:
     """N processes in one consumer group split the partitions; SIGTERM stops them all."""
+    commands = []
+    for i in range(count):
+        env = {"REVLINE_STATE_DIR": str(settings.state_dir / f"worker-{i}")}
+        if settings.metrics_port:
+            env["REVLINE_METRICS_PORT"] = str(settings.metrics_port + i)
+        commands.append((("worker",), env))
+    return _supervise(commands, bootstrap)
+
+
+def _supervise(commands: Sequence[tuple[tuple[str, ...], dict[str, str]]],
+               bootstrap: str) -> int:
+    """Run ``revline COMMAND`` processes until SIGTERM/SIGINT, which is passed on to all.
+
+    If one exits on its own, the others are stopped too: a half-running pipeline
+    (a worker without its sink, say) is worse than a stopped one a supervisor restarts.
+    """
     import os
     import signal
     import subprocess
 
     procs = []
-    for i in range(count):
-        env = dict(os.environ)
-        env["KAFKA_BOOTSTRAP_SERVERS"] = bootstrap
-        if settings.metrics_port:
-            env["REVLINE_METRICS_PORT"] = str(settings.metrics_port + i)
-        env["REVLINE_STATE_DIR"] = str(settings.state_dir / f"worker-{i}")
-        procs.append(subprocess.Popen([sys.executable, "-m", "revline.cli", "worker"], env=env))
+    for args, extra in commands:
+        env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, **extra}
+        procs.append(subprocess.Popen([sys.executable, "-m", "revline.cli", *args], env=env))
 
-    def stop(signum: int, _frame: object) -> None:
+    def stop(signum: int = signal.SIGTERM, _frame: object = None) -> None:
         for proc in procs:
-            proc.send_signal(signal.SIGTERM)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    while all(proc.poll() is None for proc in procs):
+        time.sleep(0.5)
+    stop()
     codes = [proc.wait() for proc in procs]
-    return max(codes, default=0)
+    for (args, _), code in zip(commands, codes, strict=True):
+        if code not in (0, -signal.SIGTERM):
+            err_console.print(f"[red]revline {' '.join(args)} exited with {code}[/red]")
+    return max((c for c in codes if c > 0), default=0)
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    """The whole pipeline: worker(s), sink, audit chainer, exception manager."""
+    bootstrap = bootstrap_for(settings, start_if_missing=True)
+    from revline.admin import ensure_operations_topics
+
+    ensure_operations_topics(bootstrap, settings)  # before the auditor checks their shapes
+    commands: list[tuple[tuple[str, ...], dict[str, str]]] = [
+        (("worker", "--workers", str(args.workers)), {}),
+        (("sink",), {}),
+        (("auditor", "--metrics-port", str(args.auditor_metrics_port)), {}),
+        (("exceptions", "run"), {}),
+    ]
+    err_console.print(
+        f"Running worker x{args.workers}, sink, auditor and exception manager on {bootstrap}; "
+        "Ctrl-C (SIGTERM) stops them all."
+    )
+    return _supervise(commands, bootstrap)
 
 
 def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
@@ -407,6 +445,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="run the stream core (dedup, holds, QA, routing)")
     p.add_argument("--workers", type=int, default=1, help="processes sharing the partitions")
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser(
+        "run", help="the whole pipeline: worker, sink, auditor, exception manager (until SIGTERM)"
+    )
+    p.add_argument("--workers", type=int, default=1, help="worker processes")
+    p.add_argument("--auditor-metrics-port", type=int, default=9102)
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("sink", help="apply validated events to the ledger and the ERP")
     p.add_argument("--group", help="consumer group (default: <app id>-sink)")

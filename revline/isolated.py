@@ -56,6 +56,7 @@ class IsolatedPipeline:
             "REVLINE_EXCEPTION_STATE_TOPIC": self.topic("exception-state"),
             "REVLINE_QUARANTINE_TOPIC": self.topic("quarantine"),
             "REVLINE_SINK_METRICS_PORT": "0",
+            "REVLINE_EXCEPTIONS_METRICS_PORT": "0",
             "REVLINE_APP_ID": f"revline-{self.prefix}-{self.name}",
             "REVLINE_STATE_DIR": str(self.state_dir),
             "REVLINE_INPUT_PARTITIONS": str(self.partitions),

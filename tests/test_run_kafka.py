@@ -1,0 +1,66 @@
+"""`revline run`: worker, sink, auditor and exception manager together, on the real broker."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from revline.isolated import IsolatedPipeline
+from revline.settings import DATA_DIR
+from revline.verify import compare_with_manifest, finals_by_input
+from revline.workload import WorkloadOptions, generate
+from sinks.ledger import SqlLedger
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+
+def test_the_whole_pipeline_runs_and_every_part_does_its_work(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    rules = yaml.safe_load((DATA_DIR / "rules.yaml").read_text())
+    rules["hold_timeout_seconds"] = 3
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rules))
+    pipeline = IsolatedPipeline(kafka_bootstrap, tmp_path, rules_file=tmp_path / "rules.yaml",
+                                extra_env={"REVLINE_ERP": "memory"})
+    workload = generate(WorkloadOptions(orders=40, seed=13))
+    pipeline.cli("reference", "load")
+    proc = pipeline.start("run", "--auditor-metrics-port", "0")
+    try:
+        pipeline.publish(workload)
+        outcomes = pipeline.wait_for(
+            lambda o: len(finals_by_input(o)) >= len(workload.records), 120,
+            "a final outcome for every input")
+        assert compare_with_manifest(workload.manifest(), outcomes) == []
+        money = {r.idempotency_key for r in workload.records if r.expect.outcome == "validated"
+                 and r.event_type in ("invoice_issued", "payment_captured", "refund_issued")}
+        ledger = SqlLedger(f"sqlite:///{tmp_path / 'ledger.db'}")
+        deadline = time.monotonic() + 90
+        while len(ledger.effects_for(money, "ledger")) < len(money):
+            assert proc.poll() is None, f"revline run exited with {proc.returncode}"
+            assert time.monotonic() < deadline, "the sink did not post every money event"
+            time.sleep(1)
+        ledger.close()
+        # The auditor chained the outcomes; the exception manager holds the exceptions.
+        deadline = time.monotonic() + 60
+        while True:
+            verify = subprocess.run([sys.executable, "-m", "revline.cli", "audit", "verify"],
+                                    env=pipeline.env, capture_output=True, text=True)
+            listed = subprocess.run(
+                [sys.executable, "-m", "revline.cli", "exceptions", "list", "--json",
+                 "--status", "all"], env=pipeline.env, capture_output=True, text=True)
+            if verify.returncode == 0 and listed.returncode == 0 and "EX-" in listed.stdout:
+                break
+            assert time.monotonic() < deadline, (verify.stdout + verify.stderr
+                                                 + listed.stdout + listed.stderr)
+            time.sleep(2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+        pipeline.stop_all()
+    assert code == 0, f"revline run exited with {code}; see {tmp_path}/run-*.log"

@@ -308,13 +308,17 @@ def cmd_transition(args: argparse.Namespace, settings: Settings) -> int:
     if problem is not None:
         raise CommandRefusedError(f"{problem}; nothing sent")
     corrected = getattr(args, "corrected_event", None)
-    if corrected:
-        event["corrected_event_id"] = _publish_correction(Path(corrected), state, settings,
-                                                          bootstrap)
+    correction = _checked_correction(Path(corrected), state) if corrected else None
+    if correction is not None:
+        event["corrected_event_id"] = str(correction["envelope"]["event_id"])
+    start = end_offsets(bootstrap, settings.exception_state_topic)
+    # The resolution goes first: once the correction passes, the worker resolves the
+    # exception itself, and that must not overtake the person's resolution.
+    send_lifecycle_events(settings, bootstrap, [event])
+    if correction is not None:
+        _publish_correction(correction, state, settings, bootstrap)
         console.print(f"Corrected event {event['corrected_event_id']} published to "
                       f"{settings.input_topic}, linked to {args.exception_id}.")
-    start = end_offsets(bootstrap, settings.exception_state_topic)
-    send_lifecycle_events(settings, bootstrap, [event])
     target = EVENT_STATUS[kind]
     applied = wait_for_state(bootstrap, settings.exception_state_topic, args.exception_id, start,
                              lambda s: s["status"] == target, args.wait)
@@ -330,13 +334,8 @@ def cmd_transition(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _publish_correction(path: Path, state: Mapping[str, Any], settings: Settings,
-                        bootstrap: str) -> str:
-    """Validate like `revline publish`, then publish with the re-entry header; its event id."""
-    from processors.engine import REENTRY_HEADER
-    from revline.admin import ensure_topics
-    from revline.cli import serializer_for
-    from revline.publisher import Publisher
+def _checked_correction(path: Path, state: Mapping[str, Any]) -> dict[str, Any]:
+    """The corrected event, validated like `revline publish` and checked against the exception."""
     from schemas import EventValidationError, validate_event
 
     try:
@@ -365,12 +364,22 @@ def _publish_correction(path: Path, state: Mapping[str, Any], settings: Settings
             f"{env['idempotency_key']!r}, so a correction under the same key would be a "
             "duplicate: give the corrected event a new idempotency key"
         )
+    return event
+
+
+def _publish_correction(event: Mapping[str, Any], state: Mapping[str, Any], settings: Settings,
+                        bootstrap: str) -> None:
+    """Into the input topic with the re-entry header naming the exception."""
+    from processors.engine import REENTRY_HEADER
+    from revline.admin import ensure_topics
+    from revline.cli import serializer_for
+    from revline.publisher import Publisher
+
     ensure_topics(bootstrap, {settings.input_topic: settings.input_partitions})
     with Publisher(bootstrap, settings.input_topic, settings=settings,
                    serializer=serializer_for(settings)) as publisher:
         publisher.publish(event, headers=[(REENTRY_HEADER, str(state["exception_id"]).encode())],
                           validate=False)
-    return str(env["event_id"])
 
 
 # -- override ----------------------------------------------------------------------------

@@ -12,9 +12,19 @@ import asyncio
 from datetime import datetime
 from typing import Any
 
+import orjson
 from confluent_kafka import KafkaError, Message, Producer
 
-from processors import DEAD_LETTER, EXCEPTION, HELD, REPLAYED, VALIDATED, Decision, Rules
+from processors import (
+    DEAD_LETTER,
+    EXCEPTION,
+    HELD,
+    REENTRY_HEADER,
+    REPLAYED,
+    VALIDATED,
+    Decision,
+    Rules,
+)
 from revline.errors import InfrastructureError
 from revline.metrics import Metrics
 from revline.settings import Settings
@@ -83,6 +93,9 @@ class OutputWriter:
                           timestamp_ms=max(record.timestamp_ms, 0))
             if d.findings:  # P3: passes, but someone should still fix the source
                 self._produce_exception(d, blocking=False)
+            retried = record.header(REENTRY_HEADER)
+            if retried is not None and retried.startswith(b"EX-"):
+                self._resolve_retried(retried.decode(), d)
         elif d.kind == EXCEPTION:
             self._produce_exception(d, blocking=True)
         elif d.kind == DEAD_LETTER:
@@ -100,6 +113,25 @@ class OutputWriter:
                        *((ERROR_HEADER_PREFIX + k, v.encode()) for k, v in error_headers)]
             self._produce(s.dead_letter_topic, record.key, record.value, headers)
         self._produce(s.outcomes_topic, record.key, self._outcome_record(d))
+
+    def _resolve_retried(self, exception_id: str, d: Decision) -> None:
+        """A re-driven or corrected input passed: its exception is resolved, by the pipeline.
+
+        A lifecycle event like the CLI's; the exception manager ignores it if a person
+        closed the exception first. The event id is the input's, so a repeat is one event.
+        """
+        event = {
+            "event_id": f"reentry:{d.input.coords}",
+            "type": "resolve",
+            "exception_id": exception_id,
+            "actor": "revline-worker",
+            "at_ms": d.decided_at_ms,
+            "reason_code": "REENTRY_VALIDATED",
+            "note": f"re-entered as {d.input.coords} and validated "
+                    f"(rules {d.rules_version})",
+        }
+        self._produce(self._settings.exception_events_topic, exception_id.encode(),
+                      orjson.dumps(event))
 
     def _outcome_record(self, d: Decision) -> bytes:
         env = d.envelope

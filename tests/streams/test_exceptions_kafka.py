@@ -367,6 +367,11 @@ def test_override_lets_a_failed_event_pass_on_reentry_and_bad_overrides_are_flag
         bool, 60, "the re-driven booking")[0]
     assert passed["warnings"] == [OVERRIDE_APPLIED]
     assert "OVR-T1" in passed["reason"] and "APPROVED_OFFLINE" in passed["reason"]
+    # The pipeline resolves the exception it retried, once the retry passed.
+    closed = eventually(lambda: states(run),
+                        lambda s: s[exception_id]["status"] == "resolved", 30,
+                        "the retried exception resolved")[exception_id]
+    assert (closed["closed_by"], closed["reason_code"]) == ("revline-worker", "REENTRY_VALIDATED")
 
     # Overrides that arrive expired or without a reason code are finance's exceptions.
     late = override_json(order, f"{order}:booked", expires=datetime.now(UTC) - timedelta(hours=1),

@@ -68,10 +68,39 @@ def ensure_operations_topics(bootstrap: str, settings: Settings) -> None:
             settings.exception_events_topic: n,
             settings.exception_state_topic: n,
             settings.quarantine_topic: n,
+            settings.redrive_log_topic: n,
         },
         config={
             settings.audit_topic: {"retention.ms": "-1"},  # the audit trail is never deleted
             settings.audit_heads_topic: compact,
             settings.exception_state_topic: compact,
+            settings.redrive_log_topic: compact,
         },
     )
+
+
+def check_partition_counts(bootstrap: str, topics: Mapping[str, int],
+                           timeout: float = 30.0) -> None:
+    """Refuse to run against existing topics whose partition count is not the expected one.
+
+    The worker reads input partition p alongside ticks partition p; an input topic
+    with more partitions (say auto-created by the broker's default before the worker
+    first ran) would leave the extra ones unread, silently.
+    """
+    from revline.errors import ConfigurationError
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    try:
+        metadata = admin.list_topics(timeout=timeout).topics
+    except KafkaException as exc:
+        raise InfrastructureError(f"cannot reach Kafka at {bootstrap}: {exc}") from exc
+    wrong = {name: len(metadata[name].partitions) for name, want in topics.items()
+             if name in metadata and len(metadata[name].partitions) != want}
+    if wrong:
+        listing = ", ".join(f"{name} has {n}" for name, n in sorted(wrong.items()))
+        raise ConfigurationError(
+            f"partition counts differ from REVLINE_INPUT_PARTITIONS={next(iter(topics.values()))}"
+            f": {listing}. Set REVLINE_INPUT_PARTITIONS to the input topic's count, or "
+            "recreate the topics (create the input topic before publishing: `revline publish` "
+            "does; a broker's auto-create uses its own default)"
+        )

@@ -55,6 +55,7 @@ class IsolatedPipeline:
             "REVLINE_EXCEPTION_EVENTS_TOPIC": self.topic("exception-events"),
             "REVLINE_EXCEPTION_STATE_TOPIC": self.topic("exception-state"),
             "REVLINE_QUARANTINE_TOPIC": self.topic("quarantine"),
+            "REVLINE_REDRIVE_LOG_TOPIC": self.topic("redrive-log"),
             "REVLINE_SINK_METRICS_PORT": "0",
             "REVLINE_EXCEPTIONS_METRICS_PORT": "0",
             "REVLINE_APP_ID": f"revline-{self.prefix}-{self.name}",
@@ -97,6 +98,10 @@ class IsolatedPipeline:
                 proc.kill()
 
     def publish(self, workload: Workload, records: list[Any] | None = None) -> None:
+        from revline.admin import ensure_topics
+
+        # Not the broker's auto-create: that would use its own default partition count.
+        ensure_topics(self.bootstrap, {self.topic("events"): self.partitions})
         with Publisher(self.bootstrap, self.topic("events")) as publisher:
             publish_records(publisher, records if records is not None else workload.records)
 

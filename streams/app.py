@@ -556,9 +556,11 @@ def topics_for(settings: Settings) -> dict[str, int]:
 
 def run(settings: Settings, bootstrap: str) -> None:
     """Run one worker process until SIGTERM/SIGINT (Faust handles both gracefully)."""
-    from revline.admin import ensure_operations_topics, ensure_topics
+    from revline.admin import check_partition_counts, ensure_operations_topics, ensure_topics
 
     ensure_topics(bootstrap, topics_for(settings))
+    check_partition_counts(bootstrap, {settings.input_topic: settings.input_partitions,
+                                       settings.ticks_topic: settings.input_partitions})
     ensure_operations_topics(bootstrap, settings)
     ensure_topics(bootstrap, {settings.reference_topic: 1},
                   config={settings.reference_topic: {"cleanup.policy": "compact"}})

@@ -1,8 +1,11 @@
 """The sink processor: validated topic → ledger and ERP, exactly once in effect.
 
 Per batch: decode, post to the ledger (one transaction, idempotent by key), apply
-each event to the ERP unless the side-effect ledger says it already was, record
-every effect, and only then commit the batch's offsets (synchronously). Transient
+each event to the ERP unless the side-effect ledger says it already was, make the
+exception records and audit facts durable, record every effect (one transaction
+for the batch), and only then commit the batch's offsets (synchronously). A crash
+before the effects are recorded loses nothing: the ledger's key is unique and the
+ERP adapters find earlier writes by the key stored on the document. Transient
 failures are retried with backoff and jitter; repeated ones open the adapter's
 circuit breaker, which pauses consumption (no commit, no exception) until a
 half-open probe succeeds. Permanent refusals become exception records owned by
@@ -43,7 +46,7 @@ from sinks._protocols import (
     PermanentSinkError,
     TransientSinkError,
 )
-from sinks.ledger import RefusedEventError, SideEffect, SqlLedger
+from sinks.ledger import EffectRow, RefusedEventError, SideEffect, SqlLedger
 
 log = logging.getLogger("revline.sinks")
 
@@ -139,6 +142,7 @@ class SinkProcessor:
         self._codec = exception_codec()
         self._stop = threading.Event()
         self._pending: list[_Item] = []  # a batch held back by an open breaker
+        self._effects: list[EffectRow] = []  # this batch's side-effect rows, written together
         self._paused = False
         config: dict[str, Any] = {
             "bootstrap.servers": bootstrap,
@@ -146,6 +150,9 @@ class SinkProcessor:
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
             "enable.partition.eof": False,
+            # A batch against a slow ERP (Tryton: a few events/s) may take minutes; past this
+            # the group would hand the partitions to another member mid-batch.
+            "max.poll.interval.ms": 900_000,
         }
         config.update(consumer_config or {})
         self.consumer = Consumer(config)
@@ -159,7 +166,8 @@ class SinkProcessor:
             "partitioner": "murmur2_random",
         })
         self.audit = AuditLog(self.producer, audit_topic) if audit_topic else None
-        self.consumer.subscribe([validated_topic], on_revoke=self._on_revoke)
+        self.consumer.subscribe([validated_topic], on_assign=self._on_assign,
+                                on_revoke=self._on_revoke)
 
     # -- lifecycle ---------------------------------------------------------------------
     def stop(self) -> None:
@@ -201,13 +209,19 @@ class SinkProcessor:
             # Open breaker: poll anyway, so the group membership (and rebalance
             # callbacks) stay alive; a paused consumer returns nothing, no busy loop.
             self.consumer.pause(self.consumer.assignment())
-            self.consumer.poll(min(wait, 1.0))
+            msg = self.consumer.poll(min(wait, 1.0))
+            if msg is not None and msg.error() is None:
+                # Not ours to take now (e.g. a partition assigned during the pause):
+                # rewind, so the next batch starts with it.
+                self.consumer.seek(TopicPartition(msg.topic() or "", msg.partition() or 0,
+                                                  msg.offset() or 0))
             return False
         items = self._pending
         started = time.perf_counter()
         try:
             self._process(items)
         except _Suspend as exc:
+            self._keep_effects_done()
             if not self._paused:
                 self.stats.pauses += 1
                 log.warning("pausing consumption: %s", exc)
@@ -259,9 +273,23 @@ class SinkProcessor:
             self._refuse(bad, "ledger", "sink.undecodable", bad.error, {})
         self._to_ledger(decodable)
         self._to_erp(decodable)
-        # Exception records and audit facts must be durable before the commit.
+        # Exception records and audit facts durable before the rows that stop re-sends
+        # (a crash in between re-sends the same ids, never loses them); all before the commit.
         if self.producer.flush(30):
             raise _Suspend("kafka", None)
+        rows, self._effects = self._effects, []
+        if rows:
+            self._call(self.ledger.name, partial(self.ledger.record_effects, rows))
+
+    def _keep_effects_done(self) -> None:
+        """Before pausing: record what this attempt did, if the database lets us."""
+        rows, self._effects = self._effects, []
+        if not rows or self.producer.flush(10):
+            return
+        try:
+            self.ledger.record_effects(rows)
+        except Exception as exc:  # the retry re-discovers them (unique keys, ERP lookups)
+            log.info("side effects of a suspended batch not recorded now: %s", exc)
 
     def _commit(self, items: list[_Item]) -> None:
         if not items:
@@ -280,6 +308,10 @@ class SinkProcessor:
             return
         self.stats.commits += 1
         self.stats.committed.update(nxt)
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if self._paused:  # new partitions join the pause, or they would be read past
+            consumer.pause(partitions)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # The new owner redoes a held-back batch; keeping it here would apply it twice
@@ -441,15 +473,11 @@ class SinkProcessor:
     # -- records -------------------------------------------------------------------------
     def _record(self, key: str, adapter: str, refs: Mapping[str, str], status: str,
                 attempts: int, detail: str) -> None:
-        self._call(self.ledger.name, lambda: self.ledger.record_effect(
-            key, adapter, refs, status, attempts, detail))
+        self._effects.append(EffectRow(key, adapter, dict(refs), status, attempts, detail))
 
     def _refuse(self, item: _Item, adapter: str, check_id: str, reason: str,
                 refs: Mapping[str, str], attempts: int = 1) -> None:
         self._produce_exception(item, check_id, reason)
-        # Flushed before the "refused" row, which stops re-sends: a crash in between
-        # re-sends the same exception_id, never loses it.
-        self.producer.flush(30)
         self._record(item.key, adapter, refs, "refused", attempts, reason)
         self._fact(item, adapter, "refused", refs, attempts, reason)
         self.stats.exceptions += 1
@@ -507,7 +535,7 @@ class SinkProcessor:
             return
         env: Mapping[str, Any] = item.event["envelope"] if item.event is not None else {}
         self.audit.record(AuditFact(
-            fact_id=fact_id or f"{item.key}:{adapter}:effect",
+            fact_id=fact_id or f"{item.key}:{adapter}:{kind}",
             kind=kind,
             actor="sink",
             order_id=env.get("order_id"),

@@ -39,18 +39,78 @@ def _default_skus() -> frozenset[str]:
     return frozenset(ReferenceData.from_mapping(data).products) | {REFUND_SKU}
 
 
+_TEXT_FIELDS = ("comment", "description")  # where documents carry their markers
+
+KeyIndex = dict[str, set[tuple[str, int]]]  # idempotency key -> (kind, document id)
+_REF = "\0reference:"  # index entries for a document's reference (order id, invoice id)
+
+
+class _Doc(dict[str, Any]):
+    """A document that adds its markers to the store's key index whenever its text changes,
+    so a lookup by key reads a few documents instead of scanning them all."""
+
+    __slots__ = ("_index", "_ref")
+
+    def __init__(self, data: Mapping[str, Any], index: KeyIndex, ref: tuple[str, int]) -> None:
+        super().__init__(data)
+        self._index = index
+        self._ref = ref
+        self._add_markers()
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        super().__setitem__(name, value)
+        if name in _TEXT_FIELDS or name == "reference":
+            self._add_markers()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        super().update(*args, **kwargs)
+        self._add_markers()
+
+    def _add_markers(self) -> None:
+        # Markers are only ever added; a stale entry is harmless (lookups re-check the text).
+        for name in _TEXT_FIELDS:
+            for _step, key in m.markers(self.get(name)):
+                self._index.setdefault(key, set()).add(self._ref)
+        if self.get("reference"):
+            self._index.setdefault(_REF + str(self["reference"]), set()).add(self._ref)
+
+
+class _Docs(dict[int, dict[str, Any]]):
+    """One kind of document by id; every document stored is indexed by its markers."""
+
+    def __init__(self, kind: str, index: KeyIndex) -> None:
+        super().__init__()
+        self.kind = kind
+        self.index = index
+
+    def __setitem__(self, doc_id: int, doc: dict[str, Any]) -> None:
+        super().__setitem__(doc_id, _Doc(doc, self.index, (self.kind, doc_id)))
+
+    def marked(self, key: str) -> list[int]:
+        """Ids of the documents of this kind that carry a marker of ``key``, in id order."""
+        return sorted(i for kind, i in self.index.get(key, ()) if kind == self.kind)
+
+    def referenced(self, reference: str) -> list[tuple[int, dict[str, Any]]]:
+        """(id, document) of those whose ``reference`` is ``reference``, in id order."""
+        ids = sorted(i for kind, i in self.index.get(_REF + reference, ()) if kind == self.kind)
+        return [(i, self[i]) for i in ids if self[i].get("reference") == reference]
+
+
 @dataclass
 class MemoryErpStore:
     """The ERP's database: what survives an adapter (worker) restart."""
 
     skus: frozenset[str] = field(default_factory=_default_skus)
     parties: dict[int, dict[str, Any]] = field(default_factory=dict)
-    sales: dict[int, dict[str, Any]] = field(default_factory=dict)
-    invoices: dict[int, dict[str, Any]] = field(default_factory=dict)
-    moves: dict[int, dict[str, Any]] = field(default_factory=dict)
     available: bool = True
     lock: threading.RLock = field(default_factory=threading.RLock)
     _next: int = 0
+    by_key: KeyIndex = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.sales = _Docs("sale", self.by_key)
+        self.invoices = _Docs("invoice", self.by_key)
+        self.moves = _Docs("move", self.by_key)
 
     def new_id(self) -> int:
         self._next += 1
@@ -109,10 +169,11 @@ class InMemoryErp:
     def _marked(
         self, docs: Mapping[int, Mapping[str, Any]], field_: str, key: str
     ) -> list[tuple[str, int]]:
+        ids = docs.marked(key) if isinstance(docs, _Docs) else sorted(docs)
         return [
             (step, doc_id)
-            for doc_id, doc in sorted(docs.items())
-            for step, k in m.markers(doc.get(field_))
+            for doc_id in ids
+            for step, k in m.markers(docs[doc_id].get(field_))
             if k == key
         ]
 
@@ -160,7 +221,7 @@ class InMemoryErp:
 
     # -- shared pieces ---------------------------------------------------------------------
     def _sale_for_order(self, order_id: str) -> tuple[int, dict[str, Any]] | None:
-        rows = [(i, s) for i, s in sorted(self.store.sales.items()) if s["reference"] == order_id]
+        rows = self.store.sales.referenced(order_id)
         if not rows:
             return None
         live = [r for r in rows if r[1]["state"] != "cancelled"]
@@ -428,9 +489,8 @@ class InMemoryErp:
         invoice_ref = str(env.get("invoice_id") or "")
         found = [
             i
-            for i, inv in sorted(self.store.invoices.items())
-            if inv["reference"] == invoice_ref
-            and any(step == m.INVOICE for step, _ in m.markers(inv["comment"]))
+            for i, inv in self.store.invoices.referenced(invoice_ref)
+            if any(step == m.INVOICE for step, _ in m.markers(inv["comment"]))
         ]
         if not found:
             raise PermanentSinkError(

@@ -103,6 +103,19 @@ class JournalSummary:
     reverses_journal_id: str | None
 
 
+@dataclass(frozen=True)
+class EffectRow:
+    """A side-effect row to record (see ``SqlLedger.record_effects``)."""
+
+    key: str
+    adapter: str
+    external_ref: Mapping[str, str]
+    status: str
+    attempts: int
+    detail: str = ""
+    applied_at: datetime | None = None
+
+
 Amounts = tuple[tuple[str, int, int], ...]  # (account, debit_minor, credit_minor) per line
 
 
@@ -649,24 +662,36 @@ class SqlLedger:
         applied_at: datetime | None = None,
     ) -> SideEffect:
         """Insert or replace the (key, adapter) row; returns what was stored."""
-        if not key or not adapter or not status:
-            raise ValueError("record_effect needs a key, an adapter and a status")
-        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 0:
-            raise ValueError(f"attempts must be a non-negative int, got {attempts!r}")
-        refs = {str(k): str(v) for k, v in external_ref.items()}
-        row = {
-            "idempotency_key": key,
-            "adapter": adapter,
-            "external_ref": json.dumps(refs, sort_keys=True, separators=(",", ":")),
-            "status": status,
-            "attempts": attempts,
-            "applied_at": applied_at or datetime.now(UTC),
-            "detail": detail,
-        }
+        return self.record_effects([
+            EffectRow(key, adapter, external_ref, status, attempts, detail, applied_at)
+        ])[0]
+
+    def record_effects(self, rows: Sequence[EffectRow]) -> list[SideEffect]:
+        """Insert or replace many (key, adapter) rows in one transaction (a sink batch's)."""
+        values = []
+        for r in rows:
+            if not r.key or not r.adapter or not r.status:
+                raise ValueError("record_effect needs a key, an adapter and a status")
+            if isinstance(r.attempts, bool) or not isinstance(r.attempts, int) or r.attempts < 0:
+                raise ValueError(f"attempts must be a non-negative int, got {r.attempts!r}")
+            refs = {str(k): str(v) for k, v in r.external_ref.items()}
+            values.append({
+                "idempotency_key": r.key,
+                "adapter": r.adapter,
+                "external_ref": json.dumps(refs, sort_keys=True, separators=(",", ":")),
+                "status": r.status,
+                "attempts": r.attempts,
+                "applied_at": r.applied_at or datetime.now(UTC),
+                "detail": r.detail,
+            })
+        if not values:
+            return []
+        # The last row per (key, adapter) wins, as separate calls in this order would.
+        latest = {(v["idempotency_key"], v["adapter"]): v for v in values}
         insert = (pg_dialect.insert if self.dialect == "postgresql" else sqlite_dialect.insert)(
             side_effects
         )
-        stmt = insert.values(**row).on_conflict_do_update(
+        stmt = insert.on_conflict_do_update(
             index_elements=[side_effects.c.idempotency_key, side_effects.c.adapter],
             set_={
                 name: insert.excluded[name]
@@ -674,8 +699,8 @@ class SqlLedger:
             },
         )
         with db_errors(), self._transaction(write=True) as conn:
-            conn.execute(stmt)
-        return _side_effect(row)
+            conn.execute(stmt, list(latest.values()))
+        return [_side_effect(v) for v in values]
 
     def effect(self, key: str, adapter: str) -> SideEffect | None:
         return self.effects_for([key], adapter).get(key)

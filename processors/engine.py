@@ -224,7 +224,10 @@ class Engine:
     def _judge(self, state: OrderState, record: InputRecord, event: Mapping[str, Any],
                memo: dict[str, Any], now_ms: int, *, held: bool,
                released_by: str | None) -> Decision:
-        overrides = state.overrides_for(event["envelope"]["idempotency_key"], now_ms)
+        # Override expiry is judged against the record's own timestamp, not the clock: a
+        # redelivery after a crash must be decided exactly as before.
+        record_ms = record.timestamp_ms if record.timestamp_ms > 0 else now_ms
+        overrides = state.overrides_for(event["envelope"]["idempotency_key"], record_ms)
         used: list[str] = []
         blocked = state.failed(depends_on(event))
         if blocked:
@@ -235,7 +238,7 @@ class Engine:
         else:
             try:
                 findings = run_checks(event, state,
-                                      CheckContext(self.reference(), self.rules, now_ms),
+                                      CheckContext(self.reference(), self.rules, record_ms),
                                       overrides or ())
             except Exception as exc:  # a check bug must not become a crash loop
                 findings = [Finding(

@@ -104,15 +104,23 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _read_stream(bootstrap: str, settings: Settings, rules: Any) -> Any:
-    from revline.cli import _progress, deserializer_for
-    from sinks.reconcile import read_stream
+    from revline.cli import _progress, deserializer_for, err_console
+    from sinks.reconcile import committed_offsets, read_stream
 
+    upto = committed_offsets(bootstrap, settings.sink_group_id, settings.validated_topic)
+    if upto is None:
+        err_console.print(f"[yellow]the sink group {settings.sink_group_id} has committed "
+                          "nothing yet: every validated event is expected in the ledger[/yellow]")
     with _progress() as progress:
         task = progress.add_task(f"reading {settings.validated_topic}", total=None)
-        return read_stream(
+        view = read_stream(
             bootstrap, settings.validated_topic, deserializer_for(settings), rules,
-            progress=lambda n: progress.update(task, completed=n),
+            progress=lambda n: progress.update(task, completed=n), applied_upto=upto,
         )  # fmt: skip
+    if view.in_flight:
+        err_console.print(f"{view.in_flight:,} validated events are past what the sink "
+                          f"({settings.sink_group_id}) has committed: in flight, not judged.")
+    return view
 
 
 def _open_ledger(url: str) -> Any:

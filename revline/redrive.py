@@ -299,8 +299,12 @@ def _exceptions(messages: Iterable[Message]) -> Iterator[Candidate]:
         if not rec["blocking"]:
             skip = "advisory finding (the event passed; nothing to re-judge)"
         elif rec["check_id"].startswith("sink."):
-            skip = ("sink refusal (the worker validated the event; fix the ERP or ledger side, "
-                    "then replay the sink group)")
+            skip = ("sink refusal (the worker validated the event and the sink will not send "
+                    "it again: correct it under a new idempotency key with `revline "
+                    "exceptions resolve --corrected-event`)")
+        elif rec["check_id"].startswith("reconcile."):
+            skip = ("reconciliation drift (nothing to re-judge: fix the ledger or ERP record, "
+                    "then run `revline reconcile` again)")
         yield Candidate(
             source_id=rec["exception_id"],
             source_record=f"{msg.topic()}/{msg.partition()}/{msg.offset()}",

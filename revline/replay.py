@@ -160,6 +160,13 @@ def worker_groups(settings: Settings) -> tuple[str, ...]:
 
 
 def refuse_worker_group(settings: Settings, group: str) -> None:
+    if group == f"{settings.app_id}-auditor":
+        raise OperationRefusedError(
+            f"{group!r} is the audit chainer's group. Its offsets move in the same Kafka "
+            "transactions as the chains; re-reading sources would only be skipped as already "
+            "chained, within a bounded window per chain, so it is not replayed. Check the "
+            "chains with `revline audit verify`."
+        )
     if group not in worker_groups(settings):
         return
     raise OperationRefusedError(

@@ -204,6 +204,7 @@ class StreamView:
     conflicts: list[str] = field(default_factory=list)  # same key, different effect
     undecodable: list[str] = field(default_factory=list)  # coordinates
     truncated: dict[int, int] = field(default_factory=dict)  # partition -> low watermark
+    in_flight: int = 0  # records past the sink's committed offsets: not judged
 
     def __post_init__(self) -> None:
         self._by_key = {e.key: e for e in self.records}
@@ -800,14 +801,26 @@ def read_stream(
     *,
     progress: Callable[[int], None] | None = None,
     timeout: float = 600.0,
+    applied_upto: Mapping[int, int] | None = None,
 ) -> StreamView:
-    """Read the validated topic to its current end and derive the expected effects."""
+    """Read the validated topic and derive the expected effects.
+
+    With ``applied_upto`` (partition -> the sink group's committed offset), records the
+    sink has not reached yet are counted as in flight, not expected: an outage or a lag
+    is not drift.
+    """
     undecodable: list[str] = []
+    in_flight = 0
 
     def events() -> Iterator[tuple[Event, Source | None]]:
+        nonlocal in_flight
         for n, msg in enumerate(read_topic(bootstrap, topic, timeout=timeout), start=1):
             if progress is not None and n % 1000 == 0:
                 progress(n)
+            if applied_upto is not None and (msg.offset() or 0) >= applied_upto.get(
+                    msg.partition() or 0, 0):
+                in_flight += 1
+                continue
             coords = f"{msg.topic()}/{msg.partition()}/{msg.offset()}"
             try:
                 event = decoder.decode(msg.value() or b"")
@@ -820,8 +833,22 @@ def read_stream(
 
     view = expected_from_events(events(), rules)
     view.undecodable = undecodable
+    view.in_flight = in_flight
     view.truncated = low_watermarks(bootstrap, topic)
     return view
+
+
+def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int] | None:
+    """partition -> the group's committed offset on ``topic``; None if it never committed."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
+                         "enable.auto.commit": False})
+    try:
+        parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        committed = consumer.committed([TopicPartition(topic, p) for p in parts], timeout=10)
+    finally:
+        consumer.close()
+    offsets = {tp.partition: tp.offset for tp in committed if tp.offset >= 0}
+    return offsets or None
 
 
 def _consumer(bootstrap: str) -> Consumer:

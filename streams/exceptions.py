@@ -46,6 +46,7 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
+from confluent_kafka.admin import AdminClient
 
 from processors.exception_lifecycle import (
     ACTIVE,
@@ -61,7 +62,7 @@ from processors.exception_lifecycle import (
 from processors.ownership import ExceptionFacts, Ownership, event_amount
 from processors.reference import OWNERS, SEVERITIES
 from revline.auditlog import AuditFact, AuditLog
-from revline.errors import InfrastructureError
+from revline.errors import ConfigurationError, InfrastructureError
 from revline.metrics import ExceptionMetrics
 from revline.settings import Settings
 from schemas import DecodeError, EventDeserializer, exception_codec
@@ -92,6 +93,9 @@ class ExceptionManager:
         self.producer = producer or Producer(settings.producer_config(bootstrap))
         self.audit = AuditLog(self.producer, settings.audit_facts_topic)
         self.states: dict[str, State] = {}
+        # Lifecycle events read before their exception (the two topics are read
+        # independently): applied as soon as it opens.
+        self.early: dict[str, list[Mapping[str, Any]]] = {}
         self._failures: list[str] = []
         self._dirty = False  # produced something since the last flush
 
@@ -121,6 +125,8 @@ class ExceptionManager:
         log.info("opened %s %s %s owner=%s backup=%s (rule %s)", exception_id,
                  state["check_id"], state["severity"], state["owner"], state["backup_owner"],
                  assignment.rule or "defaults")
+        for early in self.early.pop(exception_id, []):
+            self.apply(early)
 
     def on_lifecycle_event(self, value: bytes) -> None:
         try:
@@ -137,8 +143,11 @@ class ExceptionManager:
         exception_id = str(event.get("exception_id"))
         state = self.states.get(exception_id)
         if state is None:
-            log.warning("lifecycle event %s for unknown exception %s ignored",
+            # Not open yet (its record may still be on the way): keep it for then. Kept in
+            # memory only; a restart before the record arrives loses it (logged).
+            log.warning("lifecycle event %s for %s, not open yet: applied when it opens",
                         event.get("type"), exception_id)
+            self.early.setdefault(exception_id, []).append(event)
             return None
         result = apply_event(state, event)
         if isinstance(result, str):
@@ -198,7 +207,9 @@ class ExceptionManager:
         if event.get("corrected_event_id"):
             detail["corrected_event_id"] = event["corrected_event_id"]
         self.audit.record(AuditFact(
-            fact_id=f"{state['exception_id']}:{change.transition}:{change.at_ms}",
+            # Each transition happens at most once per exception (escalation once, closed
+            # stays closed), so this id is the same if a crash makes the manager redo it.
+            fact_id=f"{state['exception_id']}:{change.transition}",
             kind=audit_kind(change.transition), actor=change.actor,
             order_id=state.get("order_id"), detail=detail, at_ms=change.at_ms,
         ))
@@ -246,6 +257,7 @@ class ExceptionManager:
 
     def run(self, stop: threading.Event) -> None:
         s = self.settings
+        _refuse_second_manager(self.bootstrap, f"{s.app_id}-exceptions")
         count = self.rebuild()
         log.warning("exception manager: %d exceptions rebuilt from %s; ownership %s; "
                     "checking SLAs every %.1fs", count, s.exception_state_topic,
@@ -291,6 +303,18 @@ class ExceptionManager:
             except InfrastructureError as exc:
                 log.error("%s", exc)
             consumer.close()
+
+
+def _refuse_second_manager(bootstrap: str, group: str) -> None:
+    """Two managers would each fire every timer and overwrite each other's state."""
+    from revline.replay import live_members
+
+    members = live_members(AdminClient({"bootstrap.servers": bootstrap}), group)
+    if members:
+        raise ConfigurationError(
+            f"an exception manager is already running (group {group}: {', '.join(members)}); "
+            "run one per pipeline — stop the other first, or wait for its session to expire"
+        )
 
 
 def _caught_up(consumer: Consumer) -> bool:

@@ -29,7 +29,7 @@ from revline.verify import compare_with_manifest, finals_by_input
 from revline.workload import WorkloadGenerator, WorkloadOptions
 
 # The operations processes the demo also runs: the audit chainer, the exception manager.
-_OPERATIONS = (("auditor",), ("exceptions", "run"))
+_OPERATIONS = (("auditor", "--metrics-port", "0"), ("exceptions", "run"))
 
 
 @dataclass
@@ -108,6 +108,7 @@ def run_demo(options: DemoOptions, settings: Settings, bootstrap: str, console: 
         group = f"{pipeline.env['REVLINE_APP_ID']}-sink"
         try:
             pipeline.cli("reference", "load")
+            pipeline.create_input_topic()
             pipeline.start_worker()
             pipeline.start("sink")
             for command in _OPERATIONS:
@@ -149,6 +150,12 @@ def run_demo(options: DemoOptions, settings: Settings, bootstrap: str, console: 
         finally:
             pipeline.stop_all()
 
+    env_file = run_dir / "env"
+    env_file.write_text("".join(
+        f"{name}={value}\n" for name, value in sorted(pipeline.env.items())
+        if name.startswith(("REVLINE_", "KAFKA_")) and not name.startswith(("REVLINE_ERP",
+                                                                       "REVLINE_TRYTON_"))
+    ))
     problems = compare_with_manifest(workload.manifest(), outcomes)
     outcome_report(console, outcomes, decided_s)
     money_report(console, settings_for(run_dir), erp_label, applied_s)
@@ -160,6 +167,11 @@ def run_demo(options: DemoOptions, settings: Settings, bootstrap: str, console: 
     console.print(
         f"[green]All {total:,} inputs reached exactly the outcome the manifest expects.[/green] "
         f"Logs: {run_dir}/*.log"
+    )
+    console.print(
+        f"To look at this run: [bold]set -a; . {env_file}; set +a[/bold], then e.g. "
+        "`revline report`, `revline exceptions list`, `revline audit verify`, "
+        "`revline reconcile`."
     )
     return 0
 

@@ -97,11 +97,14 @@ class IsolatedPipeline:
             except subprocess.TimeoutExpired:
                 proc.kill()
 
-    def publish(self, workload: Workload, records: list[Any] | None = None) -> None:
+    def create_input_topic(self) -> None:
+        """Before publishing: a broker's auto-create would use its own partition count."""
         from revline.admin import ensure_topics
 
-        # Not the broker's auto-create: that would use its own default partition count.
         ensure_topics(self.bootstrap, {self.topic("events"): self.partitions})
+
+    def publish(self, workload: Workload, records: list[Any] | None = None) -> None:
+        self.create_input_topic()
         with Publisher(self.bootstrap, self.topic("events")) as publisher:
             publish_records(publisher, records if records is not None else workload.records)
 

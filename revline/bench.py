@@ -19,7 +19,23 @@ published into its input topic at half its sustained rate for a few seconds;
 per event, output CreateTime minus input CreateTime (both stamped by producers
 on this machine, so one clock).
 
-Every process, topic and consumer group is unique to the run and removed after.
+Sinks (issue "Sinks", section Speed), on one ledger database (``--ledger-dsn``;
+by default ``REVLINE_LEDGER_DSN`` when it is PostgreSQL, else SQLite in the run's
+temporary directory; the report says which):
+
+* **ledger** — journal lines/s of ``SqlLedger.post`` in batches
+  (``sinks/ledger/_bench.py``; fresh idempotency keys, so every event posts);
+* **end to end** — ``revline worker`` (a subprocess, as for the pipeline
+  contender) feeding a ``SinkProcessor`` in this process (``SqlLedger`` on the
+  same database, the in-memory ERP, audit facts to a Kafka topic). The sustained
+  maximum is a burst of events timed from the first publish to the sink's commit
+  of the last; latency is then measured at half that rate, per event, as ledger
+  commit time minus the input's CreateTime (the worker copies the input's
+  timestamp onto its validated record; the sink takes its clock after the
+  offset commit).
+
+Every process, topic and consumer group is unique to the run and removed after
+(the ledger's journals stay: it is append-only, so point it at a scratch database).
 """
 
 from __future__ import annotations
@@ -36,14 +52,15 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import (
     Consumer,
@@ -56,6 +73,12 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient
 
 from revline.errors import RevlineError
+from revline.settings import Settings
+
+if TYPE_CHECKING:
+    from sinks._protocols import EffectResult, ErpAdapter, Event
+    from sinks.ledger import SqlLedger
+    from sinks.processor import SinkStats
 
 ProgressFn = Callable[[str, int, int | None], None]
 """``progress(step, done, total)``; a new ``step`` text starts a new step."""
@@ -73,6 +96,22 @@ _RAW_LABEL = "raw confluent-kafka loop (Python ceiling)"
 _FAUST_LABEL = "bare Faust passthrough agent"
 _PIPELINE_LABEL = "Revline pipeline (`revline worker`)"
 _STEP_NAMES = {"raw": "raw loop", "faust": "Faust", "pipeline": "pipeline"}
+_CLI = [sys.executable, "-m", "revline.cli"]
+
+# Sinks: the issue's targets.
+LEDGER_TARGET_LINES_PER_S = 10_000
+E2E_P99_TARGET_MS = 250.0
+# The end-to-end run's settings (flags of `revline bench`; the report lists them).
+# The worker sleeps this long when its input is empty; the default 0.05 s would be
+# up to 50 ms of every paced event's latency.
+E2E_WORKER_BATCH_WITHIN_S = 0.01
+E2E_SINK_BATCH = 500
+# consume() waits for a full batch or this long: at half the sustained rate a batch
+# of 500 never fills, so this is the sink's share of the latency.
+E2E_SINK_POLL_TIMEOUT_S = 0.05
+E2E_WARMUP_EVENTS = 200  # through worker and sink before the clock starts
+# The paced publisher wakes this often: it shares the GIL with the in-process sink.
+E2E_TICK_S = 0.01
 
 
 class BenchError(RevlineError):
@@ -104,25 +143,174 @@ class ContenderResult:
         )
 
 
+@dataclass(frozen=True)
+class SinkBenchOptions:
+    """What the sink part of ``revline bench`` runs; ``cmd_bench`` builds it from flags."""
+
+    ledger_url: str | None = None  # None: SQLite in the run's temporary directory
+    ledger_origin: str = "no PostgreSQL configured"  # why this database, for the report
+    ledger: bool = True
+    ledger_events: int = 20_000
+    ledger_batch: int = 500
+    e2e: bool = True
+    # The burst that measures the sustained maximum. Not larger: InMemoryErp looks
+    # documents up by scanning them all, so its cost per event grows with the run.
+    e2e_events: int = 5_000
+    e2e_seconds: float = 15.0  # paced run at PACE_SHARE of it
+    worker_batch_within_s: float = E2E_WORKER_BATCH_WITHIN_S
+    sink_batch: int = E2E_SINK_BATCH
+    sink_poll_timeout_s: float = E2E_SINK_POLL_TIMEOUT_S
+
+
+@dataclass
+class LedgerResult:
+    events: int = 0
+    batch_size: int = 0
+    journal_lines: int = 0
+    seconds: float = 0.0
+    lines_per_s: float | None = None
+    batch_p50_ms: float | None = None
+    batch_max_ms: float | None = None
+    trial_balance_ok: bool | None = None
+    unavailable: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.unavailable is None and bool(self.lines_per_s)
+
+
+@dataclass
+class EndToEndResult:
+    burst_events: int = 0  # validated records the burst should bring to the sink
+    burst_committed: int = 0
+    burst_seconds: float | None = None
+    max_rate: float | None = None  # events/s, input published -> ledger committed
+    paced_rate: float | None = None
+    paced_seconds: float = 0.0
+    paced_events: int = 0
+    latency_samples: int = 0
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+    max_ms: float | None = None
+    latencies_ms: list[float] = field(default_factory=list, repr=False)  # of the paced run
+    # Sink thread time per burst event (ms) in each adapter call, from timed adapters.
+    burst_busy_ms: dict[str, float] = field(default_factory=dict)
+    setup: list[str] = field(default_factory=list)  # settings, for the report
+    unavailable: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.unavailable is None
+            and self.burst_committed == self.burst_events
+            and self.latency_samples == self.paced_events > 0
+        )
+
+
+@dataclass
+class SinkReport:
+    backend: str  # postgresql | sqlite
+    database: str  # the URL without a password, or where the temporary SQLite was
+    origin: str  # why this database
+    ledger: LedgerResult | None  # None: not requested
+    e2e: EndToEndResult | None
+
+    @property
+    def ok(self) -> bool:
+        return all(part.ok for part in (self.ledger, self.e2e) if part is not None)
+
+    def rows(self) -> list[tuple[str, str, str, str]]:
+        """(measure, measured, target, verdict)"""
+        rows: list[tuple[str, str, str, str]] = []
+        if (ledger := self.ledger) is not None:
+            label = f"ledger journal lines/s (batches of {ledger.batch_size:,} events)"
+            target = f"≥ {LEDGER_TARGET_LINES_PER_S:,}"
+            if ledger.unavailable is not None:
+                rows.append((label, f"unavailable: {ledger.unavailable}", target, ""))
+            else:
+                met = _verdict(ledger.lines_per_s, lambda v: v >= LEDGER_TARGET_LINES_PER_S)
+                rows.append((label, _fmt_rate(ledger.lines_per_s), target, met))
+        if (e2e := self.e2e) is not None:
+            if e2e.unavailable is not None:
+                unavailable = f"unavailable: {e2e.unavailable}"
+                rows.append(("end to end, input → ledger commit", unavailable, "", ""))
+                return rows
+            rate = _fmt_rate(e2e.max_rate)
+            if e2e.burst_committed != e2e.burst_events:
+                rate += f" (only {e2e.burst_committed:,} of {e2e.burst_events:,} committed)"
+            burst = f"end to end sustained max, events/s (burst of {e2e.burst_events:,})"
+            rows.append((burst, rate, "", ""))
+            at = f"at {_fmt_rate(e2e.paced_rate)} events/s"
+            p99_target = f"≤ {E2E_P99_TARGET_MS:,.0f}"
+            p99_met = _verdict(e2e.p99_ms, lambda v: v <= E2E_P99_TARGET_MS)
+            rows += [
+                (f"end to end p50 ms {at}", _fmt_ms(e2e.p50_ms), "", ""),
+                (f"end to end p95 ms {at}", _fmt_ms(e2e.p95_ms), "", ""),
+                (f"end to end p99 ms {at}", _fmt_ms(e2e.p99_ms), p99_target, p99_met),
+                (f"end to end max ms {at}", _fmt_ms(e2e.max_ms), "", ""),
+            ]
+        return rows
+
+    def lines(self) -> list[str]:
+        out = [f"ledger database: {self.backend} — {self.database} ({self.origin})"]
+        if (ledger := self.ledger) is not None and ledger.unavailable is None:
+            balance = {True: "balanced", False: "NOT balanced", None: "not checked"}
+            out.append(
+                f"ledger: {ledger.events:,} money events → {ledger.journal_lines:,} journal "
+                f"lines in {ledger.seconds:.2f} s (post only; generation not timed); batch "
+                f"p50 {_fmt_ms(ledger.batch_p50_ms)} ms, max {_fmt_ms(ledger.batch_max_ms)} ms; "
+                f"trial balance {balance[ledger.trial_balance_ok]}"
+            )
+        if (e2e := self.e2e) is not None and e2e.unavailable is None:
+            out += [f"end to end: {line}" for line in e2e.setup]
+            if e2e.burst_seconds is not None:
+                out.append(
+                    f"end to end: burst of {e2e.burst_events:,} committed in "
+                    f"{e2e.burst_seconds:.2f} s (first publish → last ledger commit); "
+                    f"paced {e2e.paced_events:,} events over {e2e.paced_seconds:g} s, "
+                    f"{e2e.latency_samples:,} latencies"
+                )
+            if e2e.burst_busy_ms and e2e.max_rate:
+                spent = ", ".join(f"{k} {v:.2f}" for k, v in sorted(e2e.burst_busy_ms.items()))
+                out.append(
+                    f"end to end: sink thread ms per event in the burst: {spent} "
+                    f"(of {1000 / e2e.max_rate:.2f} ms per event overall)"
+                )
+        notes = [("ledger", n) for n in (self.ledger.notes if self.ledger else [])]
+        notes += [("end to end", n) for n in (self.e2e.notes if self.e2e else [])]
+        out += [f"note — {name}: {n}" for name, n in notes]
+        return out
+
+
 @dataclass
 class BenchReport:
     events: int
     partitions: int
-    raw: ContenderResult
-    faust: ContenderResult
+    raw: ContenderResult | None  # None: not requested (--sinks-only)
+    faust: ContenderResult | None
     pipeline: ContenderResult | None  # None: not requested (--no-pipeline)
     machine: dict[str, str]
     started_at: datetime
     duration_s: float
     pace_seconds: float
+    sinks: SinkReport | None = None  # None: not requested (--no-sinks)
 
     @property
     def contenders(self) -> list[ContenderResult]:
         return [c for c in (self.raw, self.faust, self.pipeline) if c is not None]
 
-    def _ratio(self, other: ContenderResult) -> float | None:
+    @property
+    def ok(self) -> bool:
+        """Everything requested was measured (targets are reported, not enforced)."""
+        baselines = [c for c in (self.raw, self.faust) if c is not None]
+        return all(c.ok for c in baselines) and (self.sinks is None or self.sinks.ok)
+
+    def _ratio(self, other: ContenderResult | None) -> float | None:
         mine = self.pipeline.events_per_s if self.pipeline is not None else None
-        theirs = other.events_per_s
+        theirs = other.events_per_s if other is not None else None
         return mine / theirs if mine and theirs else None
 
     @property
@@ -148,10 +336,14 @@ class BenchReport:
         return rows
 
     def _ratio_lines(self) -> list[str]:
+        if not self.contenders:
+            return []
         if self.pipeline is None:
             return ["Pipeline not measured (--no-pipeline)."]
         if self.pipeline.unavailable is not None:
             return [f"Pipeline unavailable: {self.pipeline.unavailable}"]
+        if self.raw is None or self.faust is None:
+            return []
         flag = "" if all(c.ok for c in self.contenders) else " — from an incomplete run, see notes"
         return [
             f"pipeline / Faust passthrough: {_fmt_ratio(self.pipeline_vs_faust)} "
@@ -159,49 +351,89 @@ class BenchReport:
             f"pipeline / raw loop: {_fmt_ratio(self.pipeline_vs_raw)} (target ≥ 0.5×){flag}",
         ]
 
-    def _machine_line(self) -> str:
-        m = self.machine
+    def _sink_lines(self) -> list[str]:
         return (
-            f"{self.started_at:%Y-%m-%d %H:%M} UTC · {self.events:,} events · "
-            f"{self.partitions} partitions · nproc {m['nproc']} · Python {m['python']} · "
-            f"Kafka {m['kafka']} · confluent-kafka {m['confluent_kafka']} "
-            f"(librdkafka {m['librdkafka']}) · faust-streaming {m['faust']} "
-            f"(aiokafka {m['aiokafka']}) · {m['platform']} · "
-            f"latency paced at {PACE_SHARE:.0%} of each sustained rate for "
-            f"{self.pace_seconds:g} s · run took {self.duration_s:.0f} s"
+            self.sinks.lines() if self.sinks is not None else ["Sinks not measured (--no-sinks)."]
         )
 
+    def _machine_line(self) -> str:
+        m = self.machine
+        parts = [f"{self.started_at:%Y-%m-%d %H:%M} UTC"]
+        if self.contenders:
+            parts += [f"{self.events:,} events", f"{self.partitions} partitions"]
+        parts += [
+            f"nproc {m['nproc']}",
+            f"load average {m['load']} at the start",
+            f"Python {m['python']}",
+            f"Kafka {m['kafka']}",
+            f"confluent-kafka {m['confluent_kafka']} (librdkafka {m['librdkafka']})",
+        ]
+        if self.faust is not None:
+            parts.append(f"faust-streaming {m['faust']} (aiokafka {m['aiokafka']})")
+        parts.append(m["platform"])
+        if self.contenders:
+            parts.append(
+                f"latency paced at {PACE_SHARE:.0%} of each sustained rate for "
+                f"{self.pace_seconds:g} s"
+            )
+        parts.append(f"run took {self.duration_s:.0f} s")
+        return " · ".join(parts)
+
     def to_markdown(self) -> str:
-        header = ["contender", "sustained events/s", "p50 ms", "p99 ms", "paced at events/s"]
-        lines = ["| " + " | ".join(header) + " |", "|---|--:|--:|--:|--:|"]
-        lines += ["| " + " | ".join(row) + " |" for row in self._rows()]
-        lines.append("")
-        lines += [f"- {line}" for line in self._ratio_lines()]
-        notes = [f"{c.name}: {n}" for c in self.contenders for n in c.notes]
-        lines += [f"- note — {n}" for n in notes]
+        lines: list[str] = []
+        if self.contenders:
+            header = ["contender", "sustained events/s", "p50 ms", "p99 ms", "paced at events/s"]
+            lines += ["| " + " | ".join(header) + " |", "|---|--:|--:|--:|--:|"]
+            lines += ["| " + " | ".join(row) + " |" for row in self._rows()]
+            lines.append("")
+            lines += [f"- {line}" for line in self._ratio_lines()]
+            notes = [f"{c.name}: {n}" for c in self.contenders for n in c.notes]
+            lines += [f"- note — {n}" for n in notes]
+            lines.append("")
+        if self.sinks is not None:
+            lines += ["| sinks | measured | target | |", "|---|--:|--:|---|"]
+            lines += ["| " + " | ".join(row) + " |" for row in self.sinks.rows()]
+            lines.append("")
+        lines += [f"- {line}" for line in self._sink_lines()]
         lines += ["", f"<sub>{self._machine_line()}</sub>", ""]
         return "\n".join(lines)
 
     def to_rich(self) -> Any:
-        from rich.console import Group, JustifyMethod
+        from rich.console import Group, JustifyMethod, RenderableType
         from rich.table import Table
         from rich.text import Text
 
-        table = Table(title=f"revline bench — {self.events:,} events, {self.partitions} partitions")
-        columns: list[tuple[str, JustifyMethod]] = [
-            ("contender", "left"),
-            ("sustained events/s", "right"),
-            ("p50 ms", "right"),
-            ("p99 ms", "right"),
-            ("paced at /s", "right"),
-        ]
-        for name, justify in columns:
-            table.add_column(name, justify=justify)
-        for row in self._rows():
-            table.add_row(*row)
-        notes = [f"note — {c.name}: {n}" for c in self.contenders for n in c.notes]
-        extra = [Text(line) for line in self._ratio_lines() + notes]
-        return Group(table, *extra, Text(self._machine_line(), style="dim"))
+        parts: list[RenderableType] = []
+        if self.contenders:
+            table = Table(
+                title=f"revline bench — {self.events:,} events, {self.partitions} partitions"
+            )
+            columns: list[tuple[str, JustifyMethod]] = [
+                ("contender", "left"),
+                ("sustained events/s", "right"),
+                ("p50 ms", "right"),
+                ("p99 ms", "right"),
+                ("paced at /s", "right"),
+            ]
+            for name, justify in columns:
+                table.add_column(name, justify=justify)
+            for row in self._rows():
+                table.add_row(*row)
+            notes = [f"note — {c.name}: {n}" for c in self.contenders for n in c.notes]
+            parts += [table, *(Text(line) for line in self._ratio_lines() + notes)]
+        if self.sinks is not None:
+            sinks = Table(title=f"revline bench — sinks ({self.sinks.backend} ledger)")
+            sinks.add_column("sinks")
+            sinks.add_column("measured", justify="right")
+            sinks.add_column("target", justify="right")
+            sinks.add_column("")
+            for measure, measured, target, verdict in self.sinks.rows():
+                style = {"met": "green", "missed": "red"}.get(verdict, "")
+                sinks.add_row(measure, measured, target, Text(verdict, style=style))
+            parts.append(sinks)
+        parts += [Text(line) for line in self._sink_lines()]
+        parts.append(Text(self._machine_line(), style="dim"))
+        return Group(*parts)
 
 
 def _fmt_rate(value: float | None) -> str:
@@ -216,6 +448,45 @@ def _fmt_ratio(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}×"
 
 
+def _verdict(value: float | None, meets: Callable[[float], bool]) -> str:
+    if value is None:
+        return ""
+    return "met" if meets(value) else "missed"
+
+
+def ledger_target(explicit: str | None, configured: str) -> tuple[str | None, str]:
+    """(URL or None for a temporary SQLite, why): ``--ledger-dsn``, else ``configured``
+    (``settings.ledger_url``) when it is PostgreSQL. The default SQLite ledger under
+    the state dir is never used: the benchmark's journals would stay in it."""
+    if explicit:
+        return explicit, "from --ledger-dsn"
+    if _backend(configured) == "postgresql":
+        return configured, "from REVLINE_LEDGER_DSN"
+    return None, "REVLINE_LEDGER_DSN is not PostgreSQL, so a temporary SQLite file"
+
+
+def _backend(url: str) -> str:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    from sinks.ledger import normalize_url
+
+    try:
+        return make_url(normalize_url(url)).get_backend_name()
+    except ArgumentError:
+        return "?"
+
+
+def _redacted(url: str) -> str:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "(an unparsable URL)"
+
+
 # -- run -----------------------------------------------------------------------------
 def run_benchmark(
     events: int = 20000,
@@ -226,28 +497,35 @@ def run_benchmark(
     *,
     pace_seconds: float = 10.0,
     seed: int = 7,
+    include_baselines: bool = True,
+    sinks: SinkBenchOptions | None = None,
+    settings: Settings | None = None,
 ) -> BenchReport:
-    """Measure raw, Faust and (optionally) the pipeline on one broker; see the module doc."""
+    """Measure raw, Faust, the pipeline and (with ``sinks``) the sinks; see the module doc."""
     if events < 2:
         raise RevlineError("the benchmark needs at least 2 events")
+    settings = settings or Settings()
     if bootstrap is None:
         from revline.broker import resolve_bootstrap
-        from revline.settings import Settings
 
-        bootstrap, _ = resolve_bootstrap(Settings().broker_home, start_if_missing=True)
+        bootstrap, _ = resolve_bootstrap(settings.broker_home, start_if_missing=True)
     started_at = datetime.now(UTC)
     clock = time.monotonic()
-    run = _Run(bootstrap, partitions, pace_seconds, seed, progress or _no_progress)
+    machine = _machine_info()  # before the run: the load average is other people's work
+    run = _Run(bootstrap, partitions, pace_seconds, seed, progress or _no_progress, settings)
+    raw = faust = pipeline = None
+    sink_report = None
     try:
-        run.step("generating the workload", 0, events)
-        run.prepare(events)
-        raw = run.contender("raw", _RAW_LABEL, run.bench_raw)
-        faust = run.contender("faust", _FAUST_LABEL, run.bench_faust)
-        pipeline = (
-            run.contender("pipeline", _PIPELINE_LABEL, run.bench_pipeline)
-            if include_pipeline
-            else None
-        )
+        if include_baselines or include_pipeline:
+            run.step("generating the workload", 0, events)
+            run.prepare(events)
+        if include_baselines:
+            raw = run.contender("raw", _RAW_LABEL, run.bench_raw)
+            faust = run.contender("faust", _FAUST_LABEL, run.bench_faust)
+        if include_pipeline:
+            pipeline = run.contender("pipeline", _PIPELINE_LABEL, run.bench_pipeline)
+        if sinks is not None:
+            sink_report = run.bench_sinks(sinks)
     finally:
         run.cleanup()
     return BenchReport(
@@ -256,10 +534,11 @@ def run_benchmark(
         raw=raw,
         faust=faust,
         pipeline=pipeline,
-        machine=_machine_info(),
+        machine=machine,
         started_at=started_at,
         duration_s=time.monotonic() - clock,
         pace_seconds=pace_seconds,
+        sinks=sink_report,
     )
 
 
@@ -273,6 +552,7 @@ class _Input:
     value: bytes
     seq: int
     event_id: str
+    validated: bool = True  # the workload expects it on the validated topic
 
 
 @dataclass(frozen=True)
@@ -293,16 +573,20 @@ class _Sent:
 
 class _Run:
     def __init__(
-        self, bootstrap: str, partitions: int, pace_seconds: float, seed: int, progress: ProgressFn
+        self,
+        bootstrap: str,
+        partitions: int,
+        pace_seconds: float,
+        seed: int,
+        progress: ProgressFn,
+        settings: Settings,
     ) -> None:
-        from revline.settings import Settings
-
         self.bootstrap = bootstrap
         self.partitions = partitions
         self.pace_seconds = pace_seconds
         self.seed = seed
         self.step = progress
-        self.settings = Settings()
+        self.settings = settings
         self.prefix = f"revline-bench-{time.strftime('%H%M%S')}-{uuid.uuid4().hex[:6]}"
         self.tmp = Path(tempfile.mkdtemp(prefix="revline-bench-"))
         self.admin = AdminClient({"bootstrap.servers": bootstrap})
@@ -347,7 +631,15 @@ class _Run:
         for rec in workload.records[:n]:
             assert rec.event is not None
             env = rec.event["envelope"]
-            out.append(_Input(rec.key, encode(rec.event), rec.seq, str(env["event_id"])))
+            out.append(
+                _Input(
+                    rec.key,
+                    encode(rec.event),
+                    rec.seq,
+                    str(env["event_id"]),
+                    rec.expect.outcome == "validated",
+                )
+            )
         return out
 
     def fresh_inputs(self, n: int) -> list[_Input]:
@@ -409,11 +701,20 @@ class _Run:
             result.unavailable = f"{type(exc).__name__}: {exc}"
         return result
 
-    def paced(self, topic: str, rate: float, what: str) -> tuple[list[_Input], _Sent]:
-        """Publish fresh events into ``topic`` at ``rate``/s for ``pace_seconds``."""
+    def paced(
+        self,
+        topic: str,
+        rate: float,
+        what: str,
+        *,
+        seconds: float | None = None,
+        tick_s: float = 0.0005,
+    ) -> tuple[list[_Input], _Sent]:
+        """Publish fresh events into ``topic`` at ``rate``/s for ``seconds``
+        (default ``pace_seconds``), waking every ``tick_s`` to send what is due."""
         from revline.publisher import SOURCE_LINE_HEADER
 
-        n = max(20, round(rate * self.pace_seconds))
+        n = max(20, round(rate * (self.pace_seconds if seconds is None else seconds)))
         inputs = self.fresh_inputs(n)
         sent = _Sent([0] * n, {})
         failures: list[str] = []
@@ -452,7 +753,7 @@ class _Run:
             if time.perf_counter() - shown > 0.25:
                 shown = time.perf_counter()
                 self.step(f"{what}: publishing paced events at {rate:,.0f}/s", i, n)
-            time.sleep(0.0005)
+            time.sleep(tick_s)
         if producer.flush(60):
             raise BenchError("paced events were not all delivered within 60 s")
         if failures:
@@ -562,27 +863,27 @@ class _Run:
             self.latency(result, source, sink, proc)
 
     # -- pipeline ------------------------------------------------------------------
-    def bench_pipeline(self, result: ContenderResult) -> None:
-        source = self.topic("pipeline-in")
-        app_id = self.group("pipeline")
+    def worker_env(self, name: str, source: str) -> dict[str, str]:
+        """Environment of a ``revline worker`` with its own app id, state and topics."""
         env = dict(self.env)
         env.update(
             KAFKA_BOOTSTRAP_SERVERS=self.bootstrap,
-            REVLINE_APP_ID=app_id,
-            REVLINE_STATE_DIR=str(self.tmp / "pipeline-state"),
+            REVLINE_APP_ID=self.group(name),
+            REVLINE_STATE_DIR=str(self.tmp / f"{name}-state"),
             REVLINE_METRICS_PORT="0",
             REVLINE_INPUT_PARTITIONS=str(self.partitions),
             REVLINE_INPUT_TOPIC=source,
         )
         names = ["validated", "outcomes", "exceptions", "dead_letter", "reference", "ticks"]
-        for name in names:
-            env[f"REVLINE_{name.upper()}_TOPIC"] = f"{self.prefix}-pipeline-{name}"
-        outcomes = env["REVLINE_OUTCOMES_TOPIC"]
-        cli = [sys.executable, "-m", "revline.cli"]
-        self.step("pipeline: loading reference data", 0, None)
+        for kind in names:
+            env[f"REVLINE_{kind.upper()}_TOPIC"] = f"{self.prefix}-{name}-{kind}"
+        return env
+
+    def load_reference(self, env: dict[str, str], what: str) -> None:
+        self.step(f"{what}: loading reference data", 0, None)
         try:
             loaded = subprocess.run(
-                [*cli, "reference", "load"], env=env, cwd=self.tmp, capture_output=True,
+                [*_CLI, "reference", "load"], env=env, cwd=self.tmp, capture_output=True,
                 text=True, timeout=120, check=False,
             )  # fmt: skip
         except subprocess.TimeoutExpired as exc:
@@ -592,10 +893,16 @@ class _Run:
                 f"`revline reference load` exited {loaded.returncode}: "
                 f"{_last_line(loaded.stderr or loaded.stdout)}"
             )
+
+    def bench_pipeline(self, result: ContenderResult) -> None:
+        source = self.topic("pipeline-in")
+        env = self.worker_env("pipeline", source)
+        outcomes = env["REVLINE_OUTCOMES_TOPIC"]
+        self.load_reference(env, "pipeline")
         self.fill(source, "pipeline")
         self.topic("pipeline-outcomes")  # so the watermarks can be read before the worker starts
         finals = _FinalOutcomes(source)
-        with _Proc("revline worker", [*cli, "worker"], env, self.tmp) as proc:
+        with _Proc("revline worker", [*_CLI, "worker"], env, self.tmp) as proc:
             with _Tail(self, outcomes) as tail:
                 self.wait_for_outputs(
                     tail, len(self.inputs), "pipeline: sustained run", proc, finals.count
@@ -655,6 +962,215 @@ class _Run:
             result.p50_ms = _percentile(latencies, 0.50)
             result.p99_ms = _percentile(latencies, 0.99)
 
+    # -- sinks ---------------------------------------------------------------------
+    def bench_sinks(self, options: SinkBenchOptions) -> SinkReport:
+        url = options.ledger_url or f"sqlite:///{self.tmp / 'ledger.db'}"
+        report = SinkReport(
+            backend=_backend(url),
+            database=_redacted(url) if options.ledger_url else "a temporary SQLite file",
+            origin=options.ledger_origin,
+            ledger=LedgerResult(batch_size=options.ledger_batch) if options.ledger else None,
+            e2e=EndToEndResult() if options.e2e else None,
+        )
+        if report.ledger is not None:
+            ledger = report.ledger
+            _measure(ledger, lambda: self.bench_ledger(ledger, url, options))
+        if report.e2e is not None:
+            e2e = report.e2e
+            _measure(e2e, lambda: self.bench_e2e(e2e, url, options))
+        return report
+
+    def bench_ledger(self, result: LedgerResult, url: str, options: SinkBenchOptions) -> None:
+        from sinks.ledger._bench import bench_ledger
+
+        self.step("ledger: generating money events", 0, None)
+        figures = bench_ledger(
+            url,
+            options.ledger_events,
+            options.ledger_batch,
+            progress=lambda done, total: self.step("ledger: posting batches", done, total),
+        )
+        result.events = int(figures["events"])
+        result.journal_lines = int(figures["journal_lines"])
+        result.seconds = float(figures["seconds"])
+        result.lines_per_s = float(figures["lines_per_s"])
+        result.batch_p50_ms = float(figures["batch_p50_ms"])
+        result.batch_max_ms = float(figures["batch_max_ms"])
+        result.trial_balance_ok = bool(figures["trial_balance_ok"])
+        statuses: dict[str, int] = figures["statuses"]
+        if statuses.get("not_applicable"):
+            result.notes.append(
+                f"{statuses['not_applicable']:,} of the events posted no lines "
+                "(not_applicable, e.g. a cancellation with nothing to reverse)"
+            )
+        others = {k: v for k, v in statuses.items() if k not in ("applied", "not_applicable")}
+        if others:
+            result.notes.append(f"unexpected statuses: {others}")
+
+    def bench_e2e(self, result: EndToEndResult, url: str, options: SinkBenchOptions) -> None:
+        """Worker subprocess → validated topic → SinkProcessor here: burst, then paced."""
+        source = self.topic("e2e-in")
+        env = self.worker_env("e2e", source)
+        env["REVLINE_BATCH_WITHIN_S"] = str(options.worker_batch_within_s)
+        # Created now: the sink subscribes before the worker would create them.
+        validated = self.topic("e2e-validated")
+        audit = self.topic("e2e-audit-facts")
+        result.setup = [
+            f"`revline worker` subprocess (batch size {self.settings.batch_size:,}, "
+            f"REVLINE_BATCH_WITHIN_S={options.worker_batch_within_s:g} s) → validated "
+            f"topic → SinkProcessor in the bench process (batch {options.sink_batch:,}, "
+            f"poll timeout {options.sink_poll_timeout_s:g} s; SqlLedger on the ledger "
+            "database above; ERP: the in-memory InMemoryErp, not Tryton; audit facts to "
+            "Kafka; metrics collected, not served)",
+            "latency = time after the sink's offset commit − the input's CreateTime; "
+            f"sustained max from a burst, then paced at {PACE_SHARE:.0%} of it for "
+            f"{options.e2e_seconds:g} s in {E2E_TICK_S * 1000:g} ms ticks; "
+            f"{E2E_WARMUP_EVENTS} warm-up events first",
+        ]
+        self.load_reference(env, "end to end")
+        tag = self.prefix[-6:]
+        warmup = self._generate(E2E_WARMUP_EVENTS, f"{tag}w", self.seed + 500)
+        self.step("end to end: generating the burst", 0, options.e2e_events)
+        burst = self._generate(options.e2e_events, f"{tag}e", self.seed + 1000)
+        producer = Producer(self.settings.producer_config(self.bootstrap) | UNCOMPRESSED)
+        producer.list_topics(source, timeout=10)
+        sink = _SinkThread(self, url, validated, env["REVLINE_EXCEPTIONS_TOPIC"], audit, options)
+        worker = _Proc("revline worker (end to end)", [*_CLI, "worker"], env, self.tmp)
+        with worker as proc, sink:
+            # Group joins, Faust boot, first connections: all before any clock starts.
+            self.publish(producer, source, warmup, "end to end: warming up")
+            self.wait_for_commits(
+                sink, _validated(warmup), "end to end: warming up", proc, startup=True
+            )
+
+            base, busy = sink.committed, dict(sink.busy)
+            result.burst_events = _validated(burst)
+            started = time.monotonic()
+            self.publish(producer, source, burst, "end to end: publishing the burst")
+            done_at = self.wait_for_commits(
+                sink, base + result.burst_events, "end to end: burst", proc, base=base
+            )
+            result.burst_committed = min(sink.committed - base, result.burst_events)
+            if done_at is None:
+                result.notes.append(
+                    f"burst: {result.burst_events - result.burst_committed:,} of "
+                    f"{result.burst_events:,} never committed (no progress for "
+                    f"{STALL_TIMEOUT_S:.0f} s); rate is over those that were"
+                )
+                done_at = sink.last_commit_at
+            result.burst_seconds = done_at - started
+            if result.burst_committed <= 0 or result.burst_seconds <= 0:
+                return
+            result.max_rate = result.burst_committed / result.burst_seconds
+            result.burst_busy_ms = {
+                name: (spent - busy.get(name, 0.0)) * 1000 / result.burst_committed
+                for name, spent in sink.busy.items()
+            }
+
+            rate = result.max_rate * PACE_SHARE
+            result.paced_rate, result.paced_seconds = rate, options.e2e_seconds
+            base, mark = sink.committed, len(sink.latencies)
+            inputs, _ = self.paced(
+                source, rate, "end to end", seconds=options.e2e_seconds, tick_s=E2E_TICK_S
+            )
+            result.paced_events = _validated(inputs)
+            if (
+                self.wait_for_commits(
+                    sink, base + result.paced_events, "end to end: latency run", proc, base=base
+                )
+                is None
+            ):
+                result.notes.append("latency run: not every paced event was committed")
+            latencies = sink.latencies[mark:]
+        stats = sink.stats
+        if stats is not None:
+            if stats.exceptions:
+                result.notes.append(f"the sink refused {stats.exceptions:,} events")
+            if stats.pauses or stats.transient_failures:
+                result.notes.append(
+                    f"the sink paused {stats.pauses}× ({stats.transient_failures} transient "
+                    "failures)"
+                )
+        if len(latencies) != result.paced_events:
+            result.notes.append(
+                f"{len(latencies):,} latencies for {result.paced_events:,} paced events"
+            )
+        result.latency_samples = len(latencies)
+        result.latencies_ms = latencies
+        if (trend := _trend(latencies)) is not None:
+            result.notes.append(trend)
+        if latencies:
+            result.p50_ms = _percentile(latencies, 0.50)
+            result.p95_ms = _percentile(latencies, 0.95)
+            result.p99_ms = _percentile(latencies, 0.99)
+            result.max_ms = max(latencies)
+
+    def publish(self, producer: Producer, topic: str, inputs: Sequence[_Input], what: str) -> None:
+        """All of ``inputs`` as fast as the producer takes them, then wait for the acks."""
+        from revline.publisher import SOURCE_LINE_HEADER
+
+        failures: list[str] = []
+
+        def report(err: KafkaError | None, msg: Message) -> None:
+            if err is not None:
+                failures.append(err.str())
+
+        for i, rec in enumerate(inputs, start=1):
+            while True:
+                try:
+                    producer.produce(
+                        topic,
+                        value=rec.value,
+                        key=rec.key.encode(),
+                        headers=[(SOURCE_LINE_HEADER, str(rec.seq).encode())],
+                        on_delivery=report,
+                    )
+                    break
+                except BufferError:
+                    producer.poll(0.05)  # local queue full: let deliveries drain
+            if i % 2000 == 0:
+                producer.poll(0)
+                self.step(what, i, len(inputs))
+        if producer.flush(60):
+            raise BenchError(f"{what}: events were not all delivered within 60 s")
+        if failures:
+            raise BenchError(f"{what}: publishing failed: {failures[0]}")
+
+    def wait_for_commits(
+        self,
+        sink: _SinkThread,
+        target: int,
+        what: str,
+        proc: _Proc,
+        *,
+        base: int = 0,
+        startup: bool = False,
+    ) -> float | None:
+        """Until the sink has committed ``target`` events in all; returns when it did
+        (monotonic), or None when it stopped short (no progress for STALL_TIMEOUT_S)."""
+        limit = STARTUP_TIMEOUT_S if startup else STALL_TIMEOUT_S
+        seen, last_change = sink.committed, time.monotonic()
+        while True:
+            done = sink.committed
+            if done >= target:
+                return sink.reached(target)
+            sink.check()
+            if (failure := proc.failure()) is not None:
+                raise BenchError(failure)
+            now = time.monotonic()
+            if done != seen:
+                seen, last_change = done, now
+            elif now - last_change > limit:
+                if startup:
+                    raise BenchError(
+                        f"{what}: {done - base} of {target - base} committed, no progress "
+                        f"for {limit:.0f} s; worker log: {proc.tail()}"
+                    )
+                return None
+            self.step(what, done - base, target - base)
+            # Short: the sink thread records its own commit times; this only polls.
+            time.sleep(0.05)
+
 
 def _note_shortfall(result: ContenderResult, what: str = "produced no output") -> None:
     if result.processed < result.expected:
@@ -713,7 +1229,7 @@ def _rate(timestamps_ms: Sequence[int]) -> float | None:
     return (len(timestamps_ms) - 1) / (max(span, 1) / 1000)
 
 
-def _percentile(values: Sequence[int], q: float) -> float:
+def _percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     return float(ordered[max(0, math.ceil(q * len(ordered)) - 1)])
 
@@ -765,6 +1281,159 @@ class _Proc:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class _SinkThread:
+    """A ``SinkProcessor`` in a thread of this process, noting when each batch committed."""
+
+    def __init__(
+        self,
+        run: _Run,
+        url: str,
+        validated: str,
+        exceptions: str,
+        audit: str,
+        options: SinkBenchOptions,
+    ) -> None:
+        self.url = url
+        self.bootstrap = run.bootstrap
+        self.validated, self.exceptions, self.audit = validated, exceptions, audit
+        self.group = run.group("e2e-sink")
+        self.options = options
+        self.committed = 0  # events of committed batches; written by the sink thread only
+        self.latencies: list[float] = []  # the processor's own list (keep_latencies)
+        self.stats: SinkStats | None = None
+        self.error: BaseException | None = None
+        self._marks: list[tuple[float, int]] = []  # (monotonic, committed) per batch
+        self.busy: dict[str, float] = {}  # adapter call -> seconds spent in it (sink thread)
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="bench-sink", daemon=True)
+
+    def _main(self) -> None:
+        from revline.metrics import SinkMetrics
+        from sinks.processor import SinkProcessor
+
+        try:
+            # Built in this thread: a file SQLite connection belongs to its thread.
+            ledger, erp = _timed_adapters(self.url, self.busy)
+            with ledger:
+                processor = SinkProcessor(
+                    self.bootstrap, self.validated, self.group, ledger, erp,
+                    self.exceptions, SinkMetrics(), batch_size=self.options.sink_batch,
+                    audit_topic=self.audit, poll_timeout_s=self.options.sink_poll_timeout_s,
+                    keep_latencies=True,
+                )  # fmt: skip
+                self.stats = processor.stats
+                self.latencies = processor.stats.latencies_ms
+                self._ready.set()
+                try:
+                    while not self._stop.is_set():
+                        if processor.step():
+                            self.committed = processor.stats.events
+                            self._marks.append((time.monotonic(), self.committed))
+                finally:
+                    processor.close()
+        except BaseException as exc:  # the harness thread reports it
+            self.error = exc
+        finally:
+            self._ready.set()
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise BenchError(f"sink: {type(self.error).__name__}: {self.error}")
+        if not self._thread.is_alive():
+            raise BenchError("sink: the thread ended")
+
+    def reached(self, target: int) -> float:
+        """When the committed count first reached ``target``."""
+        return next(t for t, n in list(self._marks) if n >= target)
+
+    @property
+    def last_commit_at(self) -> float:
+        return self._marks[-1][0] if self._marks else time.monotonic()
+
+    def __enter__(self) -> _SinkThread:
+        self._thread.start()
+        self._ready.wait(120)
+        self.check()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(60)
+
+
+def _timed_adapters(url: str, busy: dict[str, float]) -> tuple[SqlLedger, ErpAdapter]:
+    """SqlLedger and InMemoryErp that add the time of each call to ``busy``, so the
+    report can say where the sink's time goes (it is the end-to-end bottleneck)."""
+    from sinks.erp import InMemoryErp
+    from sinks.ledger import SideEffect, SqlLedger
+
+    def timed(name: str, started: float) -> None:
+        busy[name] = busy.get(name, 0.0) + time.perf_counter() - started
+
+    class TimedLedger(SqlLedger):
+        def post(self, events: Sequence[Event]) -> list[EffectResult]:
+            started = time.perf_counter()
+            try:
+                return super().post(events)
+            finally:
+                timed("ledger post", started)
+
+        def record_effect(self, *args: Any, **kwargs: Any) -> SideEffect:
+            started = time.perf_counter()
+            try:
+                return super().record_effect(*args, **kwargs)
+            finally:
+                timed("side-effect rows", started)
+
+        def effects_for(self, keys: Iterable[str], adapter: str) -> dict[str, SideEffect]:
+            started = time.perf_counter()
+            try:
+                return super().effects_for(keys, adapter)
+            finally:
+                timed("side-effect lookups", started)
+
+    class TimedErp(InMemoryErp):
+        def apply(self, event: Event) -> EffectResult:
+            started = time.perf_counter()
+            try:
+                return super().apply(event)
+            finally:
+                timed("in-memory ERP", started)
+
+    return TimedLedger(url), TimedErp()
+
+
+def _trend(latencies: Sequence[float]) -> str | None:
+    """A note when latency kept rising through the paced run: the rate is not
+    sustainable there, and the percentiles depend on how long the run lasted."""
+    tenth = len(latencies) // 10
+    if tenth < 5:
+        return None
+    first = _percentile(latencies[:tenth], 0.5)
+    last = _percentile(latencies[-tenth:], 0.5)
+    if last < 2 * first or last - first < 50:
+        return None
+    return (
+        f"latency rose through the paced run (median of the first tenth {first:,.0f} ms, "
+        f"of the last {last:,.0f} ms): the sink did not keep up at this rate"
+    )
+
+
+def _validated(inputs: Sequence[_Input]) -> int:
+    return sum(rec.validated for rec in inputs)
+
+
+def _measure(result: LedgerResult | EndToEndResult, bench: Callable[[], None]) -> None:
+    """One sink measurement failing must not cost the others' figures."""
+    try:
+        bench()
+    except BenchError as exc:
+        result.unavailable = str(exc)
+    except Exception as exc:
+        result.unavailable = f"{type(exc).__name__}: {exc}"
 
 
 class _Tail:
@@ -852,8 +1521,13 @@ def _machine_info() -> dict[str, str]:
         nproc = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         nproc = os.cpu_count() or 0
+    try:
+        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        load = "?"
     return {
         "nproc": str(nproc),
+        "load": load,
         "python": platform.python_version(),
         "platform": f"{platform.system()} {platform.machine()}",
         # The version Revline's local broker runs; an external cluster may differ.

@@ -369,22 +369,49 @@ def cmd_holds(args: argparse.Namespace, settings: Settings) -> int:
 
 # -- bench ---------------------------------------------------------------------------
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
-    from revline.bench import rich_progress_callback, run_benchmark
+    from revline.bench import (
+        SinkBenchOptions,
+        ledger_target,
+        rich_progress_callback,
+        run_benchmark,
+    )
 
+    sinks = None
+    if not args.no_sinks:
+        url, origin = ledger_target(args.ledger_dsn, settings.ledger_url)
+        given = {
+            "ledger_events": args.ledger_events,
+            "ledger_batch": args.ledger_batch,
+            "e2e_events": args.e2e_events,
+            "e2e_seconds": args.e2e_seconds,
+            "worker_batch_within_s": args.e2e_batch_within,
+            "sink_batch": args.e2e_sink_batch,
+            "sink_poll_timeout_s": args.e2e_sink_poll_timeout,
+        }
+        # Flags left out keep SinkBenchOptions' defaults (one place for them).
+        sinks = SinkBenchOptions(
+            ledger_url=url,
+            ledger_origin=origin,
+            **{k: v for k, v in given.items() if v is not None},
+        )
     bootstrap = bootstrap_for(settings, start_if_missing=True)
     with _progress() as progress:
         report = run_benchmark(
             events=args.events,
             partitions=args.partitions,
             bootstrap=bootstrap,
-            include_pipeline=not args.no_pipeline,
+            include_pipeline=not (args.no_pipeline or args.sinks_only),
             progress=rich_progress_callback(progress),
+            pace_seconds=args.pace_seconds,
+            include_baselines=not args.sinks_only,
+            sinks=sinks,
+            settings=settings,
         )
     console.print(report.to_rich())
     if args.out:
         Path(args.out).write_text(report.to_markdown())
         console.print(f"Wrote {args.out}")
-    return 0 if report.raw.ok and report.faust.ok else 1
+    return 0 if report.ok else 1
 
 
 # -- parser --------------------------------------------------------------------------
@@ -472,11 +499,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topic")
     p.set_defaults(func=cmd_readback)
 
-    p = sub.add_parser("bench", help="pipeline vs bare Faust vs raw confluent-kafka: events/s")
-    p.add_argument("--events", type=int, default=20000)
+    p = sub.add_parser(
+        "bench", help="pipeline vs bare Faust vs raw loop; ledger lines/s; input → ledger latency"
+    )
+    p.add_argument("--events", type=int, default=20000, help="events per contender (20000)")
     p.add_argument("--partitions", type=int, default=3)
-    p.add_argument("--no-pipeline", action="store_true", help="only raw and Faust")
-    p.add_argument("--out", metavar="FILE.md", help="also write the markdown table here")
+    p.add_argument("--pace-seconds", type=float, default=10.0,
+                   help="contenders' latency runs, seconds each (10)")
+    p.add_argument("--no-pipeline", action="store_true", help="skip the pipeline contender")
+    p.add_argument("--no-sinks", action="store_true", help="skip the ledger and end-to-end runs")
+    p.add_argument("--sinks-only", action="store_true", help="only the ledger and end-to-end runs")
+    p.add_argument("--ledger-dsn", metavar="DSN",
+                   help="ledger database; journals stay in it, so use a scratch one (default: "
+                        "REVLINE_LEDGER_DSN if PostgreSQL, else a temporary SQLite file)")
+    p.add_argument("--ledger-events", type=int,
+                   help="money events posted for ledger lines/s (20000)")
+    p.add_argument("--ledger-batch", type=int, help="events per ledger post (500)")
+    p.add_argument("--e2e-events", type=int,
+                   help="burst measuring the end-to-end sustained maximum (5000)")
+    p.add_argument("--e2e-seconds", type=float,
+                   help="end-to-end latency run at half that maximum, seconds (15)")
+    p.add_argument("--e2e-batch-within", type=float,
+                   help="the worker's REVLINE_BATCH_WITHIN_S in the end-to-end run (0.01)")
+    p.add_argument("--e2e-sink-batch", type=int, help="sink batch size, end-to-end run (500)")
+    p.add_argument("--e2e-sink-poll-timeout", type=float,
+                   help="sink poll timeout (longest wait to fill a batch), end-to-end run (0.05)")
+    p.add_argument("--out", metavar="FILE.md", help="also write the markdown tables here")
     p.set_defaults(func=cmd_bench)
 
     # Operations commands live in their own modules; each adds its parsers here.

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import pytest
+from rich.console import Console
 
-from revline.bench import BenchReport, run_benchmark
-
-pytestmark = pytest.mark.kafka
+from revline.bench import (
+    E2E_P99_TARGET_MS,
+    LEDGER_TARGET_LINES_PER_S,
+    BenchReport,
+    SinkBenchOptions,
+    ledger_target,
+    run_benchmark,
+)
 
 EVENTS = 1500
+LEDGER_EVENTS = 200
+E2E_EVENTS = 300
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +27,8 @@ def report(kafka_bootstrap: str) -> BenchReport:
         if not steps or steps[-1] != step:
             steps.append(step)
 
+    # A temporary SQLite ledger: the report's shape does not depend on the backend.
+    url, origin = ledger_target(None, "sqlite:///unused.db")
     result = run_benchmark(
         events=EVENTS,
         partitions=2,
@@ -26,21 +36,34 @@ def report(kafka_bootstrap: str) -> BenchReport:
         include_pipeline=False,
         progress=progress,
         pace_seconds=2.0,
+        sinks=SinkBenchOptions(
+            ledger_url=url,
+            ledger_origin=origin,
+            ledger_events=LEDGER_EVENTS,
+            ledger_batch=50,
+            e2e_events=E2E_EVENTS,
+            e2e_seconds=2.0,
+        ),
     )
     assert steps, "the harness reported no progress"
+    assert any(step.startswith("end to end") for step in steps), steps
     return result
 
 
+@pytest.mark.kafka
 def test_every_contender_processed_every_event(report: BenchReport) -> None:
     assert report.pipeline is None
     for contender in (report.raw, report.faust):
+        assert contender is not None
         assert contender.unavailable is None, f"{contender.name}: {contender.unavailable}"
         assert contender.processed == EVENTS, contender
         assert contender.ok
 
 
+@pytest.mark.kafka
 def test_figures_are_positive(report: BenchReport) -> None:
     for contender in (report.raw, report.faust):
+        assert contender is not None
         assert contender.events_per_s is not None and contender.events_per_s > 0
         assert contender.paced_rate is not None and contender.paced_rate > 0
         # Every paced event was matched to its output, so the percentiles are real.
@@ -49,9 +72,64 @@ def test_figures_are_positive(report: BenchReport) -> None:
         assert 0 <= contender.p50_ms <= contender.p99_ms
 
 
+@pytest.mark.kafka
+def test_ledger_lines_measured(report: BenchReport) -> None:
+    assert report.sinks is not None and report.sinks.backend == "sqlite"
+    ledger = report.sinks.ledger
+    assert ledger is not None and ledger.unavailable is None, ledger
+    assert ledger.events == LEDGER_EVENTS
+    assert ledger.journal_lines >= ledger.events  # most post two or more lines
+    assert ledger.lines_per_s is not None and ledger.lines_per_s > 0
+    assert ledger.trial_balance_ok
+    assert ledger.ok
+
+
+@pytest.mark.kafka
+def test_end_to_end_measured(report: BenchReport) -> None:
+    assert report.sinks is not None
+    e2e = report.sinks.e2e
+    assert e2e is not None and e2e.unavailable is None, e2e
+    # Every burst event reached the ledger, and every paced event gave one latency.
+    assert e2e.burst_committed == e2e.burst_events == E2E_EVENTS, e2e
+    assert e2e.max_rate is not None and e2e.max_rate > 0
+    assert e2e.paced_rate is not None and e2e.paced_rate == pytest.approx(e2e.max_rate / 2)
+    assert e2e.latency_samples == e2e.paced_events == len(e2e.latencies_ms) > 0
+    assert e2e.p50_ms is not None and e2e.p95_ms is not None
+    assert e2e.p99_ms is not None and e2e.max_ms is not None
+    assert 0 <= e2e.p50_ms <= e2e.p95_ms <= e2e.p99_ms <= e2e.max_ms
+    assert set(e2e.burst_busy_ms) >= {"ledger post", "side-effect rows", "in-memory ERP"}
+    assert e2e.ok and report.ok
+
+
+@pytest.mark.kafka
 def test_markdown_table(report: BenchReport) -> None:
     text = report.to_markdown()
     assert "| raw confluent-kafka loop" in text
     assert "| bare Faust passthrough agent" in text
     assert f"{EVENTS:,} events" in text and "2 partitions" in text
     assert "--no-pipeline" in text
+    # The sinks table: figures next to the targets, and what was measured.
+    assert "| ledger journal lines/s (batches of 50 events) |" in text
+    assert f"≥ {LEDGER_TARGET_LINES_PER_S:,}" in text
+    assert "| end to end sustained max, events/s (burst of 300) |" in text
+    assert "end to end p99 ms at" in text and f"≤ {E2E_P99_TARGET_MS:,.0f}" in text
+    assert "temporary SQLite" in text and "InMemoryErp" in text
+    assert "REVLINE_BATCH_WITHIN_S" in text and "poll timeout" in text
+
+
+@pytest.mark.kafka
+def test_rich_output(report: BenchReport) -> None:
+    console = Console(record=True, width=240)
+    console.print(report.to_rich())
+    text = console.export_text()
+    assert "revline bench — sinks (sqlite ledger)" in text
+    assert "ledger journal lines/s" in text and "end to end p99 ms" in text
+
+
+def test_ledger_target_prefers_flag_then_postgres() -> None:
+    pg = "postgresql://revline@127.0.0.1:55432/revline"
+    assert ledger_target("sqlite:///x.db", pg) == ("sqlite:///x.db", "from --ledger-dsn")
+    assert ledger_target(None, pg) == (pg, "from REVLINE_LEDGER_DSN")
+    # The state dir's own SQLite ledger would keep the benchmark's journals: never used.
+    url, origin = ledger_target(None, "sqlite:////srv/.revline/ledger.db")
+    assert url is None and "temporary SQLite" in origin

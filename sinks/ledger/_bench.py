@@ -12,6 +12,7 @@ import json
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
@@ -47,8 +48,16 @@ def _line_count(ledger: SqlLedger) -> int:
         return int(conn.execute(sa.select(sa.func.count()).select_from(journal_lines)).scalar_one())
 
 
-def bench_ledger(url: str, n_events: int, batch_size: int = BATCH) -> dict[str, Any]:
-    """Post ``n_events`` money events in batches; report journal lines/s and batch latency."""
+def bench_ledger(
+    url: str,
+    n_events: int,
+    batch_size: int = BATCH,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Post ``n_events`` money events in batches; report journal lines/s and batch latency.
+
+    ``progress(posted, total)`` is called after each batch (``revline bench`` shows it).
+    """
     events = money_events(n_events)
     with SqlLedger(url) as ledger:
         before = _line_count(ledger)
@@ -60,6 +69,8 @@ def bench_ledger(url: str, n_events: int, batch_size: int = BATCH) -> dict[str, 
             for result in ledger.post(events[start : start + batch_size]):
                 statuses[result.status] = statuses.get(result.status, 0) + 1
             latencies.append(time.perf_counter() - t0)
+            if progress is not None:
+                progress(min(start + batch_size, len(events)), len(events))
         elapsed = time.perf_counter() - started
         lines = _line_count(ledger) - before
         balanced = all(tb.balanced for tb in ledger.trial_balance().values())

@@ -104,11 +104,13 @@ E2E_P99_TARGET_MS = 250.0
 # The end-to-end run's settings (flags of `revline bench`; the report lists them).
 # The worker sleeps this long when its input is empty; the default 0.05 s would be
 # up to 50 ms of every paced event's latency.
-E2E_WORKER_BATCH_WITHIN_S = 0.01
-E2E_SINK_BATCH = 500
+E2E_WORKER_BATCH_WITHIN_S = 0.005
+# Measured (3 runs each, PostgreSQL ledger): sink batches of 300 with a 20 ms poll
+# timeout gave p99 221-272 ms at half the sustained rate; 500/50 ms gave 665+ ms.
+E2E_SINK_BATCH = 300
 # consume() waits for a full batch or this long: at half the sustained rate a batch
-# of 500 never fills, so this is the sink's share of the latency.
-E2E_SINK_POLL_TIMEOUT_S = 0.05
+# never fills, so this is the sink's share of the latency.
+E2E_SINK_POLL_TIMEOUT_S = 0.02
 E2E_WARMUP_EVENTS = 200  # through worker and sink before the clock starts
 # The paced publisher wakes this often: it shares the GIL with the in-process sink.
 E2E_TICK_S = 0.01

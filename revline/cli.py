@@ -318,6 +318,7 @@ def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
             bootstrap, settings.validated_topic, args.group or settings.sink_group_id,
             ledger, erp, settings.exceptions_topic, metrics,
             batch_size=args.batch_size or settings.sink_batch_size,
+            poll_timeout_s=settings.sink_poll_timeout_s,
             audit_topic=settings.audit_facts_topic,
             decoder=deserializer_for(settings),
             crash_after_erp_writes=settings.sink_crash_after_erp_writes,
@@ -482,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sink", help="apply validated events to the ledger and the ERP")
     p.add_argument("--group", help="consumer group (default: <app id>-sink)")
-    p.add_argument("--batch-size", type=int, help="events per batch (default 500)")
+    p.add_argument("--batch-size", type=int, help="events per batch (default 300)")
     p.set_defaults(func=cmd_sink)
 
     p = sub.add_parser("reference", help="publish reference data (products, campaigns, channels)")

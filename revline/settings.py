@@ -74,7 +74,10 @@ class Settings(BaseSettings):
     tryton_user: str = "admin"
     tryton_password: str = "revline-admin"
     sink_group: str | None = Field(default=None, description="Default: <app_id>-sink.")
-    sink_batch_size: int = 500
+    sink_batch_size: int = 300
+    sink_poll_timeout_s: float = Field(
+        default=0.05, description="Longest wait to fill a sink batch (latency at low rates)."
+    )
     sink_metrics_port: int = Field(default=9101, description="/metrics of the sink; 0 = any.")
     sink_crash_after_erp_writes: int | None = Field(
         default=None, description="Testing only: SIGKILL the sink right after its Nth ERP write."

@@ -1370,7 +1370,7 @@ def _timed_adapters(url: str, busy: dict[str, float]) -> tuple[SqlLedger, ErpAda
     """SqlLedger and InMemoryErp that add the time of each call to ``busy``, so the
     report can say where the sink's time goes (it is the end-to-end bottleneck)."""
     from sinks.erp import InMemoryErp
-    from sinks.ledger import SideEffect, SqlLedger
+    from sinks.ledger import EffectRow, SideEffect, SqlLedger
 
     def timed(name: str, started: float) -> None:
         busy[name] = busy.get(name, 0.0) + time.perf_counter() - started
@@ -1383,10 +1383,10 @@ def _timed_adapters(url: str, busy: dict[str, float]) -> tuple[SqlLedger, ErpAda
             finally:
                 timed("ledger post", started)
 
-        def record_effect(self, *args: Any, **kwargs: Any) -> SideEffect:
+        def record_effects(self, rows: Sequence[EffectRow]) -> list[SideEffect]:
             started = time.perf_counter()
             try:
-                return super().record_effect(*args, **kwargs)
+                return super().record_effects(rows)
             finally:
                 timed("side-effect rows", started)
 

@@ -96,7 +96,7 @@ def run_demo(options: DemoOptions, settings: Settings, bootstrap: str, console: 
     with demo_erp(options.erp, run_dir, settings, console.print) as erp_env:
         pipeline = IsolatedPipeline(bootstrap, run_dir, partitions=settings.input_partitions,
                                     rules_file=run_dir / "rules.yaml", name=run_id,
-                                    prefix="demo", extra_env=erp_env)
+                                    prefix="demo", extra_env=erp_env, restart_crashed=True)
         erp_label = (f"Tryton {erp_env['REVLINE_TRYTON_URL']}"
                      if erp_env["REVLINE_ERP"] == "tryton" else "in-memory ERP")
         console.print(

@@ -33,6 +33,10 @@ class IsolatedPipeline:
     name: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     prefix: str = "t"
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    # As a supervisor would: restart a process that crashed (the demo). Tests leave it off,
+    # so a crash fails them.
+    restart_crashed: bool = False
+    commands: dict[int, tuple[str, ...]] = field(default_factory=dict)  # pid -> command
 
     def topic(self, kind: str) -> str:
         return f"{self.prefix}-{self.name}.{kind}"
@@ -85,6 +89,7 @@ class IsolatedPipeline:
         proc = subprocess.Popen([sys.executable, "-m", "revline.cli", *command], env=self.env,
                                 stdout=log, stderr=subprocess.STDOUT)
         self.procs.append(proc)
+        self.commands[proc.pid] = command
         return proc
 
     def stop_all(self) -> None:
@@ -122,10 +127,16 @@ class IsolatedPipeline:
             outcomes = self.outcomes()
             if predicate(outcomes):
                 return outcomes
-            for proc in self.procs:
+            for proc in list(self.procs):
                 if proc.poll() not in (None, 0, -9, -15):
-                    raise AssertionError(f"worker exited with {proc.returncode}; see "
-                                         f"{self.state_dir}")
+                    command = self.commands.get(proc.pid, ("worker",))
+                    if not self.restart_crashed:
+                        raise AssertionError(f"revline {' '.join(command)} exited with "
+                                             f"{proc.returncode}; see {self.state_dir}")
+                    print(f"revline {' '.join(command)} exited with {proc.returncode} "
+                          f"(see its log in {self.state_dir}); restarting it", file=sys.stderr)
+                    self.procs.remove(proc)
+                    self.start(*command)
             time.sleep(1.0)
         raise AssertionError(f"timed out waiting for {what}; have {len(outcomes)} outcomes")
 

@@ -30,8 +30,9 @@ import threading
 import time
 import uuid
 from collections import Counter as CountOf
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
+from typing import TypeVar
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -59,12 +60,30 @@ from revline.errors import ConfigurationError, InfrastructureError
 from revline.settings import Settings
 from schemas import outcome_codec
 
+T = TypeVar("T")
+
 log = logging.getLogger("revline.auditor")
 
 # The group's offsets may wait for a dead member's transaction to be aborted
 # (transaction.timeout.ms); reading heads before that could miss its commit.
 STABLE_OFFSETS_TIMEOUT_S = 120.0
 TRANSACTION_TIMEOUT_MS = 60_000
+
+
+def _retrying(fn: Callable[[], T], what: str, timeout_s: float = 60.0) -> T:
+    """fn(), retried while Kafka answers with a retriable error (e.g. a partition whose
+    leader is still being elected just after the topic was created)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return fn()
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            retriable = isinstance(error, KafkaError) and error.retriable()
+            if not retriable or time.monotonic() > deadline:
+                raise
+            log.warning("%s: %s; retrying", what, error)
+            time.sleep(1.0)
 
 
 class AuditMetrics:
@@ -277,9 +296,12 @@ class Chainer:
         if not partitions:
             return
         # Waits until a previous owner's pending transaction is resolved (KIP-447).
-        consumer.committed(partitions, timeout=STABLE_OFFSETS_TIMEOUT_S)
+        _retrying(lambda: consumer.committed(partitions, timeout=STABLE_OFFSETS_TIMEOUT_S),
+                  "waiting for stable offsets")
         wanted = by_topic[self.sources[0]]
-        self.heads.update(load_heads(self.bootstrap, self.settings.audit_heads_topic, wanted))
+        self.heads.update(_retrying(
+            lambda: load_heads(self.bootstrap, self.settings.audit_heads_topic, wanted),
+            "loading chain heads"))
         log.info("auditor %s: partitions %s assigned, %d chain heads loaded",
                  self.transactional_id, sorted(wanted), sum(len(self.heads[p]) for p in wanted))
 

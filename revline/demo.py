@@ -230,7 +230,7 @@ def money_report(console: Console, ledger_url: str, erp_label: str, elapsed: flo
                   *("yes" if trial[c].balanced else "[red]NO[/red]" for c in currencies))
     console.print(table)
     # An effect's refs also name the documents it built on (an invoice names its sale):
-    # count distinct ERP ids per kind, credited to the first event that names them.
+    # count distinct ERP ids per kind.
     documents: dict[str, dict[str, str]] = {}
     for effect in effects:
         if effect.status not in ("applied", "already_applied"):
@@ -238,12 +238,13 @@ def money_report(console: Console, ledger_url: str, erp_label: str, elapsed: flo
         for step, ref in effect.external_ref.items():
             documents.setdefault(step, {}).setdefault(ref, effect.idempotency_key)
     steps = Counter({step: len(ids) for step, ids in documents.items()})
-    examples = {step: "{} ← {}".format(*next(iter(ids.items())))
+    examples = {step: ", ".join(sorted(ids, key=lambda r: (len(r), r))[:4])
+                + (", …" if len(ids) > 4 else "")
                 for step, ids in documents.items()}
     refused = sum(1 for e in effects if e.status == "refused")
     table = Table(title=f"ERP documents created in {erp_label} (applied within {elapsed:.0f}s "
                         "of publishing)")
-    for column in ("document", "count", "example (ERP id ← idempotency key)"):
+    for column in ("document", "count", "ERP ids"):
         table.add_column(column)
     for step, count in steps.most_common():
         table.add_row(step, f"{count:,}", examples[step])

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import Consumer, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from revline.errors import InfrastructureError
 from revline.publisher import SOURCE_LINE_HEADER
@@ -22,43 +22,104 @@ def read_topic(
     *,
     timeout: float = 120.0,
     batch: int = 1000,
+    missing_ok: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Iterator[Message]:
-    """Every record of ``topic`` from the beginning to the end offsets seen at the start."""
+    """Every record of ``topic`` from the beginning to the end offsets seen at the start.
+
+    A partition also ends at its EOF event: compacted-away records and transaction
+    markers take offsets that no record carries, so "the last record's offset" may
+    never come. ``missing_ok``: an absent topic reads as empty instead of an error.
+    ``progress(done, total)`` after each fetch (total counts offsets, not records).
+    """
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
             "group.id": f"revline-readback-{uuid.uuid4().hex[:8]}",
             "enable.auto.commit": False,
-            "enable.partition.eof": False,
+            "enable.partition.eof": True,
         }
     )
     try:
-        metadata = consumer.list_topics(topic, timeout=10)
+        try:
+            metadata = consumer.list_topics(topic, timeout=30)
+        except KafkaException as exc:
+            raise InfrastructureError(f"cannot reach Kafka at {bootstrap}: {exc}") from exc
         if topic not in metadata.topics or metadata.topics[topic].error is not None:
+            if missing_ok:
+                return
             raise InfrastructureError(f"topic {topic} does not exist on {bootstrap}")
-        partitions = sorted(metadata.topics[topic].partitions)
         end: dict[int, int] = {}
         start: list[TopicPartition] = []
-        for p in partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+        for p in sorted(metadata.topics[topic].partitions):
+            low, high = watermarks(consumer, topic, p)
             if high > low:
                 end[p] = high
                 start.append(TopicPartition(topic, p, low))
+        total = sum(end[tp.partition] - tp.offset for tp in start)
         consumer.assign(start)
         deadline = time.monotonic() + timeout
+        done = 0
         while end:
             if time.monotonic() > deadline:
                 raise InfrastructureError(f"timed out reading {topic}: partitions {sorted(end)}")
             for msg in consumer.consume(batch, 1.0):
-                if msg.error():
-                    raise InfrastructureError(f"reading {topic}: {msg.error()}")
-                p = msg.partition()
-                if p in end:
-                    yield msg
-                    if (msg.offset() or 0) + 1 >= end[p]:
-                        del end[p]
+                p = msg.partition() or 0
+                error = msg.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        end.pop(p, None)
+                        continue
+                    raise InfrastructureError(f"reading {topic}: {error}")
+                offset = msg.offset() or 0
+                if p not in end or offset >= end[p]:
+                    continue
+                done += 1
+                yield msg
+                if offset + 1 >= end[p]:
+                    del end[p]
+            if progress is not None:
+                progress(done, total)
     finally:
         consumer.close()
+
+
+def watermarks(consumer: Consumer, topic: str, partition: int,
+                timeout: float = 30.0) -> tuple[int, int]:
+    """(low, high) of a partition, waiting out a just-created topic's leader election."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition),
+                                                       timeout=10)
+            return int(low), int(high)
+        except KafkaException as exc:
+            if time.monotonic() > deadline:
+                raise InfrastructureError(f"cannot read where {topic}/{partition} ends: {exc}"
+                                          ) from exc
+            time.sleep(0.5)
+
+
+def read_compacted_json(bootstrap: str, topic: str,
+                        timeout: float = 120.0) -> dict[str, dict[str, Any]]:
+    """key -> latest JSON object of a compacted topic (tombstones remove; junk is ignored;
+    an absent topic is empty)."""
+    import orjson
+
+    out: dict[str, dict[str, Any]] = {}
+    for msg in read_topic(bootstrap, topic, missing_ok=True, timeout=timeout):
+        key = (msg.key() or b"").decode(errors="replace")
+        value = msg.value()
+        if value is None:
+            out.pop(key, None)
+            continue
+        try:
+            data = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(data, dict):
+            out[key] = data
+    return out
 
 
 def header(msg: Message, name: str) -> bytes | None:

@@ -34,6 +34,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from processors import REDRIVE_COUNT_HEADER, REENTRY_HEADER
 from revline.auditlog import AuditFact, AuditLog
 from revline.errors import InfrastructureError
+from revline.readback import read_compacted_json, read_topic
 from revline.replay import OperationRefusedError
 from revline.settings import Settings
 
@@ -179,73 +180,9 @@ def _coords(text: str) -> tuple[str, int, int]:
 
 def _read(bootstrap: str, topic: str, progress: Progress | None = None,
           phase: str = "", timeout: float = 120.0) -> Iterator[Message]:
-    """Every record of ``topic`` up to the end offsets seen at the start; nothing if the
-    topic does not exist. Partition-EOF events end each partition at once (no idle wait,
-    and compaction gaps or transaction markers at the end cannot stall it)."""
-    consumer = Consumer({
-        "bootstrap.servers": bootstrap,
-        "group.id": f"revline-redrive-read-{uuid.uuid4().hex[:8]}",
-        "enable.auto.commit": False,
-        "enable.partition.eof": True,
-    })
-    try:
-        try:
-            md = consumer.list_topics(topic, timeout=30).topics.get(topic)
-        except KafkaException as exc:
-            raise InfrastructureError(f"cannot reach Kafka at {bootstrap}: {exc}") from exc
-        if md is None or md.error is not None:
-            return
-        ends: dict[int, int] = {}
-        start: list[TopicPartition] = []
-        for p in sorted(md.partitions):
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)
-            if high > low:
-                ends[p] = high
-                start.append(TopicPartition(topic, p, low))
-        total = sum(ends[tp.partition] - tp.offset for tp in start)
-        consumer.assign(start)
-        deadline = time.monotonic() + timeout
-        done = 0
-        while ends:
-            if time.monotonic() > deadline:
-                raise InfrastructureError(f"timed out reading {topic}: partitions {sorted(ends)}")
-            for msg in consumer.consume(max(1, min(1000, total - done)), 1.0):
-                p = msg.partition() or 0
-                err = msg.error()
-                if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        ends.pop(p, None)
-                        continue
-                    raise InfrastructureError(f"reading {topic}: {err}")
-                offset = msg.offset() or 0
-                if p not in ends or offset >= ends[p]:
-                    continue
-                done += 1
-                yield msg
-                if offset + 1 >= ends[p]:
-                    del ends[p]
-            if progress:
-                progress(phase, done, total)
-    finally:
-        consumer.close()
-
-
-def read_compacted_json(bootstrap: str, topic: str) -> dict[str, dict[str, Any]]:
-    """key -> latest JSON object of a compacted topic (tombstones remove; junk is ignored)."""
-    out: dict[str, dict[str, Any]] = {}
-    for msg in _read(bootstrap, topic):
-        key = (msg.key() or b"").decode(errors="replace")
-        value = msg.value()
-        if value is None:
-            out.pop(key, None)
-            continue
-        try:
-            data = orjson.loads(value)
-        except orjson.JSONDecodeError:
-            continue
-        if isinstance(data, dict):
-            out[key] = data
-    return out
+    """Every record of ``topic`` up to its end now; nothing if the topic does not exist."""
+    report = (lambda done, total: progress(phase, done, total)) if progress else None
+    return read_topic(bootstrap, topic, timeout=timeout, missing_ok=True, progress=report)
 
 
 def exception_states(bootstrap: str, topic: str) -> dict[str, str]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import re
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -602,63 +601,23 @@ class TopicRecord:
 
 def read_all(bootstrap: str, topic: str, *, timeout_s: float = 300.0,
              progress: Callable[[int], None] | None = None) -> Iterator[TopicRecord] | None:
-    """Every committed record of ``topic`` up to its end now; None if the topic is absent.
+    """Every committed record of ``topic`` up to its end now; None if the topic is absent."""
+    from confluent_kafka import Consumer, KafkaException
 
-    Ends by consumer position rather than by the last record's offset: transaction
-    markers and compacted-away records take offsets that no record carries.
-    """
-    from confluent_kafka import Consumer, KafkaException, TopicPartition
+    from revline.readback import read_topic
 
-    consumer = Consumer({
-        "bootstrap.servers": bootstrap,
-        "group.id": f"revline-report-{uuid.uuid4().hex[:8]}",
-        "enable.auto.commit": False,
-        "enable.partition.eof": False,
-        "isolation.level": "read_committed",
-    })
+    probe = Consumer({"bootstrap.servers": bootstrap, "group.id": "revline-report-probe"})
     try:
-        metadata = consumer.list_topics(topic, timeout=15)
-        info = metadata.topics.get(topic)
-        if info is None or info.error is not None or not info.partitions:
-            consumer.close()
-            return None
-        end: dict[int, int] = {}
-        for p in sorted(info.partitions):
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=15)
-            if high > low:
-                end[p] = high
-        consumer.assign([TopicPartition(topic, p, 0) for p in end])
+        info = probe.list_topics(topic, timeout=15).topics.get(topic)
     except KafkaException as exc:
-        consumer.close()
         raise InfrastructureError(f"cannot read {topic} on {bootstrap}: {exc}") from exc
-    return _drain(consumer, topic, end, timeout_s, progress)
-
-
-def _drain(consumer: Any, topic: str, end: dict[int, int], timeout_s: float,
-           progress: Callable[[int], None] | None) -> Iterator[TopicRecord]:
-    from confluent_kafka import TopicPartition
-
-    deadline = time.monotonic() + timeout_s
-    count = 0
-    try:
-        while end:
-            if time.monotonic() > deadline:
-                raise InfrastructureError(
-                    f"timed out reading {topic} to its end (partitions {sorted(end)} unfinished)"
-                )
-            for msg in consumer.consume(1000, 0.5):
-                if msg.error():
-                    raise InfrastructureError(f"reading {topic}: {msg.error()}")
-                if msg.partition() in end:
-                    count += 1
-                    yield TopicRecord(msg.key(), msg.value(), msg.partition(), msg.offset() or 0)
-            for tp in consumer.position([TopicPartition(topic, p) for p in list(end)]):
-                if tp.offset >= end[tp.partition]:
-                    del end[tp.partition]
-            if progress:
-                progress(count)
     finally:
-        consumer.close()
+        probe.close()
+    if info is None or info.error is not None or not info.partitions:
+        return None
+    report = (lambda done, _total: progress(done)) if progress else None
+    return (TopicRecord(msg.key(), msg.value(), msg.partition() or 0, msg.offset() or 0)
+            for msg in read_topic(bootstrap, topic, timeout=timeout_s, progress=report))
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,6 @@ from typing import Any
 
 import orjson
 from confluent_kafka import (
-    OFFSET_BEGINNING,
     Consumer,
     KafkaError,
     KafkaException,
@@ -64,6 +63,7 @@ from processors.reference import OWNERS, SEVERITIES
 from revline.auditlog import AuditFact, AuditLog
 from revline.errors import ConfigurationError, InfrastructureError
 from revline.metrics import ExceptionMetrics
+from revline.readback import read_compacted_json, watermarks
 from revline.settings import Settings
 from schemas import DecodeError, EventDeserializer, exception_codec
 
@@ -355,63 +355,16 @@ def _partitions(consumer: Consumer, topic: str) -> list[int]:
     return sorted(info.partitions)
 
 
-def _watermarks(consumer: Consumer, topic: str, partition: int,
-                timeout: float = 30.0) -> tuple[int, int]:
-    """(low, high) of a partition, waiting out a just-created topic's leader election."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition),
-                                                       timeout=10)
-            return int(low), int(high)
-        except KafkaException as exc:
-            if time.monotonic() > deadline:
-                raise InfrastructureError(f"cannot read where {topic}/{partition} ends: {exc}"
-                                          ) from exc
-            time.sleep(0.5)
-
-
 def read_states(bootstrap: str, topic: str, timeout: float = 60.0) -> dict[str, State]:
     """Every exception's current state: the compacted topic read to its end."""
-    consumer = _reader(bootstrap)
-    states: dict[str, State] = {}
-    try:
-        start = []
-        for p in _partitions(consumer, topic):
-            low, high = _watermarks(consumer, topic, p)
-            if high > low:
-                start.append(TopicPartition(topic, p, OFFSET_BEGINNING))
-        if not start:
-            return states
-        consumer.assign(start)
-        pending = {tp.partition for tp in start}
-        deadline = time.monotonic() + timeout
-        while pending:
-            if time.monotonic() > deadline:
-                raise InfrastructureError(f"timed out reading {topic} (partitions {pending})")
-            for msg in consumer.consume(1000, 0.5):
-                err = msg.error()
-                if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        pending.discard(msg.partition() or 0)
-                        continue
-                    raise InfrastructureError(f"reading {topic}: {err}")
-                key = (msg.key() or b"").decode()
-                value = msg.value()
-                if value is None:
-                    states.pop(key, None)
-                else:
-                    states[key] = orjson.loads(value)
-    finally:
-        consumer.close()
-    return states
+    return read_compacted_json(bootstrap, topic, timeout=timeout)
 
 
 def end_offsets(bootstrap: str, topic: str) -> list[TopicPartition]:
     """Where the topic ends now (to watch only what is written after)."""
     consumer = _reader(bootstrap)
     try:
-        return [TopicPartition(topic, p, _watermarks(consumer, topic, p)[1])
+        return [TopicPartition(topic, p, watermarks(consumer, topic, p)[1])
                 for p in _partitions(consumer, topic)]
     finally:
         consumer.close()

@@ -197,6 +197,9 @@ class EndToEndResult:
     p99_ms: float | None = None
     max_ms: float | None = None
     latencies_ms: list[float] = field(default_factory=list, repr=False)  # of the paced run
+    # Same records, input published -> consumed by the sink: the share before the sink.
+    arrival_p50_ms: float | None = None
+    arrival_p99_ms: float | None = None
     # Sink thread time per burst event (ms) in each adapter call, from timed adapters.
     burst_busy_ms: dict[str, float] = field(default_factory=dict)
     setup: list[str] = field(default_factory=list)  # settings, for the report
@@ -274,6 +277,12 @@ class SinkReport:
                     f"{e2e.burst_seconds:.2f} s (first publish → last ledger commit); "
                     f"paced {e2e.paced_events:,} events over {e2e.paced_seconds:g} s, "
                     f"{e2e.latency_samples:,} latencies"
+                )
+            if e2e.arrival_p99_ms is not None:
+                out.append(
+                    f"end to end: of that, input published → consumed by the sink (worker "
+                    f"and two broker hops): p50 {_fmt_ms(e2e.arrival_p50_ms)} ms, p99 "
+                    f"{_fmt_ms(e2e.arrival_p99_ms)} ms"
                 )
             if e2e.burst_busy_ms and e2e.max_rate:
                 spent = ", ".join(f"{k} {v:.2f}" for k, v in sorted(e2e.burst_busy_ms.items()))
@@ -1072,6 +1081,7 @@ class _Run:
             rate = result.max_rate * PACE_SHARE
             result.paced_rate, result.paced_seconds = rate, options.e2e_seconds
             base, mark = sink.committed, len(sink.latencies)
+            arrival_mark = len(sink.arrivals)
             inputs, _ = self.paced(
                 source, rate, "end to end", seconds=options.e2e_seconds, tick_s=E2E_TICK_S
             )
@@ -1084,6 +1094,7 @@ class _Run:
             ):
                 result.notes.append("latency run: not every paced event was committed")
             latencies = sink.latencies[mark:]
+            arrivals = sink.arrivals[arrival_mark:]
         stats = sink.stats
         if stats is not None:
             if stats.exceptions:
@@ -1106,6 +1117,9 @@ class _Run:
             result.p95_ms = _percentile(latencies, 0.95)
             result.p99_ms = _percentile(latencies, 0.99)
             result.max_ms = max(latencies)
+        if arrivals:
+            result.arrival_p50_ms = _percentile(arrivals, 0.50)
+            result.arrival_p99_ms = _percentile(arrivals, 0.99)
 
     def publish(self, producer: Producer, topic: str, inputs: Sequence[_Input], what: str) -> None:
         """All of ``inputs`` as fast as the producer takes them, then wait for the acks."""
@@ -1304,6 +1318,7 @@ class _SinkThread:
         self.options = options
         self.committed = 0  # events of committed batches; written by the sink thread only
         self.latencies: list[float] = []  # the processor's own list (keep_latencies)
+        self.arrivals: list[float] = []  # likewise
         self.stats: SinkStats | None = None
         self.error: BaseException | None = None
         self._marks: list[tuple[float, int]] = []  # (monotonic, committed) per batch
@@ -1328,6 +1343,7 @@ class _SinkThread:
                 )  # fmt: skip
                 self.stats = processor.stats
                 self.latencies = processor.stats.latencies_ms
+                self.arrivals = processor.stats.arrival_ms
                 self._ready.set()
                 try:
                     while not self._stop.is_set():

@@ -31,8 +31,9 @@ temporary directory; the report says which):
   maximum is a burst of events timed from the first publish to the sink's commit
   of the last; latency is then measured at half that rate, per event, as ledger
   commit time minus the input's CreateTime (the worker copies the input's
-  timestamp onto its validated record; the sink takes its clock after the
-  offset commit).
+  timestamp onto its validated record; the sink takes its clock once the batch's
+  journals and side-effect rows are committed and its audit facts acknowledged,
+  as it issues the asynchronous offset commit).
 
 Every process, topic and consumer group is unique to the run and removed after
 (the ledger's journals stay: it is append-only, so point it at a scratch database).
@@ -101,16 +102,14 @@ _CLI = [sys.executable, "-m", "revline.cli"]
 # Sinks: the issue's targets.
 LEDGER_TARGET_LINES_PER_S = 10_000
 E2E_P99_TARGET_MS = 250.0
-# The end-to-end run's settings (flags of `revline bench`; the report lists them).
-# The worker sleeps this long when its input is empty; the default 0.05 s would be
-# up to 50 ms of every paced event's latency.
-E2E_WORKER_BATCH_WITHIN_S = 0.005
-# Measured (3 runs each, PostgreSQL ledger): sink batches of 300 with a 20 ms poll
-# timeout gave p99 221-272 ms at half the sustained rate; 500/50 ms gave 665+ ms.
+# The end-to-end run's settings (flags of `revline bench`; the report lists them):
+# the defaults of `revline worker` and `revline sink`. Both take what has arrived
+# instead of waiting to fill a batch, so neither wait below is paid under load;
+# they bound the idle wait only. (Before that, a 20 ms sink poll gave p99 221-285 ms
+# at half the sustained rate and 50 ms gave 665+ ms.)
+E2E_WORKER_BATCH_WITHIN_S = 0.05
 E2E_SINK_BATCH = 300
-# consume() waits for a full batch or this long: at half the sustained rate a batch
-# never fills, so this is the sink's share of the latency.
-E2E_SINK_POLL_TIMEOUT_S = 0.02
+E2E_SINK_POLL_TIMEOUT_S = 0.05
 E2E_WARMUP_EVENTS = 200  # through worker and sink before the clock starts
 # The paced publisher wakes this often: it shares the GIL with the in-process sink.
 E2E_TICK_S = 0.01
@@ -202,6 +201,9 @@ class EndToEndResult:
     arrival_p99_ms: float | None = None
     # Sink thread time per burst event (ms) in each adapter call, from timed adapters.
     burst_busy_ms: dict[str, float] = field(default_factory=dict)
+    # The paced run: how many batches, and sink thread ms per batch in each call.
+    paced_batches: int = 0
+    paced_busy_ms: dict[str, float] = field(default_factory=dict)
     setup: list[str] = field(default_factory=list)  # settings, for the report
     unavailable: str | None = None
     notes: list[str] = field(default_factory=list)
@@ -280,8 +282,9 @@ class SinkReport:
                 )
             if e2e.arrival_p99_ms is not None:
                 out.append(
-                    f"end to end: of that, input published → consumed by the sink (worker "
-                    f"and two broker hops): p50 {_fmt_ms(e2e.arrival_p50_ms)} ms, p99 "
+                    f"end to end: of that, input published → taken by the sink (publisher "
+                    f"linger, worker, two broker hops, the sink's previous batch): p50 "
+                    f"{_fmt_ms(e2e.arrival_p50_ms)} ms, p99 "
                     f"{_fmt_ms(e2e.arrival_p99_ms)} ms"
                 )
             if e2e.burst_busy_ms and e2e.max_rate:
@@ -289,6 +292,13 @@ class SinkReport:
                 out.append(
                     f"end to end: sink thread ms per event in the burst: {spent} "
                     f"(of {1000 / e2e.max_rate:.2f} ms per event overall)"
+                )
+            if e2e.paced_busy_ms and e2e.paced_batches:
+                spent = ", ".join(f"{k} {v:.1f}" for k, v in sorted(e2e.paced_busy_ms.items()))
+                out.append(
+                    f"end to end: paced run in {e2e.paced_batches:,} sink batches "
+                    f"({e2e.paced_events / e2e.paced_batches:,.1f} events each); ms per "
+                    f"batch: {spent}"
                 )
         notes = [("ledger", n) for n in (self.ledger.notes if self.ledger else [])]
         notes += [("end to end", n) for n in (self.e2e.notes if self.e2e else [])]
@@ -1033,7 +1043,8 @@ class _Run:
             f"poll timeout {options.sink_poll_timeout_s:g} s; SqlLedger on the ledger "
             "database above; ERP: the in-memory InMemoryErp, not Tryton; audit facts to "
             "Kafka; metrics collected, not served)",
-            "latency = time after the sink's offset commit − the input's CreateTime; "
+            "latency = when the batch's journals, side-effect rows and audit facts are "
+            "durable (the sink then commits offsets asynchronously) − the input's CreateTime; "
             f"sustained max from a burst, then paced at {PACE_SHARE:.0%} of it for "
             f"{options.e2e_seconds:g} s in {E2E_TICK_S * 1000:g} ms ticks; "
             f"{E2E_WARMUP_EVENTS} warm-up events first",
@@ -1054,7 +1065,7 @@ class _Run:
                 sink, _validated(warmup), "end to end: warming up", proc, startup=True
             )
 
-            base, busy = sink.committed, dict(sink.busy)
+            base, busy = sink.committed, sink.spent()
             result.burst_events = _validated(burst)
             started = time.monotonic()
             self.publish(producer, source, burst, "end to end: publishing the burst")
@@ -1075,12 +1086,13 @@ class _Run:
             result.max_rate = result.burst_committed / result.burst_seconds
             result.burst_busy_ms = {
                 name: (spent - busy.get(name, 0.0)) * 1000 / result.burst_committed
-                for name, spent in sink.busy.items()
+                for name, spent in sink.spent().items()
             }
 
             rate = result.max_rate * PACE_SHARE
             result.paced_rate, result.paced_seconds = rate, options.e2e_seconds
             base, mark = sink.committed, len(sink.latencies)
+            busy, batches = sink.spent(), sink.batches
             arrival_mark = len(sink.arrivals)
             inputs, _ = self.paced(
                 source, rate, "end to end", seconds=options.e2e_seconds, tick_s=E2E_TICK_S
@@ -1094,6 +1106,12 @@ class _Run:
             ):
                 result.notes.append("latency run: not every paced event was committed")
             latencies = sink.latencies[mark:]
+            result.paced_batches = sink.batches - batches
+            if result.paced_batches:
+                result.paced_busy_ms = {
+                    name: (spent - busy.get(name, 0.0)) * 1000 / result.paced_batches
+                    for name, spent in sink.spent().items()
+                }
             arrivals = sink.arrivals[arrival_mark:]
         stats = sink.stats
         if stats is not None:
@@ -1363,6 +1381,15 @@ class _SinkThread:
         if not self._thread.is_alive():
             raise BenchError("sink: the thread ended")
 
+    def spent(self) -> dict[str, float]:
+        """Seconds so far in each adapter call and each wait on Kafka."""
+        waits = self.stats.kafka_wait_s if self.stats is not None else {}
+        return {**self.busy, **{f"kafka {step}": s for step, s in dict(waits).items()}}
+
+    @property
+    def batches(self) -> int:
+        return self.stats.batches if self.stats is not None else 0
+
     def reached(self, target: int) -> float:
         """When the committed count first reached ``target``."""
         return next(t for t, n in list(self._marks) if n >= target)
@@ -1406,10 +1433,12 @@ def _timed_adapters(url: str, busy: dict[str, float]) -> tuple[SqlLedger, ErpAda
             finally:
                 timed("side-effect rows", started)
 
-        def effects_for(self, keys: Iterable[str], adapter: str) -> dict[str, SideEffect]:
+        def effects_of(
+            self, keys: Iterable[str], adapters: Sequence[str]
+        ) -> dict[str, dict[str, SideEffect]]:
             started = time.perf_counter()
             try:
-                return super().effects_for(keys, adapter)
+                return super().effects_of(keys, adapters)
             finally:
                 timed("side-effect lookups", started)
 

@@ -521,10 +521,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--e2e-seconds", type=float,
                    help="end-to-end latency run at half that maximum, seconds (15)")
     p.add_argument("--e2e-batch-within", type=float,
-                   help="the worker's REVLINE_BATCH_WITHIN_S in the end-to-end run (0.005)")
+                   help="the worker's REVLINE_BATCH_WITHIN_S (longest idle wait) in the "
+                        "end-to-end run (0.05, its default)")
     p.add_argument("--e2e-sink-batch", type=int, help="sink batch size, end-to-end run (300)")
     p.add_argument("--e2e-sink-poll-timeout", type=float,
-                   help="sink poll timeout (longest wait to fill a batch), end-to-end run (0.02)")
+                   help="sink poll timeout (longest wait for a first record), end-to-end "
+                        "run (0.05, its default)")
     p.add_argument("--out", metavar="FILE.md", help="also write the markdown tables here")
     p.set_defaults(func=cmd_bench)
 

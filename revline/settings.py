@@ -76,7 +76,7 @@ class Settings(BaseSettings):
     sink_group: str | None = Field(default=None, description="Default: <app_id>-sink.")
     sink_batch_size: int = 300
     sink_poll_timeout_s: float = Field(
-        default=0.05, description="Longest wait to fill a sink batch (latency at low rates)."
+        default=0.05, description="Longest wait for a first record; a batch is what has arrived."
     )
     sink_metrics_port: int = Field(default=9101, description="/metrics of the sink; 0 = any.")
     sink_crash_after_erp_writes: int | None = Field(
@@ -93,7 +93,10 @@ class Settings(BaseSettings):
         description="Address every /metrics endpoint binds; 0.0.0.0 in containers.",
     )
     batch_size: int = 1000
-    batch_within_s: float = 0.05
+    batch_within_s: float = Field(
+        default=0.05,
+        description="Longest idle wait between input polls (backs off from 1 ms while empty).",
+    )
     commit_interval_s: float = 1.0
     hold_check_interval_s: float = 5.0
     session_timeout_s: float = Field(

@@ -3,7 +3,10 @@
 Per batch: decode, post to the ledger (one transaction, idempotent by key), apply
 each event to the ERP unless the side-effect ledger says it already was, make the
 exception records and audit facts durable, record every effect (one transaction
-for the batch), and only then commit the batch's offsets (synchronously). A crash
+for the batch), and only then commit the batch's offsets. The commit is
+asynchronous: once the effects are durable, the offsets are only where to resume,
+and a commit that is lost re-reads a batch the side-effect ledger makes harmless
+(closing and losing partitions commit synchronously). A crash
 before the effects are recorded loses nothing: the ledger's key is unique and the
 ERP adapters find earlier writes by the key stored on the document. Transient
 failures are retried with backoff and jitter; repeated ones open the adapter's
@@ -26,7 +29,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -67,10 +70,13 @@ class SinkStats:
     partials: int = 0
     transient_failures: int = 0
     pauses: int = 0
+    commit_failures: int = 0  # asynchronous commits the broker refused (harmless)
     committed: dict[tuple[str, int], int] = field(default_factory=dict)  # next offset
     latencies_ms: list[float] = field(default_factory=list)  # only when asked to keep them
     # Input published -> consumed here, same records: the share before the sink.
     arrival_ms: list[float] = field(default_factory=list)  # only when asked to keep them
+    # Seconds spent waiting on Kafka per batch step (the audit-fact flush, the commit).
+    kafka_wait_s: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -155,6 +161,7 @@ class SinkProcessor:
             # A batch against a slow ERP (Tryton: a few events/s) may take minutes; past this
             # the group would hand the partitions to another member mid-batch.
             "max.poll.interval.ms": 900_000,
+            "on_commit": self._on_commit,
         }
         config.update(consumer_config or {})
         self.consumer = Consumer(config)
@@ -177,6 +184,7 @@ class SinkProcessor:
 
     def close(self) -> None:
         self.producer.flush(10)
+        self._commit_now(self.stats.committed)
         self.consumer.close()
 
     def run(self, stop: threading.Event | None = None, *, idle_exit_s: float | None = None) -> None:
@@ -295,11 +303,16 @@ class SinkProcessor:
         decodable = [i for i in items if i.event is not None]
         for bad in (i for i in items if i.event is None):
             self._refuse(bad, "ledger", "sink.undecodable", bad.error, {})
-        self._to_ledger(decodable)
-        self._to_erp(decodable)
+        done = self._call(self.ledger.name, lambda: self.ledger.effects_of(
+            [i.key for i in decodable], ["ledger", self.erp.name]))[0]
+        self._to_ledger(decodable, done["ledger"])
+        self._to_erp(decodable, done[self.erp.name])
         # Exception records and audit facts durable before the rows that stop re-sends
         # (a crash in between re-sends the same ids, never loses them); all before the commit.
-        if self.producer.flush(30):
+        flushing = time.perf_counter()
+        unsent = self.producer.flush(30)
+        self._waited("audit flush", flushing)
+        if unsent:
             raise _Suspend("kafka", None)
         rows, self._effects = self._effects, []
         if rows:
@@ -323,15 +336,39 @@ class SinkProcessor:
             tp = (i.msg.topic() or "", i.msg.partition() or 0)
             nxt[tp] = max(nxt.get(tp, 0), (i.msg.offset() or 0) + 1)
         offsets = [TopicPartition(t, p, o) for (t, p), o in nxt.items()]
+        committing = time.perf_counter()
         try:
-            self.consumer.commit(offsets=offsets, asynchronous=False)
+            self.consumer.commit(offsets=offsets, asynchronous=True)
         except Exception as exc:
             # Lost the partitions in a rebalance: the new owner re-reads the batch and
             # the side-effect ledger makes that harmless.
             log.warning("offset commit failed (%s); the batch will be re-read", exc)
             return
+        self._waited("offset commit", committing)
         self.stats.commits += 1
         self.stats.committed.update(nxt)
+
+    def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        failed = [p for p in partitions if p.error is not None]
+        if err is not None or failed:
+            # Harmless (the next commit or the next owner covers it), but worth seeing.
+            self.stats.commit_failures += 1
+            log.warning("offset commit failed (%s); the next one covers it",
+                        err or failed[0].error)
+
+    def _commit_now(self, positions: Mapping[tuple[str, int], int]) -> None:
+        """Synchronously, best effort: before the partitions go to another member."""
+        if not positions:
+            return
+        offsets = [TopicPartition(t, p, o) for (t, p), o in positions.items()]
+        try:
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+        except Exception as exc:
+            log.info("final offset commit not made (%s); the next owner re-reads", exc)
+
+    def _waited(self, step: str, since: float) -> None:
+        waits = self.stats.kafka_wait_s
+        waits[step] = waits.get(step, 0.0) + time.perf_counter() - since
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         if self._paused:  # new partitions join the pause, or they would be read past
@@ -343,12 +380,12 @@ class SinkProcessor:
         lost = {(p.topic, p.partition) for p in partitions}
         self._pending = [i for i in self._pending
                          if (i.msg.topic(), i.msg.partition()) not in lost]
+        self._commit_now({tp: o for tp, o in self.stats.committed.items() if tp in lost})
 
     # -- ledger --------------------------------------------------------------------------
-    def _to_ledger(self, items: list[_Item]) -> None:
+    def _to_ledger(self, items: list[_Item], done: Mapping[str, SideEffect]) -> None:
         name = self.ledger.name
         remaining = list(items)
-        done = self.ledger_effects([i.key for i in items])
         split = False
         while remaining:
             events = [i.event for i in remaining if i.event is not None]
@@ -373,11 +410,6 @@ class SinkProcessor:
             for item, result in zip(remaining, results, strict=True):
                 self._record_ledger(item, result, attempts, done)
             return
-
-    def ledger_effects(self, keys: Sequence[str]) -> dict[str, SideEffect]:
-        effects: dict[str, SideEffect] = self._call(
-            self.ledger.name, lambda: self.ledger.effects_for(keys, "ledger"))[0]
-        return effects
 
     def _ledger_one_by_one(self, items: list[_Item], batch_error: Exception) -> list[_Item]:
         """Find the refused event(s) of a batch the ledger refused as a whole."""
@@ -412,9 +444,8 @@ class SinkProcessor:
         self._audit("ledger", item, result.external_refs, attempts, result.status)
 
     # -- ERP -----------------------------------------------------------------------------
-    def _to_erp(self, items: list[_Item]) -> None:
+    def _to_erp(self, items: list[_Item], done: Mapping[str, SideEffect]) -> None:
         name = self.erp.name
-        done = self._call(name, lambda: self.ledger.effects_for([i.key for i in items], name))[0]
         for item in items:
             existing = done.get(item.key)
             if existing is not None and existing.status in _DONE:

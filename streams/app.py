@@ -69,6 +69,7 @@ from streams._reference import ReferenceView
 log = logging.getLogger("revline.worker")
 
 TICK_EXPIRE = b"expire"
+_IDLE_SLEEP_MIN_S = 0.001
 TICK_EVICT = b"evict"
 _HELD_MARK = b'"held":[{'  # orjson writes no spaces: a cheap test before parsing
 
@@ -288,6 +289,9 @@ class Worker:
         self.metrics.recovering.set(1)
         await self.wait_for_reference()
         app = self.app
+        # Empty input: back off from 1 ms to batch_within_s, so an idle worker costs
+        # little CPU and a busy one picks up new records within a few ms.
+        idle_sleep = _IDLE_SLEEP_MIN_S
         while not app.should_stop:
             if app.rebalancing or app.in_recovery:
                 self.metrics.recovering.set(1)
@@ -307,8 +311,11 @@ class Worker:
             # arrived (up to batch_size); under load batches fill up by themselves.
             messages = self.consumer.consume(self.settings.batch_size, 0)
             if not messages:
-                await asyncio.sleep(self.settings.batch_within_s)
+                await asyncio.sleep(idle_sleep)
+                idle_sleep = min(idle_sleep * 2, max(self.settings.batch_within_s,
+                                                     _IDLE_SLEEP_MIN_S))
                 continue
+            idle_sleep = _IDLE_SLEEP_MIN_S
             async with self.lock:
                 batch = [m for m in messages
                          if m.error() is None and m.partition() in self.assigned]

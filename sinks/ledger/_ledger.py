@@ -707,18 +707,26 @@ class SqlLedger:
 
     def effects_for(self, keys: Iterable[str], adapter: str) -> dict[str, SideEffect]:
         """key -> row for the keys that have one (one query per 500 keys)."""
+        return self.effects_of(keys, [adapter])[adapter]
+
+    def effects_of(
+        self, keys: Iterable[str], adapters: Sequence[str]
+    ) -> dict[str, dict[str, SideEffect]]:
+        """adapter -> key -> row, for several adapters in one query (per 500 keys)."""
         wanted = list(dict.fromkeys(keys))
-        out: dict[str, SideEffect] = {}
+        out: dict[str, dict[str, SideEffect]] = {adapter: {} for adapter in adapters}
+        if not wanted or not adapters:
+            return out
         with db_errors(), self._transaction() as conn:
             for chunk in _chunks(wanted):
                 rows = conn.execute(
                     sa.select(side_effects).where(
-                        side_effects.c.adapter == adapter,
+                        side_effects.c.adapter.in_(list(adapters)),
                         side_effects.c.idempotency_key.in_(chunk),
                     )
                 ).mappings()
                 for row in rows:
-                    out[row["idempotency_key"]] = _side_effect(dict(row))
+                    out[row["adapter"]][row["idempotency_key"]] = _side_effect(dict(row))
         return out
 
     def all_effects(

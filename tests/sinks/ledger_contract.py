@@ -564,6 +564,10 @@ class LedgerContract:
         assert set(found) == {"SO-0:invoice:1", "SO-1:invoice:1", "SO-2:invoice:1"}
         assert found["SO-1:invoice:1"].external_ref == {"journal": "SO-1:invoice:1"}  # replaced
         assert ledger.effects_for([], "erp") == {}
+        both = ledger.effects_of(["SO-1:invoice:1", *keys[1:3]], ["ledger", "erp"])
+        assert set(both["ledger"]) == {"SO-1:invoice:1", "SO-2:invoice:1"}
+        assert set(both["erp"]) == {"SO-1:invoice:1"}
+        assert both["erp"]["SO-1:invoice:1"].external_ref == got.external_ref
         with pytest.raises(ValueError):
             ledger.record_effect("k", "erp", {}, "applied", -1)
 

@@ -293,6 +293,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
     """Validated topic → ledger and ERP until SIGTERM (or SIGINT)."""
+    from revline._gc import freeze_long_lived
     from revline.admin import ensure_operations_topics, ensure_topics
     from revline.metrics import SinkMetrics
     from sinks.erp import erp_from_settings
@@ -323,6 +324,7 @@ def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
             decoder=deserializer_for(settings),
             crash_after_erp_writes=settings.sink_crash_after_erp_writes,
         )
+        freeze_long_lived()  # everything set up lives as long as the process
         processor.run(stop)
     return 0
 

@@ -26,8 +26,9 @@ temporary directory; the report says which):
 * **ledger** — journal lines/s of ``SqlLedger.post`` in batches
   (``sinks/ledger/_bench.py``; fresh idempotency keys, so every event posts);
 * **end to end** — ``revline worker`` (a subprocess, as for the pipeline
-  contender) feeding a ``SinkProcessor`` in this process (``SqlLedger`` on the
-  same database, the in-memory ERP, audit facts to a Kafka topic). The sustained
+  contender) feeding a ``SinkProcessor`` in a second subprocess, as ``revline
+  sink`` runs (``SqlLedger`` on the same database, the in-memory ERP, audit facts
+  to a Kafka topic). The sustained
   maximum is a burst of events timed from the first publish to the sink's commit
   of the last; latency is then measured at half that rate, per event, as ledger
   commit time minus the input's CreateTime (the worker copies the input's
@@ -112,7 +113,8 @@ E2E_WORKER_BATCH_WITHIN_S = 0.05
 E2E_SINK_BATCH = 300
 E2E_SINK_POLL_TIMEOUT_S = 0.05
 E2E_WARMUP_EVENTS = 200  # through worker and sink before the clock starts
-# The paced publisher wakes this often: it shares the GIL with the in-process sink.
+# The paced publisher wakes this often (each wake costs CPU the 2 cores' worker,
+# sink, broker and database share).
 E2E_TICK_S = 0.01
 
 
@@ -202,7 +204,7 @@ class EndToEndResult:
     arrival_p99_ms: float | None = None
     # Sink thread time per burst event (ms) in each adapter call, from timed adapters.
     burst_busy_ms: dict[str, float] = field(default_factory=dict)
-    # The paced run: how many batches, and sink thread ms per batch in each call.
+    # The paced run: how many batches, and sink ms per batch in each call.
     paced_batches: int = 0
     paced_busy_ms: dict[str, float] = field(default_factory=dict)
     setup: list[str] = field(default_factory=list)  # settings, for the report
@@ -291,7 +293,7 @@ class SinkReport:
             if e2e.burst_busy_ms and e2e.max_rate:
                 spent = ", ".join(f"{k} {v:.2f}" for k, v in sorted(e2e.burst_busy_ms.items()))
                 out.append(
-                    f"end to end: sink thread ms per event in the burst: {spent} "
+                    f"end to end: sink ms per event in the burst: {spent} "
                     f"(of {1000 / e2e.max_rate:.2f} ms per event overall)"
                 )
             if e2e.paced_busy_ms and e2e.paced_batches:
@@ -1033,7 +1035,7 @@ class _Run:
             result.notes.append(f"unexpected statuses: {others}")
 
     def bench_e2e(self, result: EndToEndResult, url: str, options: SinkBenchOptions) -> None:
-        """Worker subprocess → validated topic → SinkProcessor here: burst, then paced."""
+        """Worker subprocess → validated topic → sink subprocess: burst, then paced."""
         source = self.topic("e2e-in")
         env = self.worker_env("e2e", source)
         env["REVLINE_BATCH_WITHIN_S"] = str(options.worker_batch_within_s)
@@ -1043,7 +1045,7 @@ class _Run:
         result.setup = [
             f"`revline worker` subprocess (batch size {self.settings.batch_size:,}, "
             f"REVLINE_BATCH_WITHIN_S={options.worker_batch_within_s:g} s) → validated "
-            f"topic → SinkProcessor in the bench process (batch {options.sink_batch:,}, "
+            f"topic → SinkProcessor in its own process (batch {options.sink_batch:,}, "
             f"poll timeout {options.sink_poll_timeout_s:g} s; SqlLedger on the ledger "
             "database above; ERP: the in-memory InMemoryErp, not Tryton; audit facts to "
             "Kafka; metrics collected, not served)",
@@ -1060,7 +1062,7 @@ class _Run:
         burst = self._generate(options.e2e_events, f"{tag}e", self.seed + 1000)
         producer = Producer(self.settings.producer_config(self.bootstrap) | UNCOMPRESSED)
         producer.list_topics(source, timeout=10)
-        sink = _SinkThread(self, url, validated, env["REVLINE_EXCEPTIONS_TOPIC"], audit, options)
+        sink = _SinkChild(self, url, validated, env["REVLINE_EXCEPTIONS_TOPIC"], audit, options)
         worker = _Proc("revline worker (end to end)", [*_CLI, "worker"], env, self.tmp)
         with worker as proc, sink:
             # Group joins, Faust boot, first connections: all before any clock starts.
@@ -1176,7 +1178,7 @@ class _Run:
 
     def wait_for_commits(
         self,
-        sink: _SinkThread,
+        sink: _SinkChild,
         target: int,
         what: str,
         proc: _Proc,
@@ -1206,7 +1208,7 @@ class _Run:
                     )
                 return None
             self.step(what, done - base, target - base)
-            # Short: the sink thread records its own commit times; this only polls.
+            # Short: the sink reports its own commit times; this only polls.
             time.sleep(0.05)
 
 
@@ -1321,8 +1323,10 @@ class _Proc:
         self.stop()
 
 
-class _SinkThread:
-    """A ``SinkProcessor`` in a thread of this process, noting when each batch committed."""
+class _SinkChild:
+    """A ``SinkProcessor`` in its own process, as ``revline sink`` runs in production,
+    so the paced publisher never shares its GIL. It reports each committed batch as
+    a JSON line on its stdout (``sink_child``); monotonic clocks are system-wide."""
 
     def __init__(
         self,
@@ -1333,66 +1337,64 @@ class _SinkThread:
         audit: str,
         options: SinkBenchOptions,
     ) -> None:
-        self.url = url
-        self.bootstrap = run.bootstrap
-        self.validated, self.exceptions, self.audit = validated, exceptions, audit
-        self.group = run.group("e2e-sink")
-        self.options = options
-        self.committed = 0  # events of committed batches; written by the sink thread only
-        self.latencies: list[float] = []  # the processor's own list (keep_latencies)
-        self.arrivals: list[float] = []  # likewise
-        self.stats: SinkStats | None = None
-        self.error: BaseException | None = None
+        self.committed = 0  # events of committed batches; written by the reader thread
+        self.latencies: list[float] = []
+        self.arrivals: list[float] = []
+        self.stats: SinkStats | None = None  # the child's final counts, once it stopped
+        self.batches = 0
+        self.error: str | None = None
         self._marks: list[tuple[float, int]] = []  # (monotonic, committed) per batch
-        self.busy: dict[str, float] = {}  # adapter call -> seconds spent in it (sink thread)
-        self._stop = threading.Event()
+        self._spent: dict[str, float] = {}  # adapter call / Kafka wait -> seconds
         self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._main, name="bench-sink", daemon=True)
+        config = {
+            "url": url,
+            "bootstrap": run.bootstrap,
+            "validated": validated,
+            "exceptions": exceptions,
+            "audit": audit,
+            "group": run.group("e2e-sink"),
+            "batch": options.sink_batch,
+            "poll_timeout_s": options.sink_poll_timeout_s,
+        }
+        self._log = (run.tmp / f"bench-sink-{uuid.uuid4().hex[:6]}.log").open("wb")
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "revline.bench", "sink-child", "--config", json.dumps(config)],
+            stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL,
+            cwd=run.tmp, start_new_session=True,
+        )  # fmt: skip
+        self._reader = threading.Thread(target=self._read, name="bench-sink-reader", daemon=True)
 
-    def _main(self) -> None:
-        from revline.metrics import SinkMetrics
-        from sinks.processor import SinkProcessor
+    def _read(self) -> None:
+        from sinks.processor import SinkStats
 
-        try:
-            # Built in this thread: a file SQLite connection belongs to its thread.
-            ledger, erp = _timed_adapters(self.url, self.busy)
-            with ledger:
-                processor = SinkProcessor(
-                    self.bootstrap, self.validated, self.group, ledger, erp,
-                    self.exceptions, SinkMetrics(), batch_size=self.options.sink_batch,
-                    audit_topic=self.audit, poll_timeout_s=self.options.sink_poll_timeout_s,
-                    keep_latencies=True,
-                )  # fmt: skip
-                self.stats = processor.stats
-                self.latencies = processor.stats.latencies_ms
-                self.arrivals = processor.stats.arrival_ms
+        assert self.popen.stdout is not None
+        for raw in self.popen.stdout:
+            line = json.loads(raw)
+            kind = line.pop("kind")
+            if kind == "ready":
                 self._ready.set()
-                try:
-                    while not self._stop.is_set():
-                        if processor.step():
-                            self.committed = processor.stats.events
-                            self._marks.append((time.monotonic(), self.committed))
-                finally:
-                    processor.close()
-        except BaseException as exc:  # the harness thread reports it
-            self.error = exc
-        finally:
-            self._ready.set()
+            elif kind == "batch":
+                self.latencies.extend(line["latencies"])
+                self.arrivals.extend(line["arrivals"])
+                self._spent = line["spent"]
+                self.batches = line["batches"]
+                self.committed = line["committed"]
+                self._marks.append((line["at"], self.committed))
+            elif kind == "stats":
+                self.stats = SinkStats(**line["stats"])
+            elif kind == "error":
+                self.error = line["error"]
+        self._ready.set()
 
     def check(self) -> None:
         if self.error is not None:
-            raise BenchError(f"sink: {type(self.error).__name__}: {self.error}")
-        if not self._thread.is_alive():
-            raise BenchError("sink: the thread ended")
+            raise BenchError(f"sink: {self.error}")
+        if self.popen.poll() is not None:
+            raise BenchError(f"sink: the process exited with code {self.popen.returncode}")
 
     def spent(self) -> dict[str, float]:
         """Seconds so far in each adapter call and each wait on Kafka."""
-        waits = self.stats.kafka_wait_s if self.stats is not None else {}
-        return {**self.busy, **{f"kafka {step}": s for step, s in dict(waits).items()}}
-
-    @property
-    def batches(self) -> int:
-        return self.stats.batches if self.stats is not None else 0
+        return dict(self._spent)
 
     def reached(self, target: int) -> float:
         """When the committed count first reached ``target``."""
@@ -1402,15 +1404,81 @@ class _SinkThread:
     def last_commit_at(self) -> float:
         return self._marks[-1][0] if self._marks else time.monotonic()
 
-    def __enter__(self) -> _SinkThread:
-        self._thread.start()
+    def __enter__(self) -> _SinkChild:
+        self._reader.start()
         self._ready.wait(120)
         self.check()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(60)
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(60)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(10)
+        self._reader.join(10)
+        self._log.close()
+
+
+def sink_child(config: dict[str, Any]) -> None:
+    """The end-to-end sink (see ``_SinkChild``): runs until SIGTERM."""
+    from dataclasses import asdict
+
+    from revline.metrics import SinkMetrics
+    from sinks.processor import SinkProcessor
+
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    def emit(kind: str, **fields: Any) -> None:
+        sys.stdout.write(json.dumps({"kind": kind, **fields}) + "\n")
+        sys.stdout.flush()
+
+    signal.signal(signal.SIGTERM, stop)
+    busy: dict[str, float] = {}
+    try:
+        ledger, erp = _timed_adapters(config["url"], busy)
+        with ledger:
+            processor = SinkProcessor(
+                config["bootstrap"], config["validated"], config["group"], ledger, erp,
+                config["exceptions"], SinkMetrics(), batch_size=config["batch"],
+                audit_topic=config["audit"], poll_timeout_s=config["poll_timeout_s"],
+                keep_latencies=True,
+            )  # fmt: skip
+            stats = processor.stats
+            freeze_long_lived()  # as `revline sink` does once set up
+            emit("ready")
+            try:
+                while not stopping:
+                    if processor.step():
+                        waits = {f"kafka {k}": v for k, v in stats.kafka_wait_s.items()}
+                        emit(
+                            "batch",
+                            at=time.monotonic(),
+                            committed=stats.events,
+                            batches=stats.batches,
+                            latencies=stats.latencies_ms,
+                            arrivals=stats.arrival_ms,
+                            spent={**busy, **waits},
+                        )
+                        # Sent (arrivals of a batch still pending go with the next).
+                        stats.latencies_ms.clear()
+                        stats.arrival_ms.clear()
+            finally:
+                processor.close()
+                final = asdict(stats)
+                final["committed"] = {}  # tuple keys; the report never reads them
+                emit("stats", stats=final)
+    except Exception as exc:
+        emit("error", error=f"{type(exc).__name__}: {exc}")
+        raise
 
 
 def _timed_adapters(url: str, busy: dict[str, float]) -> tuple[SqlLedger, ErpAdapter]:
@@ -1671,8 +1739,15 @@ def _main(argv: Sequence[str] | None = None) -> int:
     for name in ("bootstrap", "source", "sink", "group", "status"):
         p.add_argument(f"--{name}", required=True)
     p.add_argument("--sustained", type=int, required=True)
+    c = sub.add_parser("sink-child", help="the end-to-end sink (run by run_benchmark)")
+    c.add_argument("--config", required=True, help="JSON, see _SinkChild")
     args = parser.parse_args(argv)
-    raw_loop(args.bootstrap, args.source, args.sink, args.group, args.sustained, Path(args.status))
+    if args.command == "sink-child":
+        sink_child(json.loads(args.config))
+    else:
+        raw_loop(
+            args.bootstrap, args.source, args.sink, args.group, args.sustained, Path(args.status)
+        )
     return 0
 
 

@@ -81,7 +81,6 @@ from revline.settings import Settings
 if TYPE_CHECKING:
     from sinks._protocols import EffectResult, ErpAdapter, Event
     from sinks.ledger import SqlLedger
-    from sinks.processor import SinkStats
 
 ProgressFn = Callable[[str, int, int | None], None]
 """``progress(step, done, total)``; a new ``step`` text starts a new step."""
@@ -202,7 +201,7 @@ class EndToEndResult:
     # Same records, input published -> consumed by the sink: the share before the sink.
     arrival_p50_ms: float | None = None
     arrival_p99_ms: float | None = None
-    # Sink thread time per burst event (ms) in each adapter call, from timed adapters.
+    # Sink time per burst event (ms) in each adapter call, from timed adapters.
     burst_busy_ms: dict[str, float] = field(default_factory=dict)
     # The paced run: how many batches, and sink ms per batch in each call.
     paced_batches: int = 0
@@ -742,7 +741,8 @@ class _Run:
         inputs = self.fresh_inputs(n)
         sent = _Sent([0] * n, {})
         # The harness's generated events would otherwise be walked by every full
-        # collection, stalling an in-process sink by up to ~190 ms (measured).
+        # collection, stalling the publisher by up to ~190 ms (measured) and sending
+        # what fell due meanwhile as one burst.
         freeze_long_lived()
         failures: list[str] = []
 
@@ -1119,15 +1119,12 @@ class _Run:
                     for name, spent in sink.spent().items()
                 }
             arrivals = sink.arrivals[arrival_mark:]
-        stats = sink.stats
-        if stats is not None:
-            if stats.exceptions:
-                result.notes.append(f"the sink refused {stats.exceptions:,} events")
-            if stats.pauses or stats.transient_failures:
-                result.notes.append(
-                    f"the sink paused {stats.pauses}× ({stats.transient_failures} transient "
-                    "failures)"
-                )
+        refused, pauses = sink.counts.get("exceptions", 0), sink.counts.get("pauses", 0)
+        transient = sink.counts.get("transient_failures", 0)
+        if refused:
+            result.notes.append(f"the sink refused {refused:,} events")
+        if pauses or transient:
+            result.notes.append(f"the sink paused {pauses}× ({transient} transient failures)")
         if len(latencies) != result.paced_events:
             result.notes.append(
                 f"{len(latencies):,} latencies for {result.paced_events:,} paced events"
@@ -1281,16 +1278,30 @@ def _last_line(text: str) -> str:
 
 # -- processes and topics ------------------------------------------------------------
 class _Proc:
-    """A contender subprocess in its own session, logging to a file, always stopped."""
+    """A contender subprocess in its own session, logging to a file, always stopped.
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], workdir: Path) -> None:
+    With ``pipe_stdout`` its stdout is a pipe for the harness to read (``stdout``)
+    and only stderr goes to the log."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str],
+        workdir: Path,
+        *,
+        pipe_stdout: bool = False,
+    ) -> None:
         self.name = name
         self.log_path = workdir / f"{name.replace(' ', '-')}-{uuid.uuid4().hex[:6]}.log"
         self._log = self.log_path.open("wb")
         self.popen = subprocess.Popen(
-            argv, env=env, cwd=workdir, stdout=self._log, stderr=subprocess.STDOUT,
+            argv, env=env, cwd=workdir,
+            stdout=subprocess.PIPE if pipe_stdout else self._log,
+            stderr=self._log if pipe_stdout else subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
+        self.stdout = self.popen.stdout
 
     def failure(self) -> str | None:
         code = self.popen.poll()
@@ -1340,7 +1351,8 @@ class _SinkChild:
         self.committed = 0  # events of committed batches; written by the reader thread
         self.latencies: list[float] = []
         self.arrivals: list[float] = []
-        self.stats: SinkStats | None = None  # the child's final counts, once it stopped
+        # The child's final refusals, pauses and transient failures, once it stopped.
+        self.counts: dict[str, int] = {}
         self.batches = 0
         self.error: str | None = None
         self._marks: list[tuple[float, int]] = []  # (monotonic, committed) per batch
@@ -1356,19 +1368,16 @@ class _SinkChild:
             "batch": options.sink_batch,
             "poll_timeout_s": options.sink_poll_timeout_s,
         }
-        self._log = (run.tmp / f"bench-sink-{uuid.uuid4().hex[:6]}.log").open("wb")
-        self.popen = subprocess.Popen(
+        self.proc = _Proc(
+            "bench sink",
             [sys.executable, "-m", "revline.bench", "sink-child", "--config", json.dumps(config)],
-            stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL,
-            cwd=run.tmp, start_new_session=True,
+            run.env, run.tmp, pipe_stdout=True,
         )  # fmt: skip
         self._reader = threading.Thread(target=self._read, name="bench-sink-reader", daemon=True)
 
     def _read(self) -> None:
-        from sinks.processor import SinkStats
-
-        assert self.popen.stdout is not None
-        for raw in self.popen.stdout:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
             line = json.loads(raw)
             kind = line.pop("kind")
             if kind == "ready":
@@ -1380,8 +1389,8 @@ class _SinkChild:
                 self.batches = line["batches"]
                 self.committed = line["committed"]
                 self._marks.append((line["at"], self.committed))
-            elif kind == "stats":
-                self.stats = SinkStats(**line["stats"])
+            elif kind == "counts":
+                self.counts = line["counts"]
             elif kind == "error":
                 self.error = line["error"]
         self._ready.set()
@@ -1389,8 +1398,8 @@ class _SinkChild:
     def check(self) -> None:
         if self.error is not None:
             raise BenchError(f"sink: {self.error}")
-        if self.popen.poll() is not None:
-            raise BenchError(f"sink: the process exited with code {self.popen.returncode}")
+        if (failure := self.proc.failure()) is not None:
+            raise BenchError(failure)
 
     def spent(self) -> dict[str, float]:
         """Seconds so far in each adapter call and each wait on Kafka."""
@@ -1411,23 +1420,12 @@ class _SinkChild:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(60)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait(10)
+        self.proc.stop(60)
         self._reader.join(10)
-        self._log.close()
 
 
 def sink_child(config: dict[str, Any]) -> None:
     """The end-to-end sink (see ``_SinkChild``): runs until SIGTERM."""
-    from dataclasses import asdict
-
     from revline.metrics import SinkMetrics
     from sinks.processor import SinkProcessor
 
@@ -1473,9 +1471,9 @@ def sink_child(config: dict[str, Any]) -> None:
                         stats.arrival_ms.clear()
             finally:
                 processor.close()
-                final = asdict(stats)
-                final["committed"] = {}  # tuple keys; the report never reads them
-                emit("stats", stats=final)
+                counts = {"exceptions": stats.exceptions, "pauses": stats.pauses,
+                          "transient_failures": stats.transient_failures}  # fmt: skip
+                emit("counts", counts=counts)
     except Exception as exc:
         emit("error", error=f"{type(exc).__name__}: {exc}")
         raise

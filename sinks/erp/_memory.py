@@ -102,6 +102,7 @@ class MemoryErpStore:
 
     skus: frozenset[str] = field(default_factory=_default_skus)
     parties: dict[int, dict[str, Any]] = field(default_factory=dict)
+    party_ids: dict[str, int] = field(default_factory=dict)  # code -> id, as the ERP's index
     available: bool = True
     lock: threading.RLock = field(default_factory=threading.RLock)
     _next: int = 0
@@ -251,11 +252,11 @@ class InMemoryErp:
         return m.currency_digits(code)
 
     def _party(self, customer_id: str) -> int:
-        for pid, party in self.store.parties.items():
-            if party["code"] == customer_id:
-                return pid
-        pid = self.store.new_id()
-        self.store.parties[pid] = {"code": customer_id, "name": customer_id}
+        pid = self.store.party_ids.get(customer_id)
+        if pid is None:
+            pid = self.store.new_id()
+            self.store.parties[pid] = {"code": customer_id, "name": customer_id}
+            self.store.party_ids[customer_id] = pid
         return pid
 
     # -- events ----------------------------------------------------------------------------

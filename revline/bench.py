@@ -226,6 +226,9 @@ class SinkReport:
     origin: str  # why this database
     ledger: LedgerResult | None  # None: not requested
     e2e: EndToEndResult | None
+    # Journals already in the ledger before the run: index inserts and lookups slow
+    # as it grows (append-only, and earlier runs' journals stay).
+    journals_before: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -265,6 +268,8 @@ class SinkReport:
 
     def lines(self) -> list[str]:
         out = [f"ledger database: {self.backend} — {self.database} ({self.origin})"]
+        if self.journals_before is not None:
+            out.append(f"ledger: {self.journals_before:,} journals in it before this run")
         if (ledger := self.ledger) is not None and ledger.unavailable is None:
             balance = {True: "balanced", False: "NOT balanced", None: "not checked"}
             out.append(
@@ -991,6 +996,8 @@ class _Run:
 
     # -- sinks ---------------------------------------------------------------------
     def bench_sinks(self, options: SinkBenchOptions) -> SinkReport:
+        from sinks.ledger._bench import journal_count
+
         url = options.ledger_url or f"sqlite:///{self.tmp / 'ledger.db'}"
         report = SinkReport(
             backend=_backend(url),
@@ -998,6 +1005,7 @@ class _Run:
             origin=options.ledger_origin,
             ledger=LedgerResult(batch_size=options.ledger_batch) if options.ledger else None,
             e2e=EndToEndResult() if options.e2e else None,
+            journals_before=journal_count(url),
         )
         if report.ledger is not None:
             ledger = report.ledger

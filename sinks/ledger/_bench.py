@@ -19,10 +19,22 @@ import sqlalchemy as sa
 
 from revline.workload import WorkloadOptions, generate
 from sinks.ledger._ledger import SqlLedger
-from sinks.ledger._schema import journal_lines
+from sinks.ledger._schema import journal_lines, journals
 
 MONEY_EVENTS = ("invoice_issued", "payment_captured", "refund_issued", "order_cancelled")
 BATCH = 500
+
+
+def journal_count(url: str) -> int | None:
+    """How many journals the ledger at ``url`` holds; None when it has no ledger yet."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            if not sa.inspect(conn).has_table(journals.name):
+                return None
+            return int(conn.execute(sa.select(sa.func.count()).select_from(journals)).scalar_one())
+    finally:
+        engine.dispose()
 
 
 def money_events(n_events: int, seed: int = 7) -> list[dict[str, Any]]:

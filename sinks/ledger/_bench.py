@@ -18,7 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from revline.workload import WorkloadOptions, generate
-from sinks.ledger._ledger import SqlLedger
+from sinks.ledger._ledger import SqlLedger, _create_engine
 from sinks.ledger._schema import journal_lines, journals
 
 MONEY_EVENTS = ("invoice_issued", "payment_captured", "refund_issued", "order_cancelled")
@@ -27,12 +27,12 @@ BATCH = 500
 
 def journal_count(url: str) -> int | None:
     """How many journals the ledger at ``url`` holds; None when it has no ledger yet."""
-    engine = sa.create_engine(url)
+    engine = _create_engine(url)
     try:
         with engine.connect() as conn:
             if not sa.inspect(conn).has_table(journals.name):
                 return None
-            return int(conn.execute(sa.select(sa.func.count()).select_from(journals)).scalar_one())
+            return _rows(conn, journals)
     finally:
         engine.dispose()
 
@@ -55,9 +55,13 @@ def money_events(n_events: int, seed: int = 7) -> list[dict[str, Any]]:
         orders = orders * 3 // 2 + 10
 
 
+def _rows(conn: sa.Connection, table: sa.Table) -> int:
+    return int(conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one())
+
+
 def _line_count(ledger: SqlLedger) -> int:
     with ledger.engine.connect() as conn:
-        return int(conn.execute(sa.select(sa.func.count()).select_from(journal_lines)).scalar_one())
+        return _rows(conn, journal_lines)
 
 
 def bench_ledger(

@@ -616,6 +616,9 @@ class _Run:
         self.step = progress
         self.settings = settings
         self.prefix = f"revline-bench-{time.strftime('%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        # Events occur now, as in production: the ledger's time-ordered journal ids
+        # then extend its indexes at their end instead of refilling one past range.
+        self.start = datetime.now(UTC).replace(microsecond=0)
         self.tmp = Path(tempfile.mkdtemp(prefix="revline-bench-"))
         self.admin = AdminClient({"bootstrap.servers": bootstrap})
         self.groups: list[str] = []
@@ -649,6 +652,7 @@ class _Run:
                     unknown_attribution=0,
                     amount_mismatch=0,
                     poison=0,
+                    start=self.start,
                 )
             )
             if len(workload.records) >= n:

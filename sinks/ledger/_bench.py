@@ -13,6 +13,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -40,9 +41,11 @@ def journal_count(url: str) -> int | None:
 def money_events(n_events: int, seed: int = 7) -> list[dict[str, Any]]:
     """At least ``n_events`` validated money events, cut to exactly that many."""
     run = f"b{uuid.uuid4().hex[:10]}"
+    # Occurring now, as in production (journal ids are ordered by occurred_at).
+    start = datetime.now(UTC).replace(microsecond=0)
     orders = max(10, n_events // 2)  # about 2.1 money events per generated order
     while True:
-        workload = generate(WorkloadOptions(orders=orders, seed=seed, run_id=run))
+        workload = generate(WorkloadOptions(orders=orders, seed=seed, run_id=run, start=start))
         events = [
             r.event
             for r in workload.records

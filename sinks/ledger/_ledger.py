@@ -9,7 +9,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -30,8 +30,11 @@ from sinks.ledger._schema import accounts, create_schema, journal_lines, journal
 DEFAULT_URL = "sqlite:///.revline/ledger.db"
 ADAPTER_NAME = "ledger"
 MAX_MINOR = 2**63 - 1  # BIGINT
-# Journal ids are uuid5(key): a replay into an empty ledger reproduces the same ids.
+# Hashed into journal ids (see _journal_id); never change it.
 _JOURNAL_NAMESPACE = uuid.UUID("5b0f6f43-3c59-4d0e-9d55-2f6f0b7f3e11")
+_UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+_MAX_UNIX_MS = 2**48 - 1
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
 _CHUNK = 500  # keys per IN (...) lookup, well under every backend's parameter limit
 _MAX_ATTEMPTS = 5  # re-plans of one batch after losing a race to a concurrent writer
@@ -368,7 +371,7 @@ class SqlLedger:
                     result = _result(p.key, "not_applicable", {}, "nothing to post: amounts are 0")
                 else:
                     journal = _Journal(
-                        id=_journal_id(p.key),
+                        id=_journal_id(p.key, p.occurred_at),
                         idempotency_key=p.key,
                         event_key=p.key,
                         order_id=p.order_id,
@@ -394,7 +397,7 @@ class SqlLedger:
                     effect_key = f"{p.key}:reverses:{target.id}"
                     notes.append(
                         _Journal(
-                            id=_journal_id(effect_key),
+                            id=_journal_id(effect_key, p.occurred_at),
                             idempotency_key=effect_key,
                             event_key=p.key,
                             order_id=p.order_id,
@@ -794,8 +797,20 @@ def _refs(journal_keys_and_ids: Sequence[tuple[str, str]]) -> dict[str, str]:
     }
 
 
-def _journal_id(effect_key: str) -> str:
-    return str(uuid.uuid5(_JOURNAL_NAMESPACE, effect_key))
+def _journal_id(effect_key: str, occurred_at: datetime) -> str:
+    """A UUIDv8 (RFC 9562): the event's occurred_at in Unix ms, then 74 bits of uuid5(key).
+
+    A function of the event alone, so a replay into an empty ledger reproduces the same
+    ids; time-ordered, so the indexes on journal ids take inserts at their recent end
+    instead of at random pages (random uuid5 ids halved COPY throughput on a large
+    ledger and dirtied a page per insert). Ledgers written before kept their uuid5 ids
+    (version 5): ids are opaque, so both kinds coexist and never collide.
+    """
+    unix_ms = min(max((occurred_at - _UNIX_EPOCH) // _MS, 0), _MAX_UNIX_MS)
+    digest = uuid.uuid5(_JOURNAL_NAMESPACE, effect_key).int
+    rand_a = (digest >> 64) & 0xFFF
+    rand_b = digest & (2**62 - 1)
+    return str(uuid.UUID(int=unix_ms << 80 | 0x8 << 76 | rand_a << 64 | 0b10 << 62 | rand_b))
 
 
 def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:

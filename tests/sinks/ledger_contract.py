@@ -312,10 +312,17 @@ class LedgerContract:
         assert ledger.balances()[("accounts_receivable", "EUR")] == 0
 
     def test_journal_ids_are_stable_across_ledgers(self, ledger: SqlLedger) -> None:
+        # A function of the event: its occurred_at (ms) first, then a hash of its key.
+        # The literal pins the scheme; changing it breaks replays into fresh ledgers.
         [result] = ledger.post([invoice("SO-1", 1000, 200)])
-        assert result.external_refs["journal"] == str(
-            uuid.uuid5(uuid.UUID("5b0f6f43-3c59-4d0e-9d55-2f6f0b7f3e11"), "SO-1:invoice:1")
-        )
+        assert result.external_refs["journal"] == "01a20ccd-2260-8cf7-ace4-3d0a20e1812d"
+
+    def test_journal_ids_sort_by_occurred_at(self, ledger: SqlLedger) -> None:
+        # invoice n occurs at minute 4 + n
+        results = ledger.post([invoice(f"SO-{n}", 1000, 0, n=n) for n in (3, 1, 2)])
+        ids = [r.external_refs["journal"] for r in results]
+        assert sorted(ids) == [ids[1], ids[2], ids[0]]
+        assert {uuid.UUID(i).version for i in ids} == {8}
 
     def test_balances_and_trial_balance_per_currency(self, ledger: SqlLedger) -> None:
         ledger.post([

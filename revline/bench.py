@@ -1045,9 +1045,13 @@ class _Run:
         others = {k: v for k, v in statuses.items() if k not in ("applied", "not_applicable")}
         if others:
             result.notes.append(f"unexpected statuses: {others}")
+        if figures["maintenance"] is not None:
+            result.notes.append(f"PostgreSQL while posting: {figures['maintenance']}")
 
     def bench_e2e(self, result: EndToEndResult, url: str, options: SinkBenchOptions) -> None:
         """Worker subprocess → validated topic → sink subprocess: burst, then paced."""
+        from sinks.ledger._bench import maintenance
+
         source = self.topic("e2e-in")
         env = self.worker_env("e2e", source)
         env["REVLINE_BATCH_WITHIN_S"] = str(options.worker_batch_within_s)
@@ -1110,6 +1114,7 @@ class _Run:
 
             rate = result.max_rate * PACE_SHARE
             _settle_disk()
+            maintenance_before = maintenance(url)
             result.paced_rate, result.paced_seconds = rate, options.e2e_seconds
             base, mark = sink.committed, len(sink.latencies)
             busy, batches = sink.spent(), sink.batches
@@ -1133,6 +1138,11 @@ class _Run:
                     for name, spent in sink.spent().items()
                 }
             arrivals = sink.arrivals[arrival_mark:]
+            if maintenance_before is not None and (after := maintenance(url)) is not None:
+                # Named in the report: a vacuum or checkpoint here competes for the cores.
+                result.notes.append(
+                    f"PostgreSQL during the paced run: {after.since(maintenance_before)}"
+                )
         refused, pauses = sink.counts.get("exceptions", 0), sink.counts.get("pauses", 0)
         transient = sink.counts.get("transient_failures", 0)
         if refused:

@@ -12,7 +12,8 @@ import json
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,6 +35,53 @@ def journal_count(url: str) -> int | None:
             if not sa.inspect(conn).has_table(journals.name):
                 return None
             return _rows(conn, journals)
+    finally:
+        engine.dispose()
+
+
+@dataclass(frozen=True)
+class Maintenance:
+    """PostgreSQL's own background work so far: what can slow a timed phase."""
+
+    vacuums: Mapping[str, int]  # table -> autovacuum + autoanalyze runs finished
+    checkpoints: int
+    autovacuum_workers: int  # running now
+
+    def since(self, before: Maintenance) -> str:
+        """What happened between ``before`` and this snapshot, for the report."""
+        runs = {
+            table: n - before.vacuums.get(table, 0)
+            for table, n in sorted(self.vacuums.items())
+            if n > before.vacuums.get(table, 0)
+        }
+        done = ", ".join(f"{table} ×{n}" for table, n in runs.items()) or "none"
+        return (
+            f"autovacuum/autoanalyze runs finished: {done}; "
+            f"checkpoints: {self.checkpoints - before.checkpoints}; "
+            f"autovacuum workers running at the start: {before.autovacuum_workers}"
+        )
+
+
+def maintenance(url: str) -> Maintenance | None:
+    """A snapshot of PostgreSQL's autovacuum and checkpoint counters; None on SQLite."""
+    engine = _create_engine(url)
+    try:
+        if engine.dialect.name != "postgresql":
+            return None
+        with engine.connect() as conn:
+            vacuums = conn.execute(sa.text(
+                "SELECT relname, autovacuum_count + autoanalyze_count FROM pg_stat_user_tables"
+            )).all()  # fmt: skip
+            version = int(conn.execute(sa.text("SHOW server_version_num")).scalar_one())
+            checkpoints = conn.execute(sa.text(
+                "SELECT num_timed + num_requested FROM pg_stat_checkpointer"
+                if version >= 170000  # moved out of pg_stat_bgwriter in PostgreSQL 17
+                else "SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter"
+            )).scalar_one()  # fmt: skip
+            workers = conn.execute(sa.text(
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'"
+            )).scalar_one()  # fmt: skip
+        return Maintenance({str(t): int(n) for t, n in vacuums}, int(checkpoints), int(workers))
     finally:
         engine.dispose()
 
@@ -82,6 +130,7 @@ def bench_ledger(
         before = _line_count(ledger)
         statuses: dict[str, int] = {}
         latencies: list[float] = []
+        pg_before = maintenance(url)
         started = time.perf_counter()
         for start in range(0, len(events), batch_size):
             t0 = time.perf_counter()
@@ -91,6 +140,7 @@ def bench_ledger(
             if progress is not None:
                 progress(min(start + batch_size, len(events)), len(events))
         elapsed = time.perf_counter() - started
+        pg_after = maintenance(url) if pg_before is not None else None
         lines = _line_count(ledger) - before
         balanced = all(tb.balanced for tb in ledger.trial_balance().values())
         backend = ledger.dialect
@@ -108,6 +158,8 @@ def bench_ledger(
         "batch_p50_ms": round(latencies[len(latencies) // 2] * 1000, 1) if latencies else 0.0,
         "batch_max_ms": round(latencies[-1] * 1000, 1) if latencies else 0.0,
         "trial_balance_ok": balanced,
+        # PostgreSQL's background work while posting (None on SQLite)
+        "maintenance": pg_after.since(pg_before) if pg_before and pg_after else None,
     }
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import sqlalchemy.exc as sa_exc
 
 from sinks._protocols import TransientSinkError
 from sinks.ledger import SqlLedger
+from sinks.ledger._bench import Maintenance, maintenance
 
 try:  # tests/sinks may or may not become a package
     from .ledger_contract import LedgerContract, invoice
@@ -89,3 +91,27 @@ def test_recovers_when_its_connections_are_killed(postgres_url: str) -> None:
         admin.dispose()
         # pool_pre_ping replaces the dead connection: the ledger just works again.
         assert ledger.balances()[("accounts_receivable", "EUR")] == 1200
+
+
+def test_bench_names_postgres_maintenance(postgres_url: str, tmp_path: Path) -> None:
+    # The benchmark reports vacuums and checkpoints that ran during its paced run.
+    with SqlLedger(postgres_url) as ledger:
+        ledger.post([invoice("SO-1", 1000, 200)])
+    before = maintenance(postgres_url)
+    assert before is not None and before.autovacuum_workers >= 0
+    with SqlLedger(postgres_url) as ledger, ledger.engine.connect() as conn:
+        try:
+            conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql("CHECKPOINT")
+            checkpointed = True
+        except sa_exc.ProgrammingError:  # a role without pg_checkpoint (own server)
+            checkpointed = False
+    after = maintenance(postgres_url)
+    assert after is not None and after.checkpoints >= before.checkpoints + checkpointed
+    ran = Maintenance({**before.vacuums, "journals": before.vacuums.get("journals", 0) + 1},
+                      after.checkpoints, 0)
+    assert ran.since(before) == (
+        "autovacuum/autoanalyze runs finished: journals ×1; "
+        f"checkpoints: {after.checkpoints - before.checkpoints}; "
+        f"autovacuum workers running at the start: {before.autovacuum_workers}"
+    )
+    assert maintenance(f"sqlite:///{tmp_path / 'ledger.db'}") is None

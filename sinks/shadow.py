@@ -51,7 +51,11 @@ def footprints(
     """Pure: event key -> footprint, from journal headers and side-effect rows."""
     js: dict[str, list[tuple[str, str, str, int]]] = defaultdict(list)
     for j in journals:
-        js[j.event_key].append((j.idempotency_key, j.event_type, j.currency, j.total_minor))
+        # A credit note's own key embeds the reversed journal's id; ids are not
+        # comparable across releases (uuid5, then time-ordered), the reversed key is.
+        key = j.idempotency_key if j.reverses_key is None else (
+            f"{j.event_key}:reverses:{j.reverses_key}")
+        js[j.event_key].append((key, j.event_type, j.currency, j.total_minor))
     es: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for e in effects:
         es[e.idempotency_key].append((e.adapter, e.status))

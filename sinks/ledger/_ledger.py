@@ -34,7 +34,6 @@ MAX_MINOR = 2**63 - 1  # BIGINT
 _JOURNAL_NAMESPACE = uuid.UUID("5b0f6f43-3c59-4d0e-9d55-2f6f0b7f3e11")
 _UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
-_MAX_UNIX_MS = 2**48 - 1
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
 _CHUNK = 500  # keys per IN (...) lookup, well under every backend's parameter limit
 _MAX_ATTEMPTS = 5  # re-plans of one batch after losing a race to a concurrent writer
@@ -104,6 +103,9 @@ class JournalSummary:
     total_minor: int
     occurred_at: datetime
     reverses_journal_id: str | None
+    # The reversed journal's idempotency key: names a credit note without journal ids,
+    # which differ between ledgers written by releases with different id schemes.
+    reverses_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -625,12 +627,15 @@ class SqlLedger:
         self, since: datetime | None = None, until: datetime | None = None
     ) -> list[JournalSummary]:
         """Read-only: every journal header whose event occurred in [since, until)."""
+        reversed_ = journals.alias("reversed")
         stmt = sa.select(
             journals.c.id, journals.c.idempotency_key, journals.c.event_key,
             journals.c.order_id, journals.c.event_type, journals.c.currency,
             journals.c.total_debit_minor, journals.c.occurred_at,
-            journals.c.reverses_journal_id,
-        ).order_by(journals.c.occurred_at, journals.c.idempotency_key)  # fmt: skip
+            journals.c.reverses_journal_id, reversed_.c.idempotency_key.label("reverses_key"),
+        ).select_from(journals.outerjoin(
+            reversed_, reversed_.c.id == journals.c.reverses_journal_id
+        )).order_by(journals.c.occurred_at, journals.c.idempotency_key)  # fmt: skip
         if since is not None:
             stmt = stmt.where(journals.c.occurred_at >= since)
         if until is not None:
@@ -647,6 +652,7 @@ class SqlLedger:
                     total_minor=int(row.total_debit_minor),
                     occurred_at=row.occurred_at,
                     reverses_journal_id=row.reverses_journal_id,
+                    reverses_key=row.reverses_key,
                 )
                 for row in conn.execute(stmt)
             ]
@@ -803,10 +809,11 @@ def _journal_id(effect_key: str, occurred_at: datetime) -> str:
     A function of the event alone, so a replay into an empty ledger reproduces the same
     ids; time-ordered, so the indexes on journal ids take inserts at their recent end
     instead of at random pages (random uuid5 ids halved COPY throughput on a large
-    ledger and dirtied a page per insert). Ledgers written before kept their uuid5 ids
-    (version 5): ids are opaque, so both kinds coexist and never collide.
+    ledger and dirtied a page per insert). Ledgers written before keep their uuid5 ids
+    (version 5): both kinds coexist and never collide. A credit note's effect key embeds
+    the reversed journal's id, so shadow parity names it by the reversed key instead.
     """
-    unix_ms = min(max((occurred_at - _UNIX_EPOCH) // _MS, 0), _MAX_UNIX_MS)
+    unix_ms = max((occurred_at - _UNIX_EPOCH) // _MS, 0)  # year 9999 still fits 48 bits
     digest = uuid.uuid5(_JOURNAL_NAMESPACE, effect_key).int
     rand_a = (digest >> 64) & 0xFFF
     rand_b = digest & (2**62 - 1)

@@ -7,6 +7,7 @@ in-memory ERP), driven without Kafka; the Kafka tests are test_reconcile_kafka.p
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -20,6 +21,7 @@ from sinks._protocols import ErpDocument, PermanentSinkError
 from sinks.erp import InMemoryErp
 from sinks.erp import _mapping as m
 from sinks.ledger import JournalSummary, SideEffect, SqlLedger, load_posting_rules
+from sinks.ledger import _ledger as ledger_module
 from sinks.reconcile import (
     ERP_STEPS,
     Report,
@@ -355,6 +357,29 @@ def test_parity_is_100_for_identical_ledgers_and_names_the_difference() -> None:
     assert report.by_type["payment_captured"].parity_pct == 50.0
     assert [(d.key, d.shadow) for d in report.differences] == [(key, "ledger=applied")]
     assert report.parity_pct == pytest.approx(500 / 6)
+
+
+def test_parity_holds_across_journal_id_schemes(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A primary written before journal ids became time-ordered (uuid5 of the key)
+    # against a shadow on the current scheme: a credit note's effect key embeds the
+    # reversed journal's id, so footprints must name it by the reversed key instead.
+    order = new_order()
+    events = cancelled_after_invoice(order)
+    stream = stream_of(events)
+    legacy = uuid.UUID("5b0f6f43-3c59-4d0e-9d55-2f6f0b7f3e11")
+    with SqlLedger("sqlite:///:memory:") as primary, SqlLedger("sqlite:///:memory:") as shadow:
+        with monkeypatch.context() as m:
+            m.setattr(ledger_module, "_journal_id", lambda key, _at: str(uuid.uuid5(legacy, key)))
+            sink(events, primary, InMemoryErp())
+        sink(events, shadow, InMemoryErp())
+        p = footprints(primary.journal_summaries(), primary.all_effects())
+        s = footprints(shadow.journal_summaries(), shadow.all_effects())
+        ids = {j.id for led in (primary, shadow) for j in led.journal_summaries()}
+    assert len(ids) == 4  # two invoices and two credit notes, no id shared
+    credit_note = f"{order}:cancelled:reverses:{order}:invoice:1"
+    assert [k for k, *_ in p[f"{order}:cancelled"].journals] == [credit_note]
+    report = parity(stream, p, s, RULES)
+    assert report.compared == 3 and report.parity_pct == 100.0, report.differences
 
 
 def test_footprints_ignore_erp_refs_but_not_statuses() -> None:

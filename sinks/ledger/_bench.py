@@ -18,9 +18,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.engine import make_url
 
 from revline.workload import WorkloadOptions, generate
-from sinks.ledger._ledger import SqlLedger, _create_engine
+from sinks.ledger._ledger import SqlLedger, _create_engine, normalize_url
 from sinks.ledger._schema import journal_lines, journals
 
 MONEY_EVENTS = ("invoice_issued", "payment_captured", "refund_issued", "order_cancelled")
@@ -45,7 +46,8 @@ class Maintenance:
 
     vacuums: Mapping[str, int]  # table -> autovacuum + autoanalyze runs finished
     checkpoints: int
-    autovacuum_workers: int  # running now
+    # Running now; None when the role may not see them (needs pg_read_all_stats).
+    autovacuum_workers: int | None
 
     def since(self, before: Maintenance) -> str:
         """What happened between ``before`` and this snapshot, for the report."""
@@ -55,33 +57,40 @@ class Maintenance:
             if n > before.vacuums.get(table, 0)
         }
         done = ", ".join(f"{table} ×{n}" for table, n in runs.items()) or "none"
+        workers = "unknown" if before.autovacuum_workers is None else before.autovacuum_workers
         return (
             f"autovacuum/autoanalyze runs finished: {done}; "
             f"checkpoints: {self.checkpoints - before.checkpoints}; "
-            f"autovacuum workers running at the start: {before.autovacuum_workers}"
+            f"autovacuum workers running at the start: {workers}"
         )
 
 
 def maintenance(url: str) -> Maintenance | None:
     """A snapshot of PostgreSQL's autovacuum and checkpoint counters; None on SQLite."""
+    if make_url(normalize_url(url)).get_backend_name() != "postgresql":
+        return None
     engine = _create_engine(url)
     try:
-        if engine.dialect.name != "postgresql":
-            return None
         with engine.connect() as conn:
             vacuums = conn.execute(sa.text(
                 "SELECT relname, autovacuum_count + autoanalyze_count FROM pg_stat_user_tables"
+                " WHERE schemaname = current_schema()"
             )).all()  # fmt: skip
-            version = int(conn.execute(sa.text("SHOW server_version_num")).scalar_one())
             checkpoints = conn.execute(sa.text(
                 "SELECT num_timed + num_requested FROM pg_stat_checkpointer"
-                if version >= 170000  # moved out of pg_stat_bgwriter in PostgreSQL 17
+                if (conn.dialect.server_version_info or (0,)) >= (17,)  # moved in 17
                 else "SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter"
             )).scalar_one()  # fmt: skip
-            workers = conn.execute(sa.text(
-                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'"
-            )).scalar_one()  # fmt: skip
-        return Maintenance({str(t): int(n) for t, n in vacuums}, int(checkpoints), int(workers))
+            # Other roles' backends show a NULL backend_type without pg_read_all_stats.
+            workers, hidden = conn.execute(sa.text(
+                "SELECT count(*) FILTER (WHERE backend_type = 'autovacuum worker'),"
+                " bool_or(backend_type IS NULL) FROM pg_stat_activity"
+            )).one()  # fmt: skip
+        return Maintenance(
+            {str(t): int(n) for t, n in vacuums},
+            int(checkpoints),
+            None if hidden else int(workers),
+        )
     finally:
         engine.dispose()
 
@@ -89,7 +98,8 @@ def maintenance(url: str) -> Maintenance | None:
 def money_events(n_events: int, seed: int = 7) -> list[dict[str, Any]]:
     """At least ``n_events`` validated money events, cut to exactly that many."""
     run = f"b{uuid.uuid4().hex[:10]}"
-    # Occurring now, as in production (journal ids are ordered by occurred_at).
+    # From now on (the generator spreads a run over days): journal ids are ordered by
+    # occurred_at, and a fixed start date would make every run refill one stretch.
     start = datetime.now(UTC).replace(microsecond=0)
     orders = max(10, n_events // 2)  # about 2.1 money events per generated order
     while True:
@@ -159,7 +169,9 @@ def bench_ledger(
         "batch_max_ms": round(latencies[-1] * 1000, 1) if latencies else 0.0,
         "trial_balance_ok": balanced,
         # PostgreSQL's background work while posting (None on SQLite)
-        "maintenance": pg_after.since(pg_before) if pg_before and pg_after else None,
+        "maintenance": (
+            pg_after.since(pg_before) if pg_before is not None and pg_after is not None else None
+        ),
     }
 
 

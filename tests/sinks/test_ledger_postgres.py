@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -98,20 +99,28 @@ def test_bench_names_postgres_maintenance(postgres_url: str, tmp_path: Path) -> 
     with SqlLedger(postgres_url) as ledger:
         ledger.post([invoice("SO-1", 1000, 200)])
     before = maintenance(postgres_url)
-    assert before is not None and before.autovacuum_workers >= 0
+    assert before is not None
+    assert before.autovacuum_workers is None or before.autovacuum_workers >= 0
     with SqlLedger(postgres_url) as ledger, ledger.engine.connect() as conn:
         try:
             conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql("CHECKPOINT")
             checkpointed = True
         except sa_exc.ProgrammingError:  # a role without pg_checkpoint (own server)
             checkpointed = False
-    after = maintenance(postgres_url)
-    assert after is not None and after.checkpoints >= before.checkpoints + checkpointed
+    deadline = time.monotonic() + 5  # the checkpointer's counters reach the view shortly
+    while True:
+        after = maintenance(postgres_url)
+        assert after is not None
+        if after.checkpoints >= before.checkpoints + checkpointed or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert after.checkpoints >= before.checkpoints + checkpointed
     ran = Maintenance({**before.vacuums, "journals": before.vacuums.get("journals", 0) + 1},
                       after.checkpoints, 0)
+    workers = "unknown" if before.autovacuum_workers is None else before.autovacuum_workers
     assert ran.since(before) == (
         "autovacuum/autoanalyze runs finished: journals ×1; "
         f"checkpoints: {after.checkpoints - before.checkpoints}; "
-        f"autovacuum workers running at the start: {before.autovacuum_workers}"
+        f"autovacuum workers running at the start: {workers}"
     )
     assert maintenance(f"sqlite:///{tmp_path / 'ledger.db'}") is None

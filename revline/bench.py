@@ -1050,7 +1050,7 @@ class _Run:
 
     def bench_e2e(self, result: EndToEndResult, url: str, options: SinkBenchOptions) -> None:
         """Worker subprocess → validated topic → sink subprocess: burst, then paced."""
-        from sinks.ledger._bench import maintenance
+        from sinks.ledger._bench import maintenance, maintenance_since
 
         source = self.topic("e2e-in")
         env = self.worker_env("e2e", source)
@@ -1138,17 +1138,9 @@ class _Run:
                     for name, spent in sink.spent().items()
                 }
             arrivals = sink.arrivals[arrival_mark:]
-            if maintenance_before is not None:
-                # Named in the report: a vacuum or checkpoint here competes for the cores.
-                try:
-                    after = maintenance(url)
-                except Exception as exc:  # a note, not a reason to lose the figures
-                    result.notes.append(f"PostgreSQL's maintenance counters unreadable: {exc}")
-                else:
-                    if after is not None:
-                        result.notes.append(
-                            f"PostgreSQL during the paced run: {after.since(maintenance_before)}"
-                        )
+            # Named in the report: a vacuum or checkpoint here competes for the cores.
+            if (pg_work := maintenance_since(url, maintenance_before)) is not None:
+                result.notes.append(f"PostgreSQL during the paced run: {pg_work}")
         refused, pauses = sink.counts.get("exceptions", 0), sink.counts.get("pauses", 0)
         transient = sink.counts.get("transient_failures", 0)
         if refused:

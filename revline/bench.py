@@ -59,7 +59,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -616,8 +616,8 @@ class _Run:
         self.step = progress
         self.settings = settings
         self.prefix = f"revline-bench-{time.strftime('%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        # Events occur from now on (a run spans days): with the generator's fixed start
-        # date every run would refill one stretch of the ledger's time-ordered ids.
+        # Where the next generated events begin: from now on (a run spans days), each
+        # generation after the last, and the end-to-end run after the ledger's journals.
         self.start = datetime.now(UTC).replace(microsecond=0)
         self.tmp = Path(tempfile.mkdtemp(prefix="revline-bench-"))
         self.admin = AdminClient({"bootstrap.servers": bootstrap})
@@ -663,6 +663,7 @@ class _Run:
         for rec in workload.records[:n]:
             assert rec.event is not None
             env = rec.event["envelope"]
+            self.start = max(self.start, env["occurred_at"] + timedelta(seconds=1))
             out.append(
                 _Input(
                     rec.key,
@@ -1000,7 +1001,7 @@ class _Run:
 
     # -- sinks ---------------------------------------------------------------------
     def bench_sinks(self, options: SinkBenchOptions) -> SinkReport:
-        from sinks.ledger._bench import journal_count
+        from sinks.ledger._bench import ledger_extent
 
         url = options.ledger_url or f"sqlite:///{self.tmp / 'ledger.db'}"
         report = SinkReport(
@@ -1009,8 +1010,9 @@ class _Run:
             origin=options.ledger_origin,
             ledger=LedgerResult(batch_size=options.ledger_batch) if options.ledger else None,
             e2e=EndToEndResult() if options.e2e else None,
-            journals_before=journal_count(url),
         )
+        if (extent := ledger_extent(url)) is not None:
+            report.journals_before = extent.journals
         if report.ledger is not None:
             ledger = report.ledger
             _measure(ledger, lambda: self.bench_ledger(ledger, url, options))
@@ -1047,10 +1049,17 @@ class _Run:
             result.notes.append(f"unexpected statuses: {others}")
         if figures["maintenance"] is not None:
             result.notes.append(f"PostgreSQL while posting: {figures['maintenance']}")
+        result.notes.append(
+            f"events occur from {figures['events_from']} on, after the ledger's latest "
+            "journal (as a live stream's): their time-ordered journal ids append"
+        )
 
     def bench_e2e(self, result: EndToEndResult, url: str, options: SinkBenchOptions) -> None:
         """Worker subprocess → validated topic → sink subprocess: burst, then paced."""
-        from sinks.ledger._bench import maintenance, maintenance_since
+        from sinks.ledger._bench import ledger_extent, maintenance, maintenance_since
+
+        if (extent := ledger_extent(url)) is not None:  # after the ledger phase's journals
+            self.start = max(self.start, extent.next_start())
 
         source = self.topic("e2e-in")
         env = self.worker_env("e2e", source)

@@ -82,6 +82,8 @@ def test_ledger_lines_measured(report: BenchReport) -> None:
     assert ledger.lines_per_s is not None and ledger.lines_per_s > 0
     assert ledger.trial_balance_ok
     assert ledger.ok
+    # The report says where the run's events sit on the ledger's timeline.
+    assert any("after the ledger's latest journal" in note for note in ledger.notes)
 
 
 @pytest.mark.kafka

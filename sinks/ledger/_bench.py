@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -28,14 +28,39 @@ MONEY_EVENTS = ("invoice_issued", "payment_captured", "refund_issued", "order_ca
 BATCH = 500
 
 
-def journal_count(url: str) -> int | None:
-    """How many journals the ledger at ``url`` holds; None when it has no ledger yet."""
+@dataclass(frozen=True)
+class LedgerExtent:
+    """What a ledger already holds: how many journals, and when the latest occurred."""
+
+    journals: int
+    latest_occurred_at: datetime | None
+
+    def next_start(self) -> datetime:
+        """When a run's events should start: now, or just after the latest journal.
+
+        A live stream's events are newer than what its ledger holds, so their
+        time-ordered journal ids append at the right edge of the id indexes. A run
+        whose events began before journals already there would slot its ids between
+        theirs (earlier runs made within days overlap: a run spans days), and every
+        insert would land on a different index page, a full-page WAL image each.
+        """
+        now = datetime.now(UTC).replace(microsecond=0)
+        if self.latest_occurred_at is None:
+            return now
+        return max(now, self.latest_occurred_at.replace(microsecond=0) + timedelta(seconds=1))
+
+
+def ledger_extent(url: str) -> LedgerExtent | None:
+    """The ledger at ``url`` so far; None when it has no ledger yet."""
     engine = _create_engine(url)
     try:
         with engine.connect() as conn:
             if not sa.inspect(conn).has_table(journals.name):
                 return None
-            return _rows(conn, journals)
+            count, latest = conn.execute(
+                sa.select(sa.func.count(), sa.func.max(journals.c.occurred_at))
+            ).one()
+            return LedgerExtent(int(count), latest)
     finally:
         engine.dispose()
 
@@ -109,12 +134,10 @@ def maintenance_since(url: str, before: Maintenance | None) -> str | None:
     return None if after is None else after.since(before)
 
 
-def money_events(n_events: int, seed: int = 7) -> list[dict[str, Any]]:
-    """At least ``n_events`` validated money events, cut to exactly that many."""
+def money_events(n_events: int, start: datetime, seed: int = 7) -> list[dict[str, Any]]:
+    """At least ``n_events`` validated money events occurring from ``start``, cut to
+    exactly that many."""
     run = f"b{uuid.uuid4().hex[:10]}"
-    # From now on (the generator spreads a run over days): journal ids are ordered by
-    # occurred_at, and a fixed start date would make every run refill one stretch.
-    start = datetime.now(UTC).replace(microsecond=0)
     orders = max(10, n_events // 2)  # about 2.1 money events per generated order
     while True:
         workload = generate(WorkloadOptions(orders=orders, seed=seed, run_id=run, start=start))
@@ -149,7 +172,8 @@ def bench_ledger(
 
     ``progress(posted, total)`` is called after each batch (``revline bench`` shows it).
     """
-    events = money_events(n_events)
+    events_from = (ledger_extent(url) or LedgerExtent(0, None)).next_start()
+    events = money_events(n_events, events_from)
     with SqlLedger(url) as ledger:
         before = _line_count(ledger)
         statuses: dict[str, int] = {}
@@ -183,6 +207,7 @@ def bench_ledger(
         "batch_max_ms": round(latencies[-1] * 1000, 1) if latencies else 0.0,
         "trial_balance_ok": balanced,
         "maintenance": pg_work,  # PostgreSQL's background work while posting
+        "events_from": f"{events_from:%Y-%m-%d %H:%M} UTC",  # after the ledger's journals
     }
 
 

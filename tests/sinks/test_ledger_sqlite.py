@@ -124,3 +124,29 @@ def test_unreadable_rules_file_is_a_configuration_error(tmp_path: Path) -> None:
     bad.write_text("- a list\n")
     with pytest.raises(ConfigurationError, match="must be a mapping"):
         load_posting_rules(bad)
+
+
+def test_bench_runs_continue_the_ledgers_timeline(tmp_path: Path) -> None:
+    """Each ledger bench run's events start after the journals already there, as a live
+    stream's do, so its time-ordered ids append instead of landing between earlier ones."""
+    import sqlalchemy as sa
+
+    from sinks.ledger._bench import bench_ledger, ledger_extent
+    from sinks.ledger._schema import journals
+
+    url = f"sqlite:///{tmp_path}/bench.db"
+    assert ledger_extent(url) is None  # no ledger yet
+    bench_ledger(url, 40, batch_size=20)
+    first = ledger_extent(url)
+    assert first is not None and first.journals > 0 and first.latest_occurred_at is not None
+    with SqlLedger(url) as ledger, ledger.engine.connect() as conn:
+        earlier_ids = set(conn.execute(sa.select(journals.c.id)).scalars())
+    assert first.next_start() > first.latest_occurred_at
+
+    bench_ledger(url, 40, batch_size=20)
+    with SqlLedger(url) as ledger, ledger.engine.connect() as conn:
+        rows = conn.execute(sa.select(journals.c.id, journals.c.occurred_at)).all()
+    later = [(jid, at) for jid, at in rows if jid not in earlier_ids]
+    assert later
+    assert min(at for _, at in later) > first.latest_occurred_at
+    assert min(jid for jid, _ in later) > max(earlier_ids)

@@ -616,8 +616,7 @@ class _Run:
         self.step = progress
         self.settings = settings
         self.prefix = f"revline-bench-{time.strftime('%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        # Where the next generated events begin: from now on (a run spans days), each
-        # generation after the last, and the end-to-end run after the ledger's journals.
+        # Where the next generated events begin (see continue_from).
         self.start = datetime.now(UTC).replace(microsecond=0)
         self.tmp = Path(tempfile.mkdtemp(prefix="revline-bench-"))
         self.admin = AdminClient({"bootstrap.servers": bootstrap})
@@ -625,6 +624,7 @@ class _Run:
         self.inputs: list[_Input] = []
         self._fresh: list[_Input] = []
         self._fresh_batches = 0
+        self.ledger_latest: datetime | None = None  # before the sink runs; for the report
         self.env = {k: v for k, v in os.environ.items() if k != "SCHEMA_REGISTRY_URL"}
         self.env["PYTHONUNBUFFERED"] = "1"
 
@@ -663,6 +663,7 @@ class _Run:
         for rec in workload.records[:n]:
             assert rec.event is not None
             env = rec.event["envelope"]
+            # The next set follows this one (a generated set spans days).
             self.start = max(self.start, env["occurred_at"] + timedelta(seconds=1))
             out.append(
                 _Input(
@@ -674,6 +675,14 @@ class _Run:
                 )
             )
         return out
+
+    def continue_from(self, moment: datetime) -> None:
+        """Generate events from ``moment`` on (if later): the ledger's time-ordered
+        journal ids then append, as a live stream's do (``LedgerExtent.next_start``).
+        Events generated earlier would not, so the cached paced ones are dropped."""
+        if moment > self.start:
+            self.start = moment
+            self._fresh = []
 
     def fresh_inputs(self, n: int) -> list[_Input]:
         """Events never seen by any contender (the pipeline would dedupe repeats)."""
@@ -1001,7 +1010,7 @@ class _Run:
 
     # -- sinks ---------------------------------------------------------------------
     def bench_sinks(self, options: SinkBenchOptions) -> SinkReport:
-        from sinks.ledger._bench import ledger_extent
+        from sinks.ledger._bench import LedgerExtent, ledger_extent
 
         url = options.ledger_url or f"sqlite:///{self.tmp / 'ledger.db'}"
         report = SinkReport(
@@ -1011,8 +1020,11 @@ class _Run:
             ledger=LedgerResult(batch_size=options.ledger_batch) if options.ledger else None,
             e2e=EndToEndResult() if options.e2e else None,
         )
-        if (extent := ledger_extent(url)) is not None:
+        extent = ledger_extent(url)
+        if extent is not None:
             report.journals_before = extent.journals
+        self.continue_from((extent or LedgerExtent(0, None)).next_start())
+        self.ledger_latest = extent.latest_occurred_at if extent is not None else None
         if report.ledger is not None:
             ledger = report.ledger
             _measure(ledger, lambda: self.bench_ledger(ledger, url, options))
@@ -1030,7 +1042,10 @@ class _Run:
             options.ledger_events,
             options.ledger_batch,
             progress=lambda done, total: self.step("ledger: posting batches", done, total),
+            events_from=self.start,
         )
+        # The end-to-end run's events follow these.
+        self.continue_from(datetime.fromisoformat(figures["events_until"]) + timedelta(seconds=1))
         result.events = int(figures["events"])
         result.journal_lines = int(figures["journal_lines"])
         result.seconds = float(figures["seconds"])
@@ -1049,17 +1064,18 @@ class _Run:
             result.notes.append(f"unexpected statuses: {others}")
         if figures["maintenance"] is not None:
             result.notes.append(f"PostgreSQL while posting: {figures['maintenance']}")
-        result.notes.append(
-            f"events occur from {figures['events_from']} on, after the ledger's latest "
-            "journal (as a live stream's): their time-ordered journal ids append"
-        )
+        events_from = f"{datetime.fromisoformat(figures['events_from']):%Y-%m-%d %H:%M} UTC"
+        if self.ledger_latest is None:
+            result.notes.append(f"events occur from {events_from} on (the ledger held no journals)")
+        else:
+            result.notes.append(
+                f"events occur from {events_from} on, after the ledger's latest journal "
+                f"({self.ledger_latest:%Y-%m-%d %H:%M} UTC), as a live stream's do"
+            )
 
     def bench_e2e(self, result: EndToEndResult, url: str, options: SinkBenchOptions) -> None:
         """Worker subprocess → validated topic → sink subprocess: burst, then paced."""
-        from sinks.ledger._bench import ledger_extent, maintenance, maintenance_since
-
-        if (extent := ledger_extent(url)) is not None:  # after the ledger phase's journals
-            self.start = max(self.start, extent.next_start())
+        from sinks.ledger._bench import maintenance, maintenance_since
 
         source = self.topic("e2e-in")
         env = self.worker_env("e2e", source)

@@ -83,7 +83,7 @@ def test_ledger_lines_measured(report: BenchReport) -> None:
     assert ledger.trial_balance_ok
     assert ledger.ok
     # The report says where the run's events sit on the ledger's timeline.
-    assert any("after the ledger's latest journal" in note for note in ledger.notes)
+    assert any("(the ledger held no journals)" in note for note in ledger.notes), ledger.notes
 
 
 @pytest.mark.kafka
@@ -135,3 +135,27 @@ def test_ledger_target_prefers_flag_then_postgres() -> None:
     # The state dir's own SQLite ledger would keep the benchmark's journals: never used.
     url, origin = ledger_target(None, "sqlite:////srv/.revline/ledger.db")
     assert url is None and "temporary SQLite" in origin
+
+
+def test_paced_events_follow_where_the_run_continues() -> None:
+    """Paced events cached before ``continue_from`` occurred too early: they are dropped."""
+    from datetime import UTC, datetime, timedelta
+
+    from revline.bench import _Input, _Run
+    from schemas import EventDeserializer
+
+    run = _Run.__new__(_Run)  # no broker: only the generator's timeline
+    run.start = datetime(2026, 1, 1, tzinfo=UTC)
+    run.prefix, run.seed, run.step = "revline-bench-test-abcdef", 1, lambda *_: None
+    run._fresh, run._fresh_batches = [], 0
+    decode = EventDeserializer().decode
+
+    def occurred(inputs: list[_Input]) -> list[datetime]:
+        return [decode(i.value)["envelope"]["occurred_at"] for i in inputs]
+
+    early = occurred(run.fresh_inputs(40))
+    later = max(early) + timedelta(days=30)
+    run.continue_from(later)
+    assert min(occurred(run.fresh_inputs(40))) >= later
+    run.continue_from(later - timedelta(days=60))  # never backwards
+    assert run.start >= later

@@ -135,8 +135,7 @@ def maintenance_since(url: str, before: Maintenance | None) -> str | None:
 
 
 def money_events(n_events: int, start: datetime, seed: int = 7) -> list[dict[str, Any]]:
-    """At least ``n_events`` validated money events occurring from ``start``, cut to
-    exactly that many."""
+    """Exactly ``n_events`` validated money events, occurring from ``start`` on."""
     run = f"b{uuid.uuid4().hex[:10]}"
     orders = max(10, n_events // 2)  # about 2.1 money events per generated order
     while True:
@@ -167,12 +166,15 @@ def bench_ledger(
     n_events: int,
     batch_size: int = BATCH,
     progress: Callable[[int, int], None] | None = None,
+    events_from: datetime | None = None,
 ) -> dict[str, Any]:
     """Post ``n_events`` money events in batches; report journal lines/s and batch latency.
 
     ``progress(posted, total)`` is called after each batch (``revline bench`` shows it).
+    The events occur from ``events_from`` on, by default ``LedgerExtent.next_start()``.
     """
-    events_from = (ledger_extent(url) or LedgerExtent(0, None)).next_start()
+    if events_from is None:
+        events_from = (ledger_extent(url) or LedgerExtent(0, None)).next_start()
     events = money_events(n_events, events_from)
     with SqlLedger(url) as ledger:
         before = _line_count(ledger)
@@ -207,7 +209,8 @@ def bench_ledger(
         "batch_max_ms": round(latencies[-1] * 1000, 1) if latencies else 0.0,
         "trial_balance_ok": balanced,
         "maintenance": pg_work,  # PostgreSQL's background work while posting
-        "events_from": f"{events_from:%Y-%m-%d %H:%M} UTC",  # after the ledger's journals
+        "events_from": events_from.isoformat(),
+        "events_until": max(e["envelope"]["occurred_at"] for e in events).isoformat(),
     }
 
 

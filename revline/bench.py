@@ -624,7 +624,6 @@ class _Run:
         self.inputs: list[_Input] = []
         self._fresh: list[_Input] = []
         self._fresh_batches = 0
-        self.ledger_latest: datetime | None = None  # before the sink runs; for the report
         self.env = {k: v for k, v in os.environ.items() if k != "SCHEMA_REGISTRY_URL"}
         self.env["PYTHONUNBUFFERED"] = "1"
 
@@ -678,7 +677,7 @@ class _Run:
 
     def continue_from(self, moment: datetime) -> None:
         """Generate events from ``moment`` on (if later): the ledger's time-ordered
-        journal ids then append, as a live stream's do (``LedgerExtent.next_start``).
+        journal ids then append, as a live stream's do (see ``next_start``).
         Events generated earlier would not, so the cached paced ones are dropped."""
         if moment > self.start:
             self.start = moment
@@ -1010,7 +1009,7 @@ class _Run:
 
     # -- sinks ---------------------------------------------------------------------
     def bench_sinks(self, options: SinkBenchOptions) -> SinkReport:
-        from sinks.ledger._bench import LedgerExtent, ledger_extent
+        from sinks.ledger._bench import ledger_extent, next_start
 
         url = options.ledger_url or f"sqlite:///{self.tmp / 'ledger.db'}"
         report = SinkReport(
@@ -1023,17 +1022,20 @@ class _Run:
         extent = ledger_extent(url)
         if extent is not None:
             report.journals_before = extent.journals
-        self.continue_from((extent or LedgerExtent(0, None)).next_start())
-        self.ledger_latest = extent.latest_occurred_at if extent is not None else None
+        self.continue_from(next_start(extent))
+        latest = extent.latest_occurred_at if extent is not None else None
         if report.ledger is not None:
             ledger = report.ledger
-            _measure(ledger, lambda: self.bench_ledger(ledger, url, options))
+            _measure(ledger, lambda: self.bench_ledger(ledger, url, options, latest))
         if report.e2e is not None:
             e2e = report.e2e
             _measure(e2e, lambda: self.bench_e2e(e2e, url, options))
         return report
 
-    def bench_ledger(self, result: LedgerResult, url: str, options: SinkBenchOptions) -> None:
+    def bench_ledger(
+        self, result: LedgerResult, url: str, options: SinkBenchOptions, latest: datetime | None
+    ) -> None:
+        """``latest``: when the ledger's latest journal occurred (None: it held none)."""
         from sinks.ledger._bench import bench_ledger
 
         self.step("ledger: generating money events", 0, None)
@@ -1045,7 +1047,7 @@ class _Run:
             events_from=self.start,
         )
         # The end-to-end run's events follow these.
-        self.continue_from(datetime.fromisoformat(figures["events_until"]) + timedelta(seconds=1))
+        self.continue_from(figures["events_until"] + timedelta(seconds=1))
         result.events = int(figures["events"])
         result.journal_lines = int(figures["journal_lines"])
         result.seconds = float(figures["seconds"])
@@ -1064,13 +1066,13 @@ class _Run:
             result.notes.append(f"unexpected statuses: {others}")
         if figures["maintenance"] is not None:
             result.notes.append(f"PostgreSQL while posting: {figures['maintenance']}")
-        events_from = f"{datetime.fromisoformat(figures['events_from']):%Y-%m-%d %H:%M} UTC"
-        if self.ledger_latest is None:
+        events_from = f"{figures['events_from']:%Y-%m-%d %H:%M} UTC"
+        if latest is None:
             result.notes.append(f"events occur from {events_from} on (the ledger held no journals)")
         else:
             result.notes.append(
                 f"events occur from {events_from} on, after the ledger's latest journal "
-                f"({self.ledger_latest:%Y-%m-%d %H:%M} UTC), as a live stream's do"
+                f"({latest:%Y-%m-%d %H:%M} UTC), as a live stream's do"
             )
 
     def bench_e2e(self, result: EndToEndResult, url: str, options: SinkBenchOptions) -> None:

@@ -35,19 +35,20 @@ class LedgerExtent:
     journals: int
     latest_occurred_at: datetime | None
 
-    def next_start(self) -> datetime:
-        """When a run's events should start: now, or just after the latest journal.
 
-        A live stream's events are newer than what its ledger holds, so their
-        time-ordered journal ids append at the right edge of the id indexes. A run
-        whose events began before journals already there would slot its ids between
-        theirs (earlier runs made within days overlap: a run spans days), and every
-        insert would land on a different index page, a full-page WAL image each.
-        """
-        now = datetime.now(UTC).replace(microsecond=0)
-        if self.latest_occurred_at is None:
-            return now
-        return max(now, self.latest_occurred_at.replace(microsecond=0) + timedelta(seconds=1))
+def next_start(extent: LedgerExtent | None) -> datetime:
+    """When a run's events should start: now, or just after the ledger's latest journal.
+
+    A live stream's events are newer than what its ledger holds, so their
+    time-ordered journal ids append at the right edge of the id indexes. A run
+    whose events began before journals already there would slot its ids between
+    theirs (earlier runs made within days overlap: a run spans days), and every
+    insert would land on a different index page, a full-page WAL image each.
+    """
+    now = datetime.now(UTC).replace(microsecond=0)
+    if extent is None or extent.latest_occurred_at is None:
+        return now
+    return max(now, extent.latest_occurred_at.replace(microsecond=0) + timedelta(seconds=1))
 
 
 def ledger_extent(url: str) -> LedgerExtent | None:
@@ -171,10 +172,10 @@ def bench_ledger(
     """Post ``n_events`` money events in batches; report journal lines/s and batch latency.
 
     ``progress(posted, total)`` is called after each batch (``revline bench`` shows it).
-    The events occur from ``events_from`` on, by default ``LedgerExtent.next_start()``.
+    The events occur from ``events_from`` on, by default ``next_start`` of the ledger.
     """
     if events_from is None:
-        events_from = (ledger_extent(url) or LedgerExtent(0, None)).next_start()
+        events_from = next_start(ledger_extent(url))
     events = money_events(n_events, events_from)
     with SqlLedger(url) as ledger:
         before = _line_count(ledger)
@@ -209,8 +210,8 @@ def bench_ledger(
         "batch_max_ms": round(latencies[-1] * 1000, 1) if latencies else 0.0,
         "trial_balance_ok": balanced,
         "maintenance": pg_work,  # PostgreSQL's background work while posting
-        "events_from": events_from.isoformat(),
-        "events_until": max(e["envelope"]["occurred_at"] for e in events).isoformat(),
+        "events_from": events_from,
+        "events_until": max(e["envelope"]["occurred_at"] for e in events),
     }
 
 
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m sinks.ledger._bench URL [N_EVENTS]", file=sys.stderr)
         return 2
     n_events = int(args[1]) if len(args) == 2 else 20_000
-    print(json.dumps(bench_ledger(args[0], n_events), indent=1))
+    print(json.dumps(bench_ledger(args[0], n_events), indent=1, default=str))
     return 0
 
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from processors.currencies import ISO_4217
-from processors.order_state import OrderState
+from processors.lifecycle import latest_amendment, refusal, stage_of
+from processors.order_state import OrderState, provides
 from processors.reference import ReferenceData, Rules
 
 Event = Mapping[str, Any]
@@ -35,6 +36,7 @@ Check = Callable[[Event, OrderState, CheckContext], Iterable[Finding]]
 
 _LINES = ("order_booked", "order_amended", "invoice_issued")
 _MONEY = ("order_booked", "order_amended", "invoice_issued", "payment_captured", "refund_issued")
+MAX_MINOR = 2**63 - 1  # what the ledger's BIGINT columns hold
 
 
 def _line_amount(line: Mapping[str, Any]) -> int:
@@ -65,7 +67,7 @@ def completeness(event: Event, state: OrderState, ctx: CheckContext) -> Iterable
                 )
             if ln["quantity"] <= 0 or ln["unit_price_minor"] < 0 or not (
                 0 <= ln["discount_minor"] <= ln["quantity"] * ln["unit_price_minor"]
-            ):
+            ) or _line_amount(ln) > MAX_MINOR:
                 yield Finding(
                     "completeness.amounts",
                     f"line {ln['line_id']}: quantity {ln['quantity']}, unit price "
@@ -84,8 +86,9 @@ def completeness(event: Event, state: OrderState, ctx: CheckContext) -> Iterable
                 "completeness.amounts",
                 f"total {event['total_minor']} != lines {subtotal} + tax {event['tax_minor']}",
             )
-    elif kind in ("payment_captured", "refund_issued") and event["amount_minor"] < 0:
-        yield Finding("completeness.amounts", f"amount {event['amount_minor']} is negative")
+    elif kind in ("payment_captured", "refund_issued") and event["amount_minor"] <= 0:
+        # A capture or refund of nothing moves no money; both ERPs refuse it.
+        yield Finding("completeness.amounts", f"amount {event['amount_minor']} is not positive")
     elif kind == "fulfilment_confirmed":
         if not event["shipments"]:
             yield Finding("completeness.lines", "fulfilment has no shipped lines")
@@ -110,8 +113,26 @@ def completeness(event: Event, state: OrderState, ctx: CheckContext) -> Iterable
             )
 
 
+# Checks no person can waive: they guard what the ledger and the ERP hold (amounts that
+# add up, one currency, where the order stands). Waiving one would post money the ERP
+# refuses or the books cannot hold. Reference data (an unknown SKU the ERP knows),
+# policy and attribution remain a person's call.
+NOT_WAIVABLE_PREFIXES = ("lifecycle.", "reconciliation.", "dedup.", "dependency.", "hold.")
+NOT_WAIVABLE = frozenset({"completeness.amounts", "completeness.currency", "completeness.lines"})
+
+
+def waivable(check_id: str) -> bool:
+    return check_id not in NOT_WAIVABLE and not check_id.startswith(NOT_WAIVABLE_PREFIXES)
+
+
 def override_validity(event: Event, ctx: CheckContext) -> Iterable[Finding]:
     """An override must say why and must not be expired on arrival; else finance looks."""
+    if not waivable(event["check_id"]):
+        yield Finding(
+            "override.not_waivable",
+            f"override {event['override_id']} by {event['actor']!r} waives "
+            f"{event['check_id']}, which guards the money itself; it is not applied",
+        )
     if not event["reason_code"].strip():
         yield Finding(
             "override.reason_missing",
@@ -125,6 +146,45 @@ def override_validity(event: Event, ctx: CheckContext) -> Iterable[Finding]:
             f"override {event['override_id']} by {event['actor']!r} expired at "
             f"{event['expires_at'].isoformat()} before it arrived; it is not applied",
         )
+
+
+# -- lifecycle ---------------------------------------------------------------------------
+_REUSABLE_PREFIXES = ("booked", "cancelled")  # their refusals are the lifecycle table's
+
+
+def lifecycle(event: Event, state: OrderState, ctx: CheckContext) -> Iterable[Finding]:
+    """Is the event acceptable where the order stands (processors.lifecycle)?"""
+    env = event["envelope"]
+    kind = env["event_type"]
+    d = state.data
+    stage = stage_of(d)
+    refused = refusal(stage, kind)
+    if refused is not None:
+        check_id, why = refused
+        yield Finding(check_id, f"{kind} refused: {why} (order stage {stage})")
+        return
+    token = provides(event)
+    if token is not None and not token.startswith(_REUSABLE_PREFIXES) and state.token(token):
+        # The same reference accepted earlier under another idempotency key: a second
+        # invoice INV-1 (or payment, refund, amendment number...) would collide in the ERP.
+        yield Finding(
+            "lifecycle.reused_reference",
+            f"{token} was already accepted for this order under another idempotency key",
+        )
+        return
+    if kind == "invoice_issued":
+        latest = latest_amendment(d)
+        billed = env.get("amendment_number")
+        if billed != latest:
+            yield Finding(
+                "lifecycle.stale_version",
+                f"invoice bills {_version_label(billed)} but the order is at "
+                f"{_version_label(latest)}",
+            )
+
+
+def _version_label(amendment: int | None) -> str:
+    return f"amendment {amendment}" if amendment else "the booking"
 
 
 # -- policy ------------------------------------------------------------------------------
@@ -198,8 +258,6 @@ def reconciliation(event: Event, state: OrderState, ctx: CheckContext) -> Iterab
             )
     elif kind == "invoice_issued":
         version = state.version(env.get("amendment_number"))
-        if d["cancelled"]:
-            yield Finding("reconciliation.after_cancellation", "invoice for a cancelled order")
         if version is None:
             return
         if event["currency"] != version["currency"]:
@@ -208,14 +266,14 @@ def reconciliation(event: Event, state: OrderState, ctx: CheckContext) -> Iterab
                 f"invoice in {event['currency']} but the order is in {version['currency']}",
             )
             return
+        # Partial invoices (deposit and balance, per shipment) are fine; together they
+        # may not bill more than the order as amended.
         remaining = version["total"] - d["invoiced"]
-        if event["total_minor"] != remaining:
-            label = f"amendment {env['amendment_number']}" if env.get("amendment_number") else (
-                "booking"
-            )
+        if event["total_minor"] > remaining:
+            label = _version_label(env.get("amendment_number"))
             yield Finding(
                 "reconciliation.invoice_total",
-                f"invoice total {event['total_minor']} != order total {version['total']} "
+                f"invoice total {event['total_minor']} exceeds order total {version['total']} "
                 f"(as of {label}) less {d['invoiced']} already invoiced",
             )
     elif kind == "payment_captured":
@@ -260,6 +318,11 @@ def run_checks(event: Event, state: OrderState, ctx: CheckContext,
     findings = list(completeness(event, state, ctx))
     if findings and (not waived or any(f.check_id not in waived for f in findings)):
         return findings
+    # An event the order's stage does not accept is refused for that alone: what its
+    # amounts would have done is noise (and no override can waive where an order stands).
+    refused = list(lifecycle(event, state, ctx))
+    if refused:
+        return findings + refused
     for check in LATER_STAGES:
         findings.extend(check(event, state, ctx))
     return findings

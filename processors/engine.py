@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from processors.checks import CheckContext, Finding, primary, run_checks
+from processors.checks import CheckContext, Finding, primary, run_checks, waivable
 from processors.order_state import OrderState, depends_on, provides
 from processors.reference import ReferenceData, Rules
 from schemas import DecodeError, EventDeserializer, structural_error
@@ -228,6 +228,8 @@ class Engine:
         # redelivery after a crash must be decided exactly as before.
         record_ms = record.timestamp_ms if record.timestamp_ms > 0 else now_ms
         overrides = state.overrides_for(event["envelope"]["idempotency_key"], record_ms)
+        if overrides:  # state written before a check became non-waivable may still name it
+            overrides = {c: o for c, o in overrides.items() if waivable(c)} or None
         used: list[str] = []
         blocked = state.failed(depends_on(event))
         if blocked:
@@ -255,7 +257,11 @@ class Engine:
         if blocking:
             decision = self._exception(record, event, findings, now_ms, held=held,
                                        released_by=released_by)
-            state.settle(provides(event), ok=False)
+            # A refused second copy of a reference (another invoice INV-1, a second
+            # booking) must not undo the accepted first one its dependents rely on.
+            token = provides(event)
+            if token is not None and not state.token(token):
+                state.settle(token, ok=False)
         else:
             warnings = tuple(f.check_id for f in findings)
             reason = ""
@@ -329,7 +335,9 @@ class Engine:
                 "hold.timeout",
                 f"waited {waited:.0f}s for {', '.join(entry['waiting_for'])}, which never arrived",
             )], now_ms, held=True, released_by="timeout")
-            state.settle(provides(event), ok=False)
+            token = provides(event)
+            if token is not None and not state.token(token):
+                state.settle(token, ok=False)
             memo = state.seen(entry["key"])
             assert memo is not None
             memo.update(k=EXCEPTION, chk="hold.timeout", w=[], rb="timeout")

@@ -7,6 +7,7 @@ are rejected by the publisher and dead-lettered by the pipeline.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +21,66 @@ REQUIRED_REFS: dict[str, tuple[str, ...]] = {
     "refund_issued": ("payment_id",),
 }
 _NON_EMPTY = ("event_id", "idempotency_key", "order_id")
+
+# Identifiers (docs/lifecycle.md, "Identifiers"): any Unicode except control characters,
+# at most MAX_ID_LENGTH. The adapters store every other character as it is.
+MAX_ID_LENGTH = 512
+_ENVELOPE_IDS = ("event_id", "idempotency_key", "order_id", "source_system",
+                 "source_record_id", "invoice_id", "payment_id")
+_EVENT_IDS = ("refund_id", "approval_id", "fulfilment_id", "override_id", "customer_id",
+              "target_idempotency_key")
+_LINE_IDS = ("line_id", "sku", "approval_id", "campaign_id", "channel_id")
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def _id_problem(value: str) -> str | None:
+    if len(value) > MAX_ID_LENGTH:
+        return f"is {len(value)} characters long (at most {MAX_ID_LENGTH})"
+    found = _CONTROL.search(value)
+    if found:
+        return f"holds the control character U+{ord(found.group()):04X}"
+    return None
+
+
+def _text_problem(event: Mapping[str, Any], path: str = "") -> str | None:
+    """The first string anywhere in the event holding NUL (no database text column can)."""
+    for name, value in event.items():
+        if isinstance(value, str):
+            if "\x00" in value:
+                return f"{path}{name} holds the NUL character"
+        elif isinstance(value, Mapping):
+            found = _text_problem(value, f"{path}{name}.")
+            if found:
+                return found
+        elif isinstance(value, list):
+            for n, item in enumerate(value):
+                if isinstance(item, Mapping):
+                    found = _text_problem(item, f"{path}{name}[{n}].")
+                    if found:
+                        return found
+    return None
+
+
+def id_error(event: Mapping[str, Any]) -> str | None:
+    """The first identifier that breaks the wire contract's id rule, or None."""
+    envelope = event["envelope"]
+    for name in _ENVELOPE_IDS:
+        value = envelope.get(name)
+        if isinstance(value, str) and (problem := _id_problem(value)):
+            return f"envelope.{name} {problem}"
+    for name in _EVENT_IDS:
+        value = event.get(name)
+        if isinstance(value, str) and (problem := _id_problem(value)):
+            return f"{name} {problem}"
+    for group in ("lines", "shipments"):
+        for n, line in enumerate(event.get(group) or ()):
+            for name in _LINE_IDS:
+                value = line.get(name)
+                if isinstance(value, str) and (problem := _id_problem(value)):
+                    return f"{group}[{n}].{name} {problem}"
+    return _text_problem(event)
 
 
 def structural_error(event: Mapping[str, Any]) -> str | None:
@@ -40,4 +101,4 @@ def structural_error(event: Mapping[str, Any]) -> str | None:
         for name in ("reason_code", "actor", "check_id", "target_idempotency_key"):
             if not event.get(name):
                 return f"manual_override requires {name}"
-    return None
+    return id_error(event)

@@ -37,6 +37,8 @@ class EffectResult:
     status: str  # "applied" | "already_applied" | "not_applicable"
     external_refs: Mapping[str, str] = field(default_factory=dict)  # step -> external id
     detail: str = ""
+    # The effect's identity is (order_id, idempotency_key): two orders may share a key.
+    order_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class ErpDocument:
     amount_minor: int
     state: str  # the ERP's state (draft, quotation, processing, posted, paid, cancelled...)
     day: date | None  # the document's accounting day
+    order_id: str = ""  # the order the marked effect belongs to (with idempotency_key)
 
 
 class TransientSinkError(InfrastructureError):
@@ -100,8 +103,8 @@ class ErpAdapter(Protocol):
         """Apply one event; idempotent via the idempotency key stored on the ERP document."""
         ...
 
-    def lookup(self, idempotency_key: str) -> dict[str, str]:
-        """step -> external id already in the ERP for this key (empty if none)."""
+    def lookup(self, order_id: str, idempotency_key: str) -> dict[str, str]:
+        """step -> external id already in the ERP for this effect (empty if none)."""
         ...
 
 

@@ -7,6 +7,7 @@ so everything that decides *what* to write lives here and only *how* differs.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -53,28 +54,45 @@ _NON_TWO_DIGITS = {
 # Price precision of a sale line in major units (Tryton's default price_decimal).
 PRICE_DECIMALS = 4
 
+# A key is stored percent-escaped (``%``, ``[`` and ``]`` only), so a marker never holds
+# a bracket of its own; a key without those characters is written as it always was, and
+# markers written before the escaping read back unchanged.
 _MARKER = re.compile(r"\[revline step=(?P<step>[a-z_]+) key=(?P<key>[^\]\n]+)\]")
+_ESCAPE = {"%": "%25", "[": "%5B", "]": "%5D"}
+_UNESCAPE = re.compile(r"%(25|5B|5D)")
 
 
 def currency_digits(code: str) -> int:
     return _NON_TWO_DIGITS.get(code, 2)
 
 
+def escape_key(key: str) -> str:
+    """The key as a marker holds it: ``%``, ``[`` and ``]`` percent-encoded."""
+    return "".join(_ESCAPE.get(ch, ch) for ch in key)
+
+
+def unescape_key(stored: str) -> str:
+    return _UNESCAPE.sub(lambda mt: chr(int(mt[1], 16)), stored)
+
+
 def marker(step: str, key: str) -> str:
     """The text stored on an ERP document so a search for the key finds it."""
-    if "]" in key or "\n" in key:
+    if not key or any(unicodedata.category(ch) == "Cc" for ch in key):
+        # The contract's identifiers hold no control characters (QA refuses them at
+        # the structure stage); a marker cannot carry one across a line break.
         raise PermanentSinkError(f"idempotency key {key!r} cannot be stored in the ERP")
-    return f"[revline step={step} key={key}]"
+    return f"[revline step={step} key={escape_key(key)}]"
 
 
 def markers(text: str | None) -> list[tuple[str, str]]:
     """(step, key) of every marker in a document's text field."""
-    return [(m["step"], m["key"]) for m in _MARKER.finditer(text or "")]
+    return [(mt["step"], unescape_key(mt["key"])) for mt in _MARKER.finditer(text or "")]
 
 
 def like_pattern(key: str) -> str:
     """A LIKE pattern (escape ``\\``) matching any marker of exactly this key."""
-    escaped = key.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    stored = escape_key(key)
+    escaped = stored.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     # The closing bracket stops "SO-1:amend:1" from matching "SO-1:amend:10".
     return f"%key={escaped}]%"
 
@@ -152,15 +170,6 @@ def price_lines(lines: Sequence[Mapping[str, Any]], digits: int) -> list[PricedL
     return priced
 
 
-def summarize(lines: Sequence[PricedLine]) -> dict[str, tuple[int, int]]:
-    """sku -> (quantity, amount_minor): what an invoice must agree with its sale on."""
-    out: dict[str, tuple[int, int]] = {}
-    for ln in lines:
-        qty, amount = out.get(ln.sku, (0, 0))
-        out[ln.sku] = (qty + ln.quantity, amount + ln.amount_minor)
-    return out
-
-
 def event_day(value: Any) -> date:
     """The accounting date of a timestamp (UTC calendar day)."""
     if isinstance(value, datetime):
@@ -177,9 +186,12 @@ def envelope(event: Event) -> Mapping[str, Any]:
     return env
 
 
-def result(key: str, applied: bool, refs: Mapping[str, str], detail: str = "") -> EffectResult:
+def result(
+    order_id: str, key: str, applied: bool, refs: Mapping[str, str], detail: str = ""
+) -> EffectResult:
     return EffectResult(
         adapter=ADAPTER,
+        order_id=order_id,
         idempotency_key=key,
         status="applied" if applied else "already_applied",
         external_refs=dict(refs),
@@ -187,9 +199,10 @@ def result(key: str, applied: bool, refs: Mapping[str, str], detail: str = "") -
     )
 
 
-def not_applicable(key: str, event_type: str) -> EffectResult:
+def not_applicable(order_id: str, key: str, event_type: str) -> EffectResult:
     return EffectResult(
         adapter=ADAPTER,
+        order_id=order_id,
         idempotency_key=key,
         status="not_applicable",
         detail=f"{event_type} has no ERP document",
@@ -233,11 +246,12 @@ def dispatch(
     """Apply ``event`` with the adapter's handler, turning a failure after a finished step
     into a ``PartialWriteError`` that names what is already done."""
     env = envelope(event)
+    order_id = str(env["order_id"])
     key = str(env["idempotency_key"])
     etype = str(env["event_type"])
     name = HANDLERS.get(etype)
     if name is None:
-        return not_applicable(key, etype)
+        return not_applicable(order_id, key, etype)
     handler = getattr(adapter, name)
     progress = Progress()
     try:
@@ -248,4 +262,4 @@ def dispatch(
         if progress.done:
             raise partial(progress.done, exc, etype) from exc
         raise
-    return result(key, progress.wrote, progress.refs)
+    return result(order_id, key, progress.wrote, progress.refs)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import Any
 
 from sinks._protocols import (
@@ -167,18 +166,26 @@ class InMemoryErp:
             raise TransientSinkError("in-memory ERP is unavailable (simulated outage)")
 
     # -- lookup ----------------------------------------------------------------------------
+    @staticmethod
+    def _order_of(doc: Mapping[str, Any]) -> str | None:
+        """The order a document belongs to (every sale, invoice, credit note and move has one)."""
+        order = doc.get("order")
+        return None if order is None else str(order)
+
     def _marked(
-        self, docs: Mapping[int, Mapping[str, Any]], field_: str, key: str
+        self, docs: Mapping[int, Mapping[str, Any]], field_: str, order_id: str, key: str
     ) -> list[tuple[str, int]]:
+        """(step, id) of the order's documents carrying a marker of ``key``, in id order."""
         ids = docs.marked(key) if isinstance(docs, _Docs) else sorted(docs)
         return [
             (step, doc_id)
             for doc_id in ids
+            if self._order_of(docs[doc_id]) == order_id
             for step, k in m.markers(docs[doc_id].get(field_))
             if k == key
         ]
 
-    def lookup(self, idempotency_key: str) -> dict[str, str]:
+    def lookup(self, order_id: str, idempotency_key: str) -> dict[str, str]:
         with self.store.lock:
             self._reach()
             refs: dict[str, str] = {}
@@ -187,7 +194,7 @@ class InMemoryErp:
                 (self.store.invoices, "comment"),
                 (self.store.moves, "description"),
             ):
-                for step, doc_id in self._marked(docs, field_, idempotency_key):
+                for step, doc_id in self._marked(docs, field_, order_id, idempotency_key):
                     # Completed steps only, as TrytonErp: a marked draft is a step under way.
                     if docs[doc_id].get("state") != "draft":
                         refs.setdefault(step, str(doc_id))
@@ -202,17 +209,19 @@ class InMemoryErp:
                 amount = sum(ln.amount_minor for ln in sale["lines"])
                 for step, key in m.markers(sale.get("comment")):
                     out.append(ErpDocument(key, step, str(sale_id), sale["currency"], amount,
-                                           sale["state"], sale.get("sale_date")))
+                                           sale["state"], sale.get("sale_date"),
+                                           order_id=str(sale["reference"])))
             for inv_id, inv in sorted(self.store.invoices.items()):
                 for step, key in m.markers(inv.get("comment")):
                     out.append(ErpDocument(key, step, str(inv_id), inv["currency"],
                                            inv["total_minor"], inv["state"],
-                                           inv.get("invoice_date")))
+                                           inv.get("invoice_date"), order_id=str(inv["order"])))
             for move_id, move in sorted(self.store.moves.items()):
                 currency = self.store.invoices[move["invoice"]]["currency"]
                 for step, key in m.markers(move.get("description")):
                     out.append(ErpDocument(key, step, str(move_id), currency,
-                                           move["amount_minor"], "posted", move.get("date")))
+                                           move["amount_minor"], "posted", move.get("date"),
+                                           order_id=str(move["order"])))
             return out
 
     # -- apply -----------------------------------------------------------------------------
@@ -262,7 +271,9 @@ class InMemoryErp:
     # -- events ----------------------------------------------------------------------------
     def _book(self, event: Event, env: Mapping[str, Any], key: str, p: m.Progress) -> None:
         order_id = str(env["order_id"])
-        marked = [i for s, i in self._marked(self.store.sales, "comment", key) if s == m.SALE]
+        marked = [
+            i for s, i in self._marked(self.store.sales, "comment", order_id, key) if s == m.SALE
+        ]
         if marked:
             sale = self.store.sales[marked[0]]
             p.ref(m.PARTY, sale["party"])
@@ -286,6 +297,7 @@ class InMemoryErp:
         sale_id = self.store.new_id()
         self.store.sales[sale_id] = {
             "reference": order_id,
+            "order": order_id,
             "party": party,
             "currency": currency,
             "state": "quotation",
@@ -319,16 +331,19 @@ class InMemoryErp:
         p.complete(m.SALE, sale_id)
 
     def _cancel(self, event: Event, env: Mapping[str, Any], key: str, p: m.Progress) -> None:
-        sale_id, sale = self._require_sale(str(env["order_id"]), "order_cancelled")
+        order_id = str(env["order_id"])
+        sale_id, sale = self._require_sale(order_id, "order_cancelled")
         p.ref(m.PARTY, sale["party"])
         if sale["state"] in ("draft", "quotation"):
             self._write(m.SALE)
             sale["state"] = "cancelled"
             p.wrote = True
         elif sale["state"] != "cancelled":
+            # One credit note per invoice of the order (a deposit and a balance: two).
             for inv_id in list(sale["invoices"]):
-                credit = self._credit_invoice(inv_id, key, env, p)
-                if credit is not None:
+                credit = self._credit_invoice(inv_id, order_id, key, env, p)
+                # The refs name the first credit note (as lookup does: lowest id first).
+                if credit is not None and m.CREDIT_NOTE not in p.done:
                     p.complete(m.CREDIT_NOTE, credit)
         if (m.SALE, key) not in m.markers(sale["comment"]):
             self._write(m.SALE)
@@ -337,12 +352,12 @@ class InMemoryErp:
         p.complete(m.SALE, sale_id)
 
     def _credit_invoice(
-        self, inv_id: int, key: str, env: Mapping[str, Any], p: m.Progress
+        self, inv_id: int, order_id: str, key: str, env: Mapping[str, Any], p: m.Progress
     ) -> int | None:
         invoice = self.store.invoices[inv_id]
         mine = [
             i
-            for s, i in self._marked(self.store.invoices, "comment", key)
+            for s, i in self._marked(self.store.invoices, "comment", order_id, key)
             if s == m.CREDIT_NOTE and self.store.invoices[i].get("credit_of") == inv_id
         ]
         if mine:
@@ -376,49 +391,44 @@ class InMemoryErp:
         return credit_id
 
     def _invoice(self, event: Event, env: Mapping[str, Any], key: str, p: m.Progress) -> None:
+        """One ERP invoice per invoice_issued, with the event's own lines, tax and total
+        (a deposit and its balance, or one invoice per shipment, are separate invoices).
+
+        Step "sale": the first invoice confirms the sale (processing: no more amendments).
+        Step "invoice": a draft invoice carrying the marker, then posted. A failure of the
+        invoice step (``fail_next("invoice")``) fires at posting and leaves the marked
+        draft behind, as a Tryton refusing to post does; the retry posts that draft.
+        """
         order_id = str(env["order_id"])
         invoice_ref = str(env.get("invoice_id") or key)
         sale_id, sale = self._require_sale(order_id, "invoice_issued")
         p.ref(m.PARTY, sale["party"])
         currency = str(event["currency"])
         self._check_currency(sale, currency, f"sale {sale_id}")
-        marked = [i for s, i in self._marked(self.store.invoices, "comment", key) if s == m.INVOICE]
+        marked = [
+            i
+            for s, i in self._marked(self.store.invoices, "comment", order_id, key)
+            if s == m.INVOICE
+        ]
+        priced: list[m.PricedLine] = []
         if not marked:
             priced = self._priced(event["lines"], currency)
-            if sum(ln.amount_minor for ln in priced) != int(event["subtotal_minor"]):
+            untaxed = sum(ln.amount_minor for ln in priced)
+            if untaxed != int(event["subtotal_minor"]):
                 raise PermanentSinkError(
-                    f"invoice {invoice_ref}: lines sum to {sum(ln.amount_minor for ln in priced)} "
+                    f"invoice {invoice_ref}: lines sum to {untaxed} "
                     f"but subtotal_minor is {event['subtotal_minor']}"
                 )
-            have = m.summarize(sale["lines"])
-            if have != m.summarize(priced):
+            if self._invoice_of(order_id, invoice_ref) is not None:
                 raise PermanentSinkError(
-                    f"invoice {invoice_ref} bills {m.summarize(priced)} (sku: qty, minor) but sale "
-                    f"{sale_id} holds {have}: the ERP invoices what the sale holds"
+                    f"order {order_id} already has an invoice {invoice_ref} in the ERP, "
+                    "issued under another key"
                 )
         if sale["state"] == "cancelled":
             raise PermanentSinkError(f"sale {sale_id} for order {order_id} is cancelled")
         if sale["state"] in ("draft", "quotation"):
             self._write(m.SALE)
-            sale["state"] = "processing"
-            draft_id = self.store.new_id()
-            untaxed = sum(ln.amount_minor for ln in sale["lines"])
-            # Processing the confirmed sale drafts its invoice, as Tryton does.
-            self.store.invoices[draft_id] = {
-                "reference": None,
-                "party": sale["party"],
-                "currency": sale["currency"],
-                "sale": sale_id,
-                "state": "draft",
-                "lines": list(sale["lines"]),
-                "untaxed_minor": untaxed,
-                "tax_minor": 0,
-                "total_minor": untaxed,
-                "amount_to_pay_minor": untaxed,
-                "comment": None,
-                "invoice_date": None,
-            }
-            sale["invoices"].append(draft_id)
+            sale["state"] = "processing"  # confirmed: its lines no longer change
             p.wrote = True
         if (m.SALE, key) not in m.markers(sale["comment"]):
             self._write(m.SALE)
@@ -429,29 +439,26 @@ class InMemoryErp:
         if marked:
             inv_id = marked[0]
         else:
-            drafts = [
-                i
-                for i in sale["invoices"]
-                if self.store.invoices[i]["state"] == "draft"
-                and not self.store.invoices[i]["reference"]
-            ]
-            if not drafts:
-                raise PermanentSinkError(
-                    f"sale {sale_id} has no draft invoice left for {invoice_ref} "
-                    "(already invoiced under another key?)"
-                )
-            inv_id = drafts[0]
-            self._write(m.INVOICE)
+            self._reach()
+            inv_id = self.store.new_id()
+            untaxed = sum(ln.amount_minor for ln in priced)
             tax = int(event.get("tax_minor") or 0)
-            inv = self.store.invoices[inv_id]
-            inv.update(
-                reference=invoice_ref,
-                comment=m.marker(m.INVOICE, key),
-                invoice_date=m.event_day(env["occurred_at"]),
-                tax_minor=tax,
-                total_minor=inv["untaxed_minor"] + tax,
-                amount_to_pay_minor=inv["untaxed_minor"] + tax,
-            )
+            self.store.invoices[inv_id] = {
+                "reference": invoice_ref,
+                "order": order_id,
+                "party": sale["party"],
+                "currency": currency,
+                "sale": sale_id,
+                "state": "draft",
+                "lines": priced,
+                "untaxed_minor": untaxed,
+                "tax_minor": tax,
+                "total_minor": untaxed + tax,
+                "amount_to_pay_minor": untaxed + tax,
+                "comment": m.marker(m.INVOICE, key),
+                "invoice_date": m.event_day(env["occurred_at"]),
+            }
+            sale["invoices"].append(inv_id)
             p.wrote = True
         inv = self.store.invoices[inv_id]
         p.ref(m.INVOICE, inv_id)
@@ -468,8 +475,22 @@ class InMemoryErp:
             raise PermanentSinkError(f"invoice {inv_id} for {invoice_ref} is cancelled in the ERP")
         p.complete(m.INVOICE, inv_id)
 
-    def _move(self, key: str, step: str) -> int | None:
-        moves = [i for s, i in self._marked(self.store.moves, "description", key) if s == step]
+    def _invoice_of(self, order_id: str, invoice_ref: str) -> int | None:
+        """The order's invoice (not a credit note) whose reference is ``invoice_ref``."""
+        found = [
+            i
+            for i, inv in self.store.invoices.referenced(invoice_ref)
+            if inv.get("order") == order_id
+            and any(step == m.INVOICE for step, _ in m.markers(inv["comment"]))
+        ]
+        return found[0] if found else None
+
+    def _move(self, order_id: str, key: str, step: str) -> int | None:
+        moves = [
+            i
+            for s, i in self._marked(self.store.moves, "description", order_id, key)
+            if s == step
+        ]
         return moves[0] if moves else None
 
     def _pay(self, inv_id: int, amount_minor: int, description: str, env: Mapping[str, Any]) -> int:
@@ -477,6 +498,7 @@ class InMemoryErp:
         move_id = self.store.new_id()
         self.store.moves[move_id] = {
             "invoice": inv_id,
+            "order": inv["order"],
             "amount_minor": amount_minor,
             "description": description,
             "date": m.event_day(env["occurred_at"]),
@@ -487,20 +509,17 @@ class InMemoryErp:
         return move_id
 
     def _payment(self, event: Event, env: Mapping[str, Any], key: str, p: m.Progress) -> None:
+        order_id = str(env["order_id"])
         invoice_ref = str(env.get("invoice_id") or "")
-        found = [
-            i
-            for i, inv in self.store.invoices.referenced(invoice_ref)
-            if any(step == m.INVOICE for step, _ in m.markers(inv["comment"]))
-        ]
-        if not found:
+        inv_id = self._invoice_of(order_id, invoice_ref)
+        if inv_id is None:
             raise PermanentSinkError(
-                f"payment {env.get('payment_id')}: the ERP has no invoice {invoice_ref}"
+                f"payment {env.get('payment_id')}: the ERP has no invoice {invoice_ref} "
+                f"for order {order_id}"
             )
-        inv_id = found[0]
         inv = self.store.invoices[inv_id]
         p.ref(m.INVOICE, inv_id)
-        move = self._move(key, m.PAYMENT)
+        move = self._move(order_id, key, m.PAYMENT)
         if move is None:
             self._check_currency(inv, str(event["currency"]), f"invoice {inv_id}")
             amount = int(event["amount_minor"])
@@ -529,21 +548,25 @@ class InMemoryErp:
         if amount <= 0:
             raise PermanentSinkError(f"refund {refund_ref}: amount {amount} is not positive")
         marked = [
-            i for s, i in self._marked(self.store.invoices, "comment", key) if s == m.CREDIT_NOTE
+            i
+            for s, i in self._marked(self.store.invoices, "comment", order_id, key)
+            if s == m.CREDIT_NOTE
         ]
         if marked:
             credit_id = marked[0]
         else:
-            _sale_id, sale = self._require_sale(order_id, "refund_issued")
+            sale_id, sale = self._require_sale(order_id, "refund_issued")
+            unit = m.to_major(amount, m.currency_digits(currency))
             self._write(m.CREDIT_NOTE)
             credit_id = self.store.new_id()
             self.store.invoices[credit_id] = {
                 "reference": refund_ref,
+                "order": order_id,
                 "party": sale["party"],
                 "currency": currency,
-                "sale": None,
+                "sale": sale_id,
                 "state": "posted",
-                "lines": [m.PricedLine("refund", REFUND_SKU, -1, Decimal(amount), -amount)],
+                "lines": [m.PricedLine("refund", REFUND_SKU, -1, unit, -amount)],
                 "untaxed_minor": -amount,
                 "tax_minor": 0,
                 "total_minor": -amount,
@@ -555,7 +578,7 @@ class InMemoryErp:
         credit = self.store.invoices[credit_id]
         p.ref(m.PARTY, credit["party"])
         p.complete(m.CREDIT_NOTE, credit_id)
-        move = self._move(key, m.REFUND_PAYMENT)
+        move = self._move(order_id, key, m.REFUND_PAYMENT)
         if move is None:
             self._write(m.REFUND_PAYMENT)
             description = f"{m.marker(m.REFUND_PAYMENT, key)} {refund_ref}"

@@ -174,6 +174,13 @@ class Worker:
         # Orders with held events: order id -> (partition, oldest since_ms, count).
         self.holding: dict[bytes, tuple[int, int, int]] = {}
         self.tick_sent: dict[bytes, int] = {}
+        # A hold may time out only once the worker has read its partition up to what was
+        # on it when the timeout came due, so a backlog or an outage never turns into
+        # timeouts for events already waiting on the topic (a chaos run timed out a
+        # payment whose invoice sat 10 offsets behind it while the broker was down).
+        # order id -> (its oldest hold's since_ms, the partition's end offset at the due
+        # time).
+        self.due_end: dict[bytes, tuple[int, int]] = {}
         # The holds index is kept per batch; a full scan only after partitions arrive
         # (their orders were recovered from the changelog behind the index's back).
         self._scan_due = True
@@ -493,11 +500,25 @@ class Worker:
             self._scan_holds()
         timeout_ms = int(self.rules.hold_timeout_seconds * 1000)
         ticks = 0
+        ends: dict[int, int | None] = {}
         for order_id, (partition, oldest, _) in list(self.holding.items()):
-            if now - oldest >= timeout_ms and now - self.tick_sent.get(order_id, 0) > 10_000:
-                self._send_tick(order_id, partition, TICK_EXPIRE)
-                self.tick_sent[order_id] = now
-                ticks += 1
+            if now - oldest < timeout_ms or now - self.tick_sent.get(order_id, 0) <= 10_000:
+                continue
+            known = self.due_end.get(order_id)
+            if known is None or known[0] != oldest:
+                if partition not in ends:
+                    ends[partition] = self._end_offset(partition)
+                end = ends[partition]
+                if end is None:  # cannot tell what is waiting: never time out blind
+                    continue
+                known = self.due_end[order_id] = (oldest, end)
+            if self._read_up_to(partition) < known[1]:
+                continue  # the releasing event may be in the backlog still to read
+            self._send_tick(order_id, partition, TICK_EXPIRE)
+            self.tick_sent[order_id] = now
+            ticks += 1
+        for order_id in [o for o in self.due_end if o not in self.holding]:
+            del self.due_end[order_id]
         retention_ms = int(self.settings.dedup_retention_days * 86_400_000)
         due = now - self._last_retention_ms > min(3_600_000, retention_ms)
         if due or len(self.orders.data) > self.settings.max_orders * 1.1:
@@ -541,6 +562,26 @@ class Worker:
                 if oldest is not None:
                     holding[key] = (state.data["partition"], oldest, len(state.held))
         self.holding = holding
+
+    def _end_offset(self, partition: int) -> int | None:
+        """The input partition's end offset now, or None when the broker cannot say."""
+        try:
+            _, high = self.consumer.get_watermark_offsets(
+                TopicPartition(self.settings.input_topic, partition), timeout=1.0, cached=False)
+        except Exception as exc:  # KafkaException: broker away; holds wait for it
+            log.info("holds on partition %d wait: end offset unknown (%s)", partition, exc)
+            return None
+        return int(high)
+
+    def _read_up_to(self, partition: int) -> int:
+        """How far the worker has read an input partition (its next offset to take)."""
+        done = self.next_offset.get(partition, -1)
+        try:
+            [tp] = self.consumer.position([TopicPartition(self.settings.input_topic, partition)])
+        except Exception:  # not assigned (any more)
+            return done
+        # position() also steps over transaction markers, which no record reports.
+        return max(done, tp.offset)
 
     def _observe_lag(self) -> None:
         topic = self.settings.input_topic

@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 import time
+import typing
 from collections.abc import Iterator, Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
-from revline.errors import RevlineError
+from revline.errors import ConfigurationError, RevlineError
+from revline.redact import redact_url
 from revline.settings import Settings
 
 console = Console(stderr=False, highlight=False)
@@ -94,8 +99,10 @@ def _workload_options(args: argparse.Namespace) -> Any:
 def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     from revline.workload import WorkloadGenerator
 
-    workload = WorkloadGenerator(_workload_options(args)).generate()
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigurationError(f"--out {out} is a file: give a directory (it is created)")
+    workload = WorkloadGenerator(_workload_options(args)).generate()
     events_path, manifest_path = workload.write(out)
     counts = workload.counts()
     console.print(
@@ -118,8 +125,44 @@ def counts_table(title: str, counts: dict[str, int]) -> Table:
 
 
 # -- publish -------------------------------------------------------------------------
-def _lines(stream: TextIO) -> Iterator[str]:
+def _lines(stream: BinaryIO) -> Iterator[bytes]:
+    """Raw lines: each is decoded on its own, so one bad byte costs one line, not the file."""
     yield from stream
+
+
+def readable_file(path: Path, what: str, flag: str = "") -> Path:
+    """``path`` if it is a regular, readable file; else a one-line error naming it."""
+    name = f"{flag} {path}" if flag else str(path)
+    if not path.exists():
+        raise ConfigurationError(f"{name} does not exist (give {what})")
+    if path.is_dir():
+        raise ConfigurationError(f"{name} is a directory (give {what})")
+    if not os.access(path, os.R_OK):
+        raise ConfigurationError(f"{name} is not readable (check its permissions)")
+    return path
+
+
+def writable_file(path: Path, flag: str) -> Path:
+    """Checked before any work, so a typo in an output path does not waste a long read."""
+    if path.is_dir():
+        raise ConfigurationError(f"{flag} {path} is a directory: give a file name")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise ConfigurationError(f"{flag} {path}: the directory {parent} does not exist")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ConfigurationError(f"{flag} {path} is not writable (check its permissions)")
+    if not path.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigurationError(f"{flag} {path}: cannot create files in {parent}")
+    return path
+
+
+def write_output(path: Path, flag: str, write: typing.Callable[[Path], object]) -> None:
+    """Run ``write(path)``; a file system failure is a one-line error naming the flag."""
+    try:
+        write(path)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"{flag} {path}: cannot write it ({exc.strerror or exc})") from exc
 
 
 def _publish_file(
@@ -131,11 +174,14 @@ def _publish_file(
     bootstrap = bootstrap_for(settings, start_if_missing=False)
     topic = topic or settings.input_topic
     ensure_topics(bootstrap, {topic: settings.input_partitions})
-    total = sum(1 for _ in path.open()) if path else None
+    total = None
+    if path:
+        with path.open("rb") as counted:
+            total = sum(1 for _ in counted)
     publisher = Publisher(bootstrap, topic, settings=settings, serializer=serializer_for(settings))
     with _progress() as progress:
-        task = progress.add_task(f"publishing to {topic}", total=total)
-        source = path.open() if path else sys.stdin
+        task = progress.add_task(f"publishing to {escape(topic)}", total=total)
+        source = path.open("rb") if path else sys.stdin.buffer
         try:
             report = publish_lines(
                 publisher,
@@ -147,51 +193,64 @@ def _publish_file(
             if path:
                 source.close()
     for number, why in report.rejected:
-        err_console.print(f"[red]line {number}[/red]: {why}")
+        err_console.print(Text.assemble((f"line {number}", "red"), ": ", why), soft_wrap=True)
     for failure in report.delivery_failures:
-        err_console.print(f"[red]delivery failed[/red]: {failure}")
+        err_console.print(Text.assemble(("delivery failed", "red"), ": ", failure),
+                          soft_wrap=True)
     console.print(
         f"Published {report.sent:,} events to {topic} on {bootstrap}; "
-        f"{len(report.rejected)} lines rejected."
+        f"{len(report.rejected)} lines rejected.", markup=False, soft_wrap=True,
     )
     return 0 if report.ok else 1
 
 
 def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
     path = None if args.file == "-" else Path(args.file)
-    if path is not None and not path.exists():
-        raise RevlineError(f"{path} does not exist (give a JSON-lines file, or - for stdin)")
+    if path is not None:
+        readable_file(path, "a JSON-lines file, or - for stdin")
     return _publish_file(path, settings, topic=args.topic, allow_raw=args.allow_raw)
 
 
 # -- readback ------------------------------------------------------------------------
 def cmd_readback(args: argparse.Namespace, settings: Settings) -> int:
 
+    manifest = _manifest(Path(args.manifest))
     bootstrap = bootstrap_for(settings, start_if_missing=False)
     topic = args.topic or settings.input_topic
-    manifest = json.loads(Path(args.manifest).read_text())
     report = _readback(bootstrap, topic, manifest, settings)
     return 0 if report.ok else 1
+
+
+def _manifest(path: Path) -> dict[str, Any]:
+    readable_file(path, "the manifest.json `revline generate` wrote", "--manifest")
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ConfigurationError(f"--manifest {path} is not JSON: {exc}") from exc
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("inputs"), list):
+        raise ConfigurationError(f"--manifest {path} is not a manifest: no \"inputs\" list "
+                                 "(give the manifest.json `revline generate` wrote)")
+    return manifest
 
 
 def _readback(bootstrap: str, topic: str, manifest: dict[str, Any], settings: Settings) -> Any:
     from revline.readback import check_against_manifest, read_topic
 
     with _progress() as progress:
-        task = progress.add_task(f"reading {topic} back", total=len(manifest["inputs"]))
+        task = progress.add_task(f"reading {escape(topic)} back", total=len(manifest["inputs"]))
         report = check_against_manifest(
             read_topic(bootstrap, topic),
             manifest,
             deserializer_for(settings),
             progress=lambda n: progress.update(task, completed=n),
         )
-    table = Table(title=f"What landed on {topic}")
+    table = Table(title=Text(f"What landed on {topic}"))
     table.add_column("event type / failure")
     table.add_column("records", justify="right")
     for name, count in sorted(report.by_type.items()):
-        table.add_row(name, f"{count:,}")
+        table.add_row(Text(str(name)), f"{count:,}")
     for name, count in sorted(report.decode_errors.items()):
-        table.add_row(f"[yellow]undecodable — {name}[/yellow]", f"{count:,}")
+        table.add_row(Text(f"undecodable — {name}", style="yellow"), f"{count:,}")
     table.add_row("[bold]total[/bold]", f"[bold]{report.records:,}[/bold]")
     console.print(table)
     verdict = "[green]matches[/green]" if report.ok else "[red]does NOT match[/red]"
@@ -200,9 +259,10 @@ def _readback(bootstrap: str, topic: str, manifest: dict[str, Any], settings: Se
         f"expected; the topic {verdict} the manifest."
     )
     for problem in report.mismatches[:20]:
-        err_console.print(f"[red]mismatch[/red]: {problem}")
+        err_console.print(Text.assemble(("mismatch", "red"), ": ", str(problem)), soft_wrap=True)
     if report.missing:
-        err_console.print(f"[red]missing inputs[/red]: {report.missing[:20]}")
+        err_console.print(Text.assemble(("missing inputs", "red"), ": ",
+                                        str(report.missing[:20])), soft_wrap=True)
     return report
 
 
@@ -309,10 +369,13 @@ def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
     metrics = SinkMetrics()
     port = metrics.serve(settings.sink_metrics_port, settings.metrics_host)
     erp = erp_from_settings(settings)
+    erp_where = (redact_url(settings.tryton_url) if settings.tryton_url
+                 else "in-memory: lives as long as this process")
     err_console.print(
-        f"sink: {settings.validated_topic} → ledger {_redacted(settings.ledger_url)} and ERP "
-        f"{erp.name} ({settings.tryton_url or 'in-memory: lives as long as this process'}); "
-        f"group {args.group or settings.sink_group_id}; metrics on :{port}/metrics"
+        f"sink: {settings.validated_topic} → ledger {redact_url(settings.ledger_url)} and ERP "
+        f"{erp.name} ({erp_where}); "
+        f"group {args.group or settings.sink_group_id}; metrics on :{port}/metrics",
+        markup=False, soft_wrap=True,
     )
     with SqlLedger(settings.ledger_url) as ledger:
         processor = SinkProcessor(
@@ -329,18 +392,13 @@ def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _redacted(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
-
-
 def cmd_reference(args: argparse.Namespace, settings: Settings) -> int:
     from processors import load_yaml
     from streams import publish_reference
 
     bootstrap = bootstrap_for(settings, start_if_missing=False)
     path = Path(args.file) if args.file else settings.reference_file
+    readable_file(path, "a reference YAML file", "--file")
     data = load_yaml(path)
     count = publish_reference(bootstrap, settings.reference_topic, data)
     console.print(
@@ -361,11 +419,14 @@ def cmd_holds(args: argparse.Namespace, settings: Settings) -> int:
     now = time.time()
     for row in rows[: args.limit]:
         since = row["since_ms"] / 1000
-        table.add_row(
-            row["order_id"], row["event_type"], ", ".join(row["waiting_for"]),
-            time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(since)) + "Z",
-            f"{(now - since) / 60:.1f} min", row["coords"],
-        )
+        try:
+            held_since = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(since)) + "Z"
+        except (OverflowError, ValueError, OSError):  # out of range: show the number
+            held_since = f"{row['since_ms']} ms"
+        table.add_row(*(Text(str(cell)) for cell in (  # data, never markup
+            row["order_id"], row["event_type"], ", ".join(map(str, row["waiting_for"])),
+            held_since, f"{(now - since) / 60:.1f} min", row["coords"],
+        )))
     console.print(table)
     return 0
 
@@ -379,6 +440,8 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         run_benchmark,
     )
 
+    if args.out:
+        writable_file(Path(args.out), "--out")
     sinks = None
     if not args.no_sinks:
         url, origin = ledger_target(args.ledger_dsn, settings.ledger_url)
@@ -412,17 +475,65 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         )
     console.print(report.to_rich())
     if args.out:
-        Path(args.out).write_text(report.to_markdown())
-        console.print(f"Wrote {args.out}")
+        write_output(Path(args.out), "--out", lambda p: p.write_text(report.to_markdown()))
+        console.print(f"Wrote {args.out}", markup=False)
     return 0 if report.ok else 1
 
 
 # -- parser --------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one ``error: …`` line (exit 2)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        print_error(f"{self.prog}: {_one_line(message)} (see `{self.prog} --help`)")
+        self.exit(2)
+
+
+def _bounded_int(low: int, high: int | None = None) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            span = f"from {low} to {high}" if high is not None else f"{low} or more"
+            raise argparse.ArgumentTypeError(f"{value} is out of range: give {span}")
+        return value
+
+    parse.__name__ = "whole number"  # argparse names the type in its messages
+    return parse
+
+
+def _bounded_float(low: float, high: float | None = None) -> Any:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (value >= low and (high is None or value <= high)):  # also refuses nan
+            span = f"from {low:g} to {high:g}" if high is not None else f"{low:g} or more"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: give {span}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+# Shared argument types: a count, a limit, a size, a share, a time span.
+COUNT = _bounded_int(0, 10**9)
+POSITIVE = _bounded_int(1, 10**9)
+PORT = _bounded_int(-1, 65535)
+SHARE = _bounded_float(0.0, 1.0)
+SECONDS = _bounded_float(0.0, 10**7)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="revline",
         description="Revline: an auditable Kafka pipeline for revenue operations.",
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, show the traceback too (or set REVLINE_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("broker", help="start, stop or inspect the local single-node Kafka broker")
@@ -432,18 +543,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo", help="start a broker if needed, publish a workload, show what landed"
     )
-    p.add_argument("--orders", type=int, default=120,
+    p.add_argument("--orders", type=POSITIVE, default=120,
                    help="orders to generate (default 120; Tryton applies ~3 events/s)")
-    p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--hold-timeout", type=float, default=5.0,
+    p.add_argument("--seed", type=COUNT, default=7)
+    p.add_argument("--hold-timeout", type=SECONDS, default=5.0,
                    help="seconds a hold may wait in the demo (default 5)")
     p.add_argument("--erp", choices=["auto", "tryton", "memory"], default="auto",
                    help="auto: a local Tryton when installed, else the in-memory ERP")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("generate", help="write a realistic workload and its manifest")
-    p.add_argument("--orders", type=int, default=100)
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--orders", type=POSITIVE, default=100)
+    p.add_argument("--seed", type=COUNT, default=1)
     p.add_argument("--run-id", dest="run_id", help="prefix of order ids (default: r<seed>)")
     p.add_argument("--out", default="workload", help="directory for events.jsonl, manifest.json")
     for name, help_text in [
@@ -456,8 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("amount-mismatch", "share of orders whose amounts do not reconcile"),
         ("poison", "share of inputs that are poison bytes"),
     ]:
-        p.add_argument(f"--{name}", dest=name.replace("-", "_"), type=float, help=help_text)
-    p.add_argument("--orphans", type=int, help="amendments whose booking never arrives")
+        p.add_argument(f"--{name}", dest=name.replace("-", "_"), type=SHARE, help=help_text)
+    p.add_argument("--orphans", type=COUNT, help="amendments whose booking never arrives")
     p.add_argument("--publish", action="store_true", help="also publish to the input topic")
     p.add_argument("--topic", help="topic to publish to (default: the input topic)")
     p.set_defaults(func=cmd_generate)
@@ -473,19 +584,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("worker", help="run the stream core (dedup, holds, QA, routing)")
-    p.add_argument("--workers", type=int, default=1, help="processes sharing the partitions")
+    p.add_argument("--workers", type=POSITIVE, default=1,
+                   help="processes sharing the partitions")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser(
         "run", help="the whole pipeline: worker, sink, auditor, exception manager (until SIGTERM)"
     )
-    p.add_argument("--workers", type=int, default=1, help="worker processes")
-    p.add_argument("--auditor-metrics-port", type=int, default=9102)
+    p.add_argument("--workers", type=POSITIVE, default=1, help="worker processes")
+    p.add_argument("--auditor-metrics-port", type=PORT, default=9102)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("sink", help="apply validated events to the ledger and the ERP")
     p.add_argument("--group", help="consumer group (default: <app id>-sink)")
-    p.add_argument("--batch-size", type=int, help="events per batch (default 300)")
+    p.add_argument("--batch-size", type=POSITIVE, help="events per batch (default 300)")
     p.set_defaults(func=cmd_sink)
 
     p = sub.add_parser("reference", help="publish reference data (products, campaigns, channels)")
@@ -494,7 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_reference)
 
     p = sub.add_parser("holds", help="list held events: order, waiting for what, since when")
-    p.add_argument("--limit", type=int, default=200)
+    p.add_argument("--limit", type=COUNT, default=200)
     p.set_defaults(func=cmd_holds)
 
     p = sub.add_parser("readback", help="read a topic back and compare it with a manifest")
@@ -505,9 +617,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench", help="pipeline vs bare Faust vs raw loop; ledger lines/s; input → ledger latency"
     )
-    p.add_argument("--events", type=int, default=20000, help="events per contender (20000)")
-    p.add_argument("--partitions", type=int, default=3)
-    p.add_argument("--pace-seconds", type=float, default=10.0,
+    p.add_argument("--events", type=POSITIVE, default=20000, help="events per contender (20000)")
+    p.add_argument("--partitions", type=POSITIVE, default=3)
+    p.add_argument("--pace-seconds", type=SECONDS, default=10.0,
                    help="contenders' latency runs, seconds each (10)")
     p.add_argument("--no-pipeline", action="store_true", help="skip the pipeline contender")
     p.add_argument("--no-sinks", action="store_true", help="skip the ledger and end-to-end runs")
@@ -515,18 +627,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ledger-dsn", metavar="DSN",
                    help="ledger database; journals stay in it, so use a scratch one (default: "
                         "REVLINE_LEDGER_DSN if PostgreSQL, else a temporary SQLite file)")
-    p.add_argument("--ledger-events", type=int,
+    p.add_argument("--ledger-events", type=POSITIVE,
                    help="money events posted for ledger lines/s (20000)")
-    p.add_argument("--ledger-batch", type=int, help="events per ledger post (500)")
-    p.add_argument("--e2e-events", type=int,
+    p.add_argument("--ledger-batch", type=POSITIVE, help="events per ledger post (500)")
+    p.add_argument("--e2e-events", type=POSITIVE,
                    help="burst measuring the end-to-end sustained maximum (5000)")
-    p.add_argument("--e2e-seconds", type=float,
+    p.add_argument("--e2e-seconds", type=SECONDS,
                    help="end-to-end latency run at half that maximum, seconds (15)")
-    p.add_argument("--e2e-batch-within", type=float,
+    p.add_argument("--e2e-batch-within", type=SECONDS,
                    help="the worker's REVLINE_BATCH_WITHIN_S (longest idle wait) in the "
                         "end-to-end run (0.05, its default)")
-    p.add_argument("--e2e-sink-batch", type=int, help="sink batch size, end-to-end run (300)")
-    p.add_argument("--e2e-sink-poll-timeout", type=float,
+    p.add_argument("--e2e-sink-batch", type=POSITIVE, help="sink batch size, end-to-end run (300)")
+    p.add_argument("--e2e-sink-poll-timeout", type=SECONDS,
                    help="sink poll timeout (longest wait for a first record), end-to-end "
                         "run (0.05, its default)")
     p.add_argument("--out", metavar="FILE.md", help="also write the markdown tables here")
@@ -549,18 +661,82 @@ _COMMAND_MODULES = (
 )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _debug_requested(argv: Sequence[str]) -> bool:
+    env = os.environ.get("REVLINE_DEBUG", "").strip().lower()
+    return "--debug" in argv or env not in ("", "0", "false", "no", "off")
+
+
+def _one_line(text: str) -> str:
+    """A message as one line: a person reads it, a log greps it."""
+    return " ".join(part.strip() for part in text.splitlines() if part.strip()) or "(no message)"
+
+
+def describe_error(exc: BaseException) -> str:
+    """What went wrong, in one line, for a failure nobody raised on purpose."""
+    if isinstance(exc, RevlineError):
+        return _one_line(str(exc))
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename is not None else ""
+        return _one_line(f"{exc.strerror}{where}")
+    text = str(exc)
+    return _one_line(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+
+
+def settings_error(exc: Exception) -> ConfigurationError:
+    """A pydantic-settings failure as one line naming each environment variable."""
+    from pydantic import ValidationError
+
+    if not isinstance(exc, ValidationError):
+        return ConfigurationError(f"cannot read the settings: {describe_error(exc)}")
+    problems = []
+    for err in exc.errors():
+        name = str(err["loc"][0]) if err["loc"] else "?"
+        field_info = Settings.model_fields.get(name)
+        alias = getattr(field_info, "validation_alias", None) if field_info else None
+        choices = getattr(alias, "choices", None)
+        variable = str(choices[0]) if choices else f"REVLINE_{name.upper()}"
+        value = err.get("input")
+        shown = f"={value!r}" if isinstance(value, str | int | float) else ""
+        problems.append(f"{variable}{shown}: {err['msg']}")
+    return ConfigurationError("; ".join(problems) + " (fix or unset the environment variable)")
+
+
+def load_settings() -> Settings:
     try:
-        settings = Settings()
+        return Settings()
+    except Exception as exc:  # pydantic ValidationError, or a bad .env / dotenv value
+        raise settings_error(exc) from exc
+
+
+def print_error(message: str) -> None:
+    err_console.print(Text.assemble(("error:", "red"), " ", message), soft_wrap=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Every failure is one ``error: …`` line and exit 2 (``--debug``: the traceback too)."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    debug = _debug_requested(arguments)
+    try:
+        args = build_parser().parse_args(arguments)
+        debug = debug or bool(getattr(args, "debug", False))
+        settings = load_settings()
         result: int = args.func(args, settings)
         return result
-    except RevlineError as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
-        return 2
     except KeyboardInterrupt:
-        err_console.print("interrupted")
+        err_console.print("interrupted", soft_wrap=True, markup=False)
         return 130
+    except SystemExit:
+        raise  # argparse (--help, a usage error) and commands that exit on purpose
+    except BaseException as exc:  # the CLI's one error boundary
+        if debug:
+            import traceback
+
+            traceback.print_exc(file=sys.stderr)
+        elif not isinstance(exc, RevlineError):
+            print_error(describe_error(exc) + " (REVLINE_DEBUG=1 or --debug shows the traceback)")
+            return 2
+        print_error(describe_error(exc))
+        return 2
 
 
 if __name__ == "__main__":

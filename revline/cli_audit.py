@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from revline.redact import csv_safe_row
 from revline.settings import Settings
 
 if TYPE_CHECKING:
@@ -24,17 +25,19 @@ _SHOWN = frozenset({"event_type", "order_id", "rules_version", "check_id", "reas
 
 def register(sub: Any) -> None:
     """Add this module's commands to the ``revline`` parser (``sub``: its subparsers)."""
+    from revline.cli import COUNT, PORT, POSITIVE
+
     p = sub.add_parser("auditor",
                        help="chain outcomes and audit facts into the hash-chained audit trail")
     p.add_argument("--instance", default="0",
                    help="stable id of this chainer (its Kafka transactional id); give every "
                         "auditor running at the same time its own, and keep it across restarts")
-    p.add_argument("--batch-size", type=int, default=500,
+    p.add_argument("--batch-size", type=POSITIVE, default=500,
                    help="source records per transaction (default 500)")
-    p.add_argument("--metrics-port", type=int, default=9102,
+    p.add_argument("--metrics-port", type=PORT, default=9102,
                    help="/metrics port (0 = any free port, -1 = none; default 9102)")
     # Tests only: SIGKILL itself inside batch N's transaction, after its records are sent.
-    p.add_argument("--failpoint-kill-before-commit", type=int, metavar="N",
+    p.add_argument("--failpoint-kill-before-commit", type=COUNT, metavar="N",
                    help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_auditor)
 
@@ -73,6 +76,12 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
 
         raise ConfigurationError("--order goes with `revline audit verify`; for one order's "
                                  "timeline give its id: revline audit ORDER_ID")
+    from revline.cli import writable_file
+
+    # Checked before the (long) read of the audit topic.
+    for flag, given in (("--json", args.json), ("--csv", args.csv)):
+        if given:
+            writable_file(Path(given), flag)
     return _timeline(args.target, settings, json_path=args.json, csv_path=args.csv)
 
 
@@ -143,12 +152,13 @@ def _timeline(order: str, settings: Settings, *, json_path: str | None,
     from rich.markup import escape
     from rich.table import Table
 
-    from revline.cli import console, err_console
+    from revline.cli import console, err_console, write_output
 
-    report, records = _read(settings, order, f"reading {settings.audit_topic}", keep=True)
+    report, records = _read(settings, order, f"reading {escape(settings.audit_topic)}",
+                            keep=True)
     if not records:
         err_console.print(f"No audit records for order {escape(order)} in "
-                          f"{settings.audit_topic}.")
+                          f"{escape(settings.audit_topic)}.")
         return 1
     records.sort(key=lambda r: r["seq"])
     broken_at = {link.where for link in report.broken}
@@ -160,26 +170,31 @@ def _timeline(order: str, settings: Settings, *, json_path: str | None,
         seq = str(record["seq"])
         if record["_where"] in broken_at:  # the record verify names: show which row it is
             seq = f"[red]{seq} ✗[/red]"
-        table.add_row(seq, utc(record["at_ms"]), *(escape(text) for text in
-                                                   (what, str(record["actor"]), rules, refs)))
+        table.add_row(seq, escape(utc(record["at_ms"])),
+                      *(escape(text) for text in (what, str(record["actor"]), rules, refs)))
     console.print(table)
     if report.ok:
-        console.print(f"[green]chain verified[/green]: seq 1–{records[-1]['seq']}, head hash "
-                      f"{records[-1]['hash']}")
+        console.print(f"[green]chain verified[/green]: seq 1–{escape(str(records[-1]['seq']))}, "
+                      f"head hash {escape(str(records[-1]['hash']))}")
     else:
         for link in report.broken:
             err_console.print(f"[red]chain NOT verified[/red]: {escape(str(link))}")
     if json_path:
-        _export_json(Path(json_path), order, records, report)
-        console.print(f"Wrote {json_path}")
+        write_output(Path(json_path), "--json",
+                     lambda path: _export_json(path, order, records, report))
+        console.print(f"Wrote {json_path}", markup=False)
     if csv_path:
-        _export_csv(Path(csv_path), records)
-        console.print(f"Wrote {csv_path}")
+        write_output(Path(csv_path), "--csv", lambda path: _export_csv(path, records))
+        console.print(f"Wrote {csv_path}", markup=False)
     return 0 if report.ok else 1
 
 
 def utc(at_ms: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(at_ms / 1000)) + f".{at_ms % 1000:03d}Z"
+    try:
+        return (time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(at_ms / 1000))
+                + f".{at_ms % 1000:03d}Z")
+    except (OverflowError, ValueError, OSError, TypeError):  # out of range: show the number
+        return f"{at_ms} ms"
 
 
 def describe(record: Mapping[str, Any]) -> tuple[str, str, str]:
@@ -260,13 +275,15 @@ def _export_csv(path: Path, records: list[dict[str, Any]]) -> None:
         for r in records:
             what, _, refs = describe(r)
             d = r.get("detail") or {}
-            writer.writerow([
+            # Every cell through csv_safe: finance opens this in a spreadsheet, and a
+            # value from an event must never run there as a formula.
+            writer.writerow(csv_safe_row([
                 r["seq"], utc(r["at_ms"]), what, r["kind"], r["actor"],
                 d.get("rules_version", ""), d.get("check_id", ""), d.get("exception_id", ""),
                 refs.replace("\n", "; "), r.get("idempotency_key") or "", r.get("input") or "",
                 r["fact_id"], json.dumps(d, sort_keys=True, ensure_ascii=False), r["prev_hash"],
                 r["hash"], r["_where"],
-            ])
+            ]))
 
 
 __all__ = ["describe", "register"]

@@ -12,6 +12,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from revline.errors import RevlineError
 from revline.settings import Settings
 
@@ -37,14 +39,21 @@ class CommandRefusedError(RevlineError):
     """An operator command that cannot be carried out as given; the message says why."""
 
 
-def parse_duration_ms(text: str) -> int:
+# A span beyond this is a typo, not a plan (and overflows datetime arithmetic).
+MAX_DURATION_MS = 100 * 366 * 86_400_000
+
+
+def parse_duration_ms(text: str, *, flag: str = "duration") -> int:
     match = _DURATION.match(text.strip().lower())
     if not match:
         raise CommandRefusedError(
-            f"cannot read the duration {text!r}: give a number and a unit, e.g. 90s, 30m, 2h, "
-            "7d, 1w"
+            f"cannot read the {flag} {text!r}: give a positive number and a unit, e.g. 90s, "
+            "30m, 2h, 7d, 1w"
         )
-    return int(float(match.group(1)) * _UNIT_S[match.group(2)] * 1000)
+    ms = float(match.group(1)) * _UNIT_S[match.group(2)] * 1000
+    if ms > MAX_DURATION_MS:
+        raise CommandRefusedError(f"the {flag} {text!r} is longer than 100 years")
+    return int(ms)
 
 
 def parse_time(text: str) -> datetime:
@@ -56,13 +65,21 @@ def parse_time(text: str) -> datetime:
             f"cannot read the time {text!r}: give ISO 8601, e.g. 2026-12-01T00:00:00Z "
             "(no zone means UTC)"
         ) from None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    moment = moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    try:
+        moment.astimezone(UTC).timestamp()
+    except (OverflowError, ValueError, OSError):
+        raise CommandRefusedError(f"the time {text!r} is out of range") from None
+    return moment
 
 
 def _utc(ms: int | None) -> str:
     if ms is None:
         return "—"
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    try:
+        return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    except (OverflowError, ValueError, OSError):  # a value from data, out of datetime's range
+        return f"{ms} ms"
 
 
 def _age(ms: int, now_ms: int) -> str:
@@ -81,6 +98,8 @@ def _now_ms() -> int:
 # -- parsers -----------------------------------------------------------------------------
 def register(sub: Any) -> None:
     """Add this module's commands to the ``revline`` parser (``sub``: its subparsers)."""
+    from revline.cli import COUNT, SECONDS
+
     p = sub.add_parser(
         "exceptions", help="owned exceptions with SLAs: run the manager, list, show, ack, "
         "resolve, waive",
@@ -103,7 +122,7 @@ def register(sub: Any) -> None:
     a.add_argument("--check", metavar="CHECK_ID", help="check id or glob, e.g. 'policy.*'")
     a.add_argument("--older-than", metavar="AGE", help="opened at least this long ago (2h, 3d)")
     a.add_argument("--order", metavar="ORDER_ID")
-    a.add_argument("--limit", type=int, default=200)
+    a.add_argument("--limit", type=COUNT, default=200)
     a.add_argument("--json", action="store_true", help="one JSON state per line")
     a.set_defaults(func=cmd_list)
 
@@ -125,7 +144,7 @@ def register(sub: Any) -> None:
             a.add_argument("--corrected-event", metavar="FILE.json",
                            help="a corrected canonical event (JSON, as for `revline publish`): "
                            "it re-enters the pipeline linked to this exception")
-        a.add_argument("--wait", type=float, default=10.0,
+        a.add_argument("--wait", type=SECONDS, default=10.0,
                        help="seconds to wait for the manager to apply it (default 10; 0 = don't)")
         a.set_defaults(func=cmd_transition, kind=name)
 
@@ -188,15 +207,17 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     from processors.exception_lifecycle import current_owner, select
     from revline.cli import console, err_console
 
+    min_age_ms = (parse_duration_ms(args.older_than, flag="--older-than")
+                  if args.older_than else None)  # before reading: a typo costs no wait
     _, states = _states(settings)
     now = _now_ms()
     rows = select(
         states.values(), now_ms=now, owner=args.owner, severity=args.severity,
         statuses=_statuses(args.status), check=args.check, order_id=args.order,
-        min_age_ms=parse_duration_ms(args.older_than) if args.older_than else None,
+        min_age_ms=min_age_ms,
     )
     if not states:
-        err_console.print(f"No exceptions in {settings.exception_state_topic} yet (is "
+        err_console.print(f"No exceptions in {escape(settings.exception_state_topic)} yet (is "
                           "`revline exceptions run` running?).")
     if args.json:
         for state in rows[: args.limit]:
@@ -235,6 +256,7 @@ def _lookup(states: Mapping[str, dict[str, Any]], exception_id: str,
 
 def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     from rich.table import Table
+    from rich.text import Text
 
     from revline.cli import console
 
@@ -244,7 +266,7 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps(s, indent=2, sort_keys=True))
         return 0
     now = _now_ms()
-    table = Table(title=f"Exception {s['exception_id']}", show_header=False)
+    table = Table(title=Text(f"Exception {s['exception_id']}"), show_header=False)
     table.add_column("field")
     table.add_column("value", overflow="fold")
     rows = [
@@ -273,13 +295,14 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     if s.get("corrected_event_id"):
         rows.append(("corrected event", s["corrected_event_id"]))
     for field, value in rows:
-        table.add_row(field, value)
+        table.add_row(field, Text(str(value)))  # values are data: never markup
     console.print(table)
     history = Table(title="History")
     for column in ("time (UTC)", "status", "actor", "reason code"):
         history.add_column(column)
     for h in s["history"]:
-        history.add_row(_utc(h["at_ms"]), h["status"], h["actor"], h.get("reason_code") or "")
+        history.add_row(*(Text(str(v)) for v in (_utc(h["at_ms"]), h["status"], h["actor"],
+                                                 h.get("reason_code") or "")))
     console.print(history)
     return 0
 
@@ -318,19 +341,20 @@ def cmd_transition(args: argparse.Namespace, settings: Settings) -> int:
     if correction is not None:
         _publish_correction(correction, state, settings, bootstrap)
         console.print(f"Corrected event {event['corrected_event_id']} published to "
-                      f"{settings.input_topic}, linked to {args.exception_id}.")
+                      f"{settings.input_topic}, linked to {args.exception_id}.", markup=False)
     target = EVENT_STATUS[kind]
     applied = wait_for_state(bootstrap, settings.exception_state_topic, args.exception_id, start,
                              lambda s: s["status"] == target, args.wait)
     if applied is None:
         err_console.print(
-            f"[yellow]{kind} sent for {args.exception_id}, but the manager has not applied it "
-            f"within {args.wait:g}s[/yellow]: it will when `revline exceptions run` is running "
-            "(check with `revline exceptions show`)."
+            f"[yellow]{kind} sent for {escape(args.exception_id)}, but the manager has not "
+            f"applied it within {args.wait:g}s[/yellow]: it will when `revline exceptions run` "
+            "is running (check with `revline exceptions show`)."
         )
         return 0
     console.print(f"{args.exception_id} is now {applied['status']} (by {args.actor}"
-                  + (f", reason code {applied['reason_code']}" if kind != "ack" else "") + ").")
+                  + (f", reason code {applied['reason_code']}" if kind != "ack" else "") + ").",
+                  markup=False)
     return 0
 
 
@@ -417,7 +441,10 @@ def cmd_override(args: argparse.Namespace, settings: Settings) -> int:
                                   f"{known}")
     now = datetime.now(UTC)
     expires = (parse_time(args.expires) if args.expires
-               else now + timedelta(milliseconds=parse_duration_ms(args.expires_in)))
+               else now + timedelta(milliseconds=parse_duration_ms(args.expires_in,
+                                                                   flag="--expires-in")))
+    if expires.year > 9000:  # isoformat round trips and epoch ms must still work
+        raise CommandRefusedError(f"--expires {expires.isoformat()} is too far in the future")
     if expires <= now:
         raise CommandRefusedError(f"--expires {expires.isoformat()} is in the past; an override "
                                   "must expire in the future")
@@ -464,7 +491,7 @@ def cmd_override(args: argparse.Namespace, settings: Settings) -> int:
         f"Override {override_id} published to {settings.input_topic}: {target} may pass {check} "
         f"until {expires.strftime('%Y-%m-%d %H:%M:%SZ')}. It applies when that event is judged: "
         "a held one on release; one that already failed when re-driven "
-        "(`revline redrive --source exceptions --exception-id EX-…`)."
+        "(`revline redrive --source exceptions --exception-id EX-…`).", markup=False,
     )
     return 0
 

@@ -28,11 +28,36 @@ def register(sub: Any) -> None:
 
 
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
-    from revline.cli import _progress, bootstrap_for, console, err_console
+    from revline.cli import (
+        _progress,
+        bootstrap_for,
+        console,
+        err_console,
+        writable_file,
+        write_output,
+    )
+    from revline.errors import ConfigurationError
     from revline.report import ReportTopics, collect, parse_since
 
     now_ms = int(time.time() * 1000)
-    since_ms = parse_since(args.since, now_ms)
+    try:
+        since_ms = parse_since(args.since, now_ms)
+    except (OverflowError, ValueError, OSError):  # a date datetime cannot hold
+        since_ms = -1
+    if since_ms < 0:
+        raise ConfigurationError(f"--since {args.since!r} reaches back before 1970: give a "
+                                 "shorter duration or a later date")
+    if since_ms > now_ms:
+        raise ConfigurationError(f"--since {args.since!r} is in the future")
+    html = Path(args.html) if args.html else None
+    if html is not None:
+        if html.parent and not html.parent.exists():
+            try:
+                html.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigurationError(f"--html {html}: cannot create {html.parent} "
+                                         f"({exc.strerror or exc})") from exc
+        writable_file(html, "--html")
     bootstrap = bootstrap_for(settings, start_if_missing=False)
     with _progress() as progress:
         tasks: dict[str, Any] = {}
@@ -45,13 +70,13 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
                          now_ms=now_ms, deserializer=_deserializer(settings),
                          check_specs=_check_specs(settings), progress=track)
     print_report(report, console)
-    if args.html:
+    if html is not None:
         from revline.report_html import render_html
 
-        path = Path(args.html)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(render_html(report), encoding="utf-8")
-        err_console.print(f"HTML report written to {path} (open it in any browser)")
+        page = render_html(report)
+        write_output(html, "--html", lambda p: p.write_text(page, encoding="utf-8"))
+        err_console.print(f"HTML report written to {html} (open it in any browser)",
+                          markup=False)
     return 0
 
 
@@ -70,8 +95,17 @@ def _check_specs(settings: Settings) -> dict[str, tuple[str, str]]:
     return {c: (s.severity, s.owner) for c, s in rules.checks.items()}
 
 
+def _row(t: Any, *cells: Any) -> None:
+    """A table row of data: text cells are shown literally, never read as markup."""
+    from rich.text import Text
+
+    t.add_row(*(Text(c) if isinstance(c, str) else c for c in cells))
+
+
 def print_report(r: OperationsReport, console: Console) -> None:
+    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
     from revline.report import (
         AGE_BUCKETS,
@@ -97,26 +131,26 @@ def print_report(r: OperationsReport, console: Console) -> None:
         if t.row_count:
             console.print(t)
         else:
-            console.print(f"[bold]{t.title}[/bold]: none")
+            console.print(Text.assemble((str(t.title), "bold"), ": none"))
         for line in lines:
-            console.print(f"  [dim]{line}[/dim]")
+            console.print(Text(f"  {line}", style="dim"))
 
     f, oe, d, lat, ov = r.flow, r.open_exceptions, r.duplicates, r.latency, r.overrides
     console.print(f"[bold]Revline operations report[/bold] — "
                   f"{period_label(r.since_ms, r.generated_at_ms)}")
 
     t = table("Summary", "figure", "value")
-    t.add_row("events processed", f"{f.inputs:,}")
-    t.add_row("  validated / exceptions / duplicates / dead letters",
+    _row(t, "events processed", f"{f.inputs:,}")
+    _row(t, "  validated / exceptions / duplicates / dead letters",
               f"{f.validated:,} / {f.exceptions:,} / {f.duplicates:,} / {f.dead_letters:,}")
-    t.add_row("delivery success (not dead-lettered)", fmt_pct(f.delivery_success_pct, 2))
-    t.add_row("open exceptions (past SLA)", f"{oe.total:,} ({oe.overdue:,})")
-    t.add_row("SLA compliance (opened this period)", fmt_pct(r.sla_compliance_pct))
-    t.add_row("duplicates prevented", f"{d.prevented:,}")
-    t.add_row("trigger → outcome p50 / p95", f"{fmt_duration(lat.p50_ms)} / "
+    _row(t, "delivery success (not dead-lettered)", fmt_pct(f.delivery_success_pct, 2))
+    _row(t, "open exceptions (past SLA)", f"{oe.total:,} ({oe.overdue:,})")
+    _row(t, "SLA compliance (opened this period)", fmt_pct(r.sla_compliance_pct))
+    _row(t, "duplicates prevented", f"{d.prevented:,}")
+    _row(t, "trigger → outcome p50 / p95", f"{fmt_duration(lat.p50_ms)} / "
               f"{fmt_duration(lat.p95_ms)}")
     rec = r.reconciliation
-    t.add_row("reconciliation drift",
+    _row(t, "reconciliation drift",
               "not run" if rec is None or rec.drift_pct is None
               else f"{rec.drift_pct:.3g} % (target ≤ {DRIFT_TARGET_PCT} %)")
     console.print(t)
@@ -125,7 +159,7 @@ def print_report(r: OperationsReport, console: Console) -> None:
               *[label for _, label in AGE_BUCKETS], *SEVERITIES, "total", "past SLA", "oldest")
     for row in oe.by_owner:
         if row.total:
-            t.add_row(owner_label(row.owner), *[f"{v:,}" for v in row.by_age],
+            _row(t, owner_label(row.owner), *[f"{v:,}" for v in row.by_age],
                       *[f"{v:,}" for v in row.by_severity], f"{row.total:,}",
                       f"{row.overdue:,}", fmt_duration(row.oldest_age_ms))
     held = ", ".join(fmt_money(v, c) for c, v in oe.amounts)
@@ -135,7 +169,7 @@ def print_report(r: OperationsReport, console: Console) -> None:
               "in time", "breached", "pending", "compliance", "median close", "p95 close")
     for s in r.sla:
         if s.opened:
-            t.add_row(SEVERITY_LABELS.get(s.severity, s.severity), fmt_duration(s.target_ms),
+            _row(t, SEVERITY_LABELS.get(s.severity, s.severity), fmt_duration(s.target_ms),
                       f"{s.opened:,}", f"{s.met:,}", f"{s.breached:,}", f"{s.pending:,}",
                       fmt_pct(s.compliance_pct), fmt_duration(s.p50_close_ms),
                       fmt_duration(s.p95_close_ms))
@@ -144,7 +178,7 @@ def print_report(r: OperationsReport, console: Console) -> None:
     t = table(f"QA failure rates by check ({r.judged:,} events judged)", "check", "severity",
               "owner", "failures", "rate", "warnings", right=3)
     for q in r.qa:
-        t.add_row(q.check_id, q.severity, owner_label(q.owner), f"{q.failures:,}",
+        _row(t, q.check_id, q.severity, owner_label(q.owner), f"{q.failures:,}",
                   f"{q.rate_pct:.2f} %", f"{q.warnings:,}")
     show(t)
 
@@ -153,7 +187,7 @@ def print_report(r: OperationsReport, console: Console) -> None:
     for o in ov.items:
         flags = [x for x, on in (("expired", o.expired(r.generated_at_ms)),
                                  ("NO REASON", o.reasonless)) if on]
-        t.add_row(o.override_id, o.order_id, o.check_id, o.reason_code or "—", o.actor,
+        _row(t, o.override_id, o.order_id, o.check_id, o.reason_code or "—", o.actor,
                   fmt_time(o.expires_at_ms), ", ".join(flags))
     reasons = ", ".join(f"{c}: {n}" for c, n in ov.by_reason) or "none"
     raised = ", ".join(f"{c}: {n}" for c, n in ov.exceptions_by_check) or "none"
@@ -163,14 +197,14 @@ def print_report(r: OperationsReport, console: Console) -> None:
 
     t = table("Duplicates prevented", "event type", "duplicates")
     for event_type, n in d.by_event_type:
-        t.add_row(event_type, f"{n:,}")
+        _row(t, event_type, f"{n:,}")
     show(t, f"total {d.prevented:,}; conflicting re-sends held as exceptions: "
             f"{d.conflicts:,}; invoices validated: {d.invoices:,}")
 
     t = table("Trigger-to-outcome latency", "percentile", "latency")
     for label, value in (("p50", lat.p50_ms), ("p90", lat.p90_ms), ("p95", lat.p95_ms),
                          ("p99", lat.p99_ms), ("max", lat.max_ms)):
-        t.add_row(label, fmt_duration(value))
+        _row(t, label, fmt_duration(value))
     if lat.count:
         show(t, f"{lat.count:,} events; validated ones decided within 24 h: "
                 f"{fmt_pct(lat.within_target_pct)}")
@@ -181,15 +215,15 @@ def print_report(r: OperationsReport, console: Console) -> None:
         console.print("[bold]Reconciliation drift[/bold]: not run (no reconcile fact yet)")
     else:
         t = table("Reconciliation drift (latest run)", "figure", "value")
-        t.add_row("run at", fmt_time(rec.at_ms))
-        t.add_row("period", rec.period or "—")
-        t.add_row("drift", "—" if rec.drift_pct is None else f"{rec.drift_pct:.3g} %")
+        _row(t, "run at", fmt_time(rec.at_ms))
+        _row(t, "period", rec.period or "—")
+        _row(t, "drift", "—" if rec.drift_pct is None else f"{rec.drift_pct:.3g} %")
         for label, value in (("checked", rec.checked), ("missing", rec.missing),
                              ("extra", rec.extra), ("mismatched", rec.mismatched)):
-            t.add_row(label, "—" if value is None else f"{value:,}")
+            _row(t, label, "—" if value is None else f"{value:,}")
         console.print(t)
     for note in r.notes:
-        console.print(f"[yellow]note:[/yellow] {note}")
+        console.print(f"[yellow]note:[/yellow] {escape(str(note))}")
 
 
 __all__ = ["argparse", "print_report", "register"]

@@ -311,6 +311,7 @@ def redrive(
     dry_run: bool = False,
     rate: float = 0.0,
     progress: Progress | None = None,
+    prepare: Callable[[RedriveResult], None] | None = None,
 ) -> RedriveResult:
     """Select, send (unless ``dry_run``) and audit one re-drive run."""
     if source not in SOURCES:
@@ -348,6 +349,10 @@ def redrive(
         c.action = QUARANTINE if c.new_count > settings.redrive_max else REDRIVE
     result = RedriveResult(run_id, source, topic, dry_run, actor, len(messages), len(matched),
                            selected, skipped, [])
+    if prepare is not None:
+        # The caller formats what it will show before anything is sent: a failure there
+        # (a reason it cannot print, say) must not leave records sent but unaudited.
+        prepare(result)
     _ensure_topics(settings, bootstrap)
     producer = Producer(settings.producer_config(bootstrap))
     if not dry_run and selected:

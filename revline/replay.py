@@ -54,8 +54,14 @@ def parse_when(text: str, *, now: datetime | None = None) -> int:
     value = text.strip()
     match = _DURATION.match(value.lower())
     if match:
-        ago = timedelta(seconds=float(match.group(1)) * _UNIT_S[match.group(2)])
-        return int(((now or datetime.now(UTC)) - ago).timestamp() * 1000)
+        try:
+            ago = timedelta(seconds=float(match.group(1)) * _UNIT_S[match.group(2)])
+            ms = int(((now or datetime.now(UTC)) - ago).timestamp() * 1000)
+        except (OverflowError, ValueError, OSError):
+            ms = -1
+        if ms < 0:
+            raise OperationRefusedError(f"the duration {text!r} reaches back before 1970")
+        return ms
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:
@@ -65,11 +71,20 @@ def parse_when(text: str, *, now: datetime | None = None) -> int:
         ) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return int(moment.timestamp() * 1000)
+    try:
+        ms = int(moment.timestamp() * 1000)
+    except (OverflowError, ValueError, OSError):
+        ms = -1
+    if ms < 0:
+        raise OperationRefusedError(f"the time {text!r} is out of range (1970 to 9999)")
+    return ms
 
 
 def format_ms(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    try:
+        return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    except (OverflowError, ValueError, OSError, TypeError):  # from data: show it as it is
+        return f"{ms} ms"
 
 
 @dataclass(frozen=True)

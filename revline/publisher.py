@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from revline.errors import InfrastructureError
 from revline.settings import Settings
@@ -88,12 +88,19 @@ class Publisher:
 
         Raises ``EventValidationError`` for a bad event (nothing is sent).
         """
+        if not isinstance(event, Mapping):
+            raise EventValidationError([f"(event): expected a JSON object, got "
+                                        f"{_json_kind(event)}"])
         canonical = validate_event(dict(event)) if validate else event
         try:
             value = self.serializer(canonical)
+            key = str(canonical["envelope"]["order_id"]).encode()
         except EncodeError as exc:
             raise EventValidationError([str(exc)]) from exc
-        self._produce(canonical["envelope"]["order_id"].encode(), value, headers)
+        except UnicodeEncodeError as exc:  # a lone surrogate ("\ud800") in the order id
+            raise EventValidationError([f"envelope.order_id: not valid Unicode ({exc.reason})"]
+                                       ) from exc
+        self._produce(key, value, headers)
 
     def publish_raw(self, key: str, value: bytes, headers: Headers | None = None) -> None:
         """Send bytes as they are (for replays and for testing the dead-letter path)."""
@@ -134,45 +141,117 @@ def publish_records(publisher: Publisher, records: Iterable[Any],
     return count
 
 
+class LineError(ValueError):
+    """One input line that cannot be published; the message names the field."""
+
+
+def _json_kind(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+            int: "a number", float: "a number", type(None): "null"}.get(type(value),
+                                                                      type(value).__name__)
+
+
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook``: a key given twice is refused, not last-one-wins."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise LineError(f"{key}: duplicate key in one JSON object (which value is meant?)")
+        out[key] = value
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise LineError(f"{name} is not valid JSON (NaN and Infinity are not numbers here)")
+
+
+def parse_line(line: str | bytes, number: int) -> Any:
+    """One JSON line -> its value; ``LineError`` says why not (never another exception)."""
+    if isinstance(line, bytes):
+        if number == 1 and line.startswith(b"\xef\xbb\xbf"):
+            line = line[3:]  # a UTF-8 byte order mark, as some editors write
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise LineError(f"not valid UTF-8: byte {exc.start + 1} is 0x{line[exc.start]:02x}"
+                            ) from None
+    else:
+        text = line[1:] if number == 1 and line.startswith("\ufeff") else line
+    try:
+        return json.loads(text, object_pairs_hook=_refuse_duplicates,
+                          parse_constant=_no_constant)
+    except LineError:
+        raise
+    except json.JSONDecodeError as exc:
+        raise LineError(f"not valid JSON: {exc.msg} at column {exc.colno}") from None
+    except RecursionError:
+        raise LineError("not accepted: JSON nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise LineError(f"not valid JSON: {exc}") from None
+
+
+def _publish_raw_line(publisher: Publisher, raw: dict[str, Any], number: int,
+                      headers: Headers) -> None:
+    try:
+        value = base64.b64decode(raw["__raw__"], validate=True)
+    except (binascii.Error, TypeError, ValueError) as exc:
+        raise LineError(f"__raw__ is not base64: {exc}") from None
+    key = raw.get("__key__", f"raw-line-{number}")
+    if not isinstance(key, str):
+        raise LineError(f"__key__: expected a string, got {_json_kind(key)}")
+    try:
+        key.encode()
+    except UnicodeEncodeError:
+        raise LineError("__key__: not valid Unicode") from None
+    publisher.publish_raw(key, value, headers)
+
+
 def publish_lines(
     publisher: Publisher,
-    lines: Iterable[str],
+    lines: Iterable[str | bytes],
     *,
     allow_raw: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> PublishReport:
-    """Publish JSON lines; a bad line is reported by number and field, the rest still go."""
+    """Publish JSON lines; a bad line is reported by number and field, the rest still go.
+
+    Lines may be bytes (a file read in binary), so one line of invalid UTF-8 is one
+    rejected line. Whatever a line holds, it is rejected with a reason, never raised:
+    the lines around it are still published.
+    """
     report = PublishReport()
     for number, line in enumerate(lines, start=1):
         if progress:
             progress(number)
-        text = line.strip()
-        if not text:
-            continue
         headers: Headers = [(SOURCE_LINE_HEADER, str(number).encode())]
         try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as exc:
-            report.rejected.append((number, f"not valid JSON: {exc.msg} at column {exc.colno}"))
+            if not line.strip() or line.strip() in ("\ufeff", b"\xef\xbb\xbf"):
+                continue  # a blank line
+            raw = parse_line(line, number)
+            if isinstance(raw, dict) and "__raw__" in raw:
+                if not allow_raw:
+                    raise LineError("raw record (__raw__) refused; pass --allow-raw to send it "
+                                    "as-is")
+                _publish_raw_line(publisher, raw, number, headers)
+            else:
+                publisher.publish(raw, headers=headers)
+        except LineError as exc:
+            report.rejected.append((number, str(exc)))
             continue
-        if isinstance(raw, dict) and "__raw__" in raw:
-            if not allow_raw:
-                report.rejected.append(
-                    (number, "raw record (__raw__) refused; pass --allow-raw to send it as-is")
-                )
-                continue
-            try:
-                value = base64.b64decode(raw["__raw__"], validate=True)
-            except (binascii.Error, TypeError) as exc:
-                report.rejected.append((number, f"__raw__ is not base64: {exc}"))
-                continue
-            publisher.publish_raw(str(raw.get("__key__", f"raw-line-{number}")), value, headers)
-            report.sent += 1
-            continue
-        try:
-            publisher.publish(raw, headers=headers)
         except EventValidationError as exc:
             report.rejected.append((number, "; ".join(exc.problems)))
+            continue
+        except KafkaException as exc:  # refused by the client itself, e.g. too large
+            err = exc.args[0] if exc.args else None
+            why = err.str() if isinstance(err, KafkaError) else str(exc)
+            report.rejected.append((number, f"not sent: {why}"))
+            continue
+        except RecursionError:
+            report.rejected.append((number, "not accepted: nested too deeply"))
+            continue
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
+            # A case no check above foresaw: still one rejected line, never a lost file.
+            report.rejected.append((number, f"not accepted: {type(exc).__name__}: {exc}"))
             continue
         report.sent += 1
     publisher.flush()

@@ -60,6 +60,53 @@ class EncodeError(RevlineError):
     """An event does not fit its schema (a bug in the caller: validate first)."""
 
 
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+_Path = tuple[str, ...]  # field names; "*" steps into every item of an array
+
+
+def _int_paths(schema: Any, path: _Path = ()) -> list[_Path]:
+    """Where a record of ``schema`` holds an Avro ``int`` (32-bit): fastavro writes any
+    Python int there as a varint, so a value beyond 32 bits would be accepted silently
+    and break readers in other languages."""
+    if isinstance(schema, str):
+        return [path] if schema == "int" else []
+    if isinstance(schema, list):  # a union: checked when the value is an int
+        return sorted({p for branch in schema for p in _int_paths(branch, path)})
+    if isinstance(schema, dict):
+        kind = schema.get("type")
+        if kind == "record":
+            return [p for f in schema.get("fields", [])
+                    for p in _int_paths(f["type"], (*path, f["name"]))]
+        if kind == "array":
+            return _int_paths(schema.get("items"), (*path, "*"))
+        if kind == "map":
+            return []  # none in the catalog
+        if kind == "int" and not schema.get("logicalType"):
+            return [path]
+        if isinstance(kind, dict | list):
+            return _int_paths(kind, path)
+    return []
+
+
+def _int32_problem(value: Any, path: _Path, at: str = "") -> str | None:
+    if not path:
+        if isinstance(value, int) and not isinstance(value, bool) and \
+                not INT32_MIN <= value <= INT32_MAX:
+            return f"{at}: {value} is outside the 32-bit range of an Avro int"
+        return None
+    step, rest = path[0], path[1:]
+    if step == "*":
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                problem = _int32_problem(item, rest, f"{at}.{i}" if at else str(i))
+                if problem:
+                    return problem
+        return None
+    if isinstance(value, Mapping) and step in value:
+        return _int32_problem(value[step], rest, f"{at}.{step}" if at else step)
+    return None
+
+
 def subject_for(entry: SchemaEntry) -> str:
     # RecordNameStrategy: one input topic carries every event type.
     return entry.full_name
@@ -76,6 +123,7 @@ class EventSerializer:
         self.catalog = catalog or default_catalog()
         self.registry = registry
         self._headers: dict[tuple[str, int], bytes] = {}
+        self._int_paths: dict[tuple[str, int], list[_Path]] = {}
 
     @property
     def wire_format(self) -> WireFormat:
@@ -109,13 +157,27 @@ class EventSerializer:
         return header
 
     def __call__(self, event: Mapping[str, Any], ctx: object = None) -> bytes:
-        entry = self.entry_for(event)
+        try:
+            entry = self.entry_for(event)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise EncodeError(f"not a canonical event (no envelope.event_type): {exc!r}") from exc
+        key = (entry.event_type, entry.version)
+        paths = self._int_paths.get(key)
+        if paths is None:
+            paths = self._int_paths[key] = _int_paths(entry.parsed)
+        for path in paths:
+            problem = _int32_problem(event, path)
+            if problem:
+                raise EncodeError(f"{entry.event_type} v{entry.version}: {problem}")
         out = io.BytesIO()
         out.write(self.header_for(entry))
         try:
             schemaless_writer(out, entry.parsed, event)
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            raise EncodeError(f"{entry.event_type} v{entry.version}: {exc}") from exc
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError,
+                RecursionError) as exc:
+            # OverflowError: an int beyond 64 bits in a long field.
+            raise EncodeError(f"{entry.event_type} v{entry.version}: "
+                              f"{type(exc).__name__}: {exc}") from exc
         return out.getvalue()
 
 

@@ -12,27 +12,50 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+)
 
 from schemas._catalog import default_catalog
 from schemas._structure import structural_error
 
 
 def _to_datetime(value: Any) -> Any:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return datetime.fromtimestamp(value / 1000, tz=UTC)
+    if isinstance(value, bool):
+        raise ValueError("a timestamp is an ISO 8601 string or epoch milliseconds, not a boolean")
+    if isinstance(value, int):
+        try:
+            return datetime.fromtimestamp(value / 1000, tz=UTC)
+        except (OverflowError, OSError, ValueError):
+            raise ValueError(f"epoch milliseconds {value} are out of range "
+                             "(years 1 to 9999)") from None
     return value
 
 
 def _require_tz(value: datetime) -> datetime:
     if value.tzinfo is None:
         raise ValueError("timestamp needs a timezone, e.g. 2026-11-24T09:30:00Z")
+    try:  # the wire carries epoch milliseconds: the moment must have one
+        value.astimezone(UTC).timestamp()
+    except (OverflowError, OSError, ValueError):
+        raise ValueError("timestamp is out of range in UTC") from None
     return value
 
 
 # ISO-8601 with a timezone, or epoch milliseconds.
 Timestamp = Annotated[datetime, BeforeValidator(_to_datetime), AfterValidator(_require_tz)]
 NonEmpty = Annotated[str, Field(min_length=1)]
+# JSON integers only (no strings, floats such as 238464.0, or booleans), in the range of
+# the Avro type they are written as: money, sequence and counts are never rounded or guessed.
+Long = Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
+Int32 = Annotated[StrictInt, Field(ge=-(2**31), le=2**31 - 1)]
 
 
 class _Strict(BaseModel):
@@ -55,15 +78,15 @@ EventType = Literal[
 class EnvelopeIn(_Strict):
     event_id: str = Field(default_factory=lambda: str(uuid.uuid4()))
     event_type: EventType
-    schema_version: int | None = None
+    schema_version: Int32 | None = None
     idempotency_key: NonEmpty
     order_id: NonEmpty
-    sequence: int = 0
+    sequence: Long = 0
     occurred_at: Timestamp
     source_system: str
     source_record_id: str
     owner: str | None = None
-    amendment_number: int | None = None
+    amendment_number: Int32 | None = None
     invoice_id: str | None = None
     payment_id: str | None = None
 
@@ -71,9 +94,9 @@ class EnvelopeIn(_Strict):
 class LineIn(_Strict):
     line_id: NonEmpty
     sku: str
-    quantity: int
-    unit_price_minor: int
-    discount_minor: int = 0
+    quantity: Int32
+    unit_price_minor: Long
+    discount_minor: Long = 0
     approval_id: str | None = None
     campaign_id: str | None = None
     channel_id: str | None = None
@@ -82,7 +105,7 @@ class LineIn(_Strict):
 class ShippedLineIn(_Strict):
     line_id: NonEmpty
     sku: str
-    quantity: int
+    quantity: Int32
 
 
 class _Event(_Strict):
@@ -94,14 +117,14 @@ class OrderBookedIn(_Event):
     customer_id: NonEmpty
     currency: str
     lines: list[LineIn]
-    tax_minor: int
-    total_minor: int
+    tax_minor: Long
+    total_minor: Long
 
 
 class DiscountApprovedIn(_Event):
     approval_id: NonEmpty
     sku: NonEmpty
-    max_discount_bps: int
+    max_discount_bps: Int32
     approver: NonEmpty
 
 
@@ -109,8 +132,8 @@ class OrderAmendedIn(_Event):
     reason: str
     currency: str
     lines: list[LineIn]
-    tax_minor: int
-    total_minor: int
+    tax_minor: Long
+    total_minor: Long
 
 
 class OrderCancelledIn(_Event):
@@ -120,22 +143,22 @@ class OrderCancelledIn(_Event):
 class FulfilmentConfirmedIn(_Event):
     fulfilment_id: NonEmpty
     shipments: list[ShippedLineIn]
-    partial: bool
+    partial: StrictBool
     carrier: str | None = None
 
 
 class InvoiceIssuedIn(_Event):
     currency: str
     lines: list[LineIn]
-    subtotal_minor: int
-    tax_minor: int
-    total_minor: int
+    subtotal_minor: Long
+    tax_minor: Long
+    total_minor: Long
     due_at: Timestamp
 
 
 class PaymentCapturedIn(_Event):
     currency: str
-    amount_minor: int
+    amount_minor: Long
     method: NonEmpty
     processor_ref: NonEmpty
 
@@ -143,7 +166,7 @@ class PaymentCapturedIn(_Event):
 class RefundIssuedIn(_Event):
     refund_id: NonEmpty
     currency: str
-    amount_minor: int
+    amount_minor: Long
     reason: str
 
 

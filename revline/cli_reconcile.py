@@ -2,7 +2,8 @@
 
 ``revline reconcile`` reads the validated topic (what the stream concluded) and
 compares it with the ledger (``REVLINE_LEDGER_DSN``) and, when Tryton is configured,
-the ERP; it opens one exception per drift record (once: re-runs skip those already
+the ERP, per order, event type and currency and per record; it opens one
+``reconciliation.drift`` exception per drifted order (once: re-runs skip those already
 open), records a ``reconcile`` audit fact and exits 1 when it found drift.
 
 ``revline shadow run`` is a second sink with its own ledger, ERP, consumer group and
@@ -23,18 +24,21 @@ def register(sub: Any) -> None:
     """Add this module's commands to the ``revline`` parser (``sub``: its subparsers)."""
     p = sub.add_parser(
         "reconcile",
-        help="compare the validated stream with the ledger and the ERP: drift %, "
-        "missing/extra/mismatched records, exceptions",
+        help="compare the validated stream with the ledger and the ERP per order, event "
+        "type and currency: drift %% of the money, the orders that differ, one exception "
+        "per drifted order; exit 1 on drift",
     )
     _window_args(p)
     p.add_argument("--json", metavar="FILE", help="also write the full report as JSON")
     p.add_argument("--no-exceptions", action="store_true",
-                   help="report only: open no exceptions (the audit fact is still recorded)")
+                   help="report only: open no reconciliation.drift exceptions (the audit "
+                   "fact is still recorded; the exit code still says whether there is drift)")
     p.add_argument("--ledger-only", action="store_true", help="do not read the ERP")
-    p.add_argument("--limit", type=int, default=50, help="records listed on screen (default 50)")
+    p.add_argument("--limit", type=int, default=50,
+                   help="drifted orders and records listed on screen (default 50)")
     p.set_defaults(func=cmd_reconcile)
 
-    p = sub.add_parser("shadow", help="a shadow sink beside the primary, and its parity %")
+    p = sub.add_parser("shadow", help="a shadow sink beside the primary, and its parity %%")
     shadow = p.add_subparsers(dest="shadow_command", required=True, metavar="run|parity")
     r = shadow.add_parser("run", help="apply the validated topic to a shadow ledger and ERP")
     r.add_argument("--ledger", metavar="DSN", help="default: REVLINE_SHADOW_LEDGER_DSN")
@@ -82,7 +86,7 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
         if erp is not None:
             erp.close()
     n = settings.input_partitions
-    if not args.no_exceptions and report.issues:
+    if not args.no_exceptions and report.drifted:
         ensure_topics(bootstrap, {settings.exceptions_topic: n})
         from confluent_kafka import Producer
 
@@ -100,7 +104,7 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=1, default=str))
         err_console.print(f"[dim]Full report: {args.json}[/dim]")
-    return 0 if not report.issues else 1
+    return 1 if report.drifted else 0
 
 
 def _read_stream(bootstrap: str, settings: Settings, rules: Any) -> Any:
@@ -172,6 +176,12 @@ def _styled(text: str, style: str) -> str:
     return f"[{style}]{text}[/{style}]" if style else text
 
 
+def _pct(value: float, differs: bool) -> str:
+    """3 decimals; drift too small to show is never printed as 0.000."""
+    text = f"{value:.3f}"
+    return "<0.001" if differs and text == "0.000" else text
+
+
 def _print_report(report: Any, limit: int, console: Any) -> None:
     from rich.table import Table
 
@@ -181,12 +191,12 @@ def _print_report(report: Any, limit: int, console: Any) -> None:
     console.print(
         f"[bold]Reconciliation[/bold] — period {w.label} ({span}): "
         f"{len(report.stream.in_window(w)):,} validated events in the period "
-        f"({len(report.stream.records):,} on the topic)"
+        f"({len(report.stream.records):,} on the topic), {len(report.orders):,} orders"
     )
 
-    table = Table(title="Drift by system of record")
-    for col in ("system", "expected", "matched", "missing", "extra", "mismatched", "drift %",
-                "refused (owned)"):
+    table = Table(title="Records by system of record")
+    for col in ("system", "expected", "matched", "missing", "extra", "mismatched",
+                "records drift %", "refused (owned)"):
         table.add_column(col, justify="left" if col == "system" else "right")
     for s in report.systems:
         if not s.reconciled:
@@ -195,11 +205,38 @@ def _print_report(report: Any, limit: int, console: Any) -> None:
         style = "red" if s.drift_count else "green"
         table.add_row(s.system, f"{s.checked:,}", f"{s.matched:,}", f"{len(s.missing):,}",
                       f"{len(s.extra):,}", f"{len(s.mismatched):,}",
-                      f"[{style}]{s.drift_pct:.3f}[/{style}]", f"{len(s.refused):,}")
+                      f"[{style}]{_pct(s.drift_pct, bool(s.drift_count))}[/{style}]",
+                      f"{len(s.refused):,}")
     console.print(table)
 
-    cells = _merged_cells(report)
     names = [sys.system for sys in report.reconciled]
+    money = report.money()
+    if money:
+        table = Table(title="Money by currency (major units; drift % = sum of |differences| "
+                            "per order and event type / expected)")
+        columns = ["currency"]
+        for name in names:
+            label = "ERP" if name == "erp" else name
+            columns += [f"{label} expected", f"{label} holds", f"{label} |difference|",
+                        f"{label} drift %"]
+        columns.append("drift %")
+        for col in columns:
+            table.add_column(col, justify="left" if col == "currency" else "right")
+        per_system = {name: report.money([name]) for name in names}
+        for cur, total in money.items():
+            parts = [cur]
+            for name in names:
+                m = per_system[name][cur]
+                style = "red" if m.diff_minor else ""
+                parts += [_money(m.expected_minor, cur), _money(m.actual_minor, cur),
+                          _styled(_money(m.diff_minor, cur), style),
+                          _styled(_pct(m.drift_pct, bool(m.diff_minor)), style)]
+            style = "red" if total.diff_minor else "green"
+            parts.append(_styled(_pct(total.drift_pct, bool(total.diff_minor)), style))
+            table.add_row(*parts)
+        console.print(table)
+
+    cells = _merged_cells(report)
     if cells:
         table = Table(title="Money by event type, currency and period (major units)")
         columns = ["event type", "currency", "period", "stream #", "stream amount"]
@@ -218,10 +255,40 @@ def _print_report(report: Any, limit: int, console: Any) -> None:
             table.add_row(*parts)
         console.print(table)
 
+    drifted = report.drifted
+    if drifted:
+        shown = drifted[:limit]
+        table = Table(title=f"Orders that differ ({len(drifted):,}; first {len(shown)}; "
+                            "major units)")
+        erp = "erp" in names
+        for col in ("order", "event type", "currency", "expected", "ledger",
+                    *(("ERP",) if erp else ()), "records"):
+            table.add_column(col, overflow="fold",
+                             justify="right" if col in ("expected", "ledger", "ERP") else "left")
+        for o in shown:
+            rows = list(o.differing.items()) or [(("", ""), None)]
+            records = "; ".join(f"{i.system} {i.kind} {i.key}" for i in o.issues) or "—"
+            for n, ((etype, cur), c) in enumerate(rows):
+                if c is None:
+                    cells_ = ["—", "—", "—", "—", *(("—",) if erp else ())]
+                else:
+                    ledger = _styled(_money(c.ledger_minor, cur), "red" if c.ledger_differs
+                                     else "")
+                    cells_ = [etype, cur, _money(c.expected_minor, cur), ledger]
+                    if erp:
+                        text = _money(c.erp_minor, cur)
+                        if (c.erp_expected_minor, c.erp_expected_count) != (
+                                c.expected_minor, c.expected_count):
+                            text += f" (of {_money(c.erp_expected_minor, cur)})"
+                        cells_.append(_styled(text, "red" if c.erp_differs else ""))
+                table.add_row(o.order_id if n == 0 else "", *cells_,
+                              records if n == 0 else "")
+        console.print(table)
+
     issues = report.issues
     if issues:
-        shown = min(limit, len(issues))
-        table = Table(title=f"Records to look at ({len(issues):,}; first {shown})")
+        shown_n = min(limit, len(issues))
+        table = Table(title=f"Records to look at ({len(issues):,}; first {shown_n})")
         for col in ("system", "kind", "order", "event", "idempotency key", "stream", "found",
                     "what is wrong"):
             table.add_column(col, overflow="fold")
@@ -242,11 +309,17 @@ def _print_report(report: Any, limit: int, console: Any) -> None:
                           else f"[yellow]{s.system}: {s.note}[/yellow]")
     for note in report.notes:
         console.print(f"[yellow]note:[/yellow] {note}")
-    verdict = f"[red]{len(issues):,} drift records[/red]" if issues else "[green]no drift[/green]"
+    verdict = (f"[red]{len(drifted):,} order(s) differ, {len(issues):,} drift records[/red]"
+               if drifted else "[green]no drift[/green]")
     opened = (f"; exceptions opened: {report.exceptions_opened} "
-              f"({report.exceptions_known} already open)") if issues else ""
+              f"({report.exceptions_known} already open)") if drifted else ""
+    per_currency = ", ".join(f"{cur} {_pct(m.drift_pct, bool(m.diff_minor))} %"
+                             for cur, m in money.items())
     console.print(
-        f"Drift {report.drift_pct:.3f} % over {report.checked:,} expected records — {verdict} "
+        f"Drift {_pct(report.drift_pct, any(m.diff_minor for m in money.values()))} % "
+        "of the money"
+        f"{f' ({per_currency})' if len(money) > 1 else ''} over {len(report.orders):,} "
+        f"orders, {report.checked:,} expected records — {verdict} "
         f"(target ≤ 0.1 % per week){opened}."
     )
 

@@ -1,7 +1,9 @@
 """Reconciliation: what the stream concluded vs what the ledger and the ERP hold.
 
 The stream's side is the validated topic: every event that passed QA, decoded with
-``schemas.EventDeserializer``, first copy per idempotency key. From each event this
+``schemas.EventDeserializer``. An effect is identified by ``(order_id, idempotency_key)``
+(docs/lifecycle.md): two orders may share a key and are two facts; a second copy of
+the same (order, key) on the topic is a replay, expected once. From each event this
 module derives what a correct sink leaves behind, with the same rules the sink uses:
 
 * ledger — ``sinks/ledger/postings.yaml``: a ``post`` rule makes one journal whose
@@ -16,15 +18,29 @@ module derives what a correct sink leaves behind, with the same rules the sink u
   → the sale, not cancelled behind the stream's back, plus one credit note per
   earlier invoice.
 
-Everything that compares is a pure function over plain values (``expected_from_events``,
-``compare_ledger``, ``compare_erp``); ``read_stream`` and ``reconcile`` do the I/O.
-An event the sink refused (side-effect status ``refused``) already has an owned
-exception: it is listed separately and is not drift. Drift % per system =
-(missing + extra + mismatched) / records expected; overall over both systems.
+Two comparisons, both counting every copy a system holds (never only the first per
+key): per record (``compare_ledger``, ``compare_erp``: a missing, extra or mismatched
+journal or document, named with its refs) and per order (``compare_orders``: the money
+per order, event type and currency the stream implies vs what each system holds, so
+a doubled effect, an unexplained posting or a lost one always moves an order's
+totals). An order is drifted when its totals differ or a record of it is wrong; each
+drifted order opens one ``reconciliation.drift`` exception (owner finance) whose id is
+a function of the order and what differs, so a re-run opens nothing twice.
+
+Drift % is over money, per currency: the sum of absolute differences over the sum
+expected, both systems together; the overall figure is the worst currency's (minor
+units of different currencies are never added). The record counts of before stay in
+the report (``record_drift_pct``).
+
+Everything that compares is a pure function over plain values; ``read_stream`` and
+``reconcile`` do the I/O. An event the sink refused (side-effect status ``refused``)
+already has an owned exception: it is listed separately and is not drift.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import re
 import time
 import uuid
@@ -43,13 +59,12 @@ from revline.readback import header, read_topic
 from schemas import DecodeError, EventDeserializer, exception_codec
 from sinks._protocols import ErpDocument, ErpInventory, Event
 from sinks.erp import _mapping as m
-from sinks.ledger import JournalSummary, PostingRules, SqlLedger
+from sinks.ledger import JournalSummary, PostingRules, SideEffect, SqlLedger
 
 LEDGER = "ledger"
 ERP = "erp"
-CHECK_MISSING = "reconcile.missing"
-CHECK_EXTRA = "reconcile.extra"
-CHECK_MISMATCH = "reconcile.mismatch"
+# The check of every exception reconciliation opens (revline/data/rules.yaml: P1, finance).
+CHECK_DRIFT = "reconciliation.drift"
 OWNER = "finance"
 # Header on the exception records this module produces: a re-run finds the ids it
 # already opened by reading headers only, without decoding every exception.
@@ -194,26 +209,56 @@ class Expected:
     def period(self) -> str:
         return period_of(self.occurred_at)
 
+    @property
+    def effect(self) -> Effect:
+        return (self.order_id, self.key)
+
+
+Effect = tuple[str, str]  # (order_id, idempotency_key): the identity of an effect
+
 
 @dataclass
 class StreamView:
-    """The validated topic, read once: first copy per key, in topic order."""
+    """The validated topic, read once: one record per (order, key), in topic order."""
 
     records: list[Expected] = field(default_factory=list)
-    copies: int = 0  # records beyond the first per key (replays, redeliveries)
-    conflicts: list[str] = field(default_factory=list)  # same key, different effect
+    copies: int = 0  # records beyond the first per (order, key) (replays, redeliveries)
+    conflicts: list[str] = field(default_factory=list)  # same (order, key), different effect
     undecodable: list[str] = field(default_factory=list)  # coordinates
     truncated: dict[int, int] = field(default_factory=dict)  # partition -> low watermark
     in_flight: int = 0  # records past the sink's committed offsets: not judged
+    # Their (order, key): what the sink may already have written for them is not judged either.
+    in_flight_effects: set[Effect] = field(default_factory=set)
 
     def __post_init__(self) -> None:
-        self._by_key = {e.key: e for e in self.records}
+        self._index()
+
+    def _index(self) -> None:
+        self._by_effect = {e.effect: e for e in self.records}
+        self._orders_of_key: dict[str, list[str]] = defaultdict(list)
+        for e in self.records:
+            self._orders_of_key[e.key].append(e.order_id)
+
+    @property
+    def by_effect(self) -> Mapping[Effect, Expected]:
+        if len(self._by_effect) != len(self.records):
+            self._index()
+        return self._by_effect
 
     @property
     def by_key(self) -> Mapping[str, Expected]:
-        if len(self._by_key) != len(self.records):
-            self._by_key = {e.key: e for e in self.records}
-        return self._by_key
+        """Key -> its first record. A key two orders share names only the first order's:
+        use ``by_effect`` to look an effect up."""
+        out: dict[str, Expected] = {}
+        for e in self.records:
+            out.setdefault(e.key, e)
+        return out
+
+    def orders_of(self, key: str) -> list[str]:
+        """The orders that have a validated event under ``key``."""
+        if len(self._by_effect) != len(self.records):
+            self._index()
+        return self._orders_of_key.get(key, [])
 
     def in_window(self, window: Window) -> list[Expected]:
         return [e for e in self.records if window.contains(e.occurred_at)]
@@ -241,9 +286,8 @@ def expected_from_events(
 ) -> StreamView:
     """Pure: the expected effects of validated events given in topic order."""
     view = StreamView()
-    seen: dict[str, Expected] = {}
+    seen: dict[Effect, Expected] = {}
     open_journals: dict[str, list[str]] = defaultdict(list)  # order -> reversible event keys
-    by_key: dict[str, Expected] = {}
     for position, (event, source) in enumerate(events):
         env = event["envelope"]
         key = str(env["idempotency_key"])
@@ -264,18 +308,19 @@ def expected_from_events(
             amount = _int(event.get("total_minor"))
         elif etype in ("payment_captured", "refund_issued"):
             amount = _int(event.get("amount_minor"))
-        if key in seen:
+        if (order_id, key) in seen:
             view.copies += 1
-            first = seen[key]
+            first = seen[order_id, key]
             if (first.event_type, first.amount_minor) != (etype, amount):
                 view.conflicts.append(key)
             continue
         if rule is not None and rule.action == "reverse":
-            targets = [k for k in open_journals[order_id] if by_key[k].event_type in rule.reverses]
+            mine = {k: seen[order_id, k] for k in open_journals[order_id]}
+            targets = [k for k, t in mine.items() if t.event_type in rule.reverses]
             open_journals[order_id] = [k for k in open_journals[order_id] if k not in targets]
             reverses = tuple(targets)
-            amount = sum(by_key[k].ledger_minor or 0 for k in targets) or None
-            currency = next((by_key[k].currency for k in targets), currency)
+            amount = sum(mine[k].ledger_minor or 0 for k in targets) or None
+            currency = next((mine[k].currency for k in targets), currency)
         expected = Expected(
             key=key, order_id=order_id, event_type=etype, currency=currency,
             amount_minor=amount, occurred_at=env["occurred_at"], position=position,
@@ -283,10 +328,11 @@ def expected_from_events(
             sale_minor=_net(event.get("lines")) if etype in _SHAPING else None,
             source=source,
         )  # fmt: skip
-        seen[key] = by_key[key] = expected
+        seen[order_id, key] = expected
         if ledger_minor:
             open_journals[order_id].append(key)
         view.records.append(expected)
+    view._index()
     return view
 
 
@@ -393,33 +439,41 @@ def drift_pct(issues: int, checked: int) -> float:
 
 # -- ledger ----------------------------------------------------------------------------
 def _ledger_expectation(
-    e: Expected, stream: StreamView, refused: Mapping[str, str]
+    e: Expected, stream: StreamView, refused: Mapping[Effect, str]
 ) -> tuple[int, str] | None:
     """(journal total, currency) a correct ledger holds for ``e``; None: nothing."""
     if e.reverses:
-        targets = [stream.by_key[k] for k in e.reverses if k not in refused]
+        targets = _reversed(e, stream, refused)
         total = sum(t.ledger_minor or 0 for t in targets)
         return (total, targets[0].currency) if total else None
     return (e.ledger_minor, e.currency) if e.ledger_minor else None
 
 
+def _reversed(e: Expected, stream: StreamView, refused: Mapping[Effect, str]) -> list[Expected]:
+    """The order's earlier events a cancellation reverses, less those ``refused``."""
+    return [stream.by_effect[e.order_id, k] for k in e.reverses if (e.order_id, k) not in refused]
+
+
 def compare_ledger(
     stream: StreamView,
     journals: Sequence[JournalSummary],
-    refused: Mapping[str, str],
+    refused: Mapping[Effect, str],
     window: Window = ALL_TIME,
 ) -> SystemReport:
-    """Pure: the stream's expected journals vs the ledger's, per event key.
+    """Pure: the stream's expected journals vs the ledger's, per (order, event key).
 
-    ``refused``: event key -> reason for the ledger's "refused" side effects.
+    Every journal counts: two for one effect is a doubled effect, a journal whose
+    (order, key) is not a validated event is extra. ``refused``: (order, event key) ->
+    reason for the ledger's "refused" side effects.
     """
     report = SystemReport(LEDGER)
-    held: dict[str, list[JournalSummary]] = defaultdict(list)
+    held: dict[Effect, list[JournalSummary]] = defaultdict(list)
     for j in journals:
-        if window.contains(j.occurred_at):
-            held[j.event_key].append(j)
+        effect = (j.order_id, j.event_key)
+        if window.contains(j.occurred_at) and effect not in stream.in_flight_effects:
+            held[effect].append(j)
     for e in stream.in_window(window):
-        actual = held.pop(e.key, [])
+        actual = held.pop(e.effect, [])
         want = _ledger_expectation(e, stream, refused)
         if e.amount_minor is not None or want is not None:
             cell = report.cell((e.event_type, e.currency, e.period))
@@ -430,8 +484,8 @@ def compare_ledger(
             cell = report.cell((e.event_type, currency, e.period))
             cell.count += 1
             cell.minor += sum(j.total_minor for j in actual)
-        if e.key in refused:
-            report.refused.append(_issue(LEDGER, "refused", e, want, actual, refused[e.key]))
+        if e.effect in refused:
+            report.refused.append(_issue(LEDGER, "refused", e, want, actual, refused[e.effect]))
             continue
         if want is None:
             if actual:
@@ -457,24 +511,29 @@ def compare_ledger(
         types = {j.event_type for j in actual}
         if types != {e.event_type}:
             problems.append(f"journal type {'/'.join(sorted(types))} ≠ {e.event_type}")
-        wanted_count = len([k for k in e.reverses if k not in refused]) if e.reverses else 1
+        wanted_count = len(_reversed(e, stream, refused)) if e.reverses else 1
         if len(actual) != wanted_count:
             problems.append(f"{len(actual)} journals, expected {wanted_count}")
+        posted: dict[str, int] = defaultdict(int)
+        for j in actual:
+            posted[j.idempotency_key] += 1
+        problems += [f"effect {k} posted {n} times" for k, n in sorted(posted.items()) if n > 1]
         if problems:
             report.mismatched.append(_issue(LEDGER, "mismatch", e, want, actual,
                                             "; ".join(problems)))
         else:
             report.matched += 1
-    for event_key, actual in sorted(held.items()):
+    for (order_id, event_key), actual in sorted(held.items()):
         first = actual[0]
         got = sum(j.total_minor for j in actual)
         cell = report.cell((first.event_type, first.currency, period_of(first.occurred_at)))
         cell.count += 1
         cell.minor += got
         report.extra.append(Issue(
-            LEDGER, "extra", event_key, first.order_id, first.event_type, first.currency,
+            LEDGER, "extra", event_key, order_id, first.event_type, first.currency,
             period_of(first.occurred_at), None, got,
-            f"journal(s) for {event_key}, which is not a validated event on the stream",
+            f"{len(actual)} journal(s) for {event_key} of order {order_id}, which is not a "
+            "validated event on the stream (an unexplained posting)",
             refs=tuple(j.id for j in actual)))  # fmt: skip
     return report
 
@@ -492,33 +551,45 @@ def _issue(
 
 
 # -- ERP -------------------------------------------------------------------------------
+def doc_effect(d: ErpDocument, stream: StreamView) -> Effect:
+    """A document's (order, key). An adapter that does not fill ``order_id`` (older
+    releases): the one order that has a validated event under the key, else ""."""
+    if d.order_id:
+        return (d.order_id, d.idempotency_key)
+    orders = set(stream.orders_of(d.idempotency_key))
+    return (orders.pop() if len(orders) == 1 else "", d.idempotency_key)
+
+
 def compare_erp(
     stream: StreamView,
     documents: Sequence[ErpDocument],
-    refused: Mapping[str, str],
-    partial: Mapping[str, str] | None = None,
+    refused: Mapping[Effect, str],
+    partial: Mapping[Effect, str] | None = None,
     window: Window = ALL_TIME,
 ) -> SystemReport:
-    """Pure: the ERP documents each validated event should have left, per event key.
+    """Pure: the ERP documents each validated event should have left, per (order, key).
 
-    ``refused`` / ``partial``: event key -> detail of the ERP's side-effect rows with
-    that status. A partial write not completed since is drift (a person must finish
+    ``refused`` / ``partial``: (order, event key) -> detail of the ERP's side-effect rows
+    with that status. A partial write not completed since is drift (a person must finish
     or correct it); a refusal is not (its exception is already owned).
     """
     partial = partial or {}
     report = SystemReport(ERP)
-    docs: dict[str, dict[str, list[ErpDocument]]] = defaultdict(lambda: defaultdict(list))
-    drafts: dict[str, list[ErpDocument]] = defaultdict(list)
+    docs: dict[Effect, dict[str, list[ErpDocument]]] = defaultdict(lambda: defaultdict(list))
+    drafts: dict[Effect, list[ErpDocument]] = defaultdict(list)
     for d in documents:
+        effect = doc_effect(d, stream)
+        if effect in stream.in_flight_effects:
+            continue
         if d.state in _ERP_DONE:
-            drafts[d.idempotency_key].append(d)
+            drafts[effect].append(d)
         else:
-            docs[d.idempotency_key][d.step].append(d)
+            docs[effect][d.step].append(d)
     # The sale holds the lines of the order's latest booking/amendment the ERP took.
     shaping: dict[str, str] = {}
     cancelled_orders: set[str] = set()
     for e in stream.records:
-        if e.key in refused:
+        if e.effect in refused:
             continue
         if e.event_type in _SHAPING:
             shaping[e.order_id] = e.key
@@ -528,22 +599,8 @@ def compare_erp(
         steps = ERP_STEPS.get(e.event_type)
         if steps is None:
             continue
-        want: dict[str, tuple[int, int | None]] = {s: (1, None) for s in steps}  # count, amount
-        if e.event_type == "invoice_issued":
-            want[m.INVOICE] = (1, e.amount_minor)
-        elif e.event_type == "payment_captured":
-            want[m.PAYMENT] = (1, e.amount_minor)
-        elif e.event_type == "refund_issued":
-            amount = None if e.amount_minor is None else -e.amount_minor
-            want[m.CREDIT_NOTE] = (1, amount)
-            want[m.REFUND_PAYMENT] = (1, amount)
-        elif e.event_type == "order_cancelled":
-            credited = [stream.by_key[k] for k in e.reverses if k not in refused]
-            if credited:
-                want[m.CREDIT_NOTE] = (len(credited), -sum(t.amount_minor or 0 for t in credited))
-        elif shaping.get(e.order_id) == e.key:
-            want[m.SALE] = (1, e.sale_minor)
-        have = docs.pop(e.key, {})
+        want = _erp_expectation(e, stream, refused, shaping)
+        have = docs.pop(e.effect, {})
         primary = PRIMARY_STEP.get(e.event_type)
         is_money = primary in want
         money_want = want[primary][1] if primary in want else None
@@ -565,15 +622,15 @@ def compare_erp(
             return Issue(ERP, kind, e.key, e.order_id, e.event_type, currency, e.period,
                          want_, have_, detail, money=money, refs=refs, source=e.source)
 
-        if e.key in refused:
-            report.refused.append(issue("refused", refused[e.key]))
+        if e.effect in refused:
+            report.refused.append(issue("refused", refused[e.effect]))
             continue
         report.checked += 1
         problems: list[str] = []
         for step, (count, amount) in want.items():
             found = have.get(step, [])
             if not found:
-                draft = [d for d in drafts.get(e.key, []) if d.step == step]
+                draft = [d for d in drafts.get(e.effect, []) if d.step == step]
                 problems.append(f"no {step}" + (f" (document {draft[0].ref} is still a draft)"
                                                 if draft else ""))  # fmt: skip
                 continue
@@ -596,16 +653,16 @@ def compare_erp(
         for step in sorted(set(have) - set(want)):
             problems.append(f"unexpected {step} document(s) "
                             f"{', '.join(d.ref for d in have[step])}")  # fmt: skip
-        if e.key in partial:
-            problems.append(f"partial write not completed: {partial[e.key]}")
-        if not have and e.key not in partial:
+        if e.effect in partial:
+            problems.append(f"partial write not completed: {partial[e.effect]}")
+        if not have and e.effect not in partial:
             report.missing.append(issue("missing", "; ".join(problems)))
         elif problems:
             report.mismatched.append(issue("mismatch", "; ".join(problems)))
         else:
             report.matched += 1
-    for key, have in sorted(docs.items()):
-        if key in stream.by_key:
+    for (order_id, key), have in sorted(docs.items()):
+        if (order_id, key) in stream.by_effect:
             continue  # an event outside the window, or one with no ERP step (checked above)
         found = [d for ds in have.values() for d in ds]
         if not any(window.contains(d.day) for d in found):
@@ -613,12 +670,296 @@ def compare_erp(
         money = [d for d in found if d.step in MONEY_STEPS]
         first = found[0]
         amount = sum(d.amount_minor for d in money) if money else None
+        whose = f" of order {order_id}" if order_id else ""
         report.extra.append(Issue(
-            ERP, "extra", key, None, "?", first.currency, period_of(first.day), None, amount,
-            "ERP document(s) marked with a key that is not a validated event on the stream: "
-            + ", ".join(f"{d.step} {d.ref}" for d in found),
+            ERP, "extra", key, order_id or None, _erp_event_type(have), first.currency,
+            period_of(first.day), None, amount,
+            f"ERP document(s) marked with {key}{whose}, which is not a validated event on "
+            "the stream: " + ", ".join(f"{d.step} {d.ref}" for d in found),
             money=bool(money), refs=tuple(f"{d.step}:{d.ref}" for d in found)))  # fmt: skip
     return report
+
+
+def _erp_expectation(
+    e: Expected, stream: StreamView, refused: Mapping[Effect, str], shaping: Mapping[str, str]
+) -> dict[str, tuple[int, int | None]]:
+    """step -> (documents, amount or None: not checked) a correct ERP holds for ``e``."""
+    want: dict[str, tuple[int, int | None]] = {s: (1, None) for s in ERP_STEPS[e.event_type]}
+    if e.event_type == "invoice_issued":
+        want[m.INVOICE] = (1, e.amount_minor)
+    elif e.event_type == "payment_captured":
+        want[m.PAYMENT] = (1, e.amount_minor)
+    elif e.event_type == "refund_issued":
+        amount = None if e.amount_minor is None else -e.amount_minor
+        want[m.CREDIT_NOTE] = (1, amount)
+        want[m.REFUND_PAYMENT] = (1, amount)
+    elif e.event_type == "order_cancelled":
+        credited = _reversed(e, stream, refused)
+        if credited:
+            want[m.CREDIT_NOTE] = (len(credited), -sum(t.amount_minor or 0 for t in credited))
+    elif shaping.get(e.order_id) == e.key:
+        want[m.SALE] = (1, e.sale_minor)
+    return want
+
+
+def _erp_event_type(have: Mapping[str, Sequence[ErpDocument]]) -> str:
+    """The event type documents with no validated event stand for, from their steps."""
+    for etype, step in PRIMARY_STEP.items():
+        if have.get(step) and not (step == m.CREDIT_NOTE and have.get(m.REFUND_PAYMENT)):
+            return etype
+    return "?"
+
+
+# -- per order -------------------------------------------------------------------------
+@dataclass
+class OrderCell:
+    """The money of one (event type, currency) of one order, in minor units, and how
+    many effects carry it: what each system must hold and what it holds."""
+
+    expected_minor: int = 0  # in the ledger
+    expected_count: int = 0
+    ledger_minor: int = 0
+    ledger_count: int = 0
+    # The ERP's own expectation: it differs from the ledger's only by what either refused.
+    erp_expected_minor: int = 0
+    erp_expected_count: int = 0
+    erp_minor: int | None = None  # None: the ERP was not read
+    erp_count: int | None = None
+
+    @property
+    def ledger_diff(self) -> int:
+        return abs(self.ledger_minor - self.expected_minor)
+
+    @property
+    def erp_diff(self) -> int:
+        return 0 if self.erp_minor is None else abs(self.erp_minor - self.erp_expected_minor)
+
+    @property
+    def ledger_differs(self) -> bool:
+        return (self.ledger_minor, self.ledger_count) != (self.expected_minor,
+                                                          self.expected_count)
+
+    @property
+    def erp_differs(self) -> bool:
+        return self.erp_minor is not None and (self.erp_minor, self.erp_count) != (
+            self.erp_expected_minor, self.erp_expected_count)
+
+    @property
+    def differs(self) -> bool:
+        return self.ledger_differs or self.erp_differs
+
+
+OrderCellKey = tuple[str, str]  # event type, currency
+
+
+@dataclass
+class OrderDrift:
+    """One order: its money per (event type, currency) on each side, and the records
+    of it that are wrong. Drifted when either is not empty."""
+
+    order_id: str
+    cells: dict[OrderCellKey, OrderCell] = field(default_factory=dict)
+    issues: list[Issue] = field(default_factory=list)
+
+    def cell(self, key: OrderCellKey) -> OrderCell:
+        return self.cells.setdefault(key, OrderCell())
+
+    @property
+    def differing(self) -> dict[OrderCellKey, OrderCell]:
+        return {k: c for k, c in sorted(self.cells.items()) if c.differs}
+
+    @property
+    def drifted(self) -> bool:
+        return bool(self.differing or self.issues)
+
+    @property
+    def money(self) -> bool:
+        """Money is wrong (P1), not only a document such as the sale (P2)."""
+        return bool(self.differing) or any(i.money for i in self.issues)
+
+    @property
+    def systems(self) -> list[str]:
+        found = {i.system for i in self.issues}
+        for c in self.differing.values():
+            found |= {LEDGER} if c.ledger_differs else set()
+            found |= {ERP} if c.erp_differs else set()
+        return sorted(found)
+
+    def signature(self) -> str:
+        """What differs, as stable text: the exception id is a function of it."""
+        parts = [
+            f"{t}|{c}|{x.expected_minor}/{x.expected_count}|{x.ledger_minor}/{x.ledger_count}|"
+            f"{x.erp_expected_minor}/{x.erp_expected_count}|{x.erp_minor}/{x.erp_count}"
+            for (t, c), x in self.differing.items()
+        ]
+        parts += sorted(f"{i.system}|{i.kind}|{i.key}|{i.expected_minor}|{i.actual_minor}"
+                        for i in self.issues)  # fmt: skip
+        return hashlib.blake2b("\n".join(parts).encode(), digest_size=12).hexdigest()
+
+    def findings(self) -> list[str]:
+        """One line per difference: per (event type, currency), then per record."""
+        out = []
+        for (etype, cur), c in self.differing.items():
+            text = (f"{etype} {cur}: expected {fmt_minor(c.expected_minor, cur)}"
+                    f"{_n(c.expected_count)}, ledger {fmt_minor(c.ledger_minor, cur)}"
+                    f"{_n(c.ledger_count)}")  # fmt: skip
+            if c.erp_minor is not None:
+                text += f", ERP {fmt_minor(c.erp_minor, cur)}{_n(c.erp_count or 0)}"
+                if (c.erp_expected_minor, c.erp_expected_count) != (c.expected_minor,
+                                                                    c.expected_count):
+                    text += (f" (ERP expected {fmt_minor(c.erp_expected_minor, cur)}"
+                             f"{_n(c.erp_expected_count)})")  # fmt: skip
+            out.append(text)
+        for i in self.issues:
+            where = "the ledger" if i.system == LEDGER else "the ERP"
+            out.append(f"{i.kind} in {where}: {i.event_type} {i.key}: {i.detail}")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "order_id": self.order_id,
+            "systems": self.systems,
+            "money": self.money,
+            "exception_id": exception_id(self),
+            "differences": [
+                {"event_type": t, "currency": cur, **asdict(c),
+                 "ledger_diff_minor": c.ledger_diff, "erp_diff_minor": c.erp_diff}
+                for (t, cur), c in self.differing.items()
+            ],
+            "records": [i.to_dict() for i in self.issues],
+        }  # fmt: skip
+
+
+def _n(count: int) -> str:
+    return "" if count == 1 else f" in {count} effects"
+
+
+def compare_orders(
+    stream: StreamView,
+    journals: Sequence[JournalSummary],
+    documents: Sequence[ErpDocument] | None,
+    ledger_refused: Mapping[Effect, str],
+    erp_refused: Mapping[Effect, str] | None = None,
+    window: Window = ALL_TIME,
+) -> dict[str, OrderDrift]:
+    """Pure: per order, event type and currency, the money the validated events imply
+    (docs/lifecycle.md "What the ledger posts": invoices' totals, payments, refunds, a
+    cancellation's credit notes = the order's accepted invoices reversed) against the
+    sum of every journal and of every ERP money document, whatever their keys.
+    ``documents`` None: the ERP was not read. The ERP's money per event type is its
+    primary document (invoice, payment, refund payment, credit notes of a cancellation),
+    signed as the ledger posts it; the refund's own credit note is checked per record.
+    """
+    erp_refused = erp_refused or {}
+    orders: dict[str, OrderDrift] = {}
+
+    def cell(order_id: str, etype: str, currency: str) -> OrderCell:
+        drift = orders.get(order_id)
+        if drift is None:
+            drift = orders[order_id] = OrderDrift(order_id)
+        return drift.cell((etype, currency))
+
+    for e in stream.in_window(window):
+        for refused, ledger_side in ((ledger_refused, True), (erp_refused, False)):
+            if e.effect in refused or (not ledger_side and documents is None):
+                continue
+            for currency, amount, count in _expected_money(e, stream, refused, ledger_side):
+                c = cell(e.order_id, e.event_type, currency)
+                if ledger_side:
+                    c.expected_minor += amount
+                    c.expected_count += count
+                else:
+                    c.erp_expected_minor += amount
+                    c.erp_expected_count += count
+    for j in journals:
+        effect = (j.order_id, j.event_key)
+        if window.contains(j.occurred_at) and effect not in stream.in_flight_effects:
+            c = cell(j.order_id, j.event_type, j.currency)
+            c.ledger_minor += j.total_minor
+            c.ledger_count += 1
+    if documents is not None:
+        by_effect: dict[Effect, dict[str, list[ErpDocument]]] = defaultdict(
+            lambda: defaultdict(list))
+        for d in documents:
+            effect = doc_effect(d, stream)
+            if d.state not in _ERP_DONE and effect not in stream.in_flight_effects:
+                by_effect[effect][d.step].append(d)
+        for (order_id, key), have in by_effect.items():
+            event = stream.by_effect.get((order_id, key))
+            if event is not None:
+                if not window.contains(event.occurred_at):
+                    continue
+                etype = event.event_type
+            else:
+                etype = _erp_event_type(have)
+                if not any(window.contains(d.day) for ds in have.values() for d in ds):
+                    continue
+            step = PRIMARY_STEP.get(etype)
+            for d in have.get(step, []) if step else []:
+                c = cell(order_id or f"? {key}", etype, d.currency)
+                sign = -1 if step in (m.CREDIT_NOTE, m.REFUND_PAYMENT) else 1
+                c.erp_minor = (c.erp_minor or 0) + sign * d.amount_minor
+                c.erp_count = (c.erp_count or 0) + 1
+        for drift in orders.values():
+            for c in drift.cells.values():
+                if c.erp_minor is None:
+                    c.erp_minor, c.erp_count = 0, 0
+    return orders
+
+
+def _expected_money(
+    e: Expected, stream: StreamView, refused: Mapping[Effect, str], ledger: bool
+) -> list[tuple[str, int, int]]:
+    """(currency, minor units, effects) a system must hold for ``e``: one per currency."""
+    if e.event_type == "order_cancelled":
+        out: dict[str, list[int]] = {}
+        for t in _reversed(e, stream, refused):
+            row = out.setdefault(t.currency, [0, 0])
+            row[0] += t.ledger_minor or 0
+            row[1] += 1
+        return [(cur, amount, count) for cur, (amount, count) in out.items()]
+    if e.event_type not in PRIMARY_STEP or e.amount_minor is None:
+        return []
+    if ledger:  # a zero journal is not posted; the ERP keeps a zero document
+        return [(e.currency, e.ledger_minor, 1)] if e.ledger_minor else []
+    return [(e.currency, e.amount_minor, 1)]
+
+
+@dataclass
+class Money:
+    """One currency over the orders compared: minor units expected, held, and the sum
+    of absolute differences per order and event type (so gains never offset losses)."""
+
+    expected_minor: int = 0
+    actual_minor: int = 0
+    diff_minor: int = 0
+
+    @property
+    def drift_pct(self) -> float:
+        return drift_pct(self.diff_minor, self.expected_minor)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "drift_pct": round(self.drift_pct, 4)}
+
+
+def money_by_currency(
+    orders: Iterable[OrderDrift], systems: Iterable[str] = (LEDGER, ERP)
+) -> dict[str, Money]:
+    """Currency -> money over the given systems (an unread ERP adds nothing)."""
+    out: dict[str, Money] = {}
+    wanted = set(systems)
+    for o in orders:
+        for (_, cur), c in o.cells.items():
+            money = out.setdefault(cur, Money())
+            if LEDGER in wanted:
+                money.expected_minor += c.expected_minor
+                money.actual_minor += c.ledger_minor
+                money.diff_minor += c.ledger_diff
+            if ERP in wanted and c.erp_minor is not None:
+                money.expected_minor += c.erp_expected_minor
+                money.actual_minor += c.erp_minor
+                money.diff_minor += c.erp_diff
+    return dict(sorted(out.items()))
 
 
 # -- the whole report ------------------------------------------------------------------
@@ -631,6 +972,8 @@ class Report:
     at_ms: int = field(default_factory=lambda: int(time.time() * 1000))
     exceptions_opened: int = 0
     exceptions_known: int = 0
+    # order -> its money per event type and currency (``compare_orders``).
+    orders: dict[str, OrderDrift] = field(default_factory=dict)
 
     @property
     def reconciled(self) -> list[SystemReport]:
@@ -644,8 +987,33 @@ class Report:
     def issues(self) -> list[Issue]:
         return [i for s in self.reconciled for i in s.issues]
 
+    def order_drifts(self) -> list[OrderDrift]:
+        """Every order compared, with the records of it that are wrong attached."""
+        issues: dict[str, list[Issue]] = defaultdict(list)
+        for i in self.issues:
+            issues[i.order_id or f"? {i.key}"].append(i)
+        out = {o: OrderDrift(o, d.cells, issues.pop(o, [])) for o, d in self.orders.items()}
+        for o, found in issues.items():
+            out[o] = OrderDrift(o, {}, found)
+        return [out[o] for o in sorted(out)]
+
+    @property
+    def drifted(self) -> list[OrderDrift]:
+        return [o for o in self.order_drifts() if o.drifted]
+
+    def money(self, systems: Iterable[str] | None = None) -> dict[str, Money]:
+        names = [s.system for s in self.reconciled] if systems is None else list(systems)
+        return money_by_currency(self.orders.values(), names)
+
     @property
     def drift_pct(self) -> float:
+        """Over money: the worst currency's sum of absolute differences / sum expected,
+        both systems together (minor units of two currencies are never added)."""
+        return max((m_.drift_pct for m_ in self.money().values()), default=0.0)
+
+    @property
+    def record_drift_pct(self) -> float:
+        """(missing + extra + mismatched records) / records expected."""
         return drift_pct(len(self.issues), self.checked)
 
     def system(self, name: str) -> SystemReport:
@@ -653,11 +1021,17 @@ class Report:
 
     def fact_detail(self) -> dict[str, Any]:
         """What the audit fact records (the Monday report reads the latest one)."""
+        drifted = self.drifted
         return {
             "period": self.window.label,
             "since": self.window.start.isoformat() if self.window.start else None,
             "until": self.window.end.isoformat() if self.window.end else None,
             "drift_pct": round(self.drift_pct, 4),
+            "record_drift_pct": round(self.record_drift_pct, 4),
+            "by_currency": {cur: m_.to_dict() for cur, m_ in self.money().items()},
+            "orders": len(self.orders),
+            "orders_drifted": len(drifted),
+            "drifted_orders": [o.order_id for o in drifted[:100]],
             "checked": self.checked,
             "missing": sum(len(s.missing) for s in self.reconciled),
             "extra": sum(len(s.extra) for s in self.reconciled),
@@ -665,20 +1039,24 @@ class Report:
             "refused": sum(len(s.refused) for s in self.reconciled),
             "events": len(self.stream.in_window(self.window)),
             "exceptions_opened": self.exceptions_opened,
-            **{s.system: s.summary() for s in self.systems},
-        }
+            **{s.system: {**s.summary(), **({"by_currency": {
+                cur: m_.to_dict() for cur, m_ in self.money([s.system]).items()}}
+                if s.reconciled else {})} for s in self.systems},
+        }  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return {
             **self.fact_detail(),
             "at_ms": self.at_ms,
             "exceptions_already_open": self.exceptions_known,
+            "drifted_orders": [o.to_dict() for o in self.drifted],
             "stream": {
                 "validated_events": len(self.stream.records),
                 "copies_beyond_first": self.stream.copies,
                 "conflicting_copies": self.stream.conflicts,
                 "undecodable": self.stream.undecodable,
                 "truncated_partitions": {str(p): o for p, o in self.stream.truncated.items()},
+                "in_flight": self.stream.in_flight,
             },
             "notes": self.notes,
             "systems": {s.system: s.to_dict() for s in self.systems},
@@ -701,9 +1079,43 @@ def stream_notes(stream: StreamView) -> list[str]:
         notes.append(f"{len(stream.undecodable)} undecodable record(s) on the validated topic "
                      f"(first: {stream.undecodable[0]}); the sink refused them too")  # fmt: skip
     if stream.conflicts:
-        notes.append(f"{len(stream.conflicts)} key(s) appear on the validated topic with "
-                     f"different amounts (first: {stream.conflicts[0]}); the first copy counts")
+        notes.append(f"{len(stream.conflicts)} (order, key) pair(s) appear on the validated "
+                     f"topic with different amounts (first key: {stream.conflicts[0]}); the "
+                     "first copy counts")  # fmt: skip
     return notes
+
+
+def effect_details(rows: Iterable[SideEffect], stream: StreamView) -> dict[Effect, str]:
+    """(order, key) -> detail of side-effect rows. A row without an order (a ledger
+    written before side effects carried one) stands for every order using its key."""
+    out: dict[Effect, str] = {}
+    for row in rows:
+        order_id = getattr(row, "order_id", "") or ""
+        key = row.idempotency_key
+        for order in [order_id] if order_id else (stream.orders_of(key) or [""]):
+            out[order, key] = row.detail
+    return out
+
+
+def compare(
+    stream: StreamView,
+    window: Window,
+    journals: Sequence[JournalSummary],
+    ledger_refused: Mapping[Effect, str],
+    documents: Sequence[ErpDocument] | None = None,
+    erp_refused: Mapping[Effect, str] | None = None,
+    erp_partial: Mapping[Effect, str] | None = None,
+    *,
+    erp_note: str = "",
+) -> Report:
+    """Pure: the whole report from what was read. ``documents`` None: no ERP read."""
+    systems = [compare_ledger(stream, journals, ledger_refused, window)]
+    if documents is not None:
+        systems.append(compare_erp(stream, documents, erp_refused or {}, erp_partial, window))
+    else:
+        systems.append(not_reconciled(ERP, erp_note or "no ERP to read"))
+    orders = compare_orders(stream, journals, documents, ledger_refused, erp_refused, window)
+    return Report(window, stream, systems, notes=stream_notes(stream), orders=orders)
 
 
 def reconcile(
@@ -716,69 +1128,66 @@ def reconcile(
 ) -> Report:
     """Read the ledger (and the ERP, when given) and compare both with the stream."""
     journals = ledger.journal_summaries(window.start, window.end)
-    ledger_refused = {e.idempotency_key: e.detail
-                      for e in ledger.all_effects(LEDGER, statuses=("refused",))}
-    systems = [compare_ledger(stream, journals, ledger_refused, window)]
-    if erp is not None:
-        erp_rows = ledger.all_effects(ERP, statuses=("refused", "partial"))
-        refused = {e.idempotency_key: e.detail for e in erp_rows if e.status == "refused"}
-        partial = {e.idempotency_key: e.detail for e in erp_rows if e.status == "partial"}
-        systems.append(compare_erp(stream, erp.documents(), refused, partial, window))
-    else:
-        systems.append(not_reconciled(ERP, erp_note or "no ERP to read"))
-    return Report(window, stream, systems, notes=stream_notes(stream))
+    ledger_refused = effect_details(ledger.all_effects(LEDGER, statuses=("refused",)), stream)
+    if erp is None:
+        return compare(stream, window, journals, ledger_refused, erp_note=erp_note)
+    erp_rows = ledger.all_effects(ERP, statuses=("refused", "partial"))
+    refused = effect_details([e for e in erp_rows if e.status == "refused"], stream)
+    partial = effect_details([e for e in erp_rows if e.status == "partial"], stream)
+    return compare(stream, window, journals, ledger_refused, erp.documents(), refused, partial)
 
 
 # -- exceptions ------------------------------------------------------------------------
-def exception_id(issue: Issue) -> str:
-    # The record's own period (not the run's window): re-runs over any window that
-    # includes it reproduce the same id, so nothing is opened twice.
-    return exception_id_for(f"reconcile|{issue.period}|{issue.system}|{issue.key}|{issue.kind}")
+def exception_id(drift: OrderDrift) -> str:
+    """A function of the order and what differs: a re-run over the same drift finds the
+    id already open; a different drift of the same order is a new exception."""
+    return exception_id_for(f"reconcile|{CHECK_DRIFT}|{drift.order_id}|{drift.signature()}")
 
 
-_CHECKS = {"missing": CHECK_MISSING, "extra": CHECK_EXTRA, "mismatch": CHECK_MISMATCH}
+_REASON_FINDINGS = 6  # findings spelled out in the reason; all_findings has every one
 
 
 def exception_records(
-    issues: Iterable[Issue], *, now_ms: int, sla_minutes: Mapping[str, int], rules_version: str
-) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Pure: (Kafka key, ExceptionRecord dict) per drift issue; refusals have theirs."""
-    for issue in issues:
-        check = _CHECKS.get(issue.kind)
-        if check is None:
+    drifts: Iterable[OrderDrift], *, now_ms: int, sla_minutes: Mapping[str, int],
+    rules_version: str,
+) -> Iterator[tuple[str, dict[str, Any]]]:  # fmt: skip
+    """Pure: (Kafka key, ExceptionRecord dict) per drifted order."""
+    for drift in drifts:
+        if not drift.drifted:
             continue
-        severity = "P1" if issue.money else "P2"
-        where = "the ledger" if issue.system == LEDGER else "the ERP"
-        amounts = ""
-        if issue.expected_minor is not None or issue.actual_minor is not None:
-            amounts = (f" (stream {fmt_minor(issue.expected_minor, issue.currency)}, "
-                       f"{issue.system} {fmt_minor(issue.actual_minor, issue.currency)})")
-        reason = f"{issue.kind} in {where}: {issue.event_type} {issue.key}{amounts}: {issue.detail}"
-        src = issue.source
-        coords = (src.input or "").rsplit("/", 2) if src else []
-        if src and len(coords) != 3:  # no input header: point at the validated record
-            coords = [src.topic, str(src.partition), str(src.offset)]
-        yield issue.order_id or issue.key, {
-            "exception_id": exception_id(issue),
-            "check_id": check,
+        severity = "P1" if drift.money else "P2"
+        findings = drift.findings()
+        shown = "; ".join(findings[:_REASON_FINDINGS])
+        more = len(findings) - _REASON_FINDINGS
+        reason = (f"order {drift.order_id} differs between the validated stream and "
+                  f"{' and '.join(drift.systems)}: {shown}"
+                  + (f"; and {more} more" if more > 0 else ""))  # fmt: skip
+        keys = sorted({i.key for i in drift.issues})
+        types = sorted({t for t, _ in drift.differing} | {i.event_type for i in drift.issues}
+                       - {"?"})  # fmt: skip
+        refs = sorted({r for i in drift.issues for r in i.refs})
+        order_id = None if drift.order_id.startswith("? ") else drift.order_id
+        yield order_id or (keys[0] if keys else drift.order_id), {
+            "exception_id": exception_id(drift),
+            "check_id": CHECK_DRIFT,
             "severity": severity,
             "owner": OWNER,
             "reason": reason,
-            "all_findings": [{"check_id": check, "reason": reason}],
+            "all_findings": [{"check_id": CHECK_DRIFT, "reason": f} for f in findings],
             "blocking": True,
             "opened_at_ms": now_ms,
             "sla_deadline_ms": now_ms + int(sla_minutes.get(severity, 15)) * 60_000,
             "rules_version": rules_version,
-            "event_type": issue.event_type if issue.event_type != "?" else None,
-            "idempotency_key": issue.key,
-            "order_id": issue.order_id,
-            "source_system": issue.system,
-            "source_record_id": ",".join(issue.refs) or None,
-            # No input for an extra record: -1 says so (the ERP/ledger refs name it).
-            "input_topic": coords[0] if coords else "",
-            "input_partition": int(coords[1]) if coords else -1,
-            "input_offset": int(coords[2]) if coords else -1,
-            "event": src.value if src else b"",
+            "event_type": types[0] if len(types) == 1 else None,
+            "idempotency_key": keys[0] if len(keys) == 1 else None,
+            "order_id": order_id,
+            "source_system": ",".join(drift.systems) or None,
+            "source_record_id": ",".join(refs) or None,
+            # About an order, not one input record: no coordinates, no event to re-drive.
+            "input_topic": "",
+            "input_partition": -1,
+            "input_offset": -1,
+            "event": b"",
         }
 
 
@@ -811,6 +1220,7 @@ def read_stream(
     """
     undecodable: list[str] = []
     in_flight = 0
+    in_flight_effects: set[Effect] = set()
 
     def events() -> Iterator[tuple[Event, Source | None]]:
         nonlocal in_flight
@@ -820,6 +1230,9 @@ def read_stream(
             if applied_upto is not None and (msg.offset() or 0) >= applied_upto.get(
                     msg.partition() or 0, 0):
                 in_flight += 1
+                with contextlib.suppress(DecodeError):
+                    env = decoder.decode(msg.value() or b"")["envelope"]
+                    in_flight_effects.add((str(env["order_id"]), str(env["idempotency_key"])))
                 continue
             coords = f"{msg.topic()}/{msg.partition()}/{msg.offset()}"
             try:
@@ -834,6 +1247,7 @@ def read_stream(
     view = expected_from_events(events(), rules)
     view.undecodable = undecodable
     view.in_flight = in_flight
+    view.in_flight_effects = in_flight_effects
     view.truncated = low_watermarks(bootstrap, topic)
     return view
 
@@ -872,31 +1286,6 @@ def low_watermarks(bootstrap: str, topic: str) -> dict[int, int]:
         consumer.close()
 
 
-def fetch_values(bootstrap: str, sources: Iterable[Source], timeout: float = 30.0) -> None:
-    """Fill in ``value`` (the event bytes) of the given sources, one fetch per record.
-
-    Only the few records that become exceptions need their bytes, so the topic read
-    does not keep every event's bytes in memory.
-    """
-    wanted = {(s.topic, s.partition, s.offset): s for s in sources if not s.value}
-    if not wanted:
-        return
-    consumer = _consumer(bootstrap)
-    deadline = time.monotonic() + timeout
-    try:
-        for (topic, partition, offset), src in wanted.items():
-            consumer.assign([TopicPartition(topic, partition, offset)])
-            while time.monotonic() < deadline:
-                msg = consumer.poll(1.0)
-                if msg is None or msg.error():
-                    continue
-                if msg.offset() == offset:
-                    src.value = msg.value() or b""
-                break
-    finally:
-        consumer.close()
-
-
 def known_exception_ids(bootstrap: str, topic: str, timeout: float = 120.0) -> set[str]:
     """Ids of the reconcile exceptions already on ``topic`` (headers only, no decoding)."""
     ids: set[str] = set()
@@ -917,15 +1306,16 @@ def open_exceptions(
     sla_minutes: Mapping[str, int],
     rules_version: str,
 ) -> int:
-    """Produce one exception per drift issue not already opened by an earlier run.
+    """Produce one ``reconciliation.drift`` exception per drifted order not already
+    opened by an earlier run, as the sink produces its exceptions (Avro
+    ``ExceptionRecord``, keyed by order).
 
     The ids are deterministic; the ones already on the topic are skipped, so
     re-running over the same drift opens nothing new. Returns how many were opened.
     """
-    issues = report.issues
-    known = known_exception_ids(bootstrap, topic) if issues else set()
-    fresh = [i for i in issues if exception_id(i) not in known]
-    fetch_values(bootstrap, [i.source for i in fresh if i.source is not None])
+    drifted = report.drifted
+    known = known_exception_ids(bootstrap, topic) if drifted else set()
+    fresh = [d for d in drifted if exception_id(d) not in known]
     codec = exception_codec()
     opened: set[str] = set()
     for key, record in exception_records(
@@ -942,7 +1332,7 @@ def open_exceptions(
     if producer.flush(30):
         raise InfrastructureError(f"reconcile exceptions not acknowledged by Kafka ({topic})")
     report.exceptions_opened = len(opened)
-    report.exceptions_known = len(issues) - len(fresh)
+    report.exceptions_known = len(drifted) - len(fresh)
     return len(opened)
 
 

@@ -7,6 +7,7 @@ in-memory ERP), driven without Kafka; the Kafka tests are test_reconcile_kafka.p
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Iterable
 from datetime import UTC, date, datetime, timedelta
@@ -23,9 +24,11 @@ from sinks.erp import _mapping as m
 from sinks.ledger import JournalSummary, SideEffect, SqlLedger, load_posting_rules
 from sinks.ledger import _ledger as ledger_module
 from sinks.reconcile import (
+    CHECK_DRIFT,
     ERP_STEPS,
     Report,
     StreamView,
+    compare,
     compare_erp,
     compare_ledger,
     exception_id,
@@ -83,12 +86,13 @@ def cancelled_after_invoice(order: str) -> list[dict[str, Any]]:
 def sink(events: list[dict[str, Any]], ledger: SqlLedger, erp: InMemoryErp) -> None:
     """What the sink processor does, without Kafka: post, apply, record refusals."""
     for event in events:
-        key = event["envelope"]["idempotency_key"]
+        env = event["envelope"]
         ledger.post([event])
         try:
             erp.apply(event)
         except PermanentSinkError as exc:
-            ledger.record_effect(key, "erp", {}, "refused", 1, str(exc))
+            ledger.record_effect(env["order_id"], env["idempotency_key"], "erp", {}, "refused",
+                                 1, str(exc))
 
 
 # -- the model agrees with the real adapters -------------------------------------------
@@ -128,13 +132,16 @@ def test_generated_workload_sunk_in_order_reconciles_to_zero_with_refusals_owned
     with SqlLedger("sqlite:///:memory:") as ledger:
         erp = InMemoryErp()
         sink(events, ledger, erp)
-        refused = {e.idempotency_key: e.detail for e in ledger.all_effects("erp", ["refused"])}
+        refused = {(e.order_id or "", e.idempotency_key): e.detail
+                   for e in ledger.all_effects("erp", ["refused"])}
         lr = compare_ledger(stream, ledger.journal_summaries(), {})
         er = compare_erp(stream, erp.documents(), refused)
         balances = ledger.balances()
     assert lr.issues == [] and er.issues == [], (lr.issues[:3], er.issues[:3])
-    assert list(refused) == [late["envelope"]["idempotency_key"]]
-    assert [i.key for i in er.refused] == list(refused) and "confirmed sale" in er.refused[0].detail
+    late_env = late["envelope"]
+    assert list(refused) == [(late_env["order_id"], late_env["idempotency_key"])]
+    assert [i.key for i in er.refused] == [late_env["idempotency_key"]]
+    assert "confirmed sale" in er.refused[0].detail
     # The stream's amounts per currency equal the manifest's totals, independently derived.
     invoiced_ = {cur: 0 for cur in {o.currency for o in workload.orders.values()}}
     for (etype, cur, _), cell in lr.cells.items():
@@ -183,7 +190,7 @@ def test_refused_events_are_listed_as_owned_not_drift() -> None:
     key = f"{order}:capture:1"
     kept = [journal(e.key, e.event_type, e.ledger_minor or 0, order=order)
             for e in stream.records if e.ledger_minor and e.key != key]
-    report = compare_ledger(stream, kept, {key: "ledger refused: account closed"})
+    report = compare_ledger(stream, kept, {(order, key): "ledger refused: account closed"})
     assert report.issues == []
     assert [(i.kind, i.key, i.detail) for i in report.refused] == [
         ("refused", key, "ledger refused: account closed")]
@@ -203,7 +210,7 @@ def test_cancellation_expects_the_reversal_of_only_unrefused_earlier_invoices() 
                                          order=order), credit], {})
     assert ok.issues == [] and ok.matched == 2
     # The invoice was refused by the ledger: nothing to reverse, so a credit note is extra.
-    refused = compare_ledger(stream, [credit], {inv.key: "refused"})
+    refused = compare_ledger(stream, [credit], {(order, inv.key): "refused"})
     assert [(i.kind, i.key) for i in refused.extra] == [("extra", cancel.key)]
 
 
@@ -239,8 +246,9 @@ def test_copies_on_the_topic_count_once_and_conflicting_copies_are_noted() -> No
 
 # -- ERP -------------------------------------------------------------------------------
 def doc(key: str, step: str, amount: int, ref: str = "1", state: str = "posted",
-        currency: str = "EUR") -> ErpDocument:
-    return ErpDocument(key, step, ref, currency, amount, state, DAY.date())
+        currency: str = "EUR", order: str = "") -> ErpDocument:
+    return ErpDocument(key, step, ref, currency, amount, state, DAY.date(),
+                       order_id=order or key.split(":")[0])
 
 
 def test_erp_duplicate_invoice_cancelled_sale_draft_and_partial_are_drift() -> None:
@@ -268,7 +276,8 @@ def test_erp_duplicate_invoice_cancelled_sale_draft_and_partial_are_drift() -> N
     (issue,) = compare_erp(stream, draft, {}).mismatched
     assert "no invoice (document 8 is still a draft)" in issue.detail
 
-    report = compare_erp(stream, clean[:3], {}, {c: "payment: done invoice=8; then timeout"})
+    partial = {(order, c): "payment: done invoice=8; then timeout"}
+    report = compare_erp(stream, clean[:3], {}, partial)
     assert [(x.kind, x.key) for x in report.mismatched] == [("mismatch", c)]
     assert "partial write not completed" in report.mismatched[0].detail
 
@@ -287,45 +296,242 @@ def test_erp_sale_amount_is_checked_against_the_latest_accepted_amendment() -> N
     old, new = subtotal(LINES), subtotal(lines2)
     docs = [doc(k, "sale", new, "5", "quotation") for k in (b, a1)]
     # amendment 2 refused by the ERP: the sale keeps amendment 1's lines
-    assert compare_erp(stream, docs, {a2: "refused"}).issues == []
+    assert compare_erp(stream, docs, {(order, a2): "refused"}).issues == []
     report = compare_erp(stream, [*docs, doc(a2, "sale", new, "5", "quotation")], {})
     assert [(x.key, x.money) for x in report.mismatched] == [(a2, False)]
     assert fmt_minor(old, "EUR") in report.mismatched[0].detail
 
 
-# -- exceptions ------------------------------------------------------------------------
-def test_exception_records_are_owned_by_finance_deterministic_and_encodable() -> None:
-    order = new_order()
-    stream = stream_of(flow(order))
-    report = compare_ledger(stream, [], {})
-    records = list(exception_records(report.issues, now_ms=1_000, rules_version="postings x",
-                                     sla_minutes={"P1": 15, "P2": 120}))
-    assert len(records) == report.checked == 4
-    key, first = records[0]
-    assert key == order
-    assert (first["check_id"], first["owner"], first["severity"]) == (
-        "reconcile.missing", "finance", "P1")
-    assert first["sla_deadline_ms"] == 1_000 + 15 * 60_000
-    assert first["exception_id"] == exception_id(report.issues[0])
-    again = compare_ledger(stream, [], {})  # a re-run: the same ids
-    assert [exception_id(i) for i in again.issues] == [r["exception_id"] for _, r in records]
-    assert len({r["exception_id"] for _, r in records}) == 4
+# -- per order: every kind of damage is drift that names the order ---------------------
+@dataclasses.dataclass
+class Sunk:
+    """Orders sunk into a real (SQLite) ledger and the in-memory ERP, then read back."""
+
+    stream: StreamView
+    journals: list[JournalSummary]
+    erp: InMemoryErp
+    a: str  # EUR: booked, amended, invoiced, paid twice, partly refunded
+    b: str  # JPY: the same
+    c: str  # EUR: invoiced, then cancelled
+    d: str  # EUR: booked only
+    shared: tuple[str, str]  # two EUR orders invoicing under one idempotency key
+
+    def judge(self, journals: list[JournalSummary] | None = None,
+              erp: bool = True) -> Report:
+        return compare(self.stream, parse_window(),
+                       self.journals if journals is None else journals, {},
+                       self.erp.documents() if erp else None, {}, {})
+
+    def journal(self, order: str, event_type: str) -> JournalSummary:
+        return next(j for j in self.journals
+                    if j.order_id == order and j.event_type == event_type)
+
+
+SHARED_KEY = "ERP-INV-0001"  # two sources both number their invoice 1
+
+
+def sunk() -> Sunk:
+    a, b, c, d, e, f = (new_order() for _ in range(6))
+    shared = [booked(e, LINES), invoiced(e, LINES, key=SHARED_KEY),
+              booked(f, LINES[:1]), invoiced(f, LINES[:1], key=SHARED_KEY)]
+    events = [*flow(a), *flow(b, "JPY"), *cancelled_after_invoice(c), booked(d, LINES),
+              *shared]
+    with SqlLedger("sqlite:///:memory:") as ledger:
+        erp = InMemoryErp()
+        sink(events, ledger, erp)
+        journals = ledger.journal_summaries()
+    return Sunk(stream_of(events), journals, erp, a, b, c, d, (e, f))
+
+
+def drifted(report: Report) -> list[str]:
+    return [o.order_id for o in report.drifted]
+
+
+def test_nothing_damaged_is_zero_drift_per_currency_and_opens_nothing() -> None:
+    s = sunk()
+    report = s.judge()
+    assert report.issues == [] and drifted(report) == []
+    assert report.drift_pct == 0.0 and report.record_drift_pct == 0.0
+    money = report.money()
+    assert set(money) == {"EUR", "JPY"}
+    assert all(m_.diff_minor == 0 and m_.expected_minor == m_.actual_minor > 0
+               for m_ in money.values())
+    # Both orders sharing a key are expected, and both are in both systems.
+    e, f = s.shared
+    for order in (e, f):
+        inv = report.orders[order].cells["invoice_issued", "EUR"]
+        assert inv.expected_minor == inv.ledger_minor == inv.erp_minor
+        assert inv.expected_minor > 0
+    assert report.orders[e].cells["invoice_issued", "EUR"].expected_minor != \
+        report.orders[f].cells["invoice_issued", "EUR"].expected_minor
+    assert list(exception_records(report.drifted, now_ms=1, sla_minutes={},
+                                  rules_version="x")) == []
+    assert report.fact_detail()["orders_drifted"] == 0
+
+
+def _lost_order(s: Sunk) -> tuple[list[JournalSummary], str]:
+    return [j for j in s.journals if j.order_id != s.a], s.a
+
+
+def _doubled_effect(s: Sunk) -> tuple[list[JournalSummary], str]:
+    pay = s.journal(s.a, "payment_captured")
+    return [*s.journals, dataclasses.replace(pay, id="J-behind-the-back")], s.a
+
+
+def _wrong_amount(s: Sunk) -> tuple[list[JournalSummary], str]:
+    inv = s.journal(s.a, "invoice_issued")
+    return [dataclasses.replace(j, total_minor=j.total_minor + 1) if j is inv else j
+            for j in s.journals], s.a
+
+
+def _wrong_currency(s: Sunk) -> tuple[list[JournalSummary], str]:
+    pay = s.journal(s.b, "payment_captured")
+    return [dataclasses.replace(j, currency="USD") if j is pay else j for j in s.journals], s.b
+
+
+def _journal_deleted(s: Sunk) -> tuple[list[JournalSummary], str]:
+    credit = s.journal(s.c, "order_cancelled")
+    return [j for j in s.journals if j is not credit], s.c
+
+
+def _shared_key_one_order_missing(s: Sunk) -> tuple[list[JournalSummary], str]:
+    # What the ledger did while journals were unique on the key alone: the second
+    # order's invoice was taken for the first's, and its money never posted.
+    _, f = s.shared
+    return [j for j in s.journals if j.order_id != f], f
+
+
+def _unexplained_posting(s: Sunk) -> tuple[list[JournalSummary], str]:
+    inv = s.journal(s.a, "invoice_issued")
+    ghost = dataclasses.replace(inv, id="J-ghost", order_id="SO-GHOST", event_key="GHOST:1",
+                                idempotency_key="GHOST:1")
+    return [*s.journals, ghost], "SO-GHOST"
+
+
+@pytest.mark.parametrize("damage", [
+    _lost_order, _doubled_effect, _wrong_amount, _wrong_currency, _journal_deleted,
+    _shared_key_one_order_missing, _unexplained_posting,
+], ids=lambda f: f.__name__.strip("_"))  # fmt: skip
+def test_every_kind_of_ledger_damage_is_money_drift_naming_the_order(damage: Any) -> None:
+    s = sunk()
+    journals, order = damage(s)
+    report = s.judge(journals)
+    assert drifted(report) == [order]
+    assert report.drift_pct > 0
+    (drift,) = report.drifted
+    assert drift.differing and drift.money and drift.systems == ["ledger"]
+    assert all(c.ledger_differs and not c.erp_differs for c in drift.differing.values())
+    # Gains never offset losses: the difference is the sum of |ledger - expected|.
+    diff = sum(c.ledger_diff for c in drift.differing.values())
+    assert sum(m_.diff_minor for m_ in report.money().values()) == diff
+    assert report.record_drift_pct > 0 and drift.issues
+    (key, record), = exception_records(report.drifted, now_ms=1_000, rules_version="r",
+                                       sla_minutes={"P1": 15})  # fmt: skip
+    assert key == order and record["order_id"] == order
+    assert (record["check_id"], record["severity"], record["owner"]) == (
+        CHECK_DRIFT, "P1", "finance")
+    assert order in record["reason"] and record["all_findings"]
+    assert record["sla_deadline_ms"] == 1_000 + 15 * 60_000
     codec = exception_codec()
-    assert codec.decode(codec.encode(first))["reason"] == first["reason"]
-    assert "missing in the ledger: invoice_issued" in first["reason"]
+    assert codec.decode(codec.encode(record))["exception_id"] == exception_id(drift)
+    # A re-run over the same damage: the same id, so nothing is opened twice.
+    assert [exception_id(o) for o in s.judge(journals).drifted] == [record["exception_id"]]
 
 
-def test_report_drift_is_over_both_systems() -> None:
+def test_the_drift_says_what_differs_per_event_type_and_currency() -> None:
+    s = sunk()
+    journals, _ = _lost_order(s)
+    report = s.judge(journals)
+    (drift,) = report.drifted
+    inv = drift.differing["invoice_issued", "EUR"]
+    assert (inv.ledger_minor, inv.erp_minor) == (0, inv.expected_minor)
+    assert set(drift.differing) == {("invoice_issued", "EUR"), ("payment_captured", "EUR"),
+                                    ("refund_issued", "EUR")}
+    eur = report.money()["EUR"]
+    lost = sum(c.expected_minor for c in drift.differing.values())
+    assert eur.diff_minor == lost
+    assert report.drift_pct == pytest.approx(100 * lost / eur.expected_minor)
+    assert report.money()["JPY"].drift_pct == 0.0
+    assert report.money(["ledger"])["EUR"].drift_pct == pytest.approx(
+        100 * lost / report.money(["ledger"])["EUR"].expected_minor)
+    assert report.money(["erp"])["EUR"].diff_minor == 0
+    (finding, *_) = drift.findings()
+    assert finding.startswith("invoice_issued EUR: expected ") and "ledger 0.00 EUR" in finding
+    data = report.to_dict()
+    (order,) = data["drifted_orders"]
+    assert order["order_id"] == s.a and order["money"] is True
+    row = next(d for d in order["differences"] if d["event_type"] == "invoice_issued")
+    assert (row["currency"], row["ledger_minor"], row["ledger_diff_minor"]) == (
+        "EUR", 0, inv.expected_minor)
+    assert data["orders_drifted"] == 1 and data["by_currency"]["EUR"]["diff_minor"] == lost
+
+
+def test_a_doubled_effect_and_a_wrong_currency_are_named_per_record_too() -> None:
+    s = sunk()
+    journals, _ = _doubled_effect(s)
+    (mismatch,) = s.judge(journals).system("ledger").mismatched
+    assert "2 journals, expected 1" in mismatch.detail and "posted 2 times" in mismatch.detail
+    journals, _ = _wrong_currency(s)
+    report = s.judge(journals)
+    (drift,) = report.drifted
+    assert set(drift.differing) == {("payment_captured", "JPY"), ("payment_captured", "USD")}
+    assert report.money()["USD"].drift_pct == 100.0  # nothing in USD was expected
+    assert report.drift_pct == 100.0  # the worst currency
+    (mismatch,) = report.system("ledger").mismatched
+    assert "currency USD ≠ JPY" in mismatch.detail
+
+
+def test_an_erp_document_changed_by_hand_is_drift_of_its_order() -> None:
+    s = sunk()
+    inv = next(d for d in s.erp.documents()
+               if d.step == m.INVOICE and d.order_id == s.a)
+    stored = next(v for k, v in s.erp.store.invoices.items() if str(k) == inv.ref)
+    stored["total_minor"] += 100
+    report = s.judge()
+    assert drifted(report) == [s.a]
+    (drift,) = report.drifted
+    assert drift.systems == ["erp"]
+    cell = drift.differing["invoice_issued", "EUR"]
+    assert (cell.ledger_minor, cell.erp_minor) == (cell.expected_minor,
+                                                   cell.expected_minor + 100)
+    assert report.money(["erp"])["EUR"].diff_minor == 100
+    assert "ERP " in drift.findings()[0]
+    # Without the ERP read, only the ledger is judged: no drift.
+    assert drifted(s.judge(erp=False)) == []
+
+
+def test_a_sale_cancelled_by_hand_is_drift_but_not_money() -> None:
+    s = sunk()
+    sale = next(v for v in s.erp.store.sales.values() if v.get("reference") == s.d)
+    sale["state"] = "cancelled"
+    report = s.judge()
+    (drift,) = report.drifted
+    assert drift.order_id == s.d and not drift.differing and not drift.money
+    assert report.drift_pct == 0.0  # no money is wrong, but the order is named
+    ((_, record),) = exception_records(report.drifted, now_ms=0, sla_minutes={},
+                                       rules_version="r")
+    assert record["severity"] == "P2" and "never cancelled" in record["reason"]
+
+
+def test_the_exception_id_changes_with_the_drift_not_with_the_run() -> None:
+    s = sunk()
+    lost, _ = _lost_order(s)
+    doubled, _ = _doubled_effect(s)
+    ids = {exception_id(o) for j in (lost, doubled, lost) for o in s.judge(j).drifted}
+    assert len(ids) == 2
+
+
+def test_report_drift_is_over_money_of_both_systems() -> None:
     order = new_order()
     stream = stream_of(flow(order))
-    ledger = compare_ledger(stream, [], {})
-    erp = compare_erp(stream, [], {})
-    report = Report(parse_window(), stream, [ledger, erp])
-    assert report.checked == ledger.checked + erp.checked
-    assert report.drift_pct == 100.0
+    report = compare(stream, parse_window(), [], {}, [], {}, {})
+    assert report.checked == report.system("ledger").checked + report.system("erp").checked
+    assert report.drift_pct == 100.0 and report.record_drift_pct == 100.0
     detail = report.fact_detail()
-    assert detail["missing"] == ledger.checked + erp.checked
+    assert detail["missing"] == report.checked and detail["drifted_orders"] == [order]
     assert detail["ledger"]["drift_pct"] == 100.0 and detail["period"] == "all"
+    assert detail["ledger"]["by_currency"]["EUR"]["drift_pct"] == 100.0
+    assert Report(parse_window(), stream, []).drift_pct == 0.0  # nothing compared
 
 
 def test_fmt_minor_uses_the_currency_exponent() -> None:
@@ -344,14 +550,14 @@ def test_parity_is_100_for_identical_ledgers_and_names_the_difference() -> None:
         for ledger in (primary, shadow):
             sink(events, ledger, InMemoryErp())
             for e in stream.records:
-                ledger.record_effect(e.key, "ledger", {}, "applied", 1)
+                ledger.record_effect(e.order_id, e.key, "ledger", {}, "applied", 1)
         p = footprints(primary.journal_summaries(), primary.all_effects())
         s = footprints(shadow.journal_summaries(), shadow.all_effects())
     report = parity(stream, p, s, RULES)
     assert report.parity_pct == 100.0
     assert report.compared == 6  # fulfilments have no effect anywhere: not compared
     key = f"{order}:capture:2"
-    s[key] = Footprint((), s[key].effects)
+    s[order, key] = Footprint((), s[order, key].effects)
     report = parity(stream, p, s, RULES)
     assert report.compared == 6 and report.equal == 5
     assert report.by_type["payment_captured"].parity_pct == 50.0
@@ -369,7 +575,8 @@ def test_parity_holds_across_journal_id_schemes(monkeypatch: pytest.MonkeyPatch)
     legacy = uuid.UUID("5b0f6f43-3c59-4d0e-9d55-2f6f0b7f3e11")
     with SqlLedger("sqlite:///:memory:") as primary, SqlLedger("sqlite:///:memory:") as shadow:
         with monkeypatch.context() as m:
-            m.setattr(ledger_module, "_journal_id", lambda key, _at: str(uuid.uuid5(legacy, key)))
+            m.setattr(ledger_module, "_journal_id",
+                      lambda _order, key, _at: str(uuid.uuid5(legacy, key)))
             sink(events, primary, InMemoryErp())
         sink(events, shadow, InMemoryErp())
         p = footprints(primary.journal_summaries(), primary.all_effects())
@@ -377,14 +584,14 @@ def test_parity_holds_across_journal_id_schemes(monkeypatch: pytest.MonkeyPatch)
         ids = {j.id for led in (primary, shadow) for j in led.journal_summaries()}
     assert len(ids) == 4  # two invoices and two credit notes, no id shared
     credit_note = f"{order}:cancelled:reverses:{order}:invoice:1"
-    assert [k for k, *_ in p[f"{order}:cancelled"].journals] == [credit_note]
+    assert [k for k, *_ in p[order, f"{order}:cancelled"].journals] == [credit_note]
     report = parity(stream, p, s, RULES)
     assert report.compared == 3 and report.parity_pct == 100.0, report.differences
 
 
 def test_footprints_ignore_erp_refs_but_not_statuses() -> None:
     at = datetime(2026, 11, 1, tzinfo=UTC)
-    a = [SideEffect("K", "erp", {"sale": "1"}, "applied", 1, at, "")]
-    b = [SideEffect("K", "erp", {"sale": "99"}, "applied", 3, at, "")]
-    c = [SideEffect("K", "erp", {}, "refused", 1, at, "no")]
+    a = [SideEffect("SO-1", "K", "erp", {"sale": "1"}, "applied", 1, at, "")]
+    b = [SideEffect("SO-1", "K", "erp", {"sale": "99"}, "applied", 3, at, "")]
+    c = [SideEffect("SO-1", "K", "erp", {}, "refused", 1, at, "no")]
     assert footprints([], a) == footprints([], b) != footprints([], c)

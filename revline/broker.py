@@ -6,7 +6,8 @@ own session so it outlives the CLI that started it; its state lives in ``home``:
 
     home/lib/             jars (or a shared ``jars_dir``), fetched once by Maven
     home/server.properties, home/log4j2.properties
-    home/data/            wiped and re-formatted on every start
+    home/data/            the broker's storage: kept across stop/start/restart, wiped
+                          only by ``start(fresh=True)`` or ``reset()``
     home/broker.log       broker log (previous run kept as broker.log.prev)
     home/broker.out       JVM stdout/stderr (crashes before logging is up)
     home/format.log       log of the storage format step
@@ -137,9 +138,17 @@ class LocalBroker:
         host, _, port = addr.rpartition(":")
         return addr if _port_open(host, int(port)) else None
 
-    def start(self, timeout: float = 60) -> str:
-        """Start a broker on fresh storage and wait until it serves metadata.
+    @property
+    def formatted(self) -> bool:
+        """Storage (and its cluster id) exists from an earlier start."""
+        return (self.data_dir / "meta.properties").is_file() and self.properties_file.is_file()
 
+    def start(self, timeout: float = 60, *, fresh: bool = False) -> str:
+        """Start the broker and wait until it serves metadata.
+
+        Storage, cluster id and ports are kept from the last start, so topics, records,
+        committed offsets and the audit trail survive a stop/start and running clients
+        reconnect to the same address; ``fresh=True`` wipes them and picks new ports.
         Returns ``"127.0.0.1:PORT"``. If a broker of this home already runs, returns
         its address instead of starting a second one.
         """
@@ -153,10 +162,21 @@ class LocalBroker:
                 self._stop_locked(timeout=10)
             java = _require_java()
             lib = self.ensure_jars()
-            port, cport = _free_ports(2)
+            kept = None if fresh or not self.formatted else self._configured_ports()
+            if kept is None:
+                port, cport = _free_ports(2)
+                self._write_config(port, cport)
+                self._format(java, lib)
+            else:
+                port, cport = kept
+                for taken in (p for p in kept if _port_open(_HOST, p)):
+                    raise InfrastructureError(
+                        f"port {taken} of the local broker's storage in {self.home} is taken "
+                        "by another process; free it, or start on new storage and ports "
+                        "with `revline broker start --fresh` (this deletes every topic)"
+                    )
+                self._write_config(port, cport)  # same ports; picks up changed settings
             addr = f"{_HOST}:{port}"
-            self._write_config(port, cport)
-            self._format(java, lib)
 
             if self.log_file.exists():
                 self.log_file.replace(self.log_file.with_name("broker.log.prev"))
@@ -186,6 +206,24 @@ class LocalBroker:
                 self._stop_locked(timeout=10)
                 raise
             return addr
+
+    def reset(self) -> bool:
+        """Stop the broker if it runs and delete its storage; True if there was any."""
+        if not self.home.is_dir():
+            return False
+        with _locked(self.home / ".lock"):
+            self._stop_locked(timeout=30)
+            existed = self.data_dir.exists()
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+            self.properties_file.unlink(missing_ok=True)
+            return existed
+
+    def _configured_ports(self) -> tuple[int, int] | None:
+        """(port, controller port) from the kept server.properties, or None."""
+        text = _read(self.properties_file) or ""
+        m = re.search(r"^listeners=PLAINTEXT://[^:]+:(\d+),CONTROLLER://[^:]+:(\d+)$", text,
+                      re.MULTILINE)
+        return (int(m.group(1)), int(m.group(2))) if m else None
 
     def stop(self, timeout: float = 30) -> bool:
         """SIGTERM (controlled shutdown), SIGKILL after ``timeout``. True if one was running."""
@@ -300,8 +338,7 @@ class LocalBroker:
         )
 
     def _format(self, java: str, lib: Path) -> None:
-        # Fresh storage each start: tests and dev runs want a clean cluster, and a
-        # formatted dir would refuse a new cluster id anyway.
+        # New storage under a new cluster id (a formatted dir refuses a second format).
         shutil.rmtree(self.data_dir, ignore_errors=True)
         cmd = [
             java, "-Xmx256m",
@@ -377,10 +414,25 @@ def resolve_bootstrap(home: Path, *, start_if_missing: bool) -> tuple[str, bool]
     )
 
 
-def broker_command(action: str, home: Path) -> int:
-    """``revline broker start|stop|status|restart``; returns the exit code."""
+def broker_command(action: str, home: Path, *, fresh: bool = False, yes: bool = False) -> int:
+    """``revline broker start|stop|status|restart|reset``; returns the exit code."""
     broker = LocalBroker(home)
     try:
+        if action == "reset":
+            if not yes:
+                if not sys.stdin.isatty():
+                    print("error: `revline broker reset` deletes every topic, record and "
+                          "offset of the local broker; confirm with --yes", file=sys.stderr)
+                    return 2
+                answer = input(f"Delete every topic of the local broker in {home}? [y/N] ")
+                if answer.strip().lower() not in ("y", "yes"):
+                    print("Nothing deleted.")
+                    return 1
+            wiped = broker.reset()
+            print("Local broker storage deleted." if wiped else "No local broker storage.")
+            return 0
+        if fresh and action in ("start", "restart") and broker.status() is not None:
+            broker.stop()
         if action in ("stop", "restart"):
             stopped = broker.stop()
             if action == "stop":
@@ -391,8 +443,10 @@ def broker_command(action: str, home: Path) -> int:
             if running is not None:
                 print(f"Kafka broker already running at {running} (logs: {broker.log_file})")
                 return 0
-            print("Starting Kafka broker…", file=sys.stderr, flush=True)
-            addr = broker.start()
+            kept = broker.formatted and not fresh
+            print("Starting Kafka broker" + (" (keeping its topics)…" if kept else "…"),
+                  file=sys.stderr, flush=True)
+            addr = broker.start(fresh=fresh)
             print(f"Kafka broker ready at {addr} (logs: {broker.log_file})")
             return 0
         if action == "status":
@@ -405,7 +459,7 @@ def broker_command(action: str, home: Path) -> int:
     except InfrastructureError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"error: unknown broker action {action!r} (use start|stop|status|restart)",
+    print(f"error: unknown broker action {action!r} (use start|stop|status|restart|reset)",
           file=sys.stderr)  # fmt: skip
     return 2
 

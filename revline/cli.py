@@ -43,7 +43,7 @@ def _progress() -> Progress:
 def cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
     from revline.broker import broker_command
 
-    return broker_command(args.action, settings.broker_home)
+    return broker_command(args.action, settings.broker_home, fresh=args.fresh, yes=args.yes)
 
 
 def stop_on_signals(*, log_setup: bool = True) -> threading.Event:
@@ -537,7 +537,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("broker", help="start, stop or inspect the local single-node Kafka broker")
-    p.add_argument("action", choices=["start", "stop", "status", "restart"])
+    p.add_argument("action", choices=["start", "stop", "status", "restart", "reset"],
+                   help="stop/start/restart keep topics, records and offsets; reset deletes them")
+    p.add_argument("--fresh", action="store_true",
+                   help="with start/restart: delete every topic first and pick new ports")
+    p.add_argument("--yes", action="store_true", help="with reset: do not ask for confirmation")
     p.set_defaults(func=cmd_broker)
 
     p = sub.add_parser(

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, ConfigResource
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from revline.broker import LocalBroker
 
@@ -173,3 +173,74 @@ def test_local_broker_start_is_idempotent_and_stop_ends_the_process(
         assert broker.stop() is False
     finally:
         broker.stop(timeout=10)
+
+
+def test_restart_keeps_topics_records_offsets_and_address_and_clients_carry_on(
+    broker_jars_dir: Path, tmp_path: Path
+) -> None:
+    broker = LocalBroker(tmp_path / "keeps", jars_dir=broker_jars_dir)
+    try:
+        addr = broker.start(timeout=120)
+        admin = AdminClient({"bootstrap.servers": addr})
+        admin.create_topics([NewTopic("kept", 1, 1)])[
+            "kept"].result(timeout=30)
+        producer = Producer({"bootstrap.servers": addr, "enable.idempotence": True,
+                             "acks": "all", "log_level": 0})
+        for n in range(10):
+            producer.produce("kept", value=f"before-{n}".encode())
+        assert producer.flush(30) == 0
+        group = {"bootstrap.servers": addr, "group.id": "keeps", "enable.auto.commit": False,
+                 "auto.offset.reset": "earliest", "log_level": 0}
+        consumer = Consumer(group)
+        consumer.subscribe(["kept"])
+        got = _consume_n(consumer, 5)
+        consumer.commit(got[-1], asynchronous=False)
+
+        # A restart with the clients still running: same address, same data.
+        started = time.monotonic()
+        assert broker.stop() is True
+        assert broker.start(timeout=120) == addr
+        restart_s = time.monotonic() - started
+        for n in range(5):
+            producer.produce("kept", value=f"after-{n}".encode())
+        assert producer.flush(60) == 0  # the running producer reconnected by itself
+        rest = _consume_n(consumer, 10)  # and so did the running consumer
+        assert [m.value() for m in got + rest] == [f"before-{n}".encode() for n in range(10)] + [
+            f"after-{n}".encode() for n in range(5)]
+        consumer.close()
+
+        # The group's committed offset survived: a new member resumes after it.
+        second = Consumer(group)
+        committed = second.committed([TopicPartition("kept", 0)], timeout=30)
+        assert committed[0].offset == 5
+        second.close()
+        assert restart_s < 90
+
+        # --fresh (and reset) delete everything.
+        broker.stop()
+        broker.start(timeout=120, fresh=True)
+        assert "kept" not in AdminClient(
+            {"bootstrap.servers": broker.bootstrap or ""}).list_topics(timeout=30).topics
+        assert broker.reset() is True
+        assert broker.status() is None and not broker.data_dir.exists()
+    finally:
+        broker.stop(timeout=10)
+
+
+def _consume_n(consumer: Consumer, n: int, timeout: float = 90) -> list[Message]:
+    out: list[Message] = []
+    deadline = time.monotonic() + timeout
+    while len(out) < n and time.monotonic() < deadline:
+        msg = consumer.poll(1.0)
+        if msg is not None and msg.error() is None:
+            out.append(msg)
+    assert len(out) == n, f"got {len(out)} of {n}"
+    return out
+
+
+def test_broker_reset_without_a_terminal_needs_yes(tmp_path: Path) -> None:
+    env = {**os.environ, "REVLINE_STATE_DIR": str(tmp_path)}
+    res = subprocess.run([".venv/bin/revline", "broker", "reset"], capture_output=True,
+                         text=True, stdin=subprocess.DEVNULL, env=env, check=False)
+    assert res.returncode == 2
+    assert "--yes" in res.stderr and "Traceback" not in res.stderr

@@ -64,7 +64,7 @@ from processors import (
 from revline._gc import freeze_long_lived
 from revline.metrics import Metrics
 from revline.settings import Settings
-from streams._outputs import OutputWriter
+from streams._outputs import NULL_VALUE_CLASS, OutputWriter
 from streams._reference import ReferenceView
 
 log = logging.getLogger("revline.worker")
@@ -76,8 +76,48 @@ _HELD_MARK = b'"held":[{'  # orjson writes no spaces: a cheap test before parsin
 
 
 def _headers(raw: Any) -> tuple[tuple[str, bytes], ...]:
+    # A null header value is forwarded empty (never as the text "None"); str headers as UTF-8.
     pairs = raw.items() if isinstance(raw, dict) else (raw or ())
-    return tuple((k, v if isinstance(v, bytes) else str(v).encode()) for k, v in pairs)
+    return tuple((k, v if isinstance(v, bytes) else b"" if v is None
+                  else str(v).encode(errors="replace")) for k, v in pairs)
+
+
+UNKNOWN_SCHEMA_LABEL = "unknown"
+_MAX_DRIFT_LABELS = 50  # registry ids the registry knows: bounded by it, and by this
+DRIFT_LOG_INTERVAL_S = 10.0
+
+
+class _DriftLog:
+    """Schema drift as a metric label that never comes from input bytes, and a warning
+    at most once per interval (with how many were suppressed)."""
+
+    def __init__(self, interval_s: float = DRIFT_LOG_INTERVAL_S) -> None:
+        self.interval_s = interval_s
+        self.labels: set[str] = set()
+        self._last = float("-inf")
+        self._suppressed = 0
+
+    def label(self, schema_ref: str, reason: str) -> str:
+        # An unknown fingerprint or an id no registry has is whatever the bytes said:
+        # one label for all. An id the registry resolved (a real schema this worker does
+        # not know yet) keeps its own, up to a bound.
+        if schema_ref in self.labels:
+            return schema_ref
+        if schema_ref.startswith("schema-id:") and "is registered" in reason and \
+                len(self.labels) < _MAX_DRIFT_LABELS:
+            self.labels.add(schema_ref)
+            return schema_ref
+        return UNKNOWN_SCHEMA_LABEL
+
+    def warn(self, reason: str, coords: str) -> None:
+        now = time.monotonic()
+        if now - self._last < self.interval_s:
+            self._suppressed += 1
+            return
+        more = (f" ({self._suppressed} more in the last {now - self._last:.0f}s not logged)"
+                if self._suppressed else "")
+        log.warning("schema drift: %.300s at %s%s", reason, coords, more)
+        self._last, self._suppressed = now, 0
 
 
 class _PartitionEvent:
@@ -156,6 +196,7 @@ class Worker:
         self.view = ReferenceView(self.reference)
         self.engine = Engine(rules=self.rules, reference=self.view)
         self.writer = OutputWriter(settings, bootstrap, metrics, self.rules)
+        self.drift = _DriftLog()
         self.ticker = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True,
                                 "acks": "all", "log_level": 3})
         self.consumer = Consumer({
@@ -356,12 +397,21 @@ class Worker:
                     self._state(partition, order_id, touched), now))
         for msg in messages:
             partition, offset = msg.partition() or 0, msg.offset() or 0
+            value = msg.value()
             record = InputRecord(
                 topic=topic, partition=partition, offset=offset, key=msg.key(),
-                value=msg.value() or b"", headers=_headers(msg.headers()),
+                value=value if value is not None else b"", headers=_headers(msg.headers()),
                 timestamp_ms=msg.timestamp()[1],
             )
             positions[partition] = max(positions.get(partition, 0), offset + 1)
+            if value is None:  # a tombstone: nothing to decode, dead-lettered as null
+                self.metrics.events_in.labels("undecodable").inc()
+                decisions.append(Decision(
+                    input=record, kind=DEAD_LETTER, stage="decode",
+                    error_class=NULL_VALUE_CLASS,
+                    reason="null value: the record has no value (a tombstone), so no event",
+                    decided_at_ms=now, rules_version=self.rules.version))
+                continue
             decisions.extend(self._decide(record, touched, now))
         for decision in decisions:
             self.writer.emit(decision)
@@ -401,11 +451,19 @@ class Worker:
         self.metrics.last_batch.set(time.time())
 
     def _decide(self, record: InputRecord, touched: Touched, now: int) -> list[Decision]:
-        decoded, dead = self.engine.decode(record, now)
+        try:
+            decoded, dead = self.engine.decode(record, now)
+        except Exception as exc:  # a decoder bug: route the record, never crash-loop on it
+            log.exception("decoding failed on %s", record.coords)
+            decoded, dead = None, Decision(
+                input=record, kind=DEAD_LETTER, stage="decode",
+                error_class=type(exc).__name__, reason=f"decoder error: {exc}"[:2000],
+                decided_at_ms=now, rules_version=self.rules.version)
         if dead is not None:
             if dead.stage == "schema" and dead.schema_ref:
-                self.metrics.schema_drift.labels(dead.schema_ref).inc()
-                log.warning("schema drift: %s at %s", dead.reason, record.coords)
+                self.metrics.schema_drift.labels(
+                    self.drift.label(dead.schema_ref, dead.reason or "")).inc()
+                self.drift.warn(dead.reason or "", record.coords)
             self.metrics.events_in.labels("undecodable").inc()
             return [dead]
         assert decoded is not None and record.key is not None

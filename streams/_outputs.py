@@ -9,11 +9,16 @@ after that, so an input is never committed before its outcome is durable.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import orjson
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from processors import (
     DEAD_LETTER,
@@ -32,6 +37,70 @@ from schemas import exception_codec, outcome_codec
 
 SOURCE_LINE_HEADER = "revline-source-line"
 ERROR_HEADER_PREFIX = "revline.errors."
+TRUNCATED_HEADER = "revline.truncated"
+# A record whose Kafka value is null (a tombstone) is dead-lettered as null, with this class.
+NULL_VALUE_CLASS = "NullValue"
+
+log = logging.getLogger("revline.worker.outputs")
+
+# Too large for the client (message.max.bytes) or for the topic (the broker's
+# RECORD_TOO_LARGE / MESSAGE_TOO_LARGE, which librdkafka reports as MSG_SIZE_TOO_LARGE).
+TOO_LARGE = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE})
+# Retriable whatever librdkafka's retriable() says: transient broker or network states.
+RETRIABLE = frozenset({
+    KafkaError._MSG_TIMED_OUT, KafkaError._TIMED_OUT, KafkaError._TRANSPORT,
+    KafkaError._ALL_BROKERS_DOWN, KafkaError._QUEUE_FULL, KafkaError.REQUEST_TIMED_OUT,
+    KafkaError.NOT_ENOUGH_REPLICAS, KafkaError.NOT_ENOUGH_REPLICAS_AFTER_APPEND,
+    KafkaError.LEADER_NOT_AVAILABLE, KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.NETWORK_EXCEPTION, KafkaError.KAFKA_STORAGE_ERROR,
+    KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.NOT_COORDINATOR,
+    KafkaError._UNKNOWN_PARTITION, KafkaError.UNKNOWN_TOPIC_OR_PART,
+})
+MAX_ATTEMPTS = 6  # per record, for retriable errors; then the batch fails (crash-only)
+MAX_TEXT = 2048  # characters of any one text kept in a shrunk record
+MAX_KEY = 1024  # bytes of a key kept in a shrunk record
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A record the producer could not deliver, with what is needed to send it again."""
+
+    error: KafkaError
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]] | None
+    partition: int | None  # explicit partition (changelog), or None: by key
+    timestamp_ms: int = 0
+    attempt: int = 0
+    shrunk: bool = False  # already the shrunk (or pointer) form
+    fallback: bool = False  # a pointer to the dead letter topic: the last resort
+    local: bool = False  # refused by the client before sending (not by the broker)
+
+    @property
+    def size(self) -> int:
+        return (len(self.key or b"") + len(self.value or b"")
+                + sum(len(k) + len(v or b"") for k, v in self.headers or ()))
+
+
+def _text(value: Any, limit: int = MAX_TEXT) -> Any:
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]}… ({len(value) - limit:,} more characters dropped)"
+    return value
+
+
+def _short_key(key: bytes | None) -> bytes | None:
+    if key is None or len(key) <= MAX_KEY:
+        return key
+    return key[:MAX_KEY - 20] + b"~" + hashlib.sha256(key).hexdigest()[:19].encode()
+
+
+def _header_text(value: bytes | None, limit: int = MAX_TEXT) -> bytes:
+    if value is None:
+        return b""
+    if len(value) <= limit:
+        return value
+    return value[:limit] + f"… ({len(value) - limit:,} more bytes dropped)".encode()
 
 
 def _ms(value: Any) -> int | None:
@@ -50,29 +119,51 @@ class OutputWriter:
         self._settings = settings
         self._metrics = metrics
         self._rules = rules
-        self._failures: list[str] = []
+        self._failed: list[Failed] = []
         self._outcome = outcome_codec()
         self._exception = exception_codec()
+        self.recovered = 0  # records retried, shrunk or re-routed (tests, logs)
 
-    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+    def _on_delivery(self, attempt: int, partition: int | None, shrunk: bool, fallback: bool,
+                     err: KafkaError | None, msg: Message) -> None:
         if err is not None:
-            self._failures.append(f"{msg.topic()}: {err.str()}")
+            _, ts = msg.timestamp()
+            raw = msg.headers() or []
+            pairs = raw.items() if isinstance(raw, dict) else raw
+            headers = [(str(k), v if isinstance(v, bytes) else (v or "").encode())
+                       for k, v in pairs]
+            self._failed.append(Failed(
+                err, msg.topic() or "", msg.key(), msg.value(), headers, partition,
+                max(ts, 0), attempt, shrunk, fallback))
 
     def _produce(self, topic: str, key: bytes | None, value: bytes | None,
                  headers: list[tuple[str, bytes]] | None = None,
-                 partition: int | None = None, timestamp_ms: int = 0) -> None:
+                 partition: int | None = None, timestamp_ms: int = 0, *, attempt: int = 0,
+                 shrunk: bool = False, fallback: bool = False) -> None:
+        callback = (self._on_first_delivery if not (attempt or shrunk or fallback)
+                    else partial(self._on_delivery, attempt, partition, shrunk, fallback))
         while True:
             try:
                 if partition is None:
                     self._producer.produce(topic, value=value, key=key, headers=headers,  # type: ignore[arg-type]
-                                           timestamp=timestamp_ms,
-                                           on_delivery=self._on_delivery)
+                                           timestamp=timestamp_ms, on_delivery=callback)
                 else:
                     self._producer.produce(topic, value=value, key=key, partition=partition,
-                                           on_delivery=self._on_delivery)
+                                           headers=headers, on_delivery=callback)  # type: ignore[arg-type]
                 return
             except BufferError:
                 self._producer.poll(0.01)  # queue full: drain deliveries, then retry
+            except KafkaException as exc:  # refused before sending, e.g. above message.max.bytes
+                err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else \
+                    KafkaError(KafkaError._FAIL, str(exc))
+                self._failed.append(Failed(err, topic, key, value, headers, partition,
+                                           timestamp_ms, attempt, shrunk, fallback, local=True))
+                return
+
+    def _on_first_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        # The common case, without a partial per record: only failures reach Python.
+        if err is not None:
+            self._on_delivery(0, None, False, False, err, msg)
 
     def emit(self, d: Decision) -> None:
         if d.kind == REPLAYED:
@@ -110,8 +201,10 @@ class OutputWriter:
                 ("rules.version", d.rules_version),
             ]
             headers = [*record.headers,
-                       *((ERROR_HEADER_PREFIX + k, v.encode()) for k, v in error_headers)]
-            self._produce(s.dead_letter_topic, record.key, record.value, headers)
+                       *((ERROR_HEADER_PREFIX + k, v.encode(errors="replace"))
+                         for k, v in error_headers)]
+            value = None if d.error_class == NULL_VALUE_CLASS else record.value
+            self._produce(s.dead_letter_topic, record.key, value, headers)
         self._produce(s.outcomes_topic, record.key, self._outcome_record(d))
 
     def _resolve_retried(self, exception_id: str, d: Decision) -> None:
@@ -197,16 +290,144 @@ class OutputWriter:
         self._produce(changelog, key, value, partition=partition)
 
     async def flush(self, timeout: float = 60.0) -> None:
-        """Wait until every record is acknowledged; raise if any could not be delivered."""
+        """Wait until every record is acknowledged, or recovered; raise only when Kafka is.
+
+        No record can stop a partition: a record refused for its own sake is retried
+        (retriable errors), shrunk (too large: the envelope, the error and a pointer to
+        the input stay, the oversized copy goes) or dead-lettered with the reason (any
+        other permanent error). Only an outage or a producer that cannot go on raises,
+        and then nothing of the batch is committed: a restart redoes it.
+        """
         loop = asyncio.get_running_loop()
         remaining = await loop.run_in_executor(None, self._producer.flush, timeout)
-        if self._failures or remaining:
-            failures, self._failures = self._failures, []
+        if remaining:
+            self._failed.clear()
             raise InfrastructureError(
-                f"could not deliver {len(failures) + remaining} output records "
-                f"(first: {failures[:1] or 'timeout'}); inputs stay uncommitted and will be "
-                "processed again after restart"
-            )
+                f"{remaining} output records not acknowledged within {timeout:.0f}s; inputs "
+                "stay uncommitted and will be processed again after restart")
+        if self._failed:
+            await loop.run_in_executor(None, self.recover, timeout)
+
+    def recover(self, timeout: float = 60.0) -> None:
+        """Handle every failed record, one at a time (a record alone in its batch: a small
+        record refused only because its batch was too large for the topic then passes)."""
+        while self._failed:
+            failed, self._failed = self._failed, []
+            for f in failed:
+                self._recover_one(f)
+                if self._producer.flush(timeout):
+                    raise InfrastructureError(
+                        f"a recovered record for {f.topic} was not acknowledged within "
+                        f"{timeout:.0f}s; inputs stay uncommitted and will be processed again")
+
+    def _recover_one(self, f: Failed) -> None:
+        err = f.error
+        code = err.code()
+        self.recovered += 1
+        if err.fatal():
+            raise InfrastructureError(f"the producer hit a fatal error ({err.str()}) writing to "
+                                      f"{f.topic}; restarting redoes the batch")
+        if code in TOO_LARGE:
+            if f.attempt == 0 and not f.shrunk and not f.local:
+                # The broker refused the batch; the record alone may fit: try it alone once.
+                self._again(f)
+            elif not f.fallback:
+                log.warning("record for %s too large (%d bytes: %s); writing it shrunk",
+                            f.topic, f.size, err.str())
+                self._shrink(f)
+            else:
+                raise InfrastructureError(
+                    f"even a shrunk dead letter does not fit {f.topic} ({err.str()}); check the "
+                    "topic's max.message.bytes")
+        elif err.retriable() or code in RETRIABLE:
+            if f.attempt + 1 >= MAX_ATTEMPTS:
+                raise InfrastructureError(
+                    f"could not write to {f.topic} after {MAX_ATTEMPTS} attempts ({err.str()}); "
+                    "inputs stay uncommitted and will be processed again after restart")
+            time.sleep(min(2.0, 0.1 * 2 ** f.attempt))
+            self._again(f)
+        elif f.fallback:
+            raise InfrastructureError(
+                f"the dead letter topic {f.topic} refuses records ({err.str()}); inputs stay "
+                "uncommitted and will be processed again after restart")
+        else:
+            log.warning("record for %s refused (%s); dead-lettering a pointer to its input",
+                        f.topic, err.str())
+            self._pointer_dead_letter(f, f"could not write to {f.topic}: {err.str()}")
+
+    def _again(self, f: Failed) -> None:
+        self._produce(f.topic, f.key, f.value, f.headers, f.partition, f.timestamp_ms,
+                      attempt=f.attempt + 1, shrunk=f.shrunk, fallback=f.fallback)
+
+    # -- shrinking ---------------------------------------------------------------------
+    def _shrink(self, f: Failed) -> None:
+        s = self._settings
+        why = f"{f.error.str()}: the record of {f.size:,} bytes does not fit {f.topic}"
+        note = [(TRUNCATED_HEADER, _header_text(why.encode()))]
+        if f.topic == s.dead_letter_topic and not f.shrunk:
+            # Keep the error headers (the reason and the input's coordinates); drop the copy.
+            kept = [(k, _header_text(v)) for k, v in f.headers or ()
+                    if k.startswith(ERROR_HEADER_PREFIX) or k == SOURCE_LINE_HEADER]
+            self._produce(f.topic, _short_key(f.key), None, [*kept, *note], None,
+                          f.timestamp_ms, shrunk=True)
+        elif f.topic == s.exceptions_topic and not f.shrunk and f.value:
+            record = self._exception.decode(f.value)
+            record.update({k: _text(v) for k, v in record.items() if isinstance(v, str)})
+            record["all_findings"] = [{"check_id": _text(x["check_id"], 200),
+                                       "reason": _text(x["reason"], 500)}
+                                      for x in record["all_findings"][:20]]
+            record["event"] = b""  # the input is at input_topic/partition/offset
+            self._produce(f.topic, _short_key(f.key), self._exception.encode(record),
+                          [*(f.headers or ()), *note], f.partition, f.timestamp_ms, shrunk=True)
+        elif f.topic == s.outcomes_topic and not f.shrunk and f.value:
+            record = self._outcome.decode(f.value)
+            record.update({k: _text(v) for k, v in record.items() if isinstance(v, str)})
+            for name in ("waiting_for", "warnings"):
+                record[name] = [_text(x, 200) for x in record.get(name) or []][:20]
+            self._produce(f.topic, _short_key(f.key), self._outcome.encode(record),
+                          [*(f.headers or ()), *note], f.partition, f.timestamp_ms, shrunk=True)
+        else:
+            # Validated records, lifecycle events, state: no smaller form is still the
+            # record, so a pointer to the input goes to the dead letter topic instead.
+            self._pointer_dead_letter(f, why)
+
+    def _pointer(self, f: Failed) -> tuple[str, str, str]:
+        """(topic, partition, offset) of the input a failed output record came from."""
+        headers = dict(f.headers or ())
+        coords = headers.get("revline.input")
+        if coords:
+            topic, _, rest = coords.decode(errors="replace").rpartition("/")
+            topic, _, partition = topic.rpartition("/")
+            return topic, partition, rest
+        prefix = ERROR_HEADER_PREFIX
+        if prefix + "offset" in headers:
+            return tuple(headers.get(prefix + k, b"").decode(errors="replace")  # type: ignore[return-value]
+                         for k in ("topic", "partition", "offset"))
+        codec = (self._exception if f.topic == self._settings.exceptions_topic else
+                 self._outcome if f.topic == self._settings.outcomes_topic else None)
+        if codec is not None and f.value:
+            try:
+                record = codec.decode(f.value)
+                return (str(record["input_topic"]), str(record["input_partition"]),
+                        str(record["input_offset"]))
+            except Exception:
+                pass
+        return f.topic, "" if f.partition is None else str(f.partition), ""
+
+    def _pointer_dead_letter(self, f: Failed, why: str) -> None:
+        topic, partition, offset = self._pointer(f)
+        error_headers = [
+            ("topic", topic), ("partition", partition), ("offset", offset),
+            ("stage", "output"),
+            ("exception.class", f.error.name() or "KafkaError"),
+            ("exception.message", why),
+            ("output.topic", f.topic),
+            ("output.size", str(f.size)),
+        ]
+        headers = [(ERROR_HEADER_PREFIX + k, _header_text(v.encode(errors="replace")))
+                   for k, v in error_headers]
+        self._produce(self._settings.dead_letter_topic, _short_key(f.key), None, headers, None,
+                      f.timestamp_ms, shrunk=True, fallback=True)
 
     def close(self) -> None:
         self._producer.flush(30)

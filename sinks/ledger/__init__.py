@@ -8,6 +8,7 @@ the posting rule per event type live in ``postings.yaml`` next to this file.
 from sinks.ledger._errors import RefusedEventError
 from sinks.ledger._ledger import (
     DEFAULT_URL,
+    EffectId,
     EffectRow,
     Journal,
     JournalLine,
@@ -30,6 +31,7 @@ __all__ = [
     "DEFAULT_RULES_FILE",
     "DEFAULT_URL",
     "Account",
+    "EffectId",
     "EffectRow",
     "Journal",
     "JournalLine",

@@ -18,13 +18,17 @@ _TRANSIENT_SQLSTATE_PREFIXES = ("40001", "40P01", "08", "53", "57")
 class RefusedEventError(PermanentSinkError):
     """The ledger refuses one event of a batch; nothing of the batch was written.
 
-    ``idempotency_key`` names the event, so the caller can route it to the
-    exception topic and post the rest of the batch without it.
+    ``order_id`` and ``idempotency_key`` name the event (its effect), so the caller
+    can route it to the exception topic and post the rest of the batch without it.
+    ``order_id`` is None when the event names no usable order.
     """
 
-    def __init__(self, message: str, idempotency_key: str | None = None) -> None:
+    def __init__(
+        self, message: str, idempotency_key: str | None = None, order_id: str | None = None
+    ) -> None:
         super().__init__(message)
         self.idempotency_key = idempotency_key
+        self.order_id = order_id
 
 
 def sqlstate(exc: BaseException) -> str | None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 import sqlalchemy.exc as sa_exc
@@ -25,18 +25,31 @@ from revline.errors import ConfigurationError
 from sinks._protocols import EffectResult, Event, PermanentSinkError, TransientSinkError
 from sinks.ledger._errors import RefusedEventError, db_errors, db_message, translate
 from sinks.ledger._rules import PostingRule, PostingRules, load_posting_rules
-from sinks.ledger._schema import accounts, create_schema, journal_lines, journals, side_effects
+from sinks.ledger._schema import (
+    accounts,
+    journal_lines,
+    journals,
+    lock_for_migration,
+    side_effects,
+)
 
 DEFAULT_URL = "sqlite:///.revline/ledger.db"
 ADAPTER_NAME = "ledger"
 MAX_MINOR = 2**63 - 1  # BIGINT
-# Hashed into journal ids (see _journal_id); never change it.
+# Hashed into journal ids (see _journal_id); never change them. The legacy namespace
+# hashed the effect key alone; ids since hash the order and the key.
 _JOURNAL_NAMESPACE = uuid.UUID("5b0f6f43-3c59-4d0e-9d55-2f6f0b7f3e11")
+_ORDER_KEY_NAMESPACE = uuid.uuid5(_JOURNAL_NAMESPACE, "order_id+idempotency_key")
 _UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
 _CHUNK = 500  # keys per IN (...) lookup, well under every backend's parameter limit
 _MAX_ATTEMPTS = 5  # re-plans of one batch after losing a race to a concurrent writer
+_LEDGER_TABLES = frozenset({"accounts", "journals", "journal_lines", "side_effects"})
+
+# An effect's identity: (order_id, idempotency_key). Two orders may share a key.
+EffectId = tuple[str, str]
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -79,8 +92,14 @@ class TrialBalance:
 
 @dataclass(frozen=True)
 class SideEffect:
-    """One row of the side-effect ledger: what an adapter did for one idempotency key."""
+    """One row of the side-effect ledger: what an adapter did for one effect.
 
+    ``order_id`` is None for a legacy row: written before effects were identified per
+    order, its order not derivable when the ledger was migrated. Lookups for
+    (order, key) match such a row by its key, as they did before.
+    """
+
+    order_id: str | None
     idempotency_key: str
     adapter: str
     external_ref: Mapping[str, str]
@@ -110,8 +129,13 @@ class JournalSummary:
 
 @dataclass(frozen=True)
 class EffectRow:
-    """A side-effect row to record (see ``SqlLedger.record_effects``)."""
+    """A side-effect row to record (see ``SqlLedger.record_effects``).
 
+    ``order_id`` is the event's order ("" only for a record that names no order, such
+    as an undecodable one, whose key is unique by itself).
+    """
+
+    order_id: str
     key: str
     adapter: str
     external_ref: Mapping[str, str]
@@ -135,6 +159,10 @@ class _Prepared:
     description: str
     currency: str = ""
     amounts: Amounts = ()
+
+    @property
+    def ident(self) -> EffectId:
+        return (self.order_id, self.key)
 
 
 @dataclass(frozen=True)
@@ -164,17 +192,21 @@ class _Plan:
     new: list[_Journal] = field(default_factory=list)
 
     @property
-    def keys(self) -> frozenset[str]:
-        return frozenset(j.idempotency_key for j in self.new)
+    def keys(self) -> frozenset[EffectId]:
+        return frozenset((j.order_id, j.idempotency_key) for j in self.new)
 
 
 class SqlLedger:
     """Double-entry ledger in SQLite (embedded default) or PostgreSQL.
 
     ``url`` is a SQLAlchemy URL; ``postgresql://`` and ``postgres://`` mean psycopg 3.
-    The schema is created (idempotently, safe against concurrent starts) by the
-    constructor unless ``migrate=False``; call ``migrate()`` yourself then. A database
-    that is down at construction raises ``TransientSinkError``.
+    The schema is created or upgraded to the newest migration (safe against
+    concurrent starts) by the constructor unless ``migrate=False``; call ``migrate()``
+    yourself then. A database that is down at construction raises
+    ``TransientSinkError``.
+
+    Effects are identified by (order_id, idempotency_key): journals are unique per
+    order and key, and the side-effect ledger is keyed by (order_id, key, adapter).
     """
 
     name = ADAPTER_NAME
@@ -219,13 +251,19 @@ class SqlLedger:
         return f"SqlLedger({self._engine.url.render_as_string(hide_password=True)!r})"
 
     def migrate(self) -> None:
-        """Create missing tables and triggers and add the chart's missing accounts.
+        """Upgrade the database to the newest migration and add the chart's missing accounts.
+
+        An empty database is created from the first revision on; one written before
+        migrations existed (the ledger's tables, no ``alembic_version``) is taken for
+        the baseline revision and upgraded in place. All of it is one transaction
+        under a lock (a PostgreSQL advisory lock; SQLite's write lock, BEGIN
+        IMMEDIATE), so processes starting together migrate once, one after the other.
 
         An account whose kind in the database differs from the chart is a
         ConfigurationError: changing a kind would silently change old reports.
         """
-        with db_errors(), self._transaction(write=True) as conn:
-            create_schema(conn)
+        with db_errors(), migrating(self._engine) as conn:
+            upgrade_to_head(conn)
             rows = conn.execute(sa.select(accounts.c.code, accounts.c.kind))
             existing = {row.code: row.kind for row in rows}
             for account in self._rules.accounts:
@@ -256,7 +294,7 @@ class SqlLedger:
         prepared = [self._prepare(event) for event in events]
         if not prepared:
             return []
-        failed: frozenset[str] | None = None
+        failed: frozenset[EffectId] | None = None
         for _ in range(_MAX_ATTEMPTS):
             plan = _Plan()
             try:
@@ -289,9 +327,13 @@ class SqlLedger:
         key = env.get("idempotency_key")
         if not isinstance(key, str) or not key:
             raise RefusedEventError("ledger: event has no idempotency_key")
+        order = env.get("order_id")
+        order_id = order if isinstance(order, str) and order else None
 
         def refuse(message: str) -> RefusedEventError:
-            return RefusedEventError(f"ledger refused {key}: {message}", key)
+            return RefusedEventError(
+                f"ledger refused {key} of order {order!r}: {message}", key, order_id
+            )
 
         fields = {}
         for name in ("event_type", "order_id", "source_system", "source_record_id"):
@@ -339,41 +381,41 @@ class SqlLedger:
         return replace(base, currency=currency, amounts=tuple(amounts))
 
     def _plan(self, conn: Connection, prepared: list[_Prepared]) -> _Plan:
-        existing = self._existing(conn, list(dict.fromkeys(p.key for p in prepared)))
+        existing = self._existing(conn, list(dict.fromkeys(p.ident for p in prepared)))
         reversing = [
             p
             for p in prepared
-            if p.rule is not None and p.rule.action == "reverse" and p.key not in existing
+            if p.rule is not None and p.rule.action == "reverse" and p.ident not in existing
         ]
         types = {t for p in reversing if p.rule is not None for t in p.rule.reverses}
         candidates = self._reversible(conn, {p.order_id for p in reversing}, types)
 
         plan = _Plan()
-        first: dict[str, EffectResult] = {}
+        first: dict[EffectId, EffectResult] = {}
         reversed_ids: set[str] = set()
         for p in prepared:
-            if p.key in first:
-                earlier = first[p.key]
+            if p.ident in first:
+                earlier = first[p.ident]
                 if earlier.status == "applied":
                     refs = earlier.external_refs
                     plan.results.append(
-                        _result(p.key, "already_applied", refs, "duplicate in batch")
+                        _result(p, "already_applied", refs, "duplicate in batch")
                     )
                 else:
                     plan.results.append(earlier)
                 continue
-            if p.key in existing:
-                result = _result(p.key, "already_applied", _refs(existing[p.key]), "posted earlier")
+            if p.ident in existing:
+                result = _result(p, "already_applied", _refs(existing[p.ident]), "posted earlier")
             elif p.rule is None:
-                result = _result(p.key, "not_applicable", {}, f"no posting rule for {p.event_type}")
+                result = _result(p, "not_applicable", {}, f"no posting rule for {p.event_type}")
             elif p.rule.action == "not_applicable":
-                result = _result(p.key, "not_applicable", {}, f"{p.event_type} posts nothing")
+                result = _result(p, "not_applicable", {}, f"{p.event_type} posts nothing")
             elif p.rule.action == "post":
                 if not p.amounts:
-                    result = _result(p.key, "not_applicable", {}, "nothing to post: amounts are 0")
+                    result = _result(p, "not_applicable", {}, "nothing to post: amounts are 0")
                 else:
                     journal = _Journal(
-                        id=_journal_id(p.key, p.occurred_at),
+                        id=_journal_id(p.order_id, p.key, p.occurred_at),
                         idempotency_key=p.key,
                         event_key=p.key,
                         order_id=p.order_id,
@@ -386,7 +428,7 @@ class SqlLedger:
                     )
                     plan.new.append(journal)
                     candidates[p.order_id].append(journal)
-                    result = _result(p.key, "applied", {"journal": journal.id}, p.description)
+                    result = _result(p, "applied", {"journal": journal.id}, p.description)
             else:
                 targets = [
                     j
@@ -396,10 +438,11 @@ class SqlLedger:
                 notes = []
                 for target in targets:
                     reversed_ids.add(target.id)
+                    # Scoped to the same order as the event (journals_order_key).
                     effect_key = f"{p.key}:reverses:{target.id}"
                     notes.append(
                         _Journal(
-                            id=_journal_id(effect_key, p.occurred_at),
+                            id=_journal_id(p.order_id, effect_key, p.occurred_at),
                             idempotency_key=effect_key,
                             event_key=p.key,
                             order_id=p.order_id,
@@ -419,29 +462,37 @@ class SqlLedger:
                     notes.sort(key=lambda j: j.idempotency_key)
                     plan.new.extend(notes)
                     refs = _refs([(j.idempotency_key, j.id) for j in notes])
-                    result = _result(p.key, "applied", refs, p.description)
+                    result = _result(p, "applied", refs, p.description)
                 else:
                     result = _result(
-                        p.key,
+                        p,
                         "not_applicable",
                         {},
                         f"no unreversed {'/'.join(p.rule.reverses)} journal for {p.order_id}",
                     )
-            first[p.key] = result
+            first[p.ident] = result
             plan.results.append(result)
         return plan
 
-    def _existing(self, conn: Connection, keys: list[str]) -> dict[str, list[tuple[str, str]]]:
-        """event key -> [(journal idempotency key, journal id)] already committed."""
-        out: dict[str, list[tuple[str, str]]] = defaultdict(list)
-        for chunk in _chunks(keys):
+    def _existing(
+        self, conn: Connection, effects: list[EffectId]
+    ) -> dict[EffectId, list[tuple[str, str]]]:
+        """(order id, event key) -> [(journal idempotency key, journal id)] already committed."""
+        out: dict[EffectId, list[tuple[str, str]]] = defaultdict(list)
+        for chunk in _chunks(effects):
+            wanted = set(chunk)
             rows = conn.execute(
-                sa.select(journals.c.event_key, journals.c.idempotency_key, journals.c.id).where(
-                    journals.c.event_key.in_(chunk)
+                sa.select(
+                    journals.c.order_id, journals.c.event_key,
+                    journals.c.idempotency_key, journals.c.id,
+                ).where(
+                    journals.c.event_key.in_(sorted({key for _, key in chunk})),
+                    journals.c.order_id.in_(sorted({order for order, _ in chunk})),
                 )
-            )
-            for event_key, journal_key, journal_id in rows:
-                out[event_key].append((journal_key, journal_id))
+            )  # fmt: skip
+            for order_id, event_key, journal_key, journal_id in rows:
+                if (order_id, event_key) in wanted:
+                    out[(order_id, event_key)].append((journal_key, journal_id))
         return dict(out)
 
     def _reversible(
@@ -547,48 +598,48 @@ class SqlLedger:
     # -- reports -----------------------------------------------------------------
 
     def balances(self, currency: str | None = None) -> dict[tuple[str, str], int]:
-        """(account, currency) -> balance in minor units, debits positive."""
+        """(account, currency) -> balance in minor units, debits positive (exact ints)."""
+        debits, credits = (_exact_sum(self.dialect, c) for c in _DEBIT_CREDIT)
         stmt = (
-            sa.select(
-                journal_lines.c.account,
-                journal_lines.c.currency,
-                sa.cast(
-                    sa.func.sum(journal_lines.c.debit_minor)
-                    - sa.func.sum(journal_lines.c.credit_minor),
-                    sa.BigInteger,
-                ),
-            )
+            sa.select(journal_lines.c.account, journal_lines.c.currency, *debits, *credits)
             .select_from(_posted_lines())
             .group_by(journal_lines.c.account, journal_lines.c.currency)
             .order_by(journal_lines.c.currency, journal_lines.c.account)
         )
         if currency is not None:
             stmt = stmt.where(journal_lines.c.currency == currency)
+        n = len(debits)
         with db_errors(), self._transaction() as conn:
-            return {(acct, cur): int(balance) for acct, cur, balance in conn.execute(stmt)}
+            return {
+                (acct, cur): _combine(sums[:n]) - _combine(sums[n:])
+                for acct, cur, *sums in conn.execute(stmt)
+            }
 
     def trial_balance(self) -> dict[str, TrialBalance]:
-        """Per currency: total debits, total credits (equal when sound) and account balances."""
+        """Per currency: total debits, total credits (equal when sound) and account balances.
+
+        Totals are exact Python ints: a currency's debits may sum past 2^63 - 1.
+        """
+        debits, credits = (_exact_sum(self.dialect, c) for c in _DEBIT_CREDIT)
         stmt = (
-            sa.select(
-                journal_lines.c.currency,
-                sa.cast(sa.func.sum(journal_lines.c.debit_minor), sa.BigInteger),
-                sa.cast(sa.func.sum(journal_lines.c.credit_minor), sa.BigInteger),
-            )
+            sa.select(journal_lines.c.currency, *debits, *credits)
             .select_from(_posted_lines())
             .group_by(journal_lines.c.currency)
         )
+        n = len(debits)
         with db_errors(), self._transaction() as conn:
-            totals = [(cur, int(d), int(c)) for cur, d, c in conn.execute(stmt)]
+            totals = [
+                (cur, _combine(sums[:n]), _combine(sums[n:])) for cur, *sums in conn.execute(stmt)
+            ]
         per_account = self.balances()
         return {
             cur: TrialBalance(
                 currency=cur,
-                debit_minor=debits,
-                credit_minor=credits,
+                debit_minor=debits_total,
+                credit_minor=credits_total,
                 accounts={a: b for (a, c), b in per_account.items() if c == cur},
             )
-            for cur, debits, credits in sorted(totals)
+            for cur, debits_total, credits_total in sorted(totals)
         }
 
     def journals_for(self, order_id: str) -> list[Journal]:
@@ -661,6 +712,7 @@ class SqlLedger:
 
     def record_effect(
         self,
+        order_id: str,
         key: str,
         adapter: str,
         external_ref: Mapping[str, str],
@@ -670,21 +722,28 @@ class SqlLedger:
         *,
         applied_at: datetime | None = None,
     ) -> SideEffect:
-        """Insert or replace the (key, adapter) row; returns what was stored."""
+        """Insert or replace the (order_id, key, adapter) row; returns what was stored."""
         return self.record_effects([
-            EffectRow(key, adapter, external_ref, status, attempts, detail, applied_at)
+            EffectRow(order_id, key, adapter, external_ref, status, attempts, detail, applied_at)
         ])[0]
 
     def record_effects(self, rows: Sequence[EffectRow]) -> list[SideEffect]:
-        """Insert or replace many (key, adapter) rows in one transaction (a sink batch's)."""
+        """Insert or replace many (order_id, key, adapter) rows in one transaction.
+
+        A legacy row of the same key and adapter (order_id NULL) is left as it is; the
+        row written now is the one lookups for this order find from now on.
+        """
         values = []
         for r in rows:
             if not r.key or not r.adapter or not r.status:
                 raise ValueError("record_effect needs a key, an adapter and a status")
+            if not isinstance(r.order_id, str):
+                raise ValueError(f"order_id must be a string, got {r.order_id!r}")
             if isinstance(r.attempts, bool) or not isinstance(r.attempts, int) or r.attempts < 0:
                 raise ValueError(f"attempts must be a non-negative int, got {r.attempts!r}")
             refs = {str(k): str(v) for k, v in r.external_ref.items()}
             values.append({
+                "order_id": r.order_id,
                 "idempotency_key": r.key,
                 "adapter": r.adapter,
                 "external_ref": json.dumps(refs, sort_keys=True, separators=(",", ":")),
@@ -695,55 +754,85 @@ class SqlLedger:
             })
         if not values:
             return []
-        # The last row per (key, adapter) wins, as separate calls in this order would.
-        latest = {(v["idempotency_key"], v["adapter"]): v for v in values}
+        # The last row per (order, key, adapter) wins, as separate calls in this order would.
+        latest = {(v["order_id"], v["idempotency_key"], v["adapter"]): v for v in values}
         insert = (pg_dialect.insert if self.dialect == "postgresql" else sqlite_dialect.insert)(
             side_effects
         )
         stmt = insert.on_conflict_do_update(
-            index_elements=[side_effects.c.idempotency_key, side_effects.c.adapter],
+            index_elements=[
+                side_effects.c.order_id, side_effects.c.idempotency_key, side_effects.c.adapter
+            ],
             set_={
                 name: insert.excluded[name]
                 for name in ("external_ref", "status", "attempts", "applied_at", "detail")
             },
-        )
+        )  # fmt: skip
         with db_errors(), self._transaction(write=True) as conn:
             conn.execute(stmt, list(latest.values()))
         return [_side_effect(v) for v in values]
 
-    def effect(self, key: str, adapter: str) -> SideEffect | None:
-        return self.effects_for([key], adapter).get(key)
+    def effect(self, order_id: str, key: str, adapter: str) -> SideEffect | None:
+        """The row of one effect in one adapter (a legacy row of the key too, see effects_of)."""
+        return self.effects_for([(order_id, key)], adapter).get((order_id, key))
 
-    def effects_for(self, keys: Iterable[str], adapter: str) -> dict[str, SideEffect]:
-        """key -> row for the keys that have one (one query per 500 keys)."""
-        return self.effects_of(keys, [adapter])[adapter]
+    def effects_for(self, effects: Iterable[EffectId], adapter: str) -> dict[EffectId, SideEffect]:
+        """(order_id, key) -> row for the effects that have one (one query per 500)."""
+        return self.effects_of(effects, [adapter])[adapter]
 
     def effects_of(
-        self, keys: Iterable[str], adapters: Sequence[str]
-    ) -> dict[str, dict[str, SideEffect]]:
-        """adapter -> key -> row, for several adapters in one query (per 500 keys)."""
-        wanted = list(dict.fromkeys(keys))
-        out: dict[str, dict[str, SideEffect]] = {adapter: {} for adapter in adapters}
+        self, effects: Iterable[EffectId], adapters: Sequence[str]
+    ) -> dict[str, dict[EffectId, SideEffect]]:
+        """adapter -> (order_id, key) -> row, for several adapters in one query (per 500).
+
+        A row of the order itself wins; failing that a legacy row of the key (order_id
+        NULL: written before effects were identified per order, its order not derivable
+        when migrating) is the effect's row, exactly as lookups by key alone found it.
+        The returned row keeps ``order_id=None`` then.
+        """
+        wanted = list(dict.fromkeys(effects))
+        out: dict[str, dict[EffectId, SideEffect]] = {adapter: {} for adapter in adapters}
         if not wanted or not adapters:
             return out
         with db_errors(), self._transaction() as conn:
             for chunk in _chunks(wanted):
+                by_key: dict[str, list[EffectId]] = defaultdict(list)
+                for order_id, key in chunk:
+                    by_key[key].append((order_id, key))
                 rows = conn.execute(
                     sa.select(side_effects).where(
                         side_effects.c.adapter.in_(list(adapters)),
-                        side_effects.c.idempotency_key.in_(chunk),
+                        side_effects.c.idempotency_key.in_(sorted(by_key)),
+                        sa.or_(
+                            side_effects.c.order_id.in_(sorted({o for o, _ in chunk})),
+                            side_effects.c.order_id.is_(None),
+                        ),
                     )
                 ).mappings()
+                legacy: list[SideEffect] = []
                 for row in rows:
-                    out[row["adapter"]][row["idempotency_key"]] = _side_effect(dict(row))
+                    effect = _side_effect(dict(row))
+                    if effect.order_id is None:
+                        legacy.append(effect)
+                        continue
+                    ident = (effect.order_id, effect.idempotency_key)
+                    if ident in by_key.get(effect.idempotency_key, ()):
+                        out[effect.adapter][ident] = effect
+                for effect in legacy:
+                    found = out[effect.adapter]
+                    for ident in by_key[effect.idempotency_key]:
+                        found.setdefault(ident, effect)
         return out
 
     def all_effects(
         self, adapter: str | None = None, statuses: Iterable[str] | None = None
     ) -> list[SideEffect]:
-        """Read-only: side-effect rows, optionally of one adapter and some statuses."""
+        """Read-only: side-effect rows (order_id None: legacy), optionally of one adapter
+        and some statuses; ordered by key, order, adapter."""
         stmt = sa.select(side_effects).order_by(
-            side_effects.c.idempotency_key, side_effects.c.adapter
+            side_effects.c.idempotency_key,
+            sa.func.coalesce(side_effects.c.order_id, ""),
+            side_effects.c.adapter,
         )
         if adapter is not None:
             stmt = stmt.where(side_effects.c.adapter == adapter)
@@ -761,6 +850,69 @@ class SqlLedger:
                 conn = conn.execution_options(revline_write=True)
             with conn.begin():
                 yield conn
+
+
+@contextmanager
+def migrating(engine: Engine) -> Iterator[Connection]:
+    """One migrating transaction: locked, and on SQLite with foreign keys off.
+
+    The lock serialises concurrent migrations (PostgreSQL: a transaction-scoped
+    advisory lock; SQLite: BEGIN IMMEDIATE holds the write lock). SQLite rebuilds a
+    table to change its constraints (drop, then rename a copy into place), which with
+    foreign keys on would count every line of a rebuilt journals table as orphaned;
+    the pragma cannot change inside a transaction, so it is turned off before BEGIN,
+    every foreign key is checked before COMMIT, and it is on again afterwards.
+    """
+    with engine.connect() as conn:
+        sqlite = conn.dialect.name == "sqlite"
+        raw = conn.connection.driver_connection
+        if sqlite:
+            assert raw is not None
+            raw.execute("PRAGMA foreign_keys = OFF")
+        try:
+            write = conn.execution_options(revline_write=True)
+            with write.begin():
+                lock_for_migration(write)
+                yield write
+                if sqlite:
+                    broken = write.exec_driver_sql("PRAGMA foreign_key_check").all()
+                    if broken:
+                        raise ConfigurationError(
+                            f"ledger migration left {len(broken)} row(s) whose foreign key "
+                            f"has no parent (first: {tuple(broken[0])}); nothing was changed"
+                        )
+        finally:
+            if raw is not None and sqlite:
+                raw.execute("PRAGMA foreign_keys = ON")
+
+
+def upgrade_to_head(conn: Connection) -> None:
+    """Run the migrations the database lacks, inside ``conn``'s transaction (see migrate)."""
+    from alembic import command
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from sinks.ledger.migrations import BASELINE, MIGRATIONS_DIR
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes["connection"] = conn
+    tables = set(sa.inspect(conn).get_table_names())
+    current: set[str] = set()
+    if "alembic_version" in tables:
+        current = set(conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalars())
+    if current == set(ScriptDirectory.from_config(config).get_heads()):
+        return  # the usual start: nothing to do, and nothing logged
+    if not current and tables & _LEDGER_TABLES:
+        # Written before migrations existed: that schema is the baseline revision.
+        missing = _LEDGER_TABLES - tables
+        if missing:
+            raise ConfigurationError(
+                f"the ledger database has some of the ledger's tables but not "
+                f"{sorted(missing)} and no migration history: not a ledger this code wrote"
+            )
+        command.stamp(config, BASELINE)
+    command.upgrade(config, "head")
 
 
 def _copy_rows(conn: Connection, table: sa.Table, rows: list[tuple[Any, ...]]) -> None:
@@ -790,8 +942,36 @@ def _posted_lines() -> sa.Join:
     return journal_lines.join(journals, journals.c.id == journal_lines.c.journal_id)
 
 
-def _result(key: str, status: str, refs: Mapping[str, str], detail: str) -> EffectResult:
-    return EffectResult(ADAPTER_NAME, key, status, dict(refs), detail)
+def _result(p: _Prepared, status: str, refs: Mapping[str, str], detail: str) -> EffectResult:
+    return EffectResult(ADAPTER_NAME, p.key, status, dict(refs), detail, order_id=p.order_id)
+
+
+_DEBIT_CREDIT = (journal_lines.c.debit_minor, journal_lines.c.credit_minor)
+_LOW_BITS = 32
+
+
+def _exact_sum(dialect: str, column: sa.ColumnElement[int]) -> tuple[sa.ColumnElement[Any], ...]:
+    """SUM of a BIGINT money column that cannot overflow; ``_combine`` makes it one int.
+
+    PostgreSQL sums into NUMERIC. SQLite's SUM over integers raises "integer overflow"
+    past 2^63 - 1 and has no wider integer, so it sums the high and the low 32 bits
+    of the (non-negative) amounts separately: each partial sum stays below 2^63 for
+    up to 2^31 lines per group, and Python adds them up exactly.
+    """
+    if dialect == "postgresql":
+        return (sa.cast(sa.func.coalesce(sa.func.sum(column), 0), sa.Numeric),)
+    return (
+        sa.func.coalesce(sa.func.sum(column.op(">>")(_LOW_BITS)), 0),
+        sa.func.coalesce(sa.func.sum(column.op("&")(2**_LOW_BITS - 1)), 0),
+    )
+
+
+def _combine(sums: Sequence[Any]) -> int:
+    """The int that ``_exact_sum``'s columns add up to (NUMERIC arrives as Decimal)."""
+    if len(sums) == 1:
+        return int(sums[0])
+    high, low = sums
+    return (int(high) << _LOW_BITS) + int(low)
 
 
 def _refs(journal_keys_and_ids: Sequence[tuple[str, str]]) -> dict[str, str]:
@@ -803,24 +983,30 @@ def _refs(journal_keys_and_ids: Sequence[tuple[str, str]]) -> dict[str, str]:
     }
 
 
-def _journal_id(effect_key: str, occurred_at: datetime) -> str:
-    """A UUIDv8 (RFC 9562): the event's occurred_at in Unix ms, then 74 bits of uuid5(key).
+def _journal_id(order_id: str, effect_key: str, occurred_at: datetime) -> str:
+    """A UUIDv8 (RFC 9562): the event's occurred_at in Unix ms, then 74 bits of
+    uuid5(order id, effect key).
 
     A function of the event alone, so a replay into an empty ledger reproduces the same
     ids; time-ordered, so the indexes on journal ids take inserts at their recent end
     instead of at random pages (random uuid5 ids halved COPY throughput on a large
-    ledger and dirtied a page per insert). Ledgers written before keep their uuid5 ids
-    (version 5): both kinds coexist and never collide. A credit note's effect key embeds
-    the reversed journal's id, so shadow parity names it by the reversed key instead.
+    ledger and dirtied a page per insert). The order is hashed with the key: two orders
+    may share a key, and their journals must not share an id. Journals keep the id they
+    were posted with: ledgers written before hold uuid5(key) ids (version 5) and
+    UUIDv8 ids of the key alone; lookups read stored ids, never recompute them, and the
+    namespaces differ, so no scheme collides with another. A credit note's effect key
+    embeds the reversed journal's id, so shadow parity names it by the reversed key.
     """
     unix_ms = max((occurred_at - _UNIX_EPOCH) // _MS, 0)  # year 9999 still fits 48 bits
-    digest = uuid.uuid5(_JOURNAL_NAMESPACE, effect_key).int
+    # JSON: an unambiguous encoding of the pair (no separator a key could contain).
+    name = json.dumps([order_id, effect_key])
+    digest = uuid.uuid5(_ORDER_KEY_NAMESPACE, name).int
     rand_a = (digest >> 64) & 0xFFF
     rand_b = digest & (2**62 - 1)
     return str(uuid.UUID(int=unix_ms << 80 | 0x8 << 76 | rand_a << 64 | 0b10 << 62 | rand_b))
 
 
-def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
+def _chunks(items: Sequence[_T]) -> Iterator[Sequence[_T]]:
     for start in range(0, len(items), _CHUNK):
         yield items[start : start + _CHUNK]
 
@@ -844,6 +1030,7 @@ def _describe(rule: PostingRule | None, env: Mapping[str, Any], event: Event) ->
 def _side_effect(row: Mapping[str, Any]) -> SideEffect:
     refs = json.loads(row["external_ref"])
     return SideEffect(
+        order_id=row["order_id"],
         idempotency_key=row["idempotency_key"],
         adapter=row["adapter"],
         external_ref={str(k): str(v) for k, v in refs.items()},

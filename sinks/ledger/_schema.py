@@ -5,11 +5,17 @@ Invariants the database itself enforces (the code checks them too, first):
 * amounts are BIGINT minor units; a line has exactly one positive side;
 * journals and their lines are append-only: UPDATE and DELETE (and TRUNCATE on
   PostgreSQL) raise; corrections are reversal journals;
+* an effect is posted once: journals are UNIQUE on ``(order_id, idempotency_key)``
+  (two orders may share a key; each is its own effect);
 * a journal is reversed at most once (``reverses_journal_id`` is UNIQUE);
 * every line is in its journal's currency (composite FK to ``journals(id, currency)``);
 * every journal balances: ``total_debit_minor = total_credit_minor`` on the header
   (CHECK) and the lines sum to exactly those totals. How the second half is enforced
-  differs per backend, see ``_SQLITE_TRIGGERS`` and ``_POSTGRES_DDL``.
+  differs per backend, see ``SQLITE_TRIGGERS`` and ``POSTGRES_DDL``.
+
+The tables here describe the schema at the newest migration (``migrations/``); the
+database is created and upgraded by those migrations (``SqlLedger.migrate``), never by
+``metadata.create_all``. Changing a table or a trigger means adding a migration.
 """
 
 from __future__ import annotations
@@ -65,9 +71,10 @@ journals = sa.Table(
     sa.Column("id", sa.String(36), primary_key=True),
     # The effect's key: the event's idempotency key, or for one credit note of a
     # cancellation "<event key>:reverses:<journal id>" (one event, several journals).
-    sa.Column("idempotency_key", sa.Text, nullable=False, unique=True),
-    sa.Column("event_key", sa.Text, nullable=False, index=True),
-    sa.Column("order_id", sa.Text, nullable=False, index=True),
+    # Unique per order only (journals_order_key): the effect is (order_id, key).
+    sa.Column("idempotency_key", sa.Text, nullable=False),
+    sa.Column("event_key", sa.Text, nullable=False),
+    sa.Column("order_id", sa.Text, nullable=False),
     sa.Column("event_type", sa.String(64), nullable=False),
     sa.Column("currency", sa.String(3), nullable=False),
     sa.Column("total_debit_minor", sa.BigInteger, nullable=False),
@@ -75,8 +82,12 @@ journals = sa.Table(
     sa.Column("source_ref", sa.Text, nullable=False),
     sa.Column("occurred_at", UtcDateTime, nullable=False),
     sa.Column("posted_at", UtcDateTime, nullable=False),
-    sa.Column("reverses_journal_id", sa.String(36), nullable=True, unique=True),
+    sa.Column("reverses_journal_id", sa.String(36), nullable=True),
     sa.Column("description", sa.Text, nullable=False),
+    sa.Index("ix_journals_event_key", "event_key"),
+    sa.Index("ix_journals_order_id", "order_id"),
+    sa.UniqueConstraint("order_id", "idempotency_key", name="journals_order_key"),
+    sa.UniqueConstraint("reverses_journal_id", name="journals_reverses_journal_id_key"),
     sa.UniqueConstraint("id", "currency", name="journals_id_currency"),
     sa.CheckConstraint("length(currency) = 3", name="journals_currency_iso"),
     sa.CheckConstraint("total_debit_minor > 0", name="journals_total_positive"),
@@ -106,7 +117,7 @@ journal_lines = sa.Table(
         "(debit_minor > 0 AND credit_minor = 0) OR (debit_minor = 0 AND credit_minor > 0)",
         name="journal_lines_one_side",
     ),
-    # Deferred: on SQLite lines are written before their header (see _SQLITE_TRIGGERS),
+    # Deferred: on SQLite lines are written before their header (see SQLITE_TRIGGERS),
     # and the check at COMMIT is what forbids a line without a journal.
     sa.ForeignKeyConstraint(
         ["journal_id", "currency"],
@@ -117,17 +128,34 @@ journal_lines = sa.Table(
     ),
 )
 
+# One row per effect and adapter: (order_id, idempotency_key, adapter) is unique.
+# order_id NULL = a legacy row, written before effects were identified per order and
+# whose order could not be derived when migrating (no journal names its key: ERP rows
+# of bookings, amendments..., refused events). A lookup for (order, key) also matches
+# a legacy row with that key, exactly as lookups by key alone did before; a row for
+# the order itself wins over it. New rows always carry their order. Legacy rows stay
+# unique per (key, adapter), as the old primary key had them (side_effects_legacy_key).
 side_effects = sa.Table(
     "side_effects",
     metadata,
-    sa.Column("idempotency_key", sa.Text, primary_key=True),
-    sa.Column("adapter", sa.String(64), primary_key=True),
+    sa.Column("order_id", sa.Text, nullable=True),
+    sa.Column("idempotency_key", sa.Text, nullable=False),
+    sa.Column("adapter", sa.String(64), nullable=False),
     sa.Column("external_ref", sa.Text, nullable=False),  # JSON object: step -> external id
     sa.Column("status", sa.String(32), nullable=False),
     sa.Column("attempts", sa.Integer, nullable=False),
     sa.Column("applied_at", UtcDateTime, nullable=False),
     sa.Column("detail", sa.Text, nullable=False),
     sa.CheckConstraint("attempts >= 0", name="side_effects_attempts"),
+    sa.UniqueConstraint("order_id", "idempotency_key", "adapter", name="side_effects_effect"),
+    sa.Index(
+        "side_effects_legacy_key",
+        "idempotency_key",
+        "adapter",
+        unique=True,
+        sqlite_where=sa.text("order_id IS NULL"),
+        postgresql_where=sa.text("order_id IS NULL"),
+    ),
 )
 
 # SQLite has no deferred triggers, so the balance check cannot wait for COMMIT.
@@ -146,7 +174,7 @@ side_effects = sa.Table(
 # recursive_triggers=ON (so INSERT OR REPLACE fires the delete triggers), which the
 # ledger sets on every connection; reports join lines to headers, so a line written
 # by a tool that turned foreign keys off is never counted.
-_SQLITE_TRIGGERS = (
+SQLITE_TRIGGERS = (
     """
     CREATE TRIGGER IF NOT EXISTS journal_lines_sealed
     BEFORE INSERT ON journal_lines
@@ -186,7 +214,7 @@ _SQLITE_TRIGGERS = (
 # lines against its header. Lines added to an old journal in a later transaction fire
 # it too, so no sequence of inserts commits an unbalanced journal. Errors use SQLSTATE
 # class 23 (integrity), which drivers surface as IntegrityError.
-_POSTGRES_DDL = (
+POSTGRES_DDL = (
     """
     CREATE OR REPLACE FUNCTION revline_ledger_append_only() RETURNS trigger
     LANGUAGE plpgsql AS $$
@@ -258,14 +286,42 @@ _POSTGRES_DDL = (
 )
 
 
-def create_schema(conn: Connection) -> None:
-    """Create tables and triggers if missing; safe to run concurrently and repeatedly."""
+def lock_for_migration(conn: Connection) -> None:
+    """Serialise concurrent migrations: a transaction-scoped advisory lock on PostgreSQL.
+
+    SQLite needs nothing here: the migrating transaction is BEGIN IMMEDIATE, which
+    holds the database's write lock until it commits.
+    """
     dialect = conn.dialect.name
     if dialect == "postgresql":
         conn.execute(sa.select(sa.func.pg_advisory_xact_lock(MIGRATION_LOCK_ID)))
     elif dialect != "sqlite":
         raise ValueError(f"unsupported database {dialect!r}: use SQLite or PostgreSQL")
-    metadata.create_all(conn, checkfirst=True)
-    for ddl in _POSTGRES_DDL if dialect == "postgresql" else _SQLITE_TRIGGERS:
+
+
+def install_triggers(conn: Connection) -> None:
+    """Create the balance and append-only triggers that are missing (idempotent).
+
+    Called by the migrations that create or rebuild the ledger's tables; a change to
+    a trigger's text needs a migration that drops and re-creates it.
+    """
+    for ddl in POSTGRES_DDL if conn.dialect.name == "postgresql" else SQLITE_TRIGGERS:
         # no_parameters: psycopg would read RAISE's % placeholders as its own.
         conn.exec_driver_sql(ddl, execution_options={"no_parameters": True})
+
+
+def drop_sqlite_triggers(conn: Connection) -> list[str]:
+    """Drop every trigger of a SQLite ledger (before a table rebuild); returns their names.
+
+    A rebuild drops the rebuilt table's own triggers, and renaming the rebuilt table
+    into place fails while a trigger of another table names the dropped one; the
+    migration re-creates them all with ``install_triggers`` once the tables are back.
+    """
+    names = list(
+        conn.exec_driver_sql(
+            "SELECT name FROM sqlite_master WHERE type = 'trigger' ORDER BY name"
+        ).scalars()
+    )
+    for name in names:
+        conn.exec_driver_sql(f'DROP TRIGGER "{name}"')
+    return names

@@ -23,7 +23,7 @@ import sqlalchemy.exc as sa_exc
 
 from revline.workload import WorkloadOptions, generate
 from sinks._protocols import LedgerAdapter, PermanentSinkError
-from sinks.ledger import RefusedEventError, SqlLedger
+from sinks.ledger import EffectRow, RefusedEventError, SqlLedger
 
 T0 = datetime(2026, 11, 24, 9, 0, tzinfo=UTC)
 MONEY_EVENTS = ("invoice_issued", "payment_captured", "refund_issued", "order_cancelled")
@@ -312,10 +312,85 @@ class LedgerContract:
         assert ledger.balances()[("accounts_receivable", "EUR")] == 0
 
     def test_journal_ids_are_stable_across_ledgers(self, ledger: SqlLedger) -> None:
-        # A function of the event: its occurred_at (ms) first, then a hash of its key.
-        # The literal pins the scheme; changing it breaks replays into fresh ledgers.
+        # A function of the event: its occurred_at (ms) first, then a hash of its order
+        # and key. The literal pins the scheme; changing it breaks replays into fresh
+        # ledgers.
         [result] = ledger.post([invoice("SO-1", 1000, 200)])
-        assert result.external_refs["journal"] == "01a20ccd-2260-8cf7-ace4-3d0a20e1812d"
+        assert result.external_refs["journal"] == "01a20ccd-2260-8ea0-a4b3-08206b1b29bc"
+        # The same key under another order (same occurred_at): another id.
+        other = invoice("SO-2", 1000, 200)
+        other["envelope"]["idempotency_key"] = "SO-1:invoice:1"
+        [second] = ledger.post([other])
+        assert second.status == "applied"
+        assert second.external_refs["journal"] == "01a20ccd-2260-81cd-8c47-daee2d218147"
+
+    def test_journals_posted_under_an_earlier_id_scheme_are_still_found(
+        self, ledger: SqlLedger, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # Ids are stored, never recomputed: a journal posted by a release that hashed
+        # the key alone (this literal is what it gave) is found, and not posted again.
+        from sinks.ledger import _ledger
+
+        legacy_id = "01a20ccd-2260-8cf7-ace4-3d0a20e1812d"
+        with monkeypatch.context() as m:
+            m.setattr(_ledger, "_journal_id", lambda _order, _key, _at: legacy_id)
+            ledger.post([invoice("SO-1", 1000, 200)])
+        [again] = ledger.post([invoice("SO-1", 1000, 200)])
+        assert again.status == "already_applied"
+        assert again.external_refs == {"journal": legacy_id}
+        [note] = ledger.post([cancellation("SO-1")])
+        [credit] = [j for j in ledger.journals_for("SO-1") if j.reverses_journal_id]
+        assert credit.reverses_journal_id == legacy_id and note.status == "applied"
+        assert credit.idempotency_key == f"SO-1:cancelled:reverses:{legacy_id}"
+
+    def test_two_orders_sharing_a_key_are_two_effects(self, ledger: SqlLedger) -> None:
+        a = invoice("SO-A", 1000, 200)
+        b = invoice("SO-B", 500, 0)
+        a["envelope"]["idempotency_key"] = b["envelope"]["idempotency_key"] = "INV-1"
+        pay_a, pay_b = payment("SO-A", 1200), payment("SO-B", 500)
+        pay_a["envelope"]["idempotency_key"] = pay_b["envelope"]["idempotency_key"] = "PAY-1"
+        results = ledger.post([a, b, pay_a])
+        assert [(r.order_id, r.idempotency_key, r.status) for r in results] == [
+            ("SO-A", "INV-1", "applied"), ("SO-B", "INV-1", "applied"),
+            ("SO-A", "PAY-1", "applied"),
+        ]  # fmt: skip
+        assert results[0].external_refs != results[1].external_refs
+        # In a later batch, with a replay of the first order's invoice.
+        later = ledger.post([pay_b, a])
+        assert [(r.order_id, r.status) for r in later] == [
+            ("SO-B", "applied"), ("SO-A", "already_applied"),
+        ]  # fmt: skip
+        assert later[1].external_refs == results[0].external_refs
+        balances = ledger.balances()
+        assert balances[("cash", "EUR")] == 1700 and balances[("accounts_receivable", "EUR")] == 0
+        # A cancellation reverses its own order's invoice only, under the same key.
+        cancel_a, cancel_b = cancellation("SO-A", key="CXL"), cancellation("SO-B", key="CXL")
+        notes = ledger.post([cancel_a, cancel_b])
+        assert [r.status for r in notes] == ["applied", "applied"]
+        for order, inv in (("SO-A", results[0]), ("SO-B", results[1])):
+            [credit] = [j for j in ledger.journals_for(order) if j.reverses_journal_id]
+            assert credit.reverses_journal_id == inv.external_refs["journal"]
+            assert credit.idempotency_key == f"CXL:reverses:{inv.external_refs['journal']}"
+        assert ledger.balances()[("revenue", "EUR")] == 0
+        assert [r.status for r in ledger.post([cancel_b, cancel_a])] == ["already_applied"] * 2
+
+    def test_database_refuses_the_same_effect_twice_but_not_across_orders(
+        self, ledger: SqlLedger
+    ) -> None:
+        first, same, other = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
+        insert_raw(ledger, ("journal_lines", [line(first, 1, "cash", 10, 0),
+                                              line(first, 2, "revenue", 0, 10)]),
+                   ("journals", [header(first, 10)]))  # fmt: skip
+        dup = {**header(same, 10), "idempotency_key": f"raw:{first}"}
+        with pytest.raises(sa_exc.IntegrityError):
+            insert_raw(ledger, ("journal_lines", [line(same, 1, "cash", 10, 0),
+                                                  line(same, 2, "revenue", 0, 10)]),
+                       ("journals", [dup]))  # fmt: skip
+        elsewhere = {**header(other, 10), "idempotency_key": f"raw:{first}", "order_id": "SO-X"}
+        insert_raw(ledger, ("journal_lines", [line(other, 1, "cash", 10, 0),
+                                              line(other, 2, "revenue", 0, 10)]),
+                   ("journals", [elsewhere]))  # fmt: skip
+        assert count(ledger, "journals") == 2
 
     def test_journal_ids_sort_by_occurred_at(self, ledger: SqlLedger) -> None:
         # invoice n occurs at minute 4 + n
@@ -341,10 +416,33 @@ class LedgerContract:
         assert ledger.balances("GBP") == {}
         trial = ledger.trial_balance()
         assert set(trial) == {"EUR", "JPY", "USD"}
+        assert all(type(tb.debit_minor) is int for tb in trial.values())
         assert all(tb.balanced for tb in trial.values())
         assert trial["USD"].debit_minor == 5400 + 2000
         assert trial["USD"].accounts == {a: b for (a, _), b in usd.items()}
         assert all(sum(tb.accounts.values()) == 0 for tb in trial.values())
+        assert all(type(v) is int for v in ledger.balances().values())
+
+    def test_totals_past_the_bigint_range_are_exact(self, ledger: SqlLedger) -> None:
+        # Each journal fits a BIGINT; their sums in one currency do not. The database
+        # must not overflow ("integer overflow" read as "database unavailable").
+        big = 2**63 - 1
+        events = [invoice(f"SO-{n}", big - n, 0) for n in range(3)]
+        events += [payment(f"SO-{n}", big - n) for n in range(2)]
+        events.append(invoice("SO-USD", 7, 0, currency="USD"))
+        ledger.post(events)
+        debits = sum(big - n for n in range(3)) + sum(big - n for n in range(2))
+        assert debits > 2**64
+        trial = ledger.trial_balance()
+        assert trial["EUR"].debit_minor == trial["EUR"].credit_minor == debits
+        assert type(trial["EUR"].debit_minor) is int and trial["EUR"].balanced
+        assert trial["USD"].debit_minor == 7
+        assert trial["EUR"].accounts == {
+            "accounts_receivable": big - 2,
+            "cash": (big) + (big - 1),
+            "revenue": -(3 * big - 3),
+        }
+        assert ledger.balances("EUR")[("revenue", "EUR")] == -(3 * big - 3)
         assert all(type(v) is int for v in ledger.balances().values())
 
     # -- refused in code, before the database -------------------------------------
@@ -368,6 +466,7 @@ class LedgerContract:
         with pytest.raises(RefusedEventError, match=message) as caught:
             ledger.post([invoice("SO-1", 1000, 200), bad])
         assert caught.value.idempotency_key == "SO-2:invoice:1"
+        assert caught.value.order_id == ("SO-2" if "order_id" not in message else None)
         assert isinstance(caught.value, PermanentSinkError)
         assert count(ledger, "journals") == 0 and count(ledger, "journal_lines") == 0
 
@@ -548,35 +647,74 @@ class LedgerContract:
     # -- side-effect ledger ----------------------------------------------------------
 
     def test_side_effect_ledger_round_trip(self, ledger: SqlLedger) -> None:
-        assert ledger.effect("SO-1:invoice:1", "erp") is None
+        effect = ("SO-1", "SO-1:invoice:1")
+        assert ledger.effect(*effect, "erp") is None
         stored = ledger.record_effect(
-            "SO-1:invoice:1", "erp", {"sale": "SO/0001"}, "partial", 1, "invoice refused"
+            *effect, "erp", {"sale": "SO/0001"}, "partial", 1, "invoice refused"
         )
-        got = ledger.effect("SO-1:invoice:1", "erp")
-        assert got == stored
+        got = ledger.effect(*effect, "erp")
+        assert got == stored and got.order_id == "SO-1"
         assert got is not None and got.applied_at.tzinfo is not None
         assert (got.status, got.attempts, got.detail) == ("partial", 1, "invoice refused")
-        ledger.record_effect(
-            "SO-1:invoice:1", "erp", {"sale": "SO/0001", "invoice": "INV/7"}, "applied", 2
-        )
-        ledger.record_effect("SO-1:invoice:1", "ledger", {"journal": "j-1"}, "applied", 1)
-        got = ledger.effect("SO-1:invoice:1", "erp")
+        ledger.record_effect(*effect, "erp", {"sale": "SO/0001", "invoice": "INV/7"}, "applied", 2)
+        ledger.record_effect(*effect, "ledger", {"journal": "j-1"}, "applied", 1)
+        got = ledger.effect(*effect, "erp")
         assert got is not None
         assert (got.status, got.attempts) == ("applied", 2)
         assert got.external_ref == {"sale": "SO/0001", "invoice": "INV/7"}
-        keys = [f"SO-{i}:invoice:1" for i in range(1200)]
-        for key in keys[:3]:
-            ledger.record_effect(key, "ledger", {"journal": key}, "applied", 1)
-        found = ledger.effects_for(keys, "ledger")
-        assert set(found) == {"SO-0:invoice:1", "SO-1:invoice:1", "SO-2:invoice:1"}
-        assert found["SO-1:invoice:1"].external_ref == {"journal": "SO-1:invoice:1"}  # replaced
+        effects = [(f"SO-{i}", f"SO-{i}:invoice:1") for i in range(1200)]
+        for order, key in effects[:3]:
+            ledger.record_effect(order, key, "ledger", {"journal": key}, "applied", 1)
+        found = ledger.effects_for(effects, "ledger")
+        assert set(found) == set(effects[:3])
+        assert found[effect].external_ref == {"journal": "SO-1:invoice:1"}  # replaced
         assert ledger.effects_for([], "erp") == {}
-        both = ledger.effects_of(["SO-1:invoice:1", *keys[1:3]], ["ledger", "erp"])
-        assert set(both["ledger"]) == {"SO-1:invoice:1", "SO-2:invoice:1"}
-        assert set(both["erp"]) == {"SO-1:invoice:1"}
-        assert both["erp"]["SO-1:invoice:1"].external_ref == got.external_ref
+        both = ledger.effects_of([effect, *effects[1:3]], ["ledger", "erp"])
+        assert set(both["ledger"]) == {effect, ("SO-2", "SO-2:invoice:1")}
+        assert set(both["erp"]) == {effect}
+        assert both["erp"][effect].external_ref == got.external_ref
         with pytest.raises(ValueError):
-            ledger.record_effect("k", "erp", {}, "applied", -1)
+            ledger.record_effect("SO-1", "k", "erp", {}, "applied", -1)
+
+    def test_side_effects_of_two_orders_sharing_a_key_are_apart(self, ledger: SqlLedger) -> None:
+        # An ERP refusal of the second order must not overwrite the first's "applied".
+        ledger.record_effects([
+            EffectRow("SO-A", "K", "erp", {"invoice": "1"}, "applied", 1),
+            EffectRow("SO-B", "K", "erp", {}, "refused", 1, "period closed"),
+        ])
+        found = ledger.effects_for([("SO-A", "K"), ("SO-B", "K"), ("SO-C", "K")], "erp")
+        assert {ident: e.status for ident, e in found.items()} == {
+            ("SO-A", "K"): "applied", ("SO-B", "K"): "refused",
+        }  # fmt: skip
+        assert [(e.order_id, e.status) for e in ledger.all_effects("erp")] == [
+            ("SO-A", "applied"), ("SO-B", "refused"),
+        ]  # fmt: skip
+
+    def test_a_legacy_row_without_order_is_found_for_any_order_of_its_key(
+        self, ledger: SqlLedger
+    ) -> None:
+        # order_id NULL: written before per-order identity, order not derivable.
+        with ledger.engine.begin() as conn:
+            conn.execute(sa.text(
+                "INSERT INTO side_effects (order_id, idempotency_key, adapter, external_ref,"
+                " status, attempts, applied_at, detail) VALUES"
+                " (NULL, 'K', 'erp', '{\"sale\":\"7\"}', 'applied', 1, :at, '')"
+            ), {"at": T0.replace(tzinfo=None)})  # fmt: skip
+        [legacy] = ledger.all_effects("erp")
+        assert legacy.order_id is None and legacy.external_ref == {"sale": "7"}
+        found = ledger.effects_for([("SO-A", "K"), ("SO-B", "K"), ("SO-A", "L")], "erp")
+        assert found == {("SO-A", "K"): legacy, ("SO-B", "K"): legacy}
+        # A row of the order itself wins over it; the legacy row stays for the others.
+        ledger.record_effect("SO-A", "K", "erp", {"sale": "8"}, "refused", 1)
+        found = ledger.effects_for([("SO-A", "K"), ("SO-B", "K")], "erp")
+        assert found[("SO-A", "K")].status == "refused" and found[("SO-B", "K")] == legacy
+        # Legacy rows stay unique per (key, adapter), as the old primary key had them.
+        with pytest.raises(sa_exc.IntegrityError), ledger.engine.begin() as conn:
+            conn.execute(sa.text(
+                "INSERT INTO side_effects (order_id, idempotency_key, adapter, external_ref,"
+                " status, attempts, applied_at, detail) VALUES"
+                " (NULL, 'K', 'erp', '{}', 'applied', 1, :at, '')"
+            ), {"at": T0.replace(tzinfo=None)})  # fmt: skip
 
     # -- lifecycle and end-to-end ------------------------------------------------------
 

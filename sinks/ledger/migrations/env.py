@@ -1,0 +1,51 @@
+"""Alembic environment of the ledger.
+
+``SqlLedger.migrate()`` hands over its own connection, already inside the migrating
+transaction and holding the migration lock (``config.attributes["connection"]``);
+every revision then runs in that one transaction. From the alembic CLI the URL comes
+from ``-x url=...`` and the run takes the same lock itself.
+"""
+
+from __future__ import annotations
+
+from alembic import context
+from sqlalchemy.engine import Connection
+
+from sinks.ledger._ledger import _create_engine
+from sinks.ledger._schema import lock_for_migration, metadata
+
+
+def _run(connection: Connection) -> None:
+    context.configure(
+        connection=connection,
+        target_metadata=metadata,
+        # SQLite alters constraints only by rebuilding the table.
+        render_as_batch=True,
+        transactional_ddl=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_migrations_online() -> None:
+    connection = context.config.attributes.get("connection")
+    if isinstance(connection, Connection):
+        _run(connection)
+        return
+    url = context.get_x_argument(as_dictionary=True).get("url")
+    if not url:
+        raise SystemExit("alembic: pass the ledger database as -x url=...")
+    engine = _create_engine(url)
+    try:
+        with engine.connect() as conn:
+            conn = conn.execution_options(revline_write=True)  # BEGIN IMMEDIATE on SQLite
+            with conn.begin():
+                lock_for_migration(conn)
+                _run(conn)
+    finally:
+        engine.dispose()
+
+
+if context.is_offline_mode():
+    raise SystemExit("the ledger's migrations run online only (SqlLedger.migrate)")
+run_migrations_online()

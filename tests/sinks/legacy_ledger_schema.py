@@ -1,0 +1,269 @@
+"""The ledger schema as it was before versioned migrations: a verbatim copy of
+``sinks/ledger/_schema.py`` at the commit before them (``git show 5453c82:sinks/ledger/_schema.py``).
+
+Test fixture only: ``test_ledger_migrations.py`` builds ledgers with it, as the
+code of that time did (``create_schema``: ``create_all`` plus triggers, no
+``alembic_version``), and upgrades them. Never edit it to follow the current schema.
+"""
+
+# ruff: noqa
+# fmt: off
+
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Dialect
+
+# Fixed so that concurrent migrations on PostgreSQL serialise on one advisory lock.
+MIGRATION_LOCK_ID = 0x7265766C696E65  # "revline"
+
+
+class UtcDateTime(sa.types.TypeDecorator[datetime]):
+    """Aware datetimes in, aware UTC datetimes out (SQLite stores no offset)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: the ledger stores aware timestamps only")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+metadata = sa.MetaData()
+
+accounts = sa.Table(
+    "accounts",
+    metadata,
+    sa.Column("code", sa.String(64), primary_key=True),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.CheckConstraint(
+        "kind IN ('asset', 'liability', 'equity', 'revenue', 'contra_revenue', 'expense')",
+        name="accounts_kind_known",
+    ),
+)
+
+journals = sa.Table(
+    "journals",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    # The effect's key: the event's idempotency key, or for one credit note of a
+    # cancellation "<event key>:reverses:<journal id>" (one event, several journals).
+    sa.Column("idempotency_key", sa.Text, nullable=False, unique=True),
+    sa.Column("event_key", sa.Text, nullable=False, index=True),
+    sa.Column("order_id", sa.Text, nullable=False, index=True),
+    sa.Column("event_type", sa.String(64), nullable=False),
+    sa.Column("currency", sa.String(3), nullable=False),
+    sa.Column("total_debit_minor", sa.BigInteger, nullable=False),
+    sa.Column("total_credit_minor", sa.BigInteger, nullable=False),
+    sa.Column("source_ref", sa.Text, nullable=False),
+    sa.Column("occurred_at", UtcDateTime, nullable=False),
+    sa.Column("posted_at", UtcDateTime, nullable=False),
+    sa.Column("reverses_journal_id", sa.String(36), nullable=True, unique=True),
+    sa.Column("description", sa.Text, nullable=False),
+    sa.UniqueConstraint("id", "currency", name="journals_id_currency"),
+    sa.CheckConstraint("length(currency) = 3", name="journals_currency_iso"),
+    sa.CheckConstraint("total_debit_minor > 0", name="journals_total_positive"),
+    sa.CheckConstraint("total_debit_minor = total_credit_minor", name="journals_balanced"),
+    sa.CheckConstraint("reverses_journal_id <> id", name="journals_not_self_reversing"),
+    sa.ForeignKeyConstraint(
+        ["reverses_journal_id"],
+        ["journals.id"],
+        name="journals_reverses_fk",
+        deferrable=True,
+        initially="DEFERRED",
+    ),
+)
+
+journal_lines = sa.Table(
+    "journal_lines",
+    metadata,
+    sa.Column("journal_id", sa.String(36), primary_key=True),
+    sa.Column("line_no", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("account", sa.String(64), sa.ForeignKey("accounts.code"), nullable=False),
+    sa.Column("currency", sa.String(3), nullable=False),
+    sa.Column("debit_minor", sa.BigInteger, nullable=False),
+    sa.Column("credit_minor", sa.BigInteger, nullable=False),
+    sa.CheckConstraint("line_no >= 1", name="journal_lines_line_no"),
+    sa.CheckConstraint("debit_minor >= 0 AND credit_minor >= 0", name="journal_lines_non_negative"),
+    sa.CheckConstraint(
+        "(debit_minor > 0 AND credit_minor = 0) OR (debit_minor = 0 AND credit_minor > 0)",
+        name="journal_lines_one_side",
+    ),
+    # Deferred: on SQLite lines are written before their header (see _SQLITE_TRIGGERS),
+    # and the check at COMMIT is what forbids a line without a journal.
+    sa.ForeignKeyConstraint(
+        ["journal_id", "currency"],
+        ["journals.id", "journals.currency"],
+        name="journal_lines_journal_fk",
+        deferrable=True,
+        initially="DEFERRED",
+    ),
+)
+
+side_effects = sa.Table(
+    "side_effects",
+    metadata,
+    sa.Column("idempotency_key", sa.Text, primary_key=True),
+    sa.Column("adapter", sa.String(64), primary_key=True),
+    sa.Column("external_ref", sa.Text, nullable=False),  # JSON object: step -> external id
+    sa.Column("status", sa.String(32), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("applied_at", UtcDateTime, nullable=False),
+    sa.Column("detail", sa.Text, nullable=False),
+    sa.CheckConstraint("attempts >= 0", name="side_effects_attempts"),
+)
+
+# SQLite has no deferred triggers, so the balance check cannot wait for COMMIT.
+# Instead the header is the seal of its journal:
+#   1. lines are inserted first (their FK to the header is DEFERRABLE INITIALLY
+#      DEFERRED, checked at COMMIT);
+#   2. inserting the header checks that the lines already present sum to exactly its
+#      totals and are all in its currency (journals_balanced_on_insert); the header's
+#      own CHECK makes those totals equal;
+#   3. once the header exists no line can be added to it (journal_lines_sealed), and
+#      lines and headers can never be updated or deleted (the append-only triggers);
+#   4. at COMMIT the deferred FK refuses any line whose header was never inserted.
+# So every committed journal's lines are exactly the lines its header was checked
+# against, and they balance. Any order of writes, in one transaction or many, either
+# ends balanced or fails. This needs PRAGMA foreign_keys=ON (for 4) and
+# recursive_triggers=ON (so INSERT OR REPLACE fires the delete triggers), which the
+# ledger sets on every connection; reports join lines to headers, so a line written
+# by a tool that turned foreign keys off is never counted.
+_SQLITE_TRIGGERS = (
+    """
+    CREATE TRIGGER IF NOT EXISTS journal_lines_sealed
+    BEFORE INSERT ON journal_lines
+    WHEN EXISTS (SELECT 1 FROM journals WHERE id = NEW.journal_id)
+    BEGIN
+      SELECT RAISE(ABORT, 'ledger: journal is sealed: lines must be written before their header');
+    END
+    """,
+    """
+    CREATE TRIGGER IF NOT EXISTS journals_balanced_on_insert
+    BEFORE INSERT ON journals
+    WHEN (SELECT coalesce(sum(debit_minor), 0) FROM journal_lines WHERE journal_id = NEW.id)
+           <> NEW.total_debit_minor
+      OR (SELECT coalesce(sum(credit_minor), 0) FROM journal_lines WHERE journal_id = NEW.id)
+           <> NEW.total_credit_minor
+      OR EXISTS (SELECT 1 FROM journal_lines
+                 WHERE journal_id = NEW.id AND currency <> NEW.currency)
+    BEGIN
+      SELECT RAISE(ABORT, 'ledger: journal does not balance: its lines do not sum to its totals');
+    END
+    """,
+    *(
+        f"""
+        CREATE TRIGGER IF NOT EXISTS {table}_no_{op.lower()}
+        BEFORE {op} ON {table}
+        BEGIN
+          SELECT RAISE(ABORT, 'ledger is append-only: {table} cannot be {verb}; post a reversal');
+        END
+        """
+        for table in ("journals", "journal_lines")
+        for op, verb in (("UPDATE", "updated"), ("DELETE", "deleted"))
+    ),
+)
+
+# PostgreSQL checks the balance when the transaction commits: a DEFERRABLE INITIALLY
+# DEFERRED constraint trigger on every inserted line and header re-sums that journal's
+# lines against its header. Lines added to an old journal in a later transaction fire
+# it too, so no sequence of inserts commits an unbalanced journal. Errors use SQLSTATE
+# class 23 (integrity), which drivers surface as IntegrityError.
+_POSTGRES_DDL = (
+    """
+    CREATE OR REPLACE FUNCTION revline_ledger_append_only() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+    BEGIN
+      RAISE EXCEPTION 'ledger is append-only: % on % refused; post a reversal', TG_OP, TG_TABLE_NAME
+        USING ERRCODE = 'restrict_violation';
+    END
+    $$
+    """,
+    """
+    CREATE OR REPLACE FUNCTION revline_ledger_check_balanced() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+    DECLARE
+      jid text;
+      head_debit bigint;
+      head_credit bigint;
+      head_currency text;
+      debits bigint;
+      credits bigint;
+      mixed boolean;
+    BEGIN
+      IF TG_TABLE_NAME = 'journals' THEN jid := NEW.id; ELSE jid := NEW.journal_id; END IF;
+      -- One query per fired row: this runs for every line and header at COMMIT.
+      SELECT h.total_debit_minor, h.total_credit_minor, h.currency,
+             coalesce(sum(l.debit_minor), 0), coalesce(sum(l.credit_minor), 0),
+             coalesce(bool_or(l.currency <> h.currency), false)
+        INTO head_debit, head_credit, head_currency, debits, credits, mixed
+        FROM journals h LEFT JOIN journal_lines l ON l.journal_id = h.id
+       WHERE h.id = jid
+       GROUP BY h.id;
+      IF NOT FOUND THEN
+        RAISE EXCEPTION 'ledger: lines of journal % have no header', jid
+          USING ERRCODE = 'foreign_key_violation';
+      END IF;
+      IF debits <> head_debit OR credits <> head_credit OR debits <> credits OR mixed THEN
+        RAISE EXCEPTION
+          'ledger: journal % does not balance: lines debit % credit %, header % / % %',
+          jid, debits, credits, head_debit, head_credit,
+          head_currency || CASE WHEN mixed THEN ' (lines in another currency)' ELSE '' END
+          USING ERRCODE = 'check_violation';
+      END IF;
+      RETURN NULL;
+    END
+    $$
+    """,
+    *(
+        f"""
+        DO $$ BEGIN
+          IF NOT EXISTS (SELECT 1 FROM pg_trigger
+                         WHERE tgname = '{table}_append_only'
+                           AND tgrelid = '{table}'::regclass) THEN
+            CREATE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {table}
+              FOR EACH ROW EXECUTE FUNCTION revline_ledger_append_only();
+            CREATE TRIGGER {table}_no_truncate BEFORE TRUNCATE ON {table}
+              FOR EACH STATEMENT EXECUTE FUNCTION revline_ledger_append_only();
+          END IF;
+          -- OR REPLACE is not available for constraint triggers.
+          IF NOT EXISTS (SELECT 1 FROM pg_trigger
+                         WHERE tgname = '{table}_balance_at_commit'
+                           AND tgrelid = '{table}'::regclass) THEN
+            CREATE CONSTRAINT TRIGGER {table}_balance_at_commit AFTER INSERT ON {table}
+              DEFERRABLE INITIALLY DEFERRED
+              FOR EACH ROW EXECUTE FUNCTION revline_ledger_check_balanced();
+          END IF;
+        END $$
+        """
+        for table in ("journals", "journal_lines")
+    ),
+)
+
+
+def create_schema(conn: Connection) -> None:
+    """Create tables and triggers if missing; safe to run concurrently and repeatedly."""
+    dialect = conn.dialect.name
+    if dialect == "postgresql":
+        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(MIGRATION_LOCK_ID)))
+    elif dialect != "sqlite":
+        raise ValueError(f"unsupported database {dialect!r}: use SQLite or PostgreSQL")
+    metadata.create_all(conn, checkfirst=True)
+    for ddl in _POSTGRES_DDL if dialect == "postgresql" else _SQLITE_TRIGGERS:
+        # no_parameters: psycopg would read RAISE's % placeholders as its own.
+        conn.exec_driver_sql(ddl, execution_options={"no_parameters": True})

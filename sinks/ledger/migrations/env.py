@@ -3,7 +3,8 @@
 ``SqlLedger.migrate()`` hands over its own connection, already inside the migrating
 transaction and holding the migration lock (``config.attributes["connection"]``);
 every revision then runs in that one transaction. From the alembic CLI the URL comes
-from ``-x url=...`` and the run takes the same lock itself.
+from ``-x url=...`` and the run takes the same lock itself (a ledger written before
+migrations needs ``stamp 0001_baseline`` first there; ``migrate()`` does that itself).
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from sinks.ledger._ledger import _create_engine
-from sinks.ledger._schema import lock_for_migration, metadata
+from sinks.ledger._ledger import _create_engine, migrating
+from sinks.ledger._schema import metadata
 
 
 def _run(connection: Connection) -> None:
@@ -37,11 +38,8 @@ def run_migrations_online() -> None:
         raise SystemExit("alembic: pass the ledger database as -x url=...")
     engine = _create_engine(url)
     try:
-        with engine.connect() as conn:
-            conn = conn.execution_options(revline_write=True)  # BEGIN IMMEDIATE on SQLite
-            with conn.begin():
-                lock_for_migration(conn)
-                _run(conn)
+        with migrating(engine) as conn:  # locked; SQLite: foreign keys off, checked at the end
+            _run(conn)
     finally:
         engine.dispose()
 

@@ -89,12 +89,24 @@ def markers(text: str | None) -> list[tuple[str, str]]:
     return [(mt["step"], unescape_key(mt["key"])) for mt in _MARKER.finditer(text or "")]
 
 
+def like_escape(text: str) -> str:
+    """``text`` matched literally inside a LIKE pattern (escape character ``\\``)."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
 def like_pattern(key: str) -> str:
     """A LIKE pattern (escape ``\\``) matching any marker of exactly this key."""
-    stored = escape_key(key)
-    escaped = stored.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     # The closing bracket stops "SO-1:amend:1" from matching "SO-1:amend:10".
-    return f"%key={escaped}]%"
+    return f"%key={like_escape(escape_key(key))}]%"
+
+
+def marker_end(text: str, step: str) -> list[tuple[str, str]]:
+    """(key, the text after the marker) of each ``step`` marker in ``text``."""
+    return [
+        (unescape_key(mt["key"]), text[mt.end() :])
+        for mt in _MARKER.finditer(text)
+        if mt["step"] == step
+    ]
 
 
 def add_marker(text: str | None, step: str, key: str) -> str:

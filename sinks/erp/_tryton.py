@@ -34,6 +34,7 @@ import contextlib
 import datetime as dt
 import json
 import threading
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any
@@ -232,6 +233,33 @@ def _error(method: str, error: Any) -> Exception:
     return PermanentSinkError(f"Tryton failed on {method}: {str(kind)[:500]}")
 
 
+def _stored(value: str) -> str:
+    """An id as a Tryton Char field keeps it. Tryton strips outer whitespace from Char
+    values (``fields.Char(strip=True)``), so "A " and "A" would be one order: an id with
+    outer whitespace, or starting with ``%``, is stored as ``%`` + the id with ``%`` and
+    whitespace percent-encoded (UTF-8). Every other id is stored as is, as it always was.
+    """
+    if value == value.strip() and not value.startswith("%"):
+        return value
+    return "%" + "".join(
+        "".join(f"%{b:02X}" for b in ch.encode()) if ch == "%" or ch.isspace() else ch
+        for ch in value
+    )
+
+
+def _unstored(value: Any) -> str:
+    text = str(value or "")
+    return urllib.parse.unquote(text[1:]) if text.startswith("%") else text
+
+
+def _origin_id(origin: Any, model: str) -> int | None:
+    """The id in a Reference value ``"model,id"`` when it points at ``model``."""
+    if isinstance(origin, str) and origin.startswith(f"{model},"):
+        with contextlib.suppress(ValueError):
+            return int(origin.split(",", 1)[1])
+    return None
+
+
 class TrytonErp:
     """``ErpAdapter`` over a running trytond's JSON-RPC (see the module docstring)."""
 
@@ -408,26 +436,32 @@ class TrytonErp:
         return {s: self._products[s] for s in skus}
 
     # -- lookup --------------------------------------------------------------------------
-    _MARKED = (
-        ("sale.sale", "comment"),
-        ("account.invoice", "comment"),
-        ("account.move", "description"),
-    )
-
+    # Every lookup is scoped to one order, as the effect identity is (order, key):
+    # * sales: the reference is the order id;
+    # * invoices: lines whose origin is a line of the order's sale (``sales`` searcher);
+    # * credit notes: lines whose origin is a line of one of those invoices (a
+    #   cancellation's credit, and a refund's, made since refunds were linked); older
+    #   refund credit notes are recognised by their description "... (<order id>)";
+    # * payment moves: their origin is one of the order's invoices or credit notes.
     def _marked(
-        self, model: str, field: str, key: str, states: bool = False
+        self, model: str, field: str, order_id: str, key: str, states: bool = False
     ) -> list[tuple[str, int]]:
-        """(step, id) of the documents of ``model`` carrying a marker of exactly ``key``;
-        with ``states``, only documents past draft (their step completed)."""
-        rows = self._m(
-            model,
-            "search_read",
-            [[field, "like", m.like_pattern(key)]],
-            0,
-            None,
-            [["id", "ASC"]],
-            [field, "state"] if states else [field],
-        )
+        """(step, id) of the order's documents of ``model`` carrying a marker of exactly
+        ``key``; with ``states``, only documents past draft (their step completed)."""
+        domain: list[Any] = [[field, "like", m.like_pattern(key)]]
+        if model == "sale.sale":
+            domain.append(["reference", "=", _stored(order_id)])
+        fields = [field, "state"] if states else [field]
+        if model == "account.move":
+            fields.append("origin")
+        rows = self._m(model, "search_read", domain, 0, None, [["id", "ASC"]], fields)
+        rows = [r for r in rows if any(k == key for _s, k in m.markers(r.get(field)))]
+        if rows and model == "account.invoice":
+            mine = self._order_invoices(order_id)
+            rows = [r for r in rows if int(r["id"]) in mine]
+        elif rows and model == "account.move":
+            mine = self._order_invoices(order_id)
+            rows = [r for r in rows if _origin_id(r.get("origin"), "account.invoice") in mine]
         return [
             (step, int(r["id"]))
             for r in rows
@@ -436,16 +470,47 @@ class TrytonErp:
             if k == key
         ]
 
-    def lookup(self, idempotency_key: str) -> dict[str, str]:
+    def _sale_invoices(self, order_id: str) -> list[int]:
+        """The order's invoices (not credit notes): lines from the order's sale lines."""
+        return self._search("account.invoice", [["sales.reference", "=", _stored(order_id)]])
+
+    def _order_invoices(self, order_id: str) -> set[int]:
+        """Ids of every invoice and credit note of the order."""
+        own = self._sale_invoices(order_id)
+        out = set(own)
+        if own:
+            out.update(self._search(
+                "account.invoice",
+                [["lines.origin.invoice", "in", own, "account.invoice.line"]],
+            ))  # fmt: skip
+        suffix = f" ({order_id})"
+        legacy = self._m(
+            "account.invoice", "search_read",
+            [["type", "=", "out"], ["comment", "like", "%[revline step=credit_note %"],
+             ["description", "like", f"refund % of %{m.like_escape(suffix)}"]],
+            0, None, None, ["description"],
+        )  # fmt: skip
+        out.update(int(r["id"]) for r in legacy if str(r["description"]).endswith(suffix))
+        return out
+
+    def lookup(self, order_id: str, idempotency_key: str) -> dict[str, str]:
         """Completed steps only: a draft still carrying the marker is a step under way
         (e.g. an invoice written but refused at posting), which ``apply`` completes."""
         refs: dict[str, str] = {}
         for model, field in self._MARKED:
             stateful = model != "account.move"  # payment moves are posted when created
-            for step, record in self._marked(model, field, idempotency_key, states=stateful):
+            for step, record in self._marked(
+                model, field, order_id, idempotency_key, states=stateful
+            ):
                 # Lowest id wins: a credit note copies its invoice's comment.
                 refs.setdefault(step, str(record))
         return refs
+
+    _MARKED = (
+        ("sale.sale", "comment"),
+        ("account.invoice", "comment"),
+        ("account.move", "description"),
+    )
 
     def _search_read_all(
         self, model: str, domain: list[Any], fields: Sequence[str], page: int = 1000
@@ -471,23 +536,33 @@ class TrytonErp:
         company_currency = codes[int(company["currency"])]
         marked = [["comment", "like", "%[revline step=%"]]
         out: list[ErpDocument] = []
-        for model, amount_field, day_fields in (
-            ("sale.sale", "untaxed_amount", ("sale_date",)),
-            ("account.invoice", "total_amount", ("accounting_date", "invoice_date")),
+        sales = self._search_read_all(
+            "sale.sale", marked,
+            ["comment", "state", "currency", "untaxed_amount", "sale_date", "reference"],
+        )  # fmt: skip
+        invoices = self._search_read_all(
+            "account.invoice", marked,
+            ["comment", "state", "currency", "total_amount", "accounting_date", "invoice_date",
+             "sales", "lines", "description"],
+        )  # fmt: skip
+        orders = self._invoice_orders(
+            invoices, {int(r["id"]): _unstored(r["reference"]) for r in sales}
+        )
+        for rows, amount_field, day_fields in (
+            (sales, "untaxed_amount", ("sale_date",)),
+            (invoices, "total_amount", ("accounting_date", "invoice_date")),
         ):
-            rows = self._search_read_all(
-                model, marked, ["comment", "state", "currency", amount_field, *day_fields]
-            )
             for r in rows:
                 code, digits = codes[int(r["currency"])]
                 amount = m.to_minor(Decimal(r[amount_field] or 0), digits)
                 day = next((r[f] for f in day_fields if r.get(f)), None)
+                order = _unstored(r["reference"]) if rows is sales else orders.get(int(r["id"]), "")
                 for step, key in m.markers(r.get("comment")):
                     out.append(ErpDocument(key, step, str(r["id"]), code, amount,
-                                           str(r["state"]), day))  # fmt: skip
+                                           str(r["state"]), day, order_id=order))  # fmt: skip
         moves = self._search_read_all(
             "account.move", [["description", "like", "%[revline step=%"]],
-            ["description", "state", "date", "lines"],
+            ["description", "state", "date", "lines", "origin"],
         )  # fmt: skip
         line_ids = [int(i) for mv in moves for i in mv["lines"]]
         lines: dict[int, list[dict[str, Any]]] = {}
@@ -498,6 +573,13 @@ class TrytonErp:
                  "account.type.receivable"],
             ):  # fmt: skip
                 lines.setdefault(int(ln["move"]), []).append(ln)
+        missing = sorted(
+            {i for mv in moves if (i := _origin_id(mv.get("origin"), "account.invoice"))
+             is not None} - orders.keys()
+        )  # fmt: skip
+        if missing:  # a payment of an invoice without a marker of its own (not ours, normally)
+            extra = self._read("account.invoice", missing, ["sales", "lines", "description"])
+            orders.update(self._invoice_orders(extra, {}))
         for mv in moves:
             receivable = [
                 ln for ln in lines.get(int(mv["id"]), [])
@@ -511,9 +593,60 @@ class TrytonErp:
                     amount -= m.to_minor(Decimal(ln["amount_second_currency"]), digits)
                 else:
                     amount += m.to_minor(Decimal(ln["credit"]) - Decimal(ln["debit"]), digits)
+            invoice = _origin_id(mv.get("origin"), "account.invoice")
+            order = orders.get(invoice, "") if invoice is not None else ""
             for step, key in m.markers(mv.get("description")):
                 out.append(ErpDocument(key, step, str(mv["id"]), code, amount, str(mv["state"]),
-                                       mv.get("date")))  # fmt: skip
+                                       mv.get("date"), order_id=order))  # fmt: skip
+        return out
+
+    def _invoice_orders(
+        self, invoices: Sequence[Mapping[str, Any]], sale_refs: dict[int, str]
+    ) -> dict[int, str]:
+        """invoice id -> order id, for rows read with ``sales``, ``lines``, ``description``:
+        an invoice by its sale's reference, a credit note by the invoice it credits (its
+        first line's origin), an older refund credit note by its description."""
+        wanted = sorted({int(i) for r in invoices for i in r["sales"]} - sale_refs.keys())
+        for start in range(0, len(wanted), 1000):
+            for sale in self._read("sale.sale", wanted[start : start + 1000], ["reference"]):
+                sale_refs[int(sale["id"])] = _unstored(sale["reference"])
+        out: dict[int, str] = {}
+        credits: dict[int, int] = {}  # credit note -> its first line
+        for r in invoices:
+            if r["sales"]:
+                out[int(r["id"])] = sale_refs.get(int(r["sales"][0]), "")
+            elif r["lines"]:
+                credits[int(r["id"])] = min(int(i) for i in r["lines"])
+        origin_of: dict[int, int] = {}  # credit note -> the invoice line it credits
+        first_lines = sorted(credits.values())
+        for start in range(0, len(first_lines), 1000):
+            for ln in self._read("account.invoice.line", first_lines[start : start + 1000],
+                                 ["invoice", "origin"]):  # fmt: skip
+                origin = _origin_id(ln.get("origin"), "account.invoice.line")
+                if origin is not None:
+                    origin_of[int(ln["invoice"])] = origin
+        credited = sorted(set(origin_of.values()))
+        line_invoice: dict[int, int] = {}
+        for start in range(0, len(credited), 1000):
+            for ln in self._read("account.invoice.line", credited[start : start + 1000],
+                                 ["invoice"]):  # fmt: skip
+                line_invoice[int(ln["id"])] = int(ln["invoice"])
+        parents = sorted(set(line_invoice.values()) - out.keys())
+        if parents:
+            out.update(self._invoice_orders(
+                self._read("account.invoice", parents, ["sales", "lines", "description"]),
+                sale_refs,
+            ))  # fmt: skip
+        for r in invoices:
+            inv = int(r["id"])
+            if inv in out:
+                continue
+            if inv in origin_of and origin_of[inv] in line_invoice:
+                out[inv] = out.get(line_invoice[origin_of[inv]], "")
+            elif (text := str(r.get("description") or "")).startswith("refund ") and (
+                text.endswith(")") and " (" in text
+            ):
+                out[inv] = text[text.rindex(" (") + 2 : -1]  # "refund R of P (<order>)"
         return out
 
     # -- apply ---------------------------------------------------------------------------
@@ -522,7 +655,7 @@ class TrytonErp:
 
     # -- shared pieces -------------------------------------------------------------------
     def _sale_for_order(self, order_id: str) -> dict[str, Any] | None:
-        ids = self._search("sale.sale", [["reference", "=", order_id]])
+        ids = self._search("sale.sale", [["reference", "=", _stored(order_id)]])
         if not ids:
             return None
         rows = self._read(
@@ -537,6 +670,7 @@ class TrytonErp:
                 "invoices",
                 "invoice_address",
                 "untaxed_amount",
+                "invoice_method",
             ],
         )
         # A cancelled booking may have been booked again; the live one is the order.
@@ -554,7 +688,7 @@ class TrytonErp:
 
     def _party(self, customer_id: str) -> tuple[int, int]:
         for attempt in range(2):
-            ids = self._search("party.party", [["code", "=", customer_id]], limit=1)
+            ids = self._search("party.party", [["code", "=", _stored(customer_id)]], limit=1)
             if not ids:
                 try:
                     ids = self._m(
@@ -563,7 +697,7 @@ class TrytonErp:
                         [
                             {
                                 "name": customer_id,
-                                "code": customer_id,
+                                "code": _stored(customer_id),
                                 "addresses": [["create", [{}]]],
                             }
                         ],
@@ -605,7 +739,9 @@ class TrytonErp:
     # -- order_booked ----------------------------------------------------------------------
     def _book(self, event: Event, env: Mapping[str, Any], key: str, p: m.Progress) -> None:
         order_id = str(env["order_id"])
-        marked = [r for step, r in self._marked("sale.sale", "comment", key) if step == m.SALE]
+        marked = [
+            r for step, r in self._marked("sale.sale", "comment", order_id, key) if step == m.SALE
+        ]
         if marked:
             sale = self._read1("sale.sale", marked[0], ["state", "party"])
             p.ref(m.PARTY, sale["party"])
@@ -634,11 +770,14 @@ class TrytonErp:
                     "invoice_address": address,
                     "shipment_address": address,
                     "currency": currency_id,
-                    "reference": order_id,
+                    "reference": _stored(order_id),
                     "description": f"{event.get('booking_kind', 'booking')} {order_id}",
                     "comment": m.marker(m.SALE, key),
                     "sale_date": m.event_day(env["occurred_at"]),
                     "payment_term": cfg["payment_term"],
+                    # Revline creates each invoice itself (split billing): Tryton must not
+                    # draft one of the whole sale when it is confirmed.
+                    "invoice_method": "manual",
                     "lines": [["create", lines]],
                 }
             ],
@@ -685,7 +824,8 @@ class TrytonErp:
 
     # -- order_cancelled -------------------------------------------------------------------
     def _cancel(self, event: Event, env: Mapping[str, Any], key: str, p: m.Progress) -> None:
-        sale = self._require_sale(str(env["order_id"]), "order_cancelled")
+        order_id = str(env["order_id"])
+        sale = self._require_sale(order_id, "order_cancelled")
         sale_id = int(sale["id"])
         p.ref(m.PARTY, sale["party"])
         day = m.event_day(env["occurred_at"])
@@ -693,13 +833,15 @@ class TrytonErp:
             self._button("sale.sale", "cancel", [sale_id])
             p.wrote = True
         elif sale["state"] != "cancelled":
+            # One credit note per invoice of the order (a deposit and a balance: two).
             for invoice in self._read(
                 "account.invoice",
                 [int(i) for i in sale["invoices"]],
                 ["state", "comment", "total_amount", "amount_to_pay", "payment_lines"],
             ):
                 credit = self._credit_invoice(invoice, key, day, p)
-                if credit is not None:
+                # The refs name the first credit note (as lookup does: lowest id first).
+                if credit is not None and m.CREDIT_NOTE not in p.done:
                     p.complete(m.CREDIT_NOTE, credit)
         if (m.SALE, key) not in m.markers(sale["comment"]):
             self._m(
@@ -715,8 +857,14 @@ class TrytonErp:
         self, invoice: Mapping[str, Any], key: str, day: dt.date, p: m.Progress
     ) -> int | None:
         inv_id = int(invoice["id"])
+        # The credit notes of this invoice: their lines' origin is one of its lines.
+        credits = self._m(
+            "account.invoice", "search_read",
+            [["lines.origin.invoice", "=", inv_id, "account.invoice.line"]],
+            0, None, [["id", "ASC"]], ["comment", "state"],
+        )  # fmt: skip
         # First: the invoice is cancelled once credited with refund, so look before judging it.
-        mine = [r for s, r in self._marked("account.invoice", "comment", key) if s == m.CREDIT_NOTE]
+        mine = [int(c["id"]) for c in credits if (m.CREDIT_NOTE, key) in m.markers(c["comment"])]
         if mine:
             return mine[0]
         if invoice["state"] == "draft":
@@ -725,13 +873,16 @@ class TrytonErp:
             return None
         if invoice["state"] not in ("posted", "paid"):
             return None
-        # A credit note copies its invoice's comment: one with a higher id and the
-        # invoice's own marker is an earlier attempt's credit, interrupted before re-marking.
-        credit_id: int | None = None
-        for _step, inv_key in m.markers(invoice["comment"]):
-            for _s, other in self._marked("account.invoice", "comment", inv_key):
-                if other > inv_id:
-                    credit_id = other
+        # A credit note copies its invoice's comment: one without a credit-note marker is an
+        # earlier attempt's credit, interrupted before re-marking (a refund's has its own).
+        credit_id: int | None = next(
+            (
+                int(c["id"])
+                for c in credits
+                if not any(step == m.CREDIT_NOTE for step, _ in m.markers(c["comment"]))
+            ),
+            None,
+        )
         if credit_id is None:
             unpaid = not invoice["payment_lines"]
             created: list[int] = []
@@ -772,16 +923,30 @@ class TrytonErp:
 
     # -- invoice_issued --------------------------------------------------------------------
     def _invoice(self, event: Event, env: Mapping[str, Any], key: str, p: m.Progress) -> None:
+        """One Tryton invoice per invoice_issued, with the event's own lines, tax and total.
+
+        Step "sale": the first invoice confirms the sale (its invoice method is manual, so
+        Tryton drafts nothing itself; a confirmed sale's lines no longer change). Step
+        "invoice": an invoice created with the marker, its lines' origin the sale's lines
+        (that is what ties it to the order), the upstream tax as a manual tax line, then
+        posted. A draft left by a refused post is found by its marker and posted.
+        """
         order_id = str(env["order_id"])
         invoice_ref = str(env.get("invoice_id") or key)
         sale = self._require_sale(order_id, "invoice_issued")
         sale_id = int(sale["id"])
         p.ref(m.PARTY, sale["party"])
-        digits = self._check_currency(sale, str(event["currency"]), f"sale {sale_id}")
-        marked = [r for s, r in self._marked("account.invoice", "comment", key) if s == m.INVOICE]
+        currency_id, digits = self._currency(str(event["currency"]))
+        self._check_currency(sale, str(event["currency"]), f"sale {sale_id}")
+        marked = [
+            r
+            for s, r in self._marked("account.invoice", "comment", order_id, key)
+            if s == m.INVOICE
+        ]
         invoice = (
             self._read1("account.invoice", marked[0], ["state", "total_amount"]) if marked else None
         )
+        priced: list[m.PricedLine] = []
         if invoice is None:
             priced = m.price_lines(event["lines"], digits)
             self._product_map([ln.sku for ln in priced])
@@ -790,16 +955,22 @@ class TrytonErp:
                     f"invoice {invoice_ref}: lines sum to {sum(ln.amount_minor for ln in priced)} "
                     f"but subtotal_minor is {event['subtotal_minor']}"
                 )
-            have = self._sale_summary(sale, digits)
-            if have != m.summarize(priced):
+            if self._invoice_by_ref(order_id, invoice_ref) is not None:
                 raise PermanentSinkError(
-                    f"invoice {invoice_ref} bills {m.summarize(priced)} (sku: qty, minor) but sale "
-                    f"{sale_id} holds {have}: Tryton invoices what the sale holds"
+                    f"order {order_id} already has an invoice {invoice_ref} in Tryton, "
+                    "issued under another key"
                 )
 
-        # Step "sale": confirmed (Tryton then processes it and drafts the invoice).
+        # Step "sale": confirmed (manual invoicing: Tryton drafts no invoice of its own).
         if sale["state"] == "cancelled":
             raise PermanentSinkError(f"sale {sale_id} for order {order_id} is cancelled")
+        if sale["state"] in ("draft", "quotation") and sale.get("invoice_method") != "manual":
+            # Booked before split billing: switch it while it is still a quotation.
+            if sale["state"] == "quotation":
+                self._button("sale.sale", "draft", [sale_id])
+            self._m("sale.sale", "write", [sale_id], {"invoice_method": "manual"})
+            sale = {**sale, "state": "draft"}
+            p.wrote = True
         if sale["state"] == "draft":
             self._button("sale.sale", "quote", [sale_id])
             p.wrote = True
@@ -816,51 +987,9 @@ class TrytonErp:
             p.wrote = True
         p.complete(m.SALE, sale_id)
 
-        # Step "invoice": the sale's draft invoice, dated, referenced, taxed, posted.
+        # Step "invoice": created whole (lines, tax, marker) in one call, then posted.
         if invoice is None:
-            drafts = [
-                r
-                for r in self._read(
-                    "account.invoice",
-                    [int(i) for i in self._read1("sale.sale", sale_id, ["invoices"])["invoices"]],
-                    ["state", "reference"],
-                )
-                if r["state"] == "draft" and not r["reference"]
-            ]
-            if not drafts:
-                raise PermanentSinkError(
-                    f"sale {sale_id} has no draft invoice left for {invoice_ref} "
-                    "(already invoiced under another key?)"
-                )
-            inv_id = int(drafts[0]["id"])
-            values: dict[str, Any] = {
-                **self._dates(m.event_day(env["occurred_at"])),
-                "reference": invoice_ref,
-                "description": f"{invoice_ref} for order {order_id}",
-                "comment": m.marker(m.INVOICE, key),
-            }
-            if event.get("due_at") is not None:
-                values["payment_term_date"] = m.event_day(event["due_at"])
-            tax = int(event.get("tax_minor") or 0)
-            if tax:
-                cfg = self._cfg()
-                # The source system computed the tax; a manual tax line keeps it exact.
-                values["taxes"] = [
-                    [
-                        "create",
-                        [
-                            {
-                                "description": "Sales tax (as invoiced upstream)",
-                                "tax": cfg["tax"],
-                                "account": cfg["tax_account"],
-                                "base": m.to_major(int(event["subtotal_minor"]), digits),
-                                "amount": m.to_major(tax, digits),
-                                "manual": True,
-                            }
-                        ],
-                    ]
-                ]
-            self._m("account.invoice", "write", [inv_id], values)
+            inv_id = self._create_invoice(event, env, key, sale, priced, currency_id, digits)
             p.wrote = True
             invoice = self._read1("account.invoice", inv_id, ["state", "total_amount"])
         inv_id = int(invoice["id"])
@@ -877,6 +1006,86 @@ class TrytonErp:
         elif invoice["state"] == "cancelled":
             raise PermanentSinkError(f"invoice {inv_id} for {invoice_ref} is cancelled in Tryton")
         p.complete(m.INVOICE, inv_id)
+
+    def _create_invoice(
+        self,
+        event: Event,
+        env: Mapping[str, Any],
+        key: str,
+        sale: Mapping[str, Any],
+        priced: Sequence[m.PricedLine],
+        currency_id: int,
+        digits: int,
+    ) -> int:
+        cfg = self._cfg()
+        order_id = str(env["order_id"])
+        invoice_ref = str(env.get("invoice_id") or key)
+        products = self._product_map([ln.sku for ln in priced])
+        # Each line's origin is the sale's line of the same product (else its first line):
+        # Tryton's own link from an invoice to its sale, which scopes lookups to the order.
+        sale_lines = [
+            r
+            for r in self._read("sale.line", [int(i) for i in sale["lines"]], ["type", "product"])
+            if r["type"] == "line"
+        ]
+        if not sale_lines:
+            raise PermanentSinkError(f"sale {sale['id']} for order {order_id} has no lines")
+        by_product: dict[int, int] = {}
+        for r in sale_lines:
+            if r.get("product") is not None:
+                by_product.setdefault(int(r["product"]), int(r["id"]))
+        lines = [
+            {
+                "type": "line",
+                "company": cfg["company"],
+                "currency": currency_id,
+                "product": products[ln.sku][0],
+                "unit": products[ln.sku][1],
+                "account": products[ln.sku][2],
+                "quantity": float(ln.quantity),
+                "unit_price": ln.unit_price,
+                "description": ln.description,
+                "origin": f"sale.line,{by_product.get(products[ln.sku][0], sale_lines[0]['id'])}",
+            }
+            for ln in priced
+        ]
+        values: dict[str, Any] = {
+            "type": "out",
+            "company": cfg["company"],
+            "party": sale["party"],
+            "invoice_address": sale["invoice_address"],
+            "account": cfg["receivable"],
+            "journal": cfg["journal"],
+            "currency": currency_id,
+            "payment_term": cfg["payment_term"],
+            **self._dates(m.event_day(env["occurred_at"])),
+            "reference": _stored(invoice_ref),
+            "description": f"{invoice_ref} for order {order_id}",
+            "comment": m.marker(m.INVOICE, key),
+            "lines": [["create", lines]],
+        }
+        if event.get("due_at") is not None:
+            values["payment_term_date"] = m.event_day(event["due_at"])
+        tax = int(event.get("tax_minor") or 0)
+        if tax:
+            # The source system computed the tax; a manual tax line keeps it exact.
+            values["taxes"] = [
+                [
+                    "create",
+                    [
+                        {
+                            "description": "Sales tax (as invoiced upstream)",
+                            "tax": cfg["tax"],
+                            "account": cfg["tax_account"],
+                            "base": m.to_major(int(event["subtotal_minor"]), digits),
+                            "amount": m.to_major(tax, digits),
+                            "manual": True,
+                        }
+                    ],
+                ]
+            ]
+        (inv_id,) = self._m("account.invoice", "create", [values])
+        return int(inv_id)
 
     def _dates(self, day: dt.date) -> dict[str, dt.date]:
         """invoice_date/accounting_date for a document the source dated ``day``.
@@ -912,27 +1121,13 @@ class TrytonErp:
             self._m("account.invoice", "write", [invoice], dates)
             raise TransientSinkError(f"invoice {invoice}: numbering raced: {exc}") from exc
 
-    def _sale_summary(self, sale: Mapping[str, Any], digits: int) -> dict[str, tuple[int, int]]:
-        rows = self._read(
-            "sale.line",
-            [int(i) for i in sale["lines"]],
-            ["type", "quantity", "amount", "product.code"],
-        )
-        out: dict[str, tuple[int, int]] = {}
-        for r in rows:
-            if r["type"] != "line":
-                continue
-            sku = str((r.get("product.") or {}).get("code") or "")
-            qty, amount = out.get(sku, (0, 0))
-            out[sku] = (
-                qty + round(r["quantity"]),
-                amount + m.to_minor(Decimal(r["amount"]), digits),
-            )
-        return out
-
     # -- payment_captured ------------------------------------------------------------------
-    def _payment_move(self, key: str, step: str) -> int | None:
-        moves = [r for s, r in self._marked("account.move", "description", key) if s == step]
+    def _payment_move(self, order_id: str, key: str, step: str) -> int | None:
+        moves = [
+            r
+            for s, r in self._marked("account.move", "description", order_id, key)
+            if s == step
+        ]
         return moves[0] if moves else None
 
     def _pay(self, invoice: int, amount: Decimal, day: dt.date, description: str) -> None:
@@ -977,13 +1172,15 @@ class TrytonErp:
 
         self._wizard("account.invoice.pay", "account.invoice", invoice, drive)
 
-    def _invoice_by_ref(self, invoice_ref: str) -> dict[str, Any] | None:
+    def _invoice_by_ref(self, order_id: str, invoice_ref: str) -> dict[str, Any] | None:
+        """The order's invoice (not a credit note) whose reference is ``invoice_ref``."""
         ids = self._search(
             "account.invoice",
             [
-                ["reference", "=", invoice_ref],
+                ["reference", "=", _stored(invoice_ref)],
                 ["type", "=", "out"],
                 ["comment", "like", "%[revline step=invoice %"],
+                ["sales.reference", "=", _stored(order_id)],
             ],
         )
         if not ids:
@@ -993,15 +1190,17 @@ class TrytonErp:
         )
 
     def _payment(self, event: Event, env: Mapping[str, Any], key: str, p: m.Progress) -> None:
+        order_id = str(env["order_id"])
         invoice_ref = str(env.get("invoice_id") or "")
-        invoice = self._invoice_by_ref(invoice_ref)
+        invoice = self._invoice_by_ref(order_id, invoice_ref)
         if invoice is None:
             raise PermanentSinkError(
-                f"payment {env.get('payment_id')}: Tryton has no invoice {invoice_ref}"
+                f"payment {env.get('payment_id')}: Tryton has no invoice {invoice_ref} "
+                f"for order {order_id}"
             )
         inv_id = int(invoice["id"])
         p.ref(m.INVOICE, inv_id)
-        move = self._payment_move(key, m.PAYMENT)
+        move = self._payment_move(order_id, key, m.PAYMENT)
         if move is None:
             digits = self._check_currency(invoice, str(event["currency"]), f"invoice {inv_id}")
             amount = m.to_major(int(event["amount_minor"]), digits)
@@ -1020,7 +1219,7 @@ class TrytonErp:
             ).strip()
             self._pay(inv_id, amount, m.event_day(env["occurred_at"]), description)
             p.wrote = True
-            move = self._payment_move(key, m.PAYMENT)
+            move = self._payment_move(order_id, key, m.PAYMENT)
             if move is None:
                 raise PermanentSinkError(f"Tryton took payment {key} but its move is not findable")
         p.complete(m.PAYMENT, move)
@@ -1036,7 +1235,9 @@ class TrytonErp:
             raise PermanentSinkError(f"refund {refund_ref}: amount {amount} is not positive")
         day = m.event_day(env["occurred_at"])
         marked = [
-            r for s, r in self._marked("account.invoice", "comment", key) if s == m.CREDIT_NOTE
+            r
+            for s, r in self._marked("account.invoice", "comment", order_id, key)
+            if s == m.CREDIT_NOTE
         ]
         reason = f"Refund {refund_ref}: {event.get('reason', '')}".strip()
         if marked:
@@ -1047,6 +1248,9 @@ class TrytonErp:
             (product, uom, account) = self._product_map([self._names["refund"]])[
                 self._names["refund"]
             ]
+            # The credit note's line credits a line of the invoice the refunded payment
+            # paid: Tryton's own link, which ties the credit note to the order.
+            credited = self._refunded_line(order_id, str(env.get("payment_id") or ""))
             (credit_id,) = self._m(
                 "account.invoice",
                 "create",
@@ -1061,7 +1265,7 @@ class TrytonErp:
                         "currency": currency_id,
                         "payment_term": cfg["payment_term"],
                         **self._dates(day),
-                        "reference": refund_ref,
+                        "reference": _stored(refund_ref),
                         "description": (
                             f"refund {refund_ref} of {env.get('payment_id')} ({order_id})"
                         ),
@@ -1080,6 +1284,11 @@ class TrytonErp:
                                         "quantity": -1.0,
                                         "unit_price": amount,
                                         "description": reason,
+                                        **(
+                                            {"origin": f"account.invoice.line,{credited}"}
+                                            if credited is not None
+                                            else {}
+                                        ),
                                     }
                                 ],
                             ]
@@ -1096,12 +1305,34 @@ class TrytonErp:
             p.wrote = True
         p.complete(m.CREDIT_NOTE, credit_id)
 
-        move = self._payment_move(key, m.REFUND_PAYMENT)
+        move = self._payment_move(order_id, key, m.REFUND_PAYMENT)
         if move is None:
             description = f"{m.marker(m.REFUND_PAYMENT, key)} {refund_ref} {env.get('payment_id')}"
             self._pay(credit_id, -amount, day, description)
             p.wrote = True
-            move = self._payment_move(key, m.REFUND_PAYMENT)
+            move = self._payment_move(order_id, key, m.REFUND_PAYMENT)
             if move is None:
                 raise PermanentSinkError(f"Tryton paid refund {key} but its move is not findable")
         p.complete(m.REFUND_PAYMENT, move)
+
+    def _refunded_line(self, order_id: str, payment_id: str) -> int | None:
+        """A line of the order's invoice that payment ``payment_id`` paid (else of its
+        first invoice); None when the order has no invoice in Tryton."""
+        invoices = self._sale_invoices(order_id)
+        if not invoices:
+            return None
+        paid = invoices[0]
+        moves = self._m(
+            "account.move", "search_read",
+            [["origin", "in", [f"account.invoice,{i}" for i in invoices]],
+             ["description", "like", "%[revline step=payment %"]],
+            0, None, [["id", "ASC"]], ["description", "origin"],
+        )  # fmt: skip
+        for mv in moves:
+            # A payment move's description: "<marker> <payment id> <method> <processor ref>".
+            for _key, rest in m.marker_end(str(mv["description"] or ""), m.PAYMENT):
+                rest = rest[1:] if rest.startswith(" ") else rest
+                if payment_id and (rest == payment_id or rest.startswith(f"{payment_id} ")):
+                    paid = _origin_id(mv["origin"], "account.invoice") or paid
+        lines = self._read1("account.invoice", paid, ["lines"])["lines"]
+        return min(int(i) for i in lines) if lines else None

@@ -24,9 +24,12 @@ import pytest
 import sqlalchemy as sa
 from confluent_kafka import Consumer, TopicPartition
 
-from sinks.erp import TrytonErp, TrytonServer, markers, prepare_database, start_server
+from revline.readback import read_topic
+from schemas import EventDeserializer
+from sinks.erp import TrytonErp, TrytonServer, prepare_database, start_server
 from sinks.ledger import SqlLedger
 from tests.sinks._validated import (
+    MONEY,
     Validated,
     actual_balances,
     drain,
@@ -61,41 +64,54 @@ def _adapter(server: TrytonServer, timeout: float = 5.0) -> TrytonErp:
     return TrytonErp(server.url, db.name, db.user, db.password, timeout=timeout)
 
 
-def documents(erp: TrytonErp) -> dict[tuple[str, str], list[int]]:
-    """(step, idempotency key) -> ids of the ERP documents that step created."""
-    out: dict[tuple[str, str], list[int]] = defaultdict(list)
-    for model, field in (("sale.sale", "comment"), ("account.invoice", "comment"),
-                         ("account.move", "description")):
-        extra = ["total_amount"] if model == "account.invoice" else []
-        rows = erp._m(model, "search_read", [[field, "like", "%[revline step=%"]], 0, None,
-                      [["id", "ASC"]], [field, *extra])
-        for row in rows:
-            for step, key in markers(row[field]):
-                # A credit note copies its invoice's text: count each marker on its own kind.
-                if model == "account.invoice" and (step == "invoice") != (
-                        float(row["total_amount"]) >= 0):
-                    continue
-                out[(step, key)].append(int(row["id"]))
+Effect = tuple[str, str]  # (order_id, idempotency_key): the effect's identity
+
+
+def documents(erp: TrytonErp) -> dict[tuple[str, str, str], list[int]]:
+    """(step, order id, idempotency key) -> ids of the ERP documents that step created."""
+    out: dict[tuple[str, str, str], list[int]] = defaultdict(list)
+    for doc in erp.documents():
+        # A credit note copies its invoice's text: count each marker on its own kind.
+        if doc.step in ("invoice", "credit_note") and (doc.step == "invoice") != (
+                doc.amount_minor >= 0):
+            continue
+        out[(doc.step, doc.order_id, doc.idempotency_key)].append(int(doc.ref))
     return dict(out)
 
 
-def assert_once_each(docs: dict[tuple[str, str], list[int]]) -> None:
+def effects(docs: dict[tuple[str, str, str], list[int]]) -> set[Effect]:
+    return {(order, key) for _, order, key in docs}
+
+
+def money_effects(bootstrap: str, v: Validated) -> set[Effect]:
+    """(order, key) of the validated topic's money events (``v.money_keys`` holds keys)."""
+    decode = EventDeserializer()
+    out: set[Effect] = set()
+    for msg in read_topic(bootstrap, v.topic):
+        env = decode.decode(msg.value() or b"")["envelope"]
+        if env["event_type"] in MONEY:
+            out.add((env["order_id"], env["idempotency_key"]))
+    assert {key for _, key in out} == v.money_keys
+    return out
+
+
+def assert_once_each(docs: dict[tuple[str, str, str], list[int]]) -> None:
     twice = {k: ids for k, ids in docs.items() if len(ids) > 1}
     assert twice == {}, f"duplicate ERP documents: {twice}"
 
 
-def assert_erp_matches(v: Validated, docs: dict[tuple[str, str], list[int]],
-                       ledger: SqlLedger) -> None:
+def assert_erp_matches(v: Validated, money: set[Effect],
+                       docs: dict[tuple[str, str, str], list[int]], ledger: SqlLedger) -> None:
     """One document per money event, and exactly the documents the side-effect ledger knows."""
     counts = v.type_counts
-    made = Counter(step for step, _ in docs)
+    made = Counter(step for step, _, _ in docs)
     assert made["invoice"] == counts.get("invoice_issued", 0), made
     assert made["payment"] == counts.get("payment_captured", 0), made
     assert made["refund_payment"] == counts.get("refund_issued", 0), made
     assert made["sale"] >= counts.get("order_booked", 0), made  # amendments mark the sale too
-    in_erp = {key for _, key in docs}
-    effects = ledger.effects_for(in_erp | v.money_keys, "erp")
-    recorded = {k for k, e in effects.items()
+    in_erp = effects(docs)
+    found = ledger.effects_for(in_erp | money, "erp")
+    recorded = {k for k, e in found.items()
                 if e.status in ("applied", "already_applied") and e.external_ref}
     assert in_erp == recorded
 
@@ -142,7 +158,7 @@ def test_erp_down_for_30s_pauses_then_applies_everything_once(
     assert sink_exceptions(kafka_bootstrap, exceptions) == validated.refusable
     docs = documents(erp)
     assert_once_each(docs)
-    assert_erp_matches(validated, docs, ledger)
+    assert_erp_matches(validated, money_effects(kafka_bootstrap, validated), docs, ledger)
     assert actual_balances(ledger) == expected_balances(validated)
     assert all(tb.balanced for tb in ledger.trial_balance().values())
     erp.close()
@@ -189,7 +205,7 @@ def test_kill_9_between_erp_write_and_commit_then_replay_from_zero_changes_nothi
     erp = _adapter(tryton)
     ledger = SqlLedger(postgres_url)
     crashes = 0
-    orphans: set[str] = set()
+    orphans: set[Effect] = set()
     for crash_after in (12, 9):  # twice, each time right after an ERP write
         proc = _run_sink(validated, tryton, postgres_url, group, crash_after, log)
         code = proc.wait(240)
@@ -198,8 +214,8 @@ def test_kill_9_between_erp_write_and_commit_then_replay_from_zero_changes_nothi
         # The crash left an ERP document that neither the side-effect ledger nor the
         # committed offsets know about: the worst case for a duplicate.
         docs = documents(erp)
-        known = ledger.effects_for([k for _, k in docs], "erp")
-        orphaned = {k for _, k in docs} - set(known)
+        known = ledger.effects_for(effects(docs), "erp")
+        orphaned = effects(docs) - set(known)
         assert orphaned, "expected an ERP document without its side-effect row"
         orphans |= orphaned
     proc = _run_sink(validated, tryton, postgres_url, group, None, log)
@@ -224,9 +240,10 @@ def test_kill_9_between_erp_write_and_commit_then_replay_from_zero_changes_nothi
 
     docs = documents(erp)
     assert_once_each(docs)
-    assert_erp_matches(validated, docs, ledger)
-    posted = ledger.effects_for(validated.money_keys, "ledger")
-    assert set(posted) == validated.money_keys
+    money = money_effects(kafka_bootstrap, validated)
+    assert_erp_matches(validated, money, docs, ledger)
+    posted = ledger.effects_for(money, "ledger")
+    assert set(posted) == money
     assert actual_balances(ledger) == expected_balances(validated)
     with ledger.engine.connect() as conn:  # the key is unique: a duplicate cannot even exist
         journals = conn.execute(sa.text("SELECT count(*) FROM journals")).scalar_one()

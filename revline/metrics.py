@@ -107,6 +107,16 @@ class SinkMetrics:
             "Effects by adapter and status (applied, already_applied, skipped, partial, refused)",
             ["adapter", "status"], registry=r,
         )
+        # A validated event that the ledger or the ERP still refused: QA refuses first
+        # whatever an adapter would, so this means the system's own data disagrees
+        # with the stream. adapter is "ledger" or "erp" (fixed values, never input).
+        self.refusals_validated = Counter(
+            "revline_sink_refusals_validated_total",
+            "Validated events a sink adapter refused (its data disagrees with the stream)",
+            ["adapter"], registry=r,
+        )
+        for adapter in ("ledger", "erp"):
+            self.refusals_validated.labels(adapter)  # exported at 0, so increase() sees the 1st
         self.breaker_open = Gauge(
             "revline_sink_breaker_open", "1 while the adapter's circuit breaker is open",
             ["adapter"], registry=r,

@@ -2,16 +2,21 @@
 
 An adapter receives canonical events (the dicts ``schemas.EventDeserializer``
 returns, as published on the validated topic) and applies their effect to a
-system of record. Every adapter is idempotent on the event's idempotency key:
-applying the same event twice (a replay, a redelivery, an offset reset)
-returns the earlier result and changes nothing.
+system of record. Every adapter is idempotent on the event's effect, identified
+by its order and idempotency key together, ``(order_id, idempotency_key)`` (two
+orders may share a key; each is its own effect): applying the same event twice (a
+replay, a redelivery, an offset reset) returns the earlier result and changes
+nothing.
 
 Failures are split by what the caller must do:
 * ``TransientSinkError``: retry later (timeouts, connection refused, 5xx,
   deadlocks). The sink processor backs off, opens a circuit breaker, pauses.
 * ``PermanentSinkError``: the target refused the event (validation, unknown
   account); retrying cannot help. Routed to the exception topic with owner
-  "integrations" and the adapter's own error text.
+  "integrations" and the adapter's own error text. QA refuses first whatever an
+  adapter would, so for a validated event this means the target's own data
+  disagrees with the stream; the sink counts it
+  (``revline_sink_refusals_validated_total``) and it is alerted on.
 * ``PartialWriteError``: some steps were applied, the rest failed; ``done``
   names the completed steps so the next attempt completes only the rest.
 """
@@ -85,7 +90,10 @@ class LedgerAdapter(Protocol):
     name: str
 
     def post(self, events: Sequence[Event]) -> list[EffectResult]:
-        """Post a batch atomically (one transaction); one result per event, in order."""
+        """Post a batch atomically (one transaction); one result per event, in order.
+
+        Idempotent per (order_id, idempotency_key); each result names both.
+        """
         ...
 
     def balances(self, currency: str | None = None) -> dict[tuple[str, str], int]:
@@ -100,7 +108,8 @@ class ErpAdapter(Protocol):
     name: str
 
     def apply(self, event: Event) -> EffectResult:
-        """Apply one event; idempotent via the idempotency key stored on the ERP document."""
+        """Apply one event; idempotent via the order and idempotency key stored on the
+        ERP document (the effect's identity)."""
         ...
 
     def lookup(self, order_id: str, idempotency_key: str) -> dict[str, str]:

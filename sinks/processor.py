@@ -14,10 +14,20 @@ circuit breaker, which pauses consumption (no commit, no exception) until a
 half-open probe succeeds. Permanent refusals become exception records owned by
 "integrations" and a "refused" side-effect row; the batch moves on.
 
-Every effect is also an audit fact (adapter, external ids, attempts). A fact is
-re-sent whenever the side-effect ledger says the effect was already done, with
-the same fact id: a crash after the effect but before the fact was acknowledged
-loses nothing, and the audit chainer records each fact once.
+An effect is identified by the event's order and idempotency key together
+(``docs/lifecycle.md``): two orders may share a key, and each is applied once. Every
+lookup, skip and side-effect row here uses the pair.
+
+Every effect is also an audit fact (adapter, order, key, external ids, attempts),
+on its order's chain. A fact is re-sent whenever the side-effect ledger says the
+effect was already done, with the same fact id: a crash after the effect but before
+the fact was acknowledged loses nothing, and the audit chainer records each fact
+once (fact ids are unique within their order's chain, which is where the chainer
+looks for them).
+
+A refusal of a validated event (the ledger's or the ERP's) means that system's own
+data disagrees with the stream (QA refuses first whatever an adapter would): it is
+counted in ``revline_sink_refusals_validated_total{adapter}`` and alerted on.
 """
 
 from __future__ import annotations
@@ -49,7 +59,7 @@ from sinks._protocols import (
     PermanentSinkError,
     TransientSinkError,
 )
-from sinks.ledger import EffectRow, RefusedEventError, SideEffect, SqlLedger
+from sinks.ledger import EffectId, EffectRow, RefusedEventError, SideEffect, SqlLedger
 
 log = logging.getLogger("revline.sinks")
 
@@ -90,6 +100,18 @@ class _Item:
         if self.event is None:
             return f"undecodable:{self.msg.topic()}/{self.msg.partition()}/{self.msg.offset()}"
         return str(self.event["envelope"]["idempotency_key"])
+
+    @property
+    def order_id(self) -> str:
+        """The event's order ("" for an undecodable record: its key is unique by itself)."""
+        if self.event is None:
+            return ""
+        return str(self.event["envelope"]["order_id"])
+
+    @property
+    def effect(self) -> EffectId:
+        """The effect's identity: (order_id, idempotency_key)."""
+        return (self.order_id, self.key)
 
 
 class _Suspend(Exception):
@@ -304,7 +326,7 @@ class SinkProcessor:
         for bad in (i for i in items if i.event is None):
             self._refuse(bad, "ledger", "sink.undecodable", bad.error, {})
         done = self._call(self.ledger.name, lambda: self.ledger.effects_of(
-            [i.key for i in decodable], ["ledger", self.erp.name]))[0]
+            [i.effect for i in decodable], ["ledger", self.erp.name]))[0]
         self._to_ledger(decodable, done["ledger"])
         self._to_erp(decodable, done[self.erp.name])
         # Exception records and audit facts durable before the rows that stop re-sends
@@ -383,7 +405,7 @@ class SinkProcessor:
         self._commit_now({tp: o for tp, o in self.stats.committed.items() if tp in lost})
 
     # -- ledger --------------------------------------------------------------------------
-    def _to_ledger(self, items: list[_Item], done: Mapping[str, SideEffect]) -> None:
+    def _to_ledger(self, items: list[_Item], done: Mapping[EffectId, SideEffect]) -> None:
         name = self.ledger.name
         remaining = list(items)
         split = False
@@ -392,7 +414,8 @@ class SinkProcessor:
             try:
                 results, attempts = self._call(name, partial(self.ledger.post, events))
             except RefusedEventError as exc:
-                culprit = next((i for i in remaining if i.key == exc.idempotency_key), None)
+                culprit = next((i for i in remaining if i.key == exc.idempotency_key
+                                and exc.order_id in (None, i.order_id)), None)
                 if culprit is None:
                     remaining = self._ledger_one_by_one(remaining, exc)
                     continue
@@ -428,26 +451,26 @@ class SinkProcessor:
         return keep
 
     def _record_ledger(
-        self, item: _Item, result: EffectResult, attempts: int, done: Mapping[str, SideEffect]
+        self, item: _Item, result: EffectResult, attempts: int,
+        done: Mapping[EffectId, SideEffect],
     ) -> None:
         if result.status == "not_applicable":
             return  # most events carry no money; a row each would only slow the batch
-        earlier = done.get(item.key)
+        earlier = done.get(item.effect)
         if result.status == "already_applied" and earlier is not None \
                 and earlier.status in _DONE:
             self._count("ledger", "skipped")
             self._audit_again(item, earlier)
             return
-        self._record(item.key, "ledger", result.external_refs, "applied", attempts,
-                     result.detail)
+        self._record(item, "ledger", result.external_refs, "applied", attempts, result.detail)
         self._count("ledger", result.status)
         self._audit("ledger", item, result.external_refs, attempts, result.status)
 
     # -- ERP -----------------------------------------------------------------------------
-    def _to_erp(self, items: list[_Item], done: Mapping[str, SideEffect]) -> None:
+    def _to_erp(self, items: list[_Item], done: Mapping[EffectId, SideEffect]) -> None:
         name = self.erp.name
         for item in items:
-            existing = done.get(item.key)
+            existing = done.get(item.effect)
             if existing is not None and existing.status in _DONE:
                 self._count(name, "skipped")
                 self._audit_again(item, existing)
@@ -471,10 +494,11 @@ class SinkProcessor:
                 total += 1
                 refs.update(exc.done)
                 self.stats.partials += 1
-                self._record(item.key, name, refs, "partial", total, str(exc))
+                self._record(item, name, refs, "partial", total, str(exc))
                 self._fact(item, name, "partial", refs, total, str(exc),
                            fact_id=f"{item.key}:{name}:partial:{total}")
-                log.warning("partial write %s %s done=%s: %s", name, item.key, refs, exc)
+                log.warning("partial write %s order %s key %s done=%s: %s", name, item.order_id,
+                            item.key, refs, exc)
                 if isinstance(exc.cause, PermanentSinkError):
                     # One more go: the adapter re-discovers the done steps and may finish.
                     partial_permanent += 1
@@ -491,7 +515,7 @@ class SinkProcessor:
         merged = {**refs, **result.external_refs}
         if result.status == "not_applicable":
             return  # no ERP document for this event type: nothing to remember
-        self._record(item.key, name, merged, result.status, total, result.detail)
+        self._record(item, name, merged, result.status, total, result.detail)
         self._count(name, result.status)
         self._audit(name, item, merged, total, result.status)
 
@@ -526,18 +550,24 @@ class SinkProcessor:
         time.sleep(random.uniform(ceiling / 2, ceiling))
 
     # -- records -------------------------------------------------------------------------
-    def _record(self, key: str, adapter: str, refs: Mapping[str, str], status: str,
+    def _record(self, item: _Item, adapter: str, refs: Mapping[str, str], status: str,
                 attempts: int, detail: str) -> None:
-        self._effects.append(EffectRow(key, adapter, dict(refs), status, attempts, detail))
+        self._effects.append(EffectRow(item.order_id, item.key, adapter, dict(refs), status,
+                                       attempts, detail))
 
     def _refuse(self, item: _Item, adapter: str, check_id: str, reason: str,
                 refs: Mapping[str, str], attempts: int = 1) -> None:
         self._produce_exception(item, check_id, reason)
-        self._record(item.key, adapter, refs, "refused", attempts, reason)
+        self._record(item, adapter, refs, "refused", attempts, reason)
         self._fact(item, adapter, "refused", refs, attempts, reason)
         self.stats.exceptions += 1
         self._count(adapter, "refused")
-        log.error("%s refused %s: %s", adapter, item.key, reason)
+        if item.event is not None and self.metrics is not None:
+            # A validated event refused: the system's data disagrees with the stream.
+            # The label is one of two fixed values, never anything from the input.
+            label = "ledger" if adapter == self.ledger.name else "erp"
+            self.metrics.refusals_validated.labels(label).inc()
+        log.error("%s refused order %s key %s: %s", adapter, item.order_id, item.key, reason)
 
     def _produce_exception(self, item: _Item, check_id: str, reason: str) -> None:
         msg = item.msg
@@ -573,8 +603,8 @@ class SinkProcessor:
 
     def _audit(self, adapter: str, item: _Item, refs: Mapping[str, str], attempts: int,
                status: str) -> None:
-        log.info("effect %s adapter=%s key=%s refs=%s attempts=%d", status, adapter, item.key,
-                 dict(refs), attempts)
+        log.info("effect %s adapter=%s order=%s key=%s refs=%s attempts=%d", status, adapter,
+                 item.order_id, item.key, dict(refs), attempts)
         self._fact(item, adapter, "applied", refs, attempts, status)
 
     def _audit_again(self, item: _Item, effect: SideEffect) -> None:
@@ -590,11 +620,15 @@ class SinkProcessor:
             return
         env: Mapping[str, Any] = item.event["envelope"] if item.event is not None else {}
         self.audit.record(AuditFact(
+            # Unique within the order's chain (the chainer's scope for fact ids), and the
+            # same as before effects were identified per order: re-sent facts of earlier
+            # effects keep their ids.
             fact_id=fact_id or f"{item.key}:{adapter}:{kind}",
             kind=kind,
             actor="sink",
             order_id=env.get("order_id"),
-            detail={"adapter": adapter, "idempotency_key": item.key,
+            detail={"adapter": adapter, "order_id": env.get("order_id"),
+                    "idempotency_key": item.key,
                     "event_type": env.get("event_type"), "external_refs": dict(refs),
                     "attempts": attempts, "detail": detail,
                     "validated": f"{item.msg.topic()}/{item.msg.partition()}/{item.msg.offset()}"},

@@ -6,13 +6,18 @@ topic, so it never touches what the primary owns (``shadow_processor`` refuses a
 configuration that would share any of them). It is how a new posting rule, a new
 ERP or a new release is proven before it becomes the primary.
 
-Parity compares the two ledgers per validated event (first copy per idempotency
-key, read from the topic): the event's footprint is its journals (effect key,
-type, currency, total) and its side-effect statuses per adapter (the ERP's own
+Parity compares the two ledgers per validated event, that is per effect
+(order_id, idempotency_key) (first copy of each, read from the topic; two orders
+may share a key and are two events): the event's footprint is its journals (effect
+key, type, currency, total) and its side-effect statuses per adapter (the ERP's own
 document ids differ between two ERPs, so only the status counts). Events whose
 type has no effect anywhere (fulfilment, approval, override) are not compared.
 Parity % = events with identical footprints / events compared, per event type
 and overall; journals whose event is not on the topic are compared too.
+
+A legacy side-effect row (order_id None, written before effects were identified
+per order) counts for every order's event under its key that has no row of its
+own for that adapter, as the sink's lookups treat it.
 """
 
 from __future__ import annotations
@@ -25,7 +30,14 @@ from typing import Any
 from revline.errors import ConfigurationError
 from schemas import EventDeserializer
 from sinks._protocols import ErpAdapter
-from sinks.ledger import JournalSummary, PostingRules, SideEffect, SqlLedger, normalize_url
+from sinks.ledger import (
+    EffectId,
+    JournalSummary,
+    PostingRules,
+    SideEffect,
+    SqlLedger,
+    normalize_url,
+)
 from sinks.processor import SinkProcessor
 from sinks.reconcile import ALL_TIME, ERP_STEPS, StreamView, Window, drift_pct, period_of
 
@@ -45,24 +57,46 @@ class Footprint:
         return "; ".join(parts)
 
 
+# Where footprints keep the legacy side-effect rows of a key no order-specific
+# footprint has: (LEGACY_ORDER, key). ``parity`` falls back to it.
+LEGACY_ORDER = ""
+
+
 def footprints(
     journals: Iterable[JournalSummary], effects: Iterable[SideEffect]
-) -> dict[str, Footprint]:
-    """Pure: event key -> footprint, from journal headers and side-effect rows."""
-    js: dict[str, list[tuple[str, str, str, int]]] = defaultdict(list)
+) -> dict[EffectId, Footprint]:
+    """Pure: (order_id, event key) -> footprint, from journal headers and side-effect rows.
+
+    A legacy row (order_id None) joins every footprint of its key that has no row of
+    that adapter; with none, it is kept under (LEGACY_ORDER, key).
+    """
+    js: dict[EffectId, list[tuple[str, str, str, int]]] = defaultdict(list)
     for j in journals:
         # A credit note's own key embeds the reversed journal's id; ids are not
         # comparable across releases (uuid5, then time-ordered), the reversed key is.
         key = j.idempotency_key if j.reverses_key is None else (
             f"{j.event_key}:reverses:{j.reverses_key}")
-        js[j.event_key].append((key, j.event_type, j.currency, j.total_minor))
-    es: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        js[(j.order_id, j.event_key)].append((key, j.event_type, j.currency, j.total_minor))
+    es: dict[EffectId, dict[str, str]] = defaultdict(dict)  # effect -> adapter -> status
+    legacy: dict[str, dict[str, str]] = defaultdict(dict)
     for e in effects:
-        es[e.idempotency_key].append((e.adapter, e.status))
+        if e.order_id is None:
+            legacy[e.idempotency_key][e.adapter] = e.status
+        else:
+            es[(e.order_id, e.idempotency_key)][e.adapter] = e.status
+    idents = js.keys() | es.keys()
+    keyed: dict[str, list[EffectId]] = defaultdict(list)
+    for ident in idents:
+        keyed[ident[1]].append(ident)
+    for key, rows in legacy.items():
+        for ident in keyed.get(key) or [(LEGACY_ORDER, key)]:
+            for adapter, status in rows.items():
+                es[ident].setdefault(adapter, status)
     return {
-        key: Footprint(tuple(sorted(js.get(key, ()))), tuple(sorted(es.get(key, ()))))
-        for key in js.keys() | es.keys()
-    }
+        ident: Footprint(tuple(sorted(js.get(ident, ()))),
+                         tuple(sorted(es.get(ident, {}).items())))
+        for ident in js.keys() | es.keys()
+    }  # fmt: skip
 
 
 @dataclass
@@ -78,6 +112,7 @@ class TypeParity:
 @dataclass(frozen=True)
 class Difference:
     key: str
+    order_id: str
     event_type: str
     period: str
     primary: str
@@ -121,37 +156,45 @@ def has_effect(event_type: str, rules: PostingRules) -> bool:
     return event_type in ERP_STEPS or (rule is not None and rule.action != "not_applicable")
 
 
+def _footprint(prints: Mapping[EffectId, Footprint], ident: EffectId) -> Footprint:
+    found = prints.get(ident)
+    if found is None:
+        found = prints.get((LEGACY_ORDER, ident[1]), Footprint())
+    return found
+
+
 def parity(
     stream: StreamView,
-    primary: Mapping[str, Footprint],
-    shadow: Mapping[str, Footprint],
+    primary: Mapping[EffectId, Footprint],
+    shadow: Mapping[EffectId, Footprint],
     rules: PostingRules,
     window: Window = ALL_TIME,
-    journal_types: Mapping[str, tuple[str, str]] | None = None,
+    journal_types: Mapping[EffectId, tuple[str, str]] | None = None,
 ) -> ParityReport:
     """Pure: parity of two ledgers' footprints per validated event in ``window``.
 
-    ``journal_types``: event key -> (event type, period) of journals in the window,
-    so effects of events that are not on the topic are compared as well.
+    Events are (order_id, key) effects. ``journal_types``: effect -> (event type,
+    period) of journals in the window, so effects of events that are not on the
+    topic are compared as well.
     """
     report = ParityReport(window)
-    none = Footprint()
-    scope: dict[str, tuple[str, str]] = {
-        e.key: (e.event_type, e.period)
+    scope: dict[EffectId, tuple[str, str]] = {
+        (e.order_id, e.key): (e.event_type, e.period)
         for e in stream.in_window(window)
         if has_effect(e.event_type, rules)
     }
-    for key, typed in (journal_types or {}).items():
-        scope.setdefault(key, typed)
-    for key, (event_type, period) in sorted(scope.items()):
-        p, s = primary.get(key, none), shadow.get(key, none)
+    for ident, typed in (journal_types or {}).items():
+        scope.setdefault(ident, typed)
+    for ident, (event_type, period) in sorted(scope.items()):
+        p, s = _footprint(primary, ident), _footprint(shadow, ident)
         counts = report.by_type.setdefault(event_type, TypeParity())
         counts.compared += 1
         if p == s:
             counts.equal += 1
         else:
+            order_id, key = ident
             report.differences.append(
-                Difference(key, event_type, period, p.describe(), s.describe())
+                Difference(key, order_id, event_type, period, p.describe(), s.describe())
             )
     return report
 
@@ -168,7 +211,7 @@ def ledger_parity(
         name: ledger.journal_summaries(window.start, window.end)
         for name, ledger in (("primary", primary), ("shadow", shadow))
     }
-    typed = {j.event_key: (j.event_type, period_of(j.occurred_at))
+    typed = {(j.order_id, j.event_key): (j.event_type, period_of(j.occurred_at))
              for js in journals.values() for j in js}  # fmt: skip
     return parity(
         stream,

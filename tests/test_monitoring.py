@@ -37,7 +37,7 @@ COUNTERS_AND_GAUGES = {
     "revline_escalations_total",
     # sink
     "revline_sink_effects_total", "revline_sink_breaker_open", "revline_sink_paused",
-    "revline_sink_lag",
+    "revline_sink_lag", "revline_sink_refusals_validated_total",
     # auditor
     "revline_audit_records_total",
 }
@@ -147,7 +147,8 @@ def test_alert_rules_use_only_known_metrics_and_are_wired_in() -> None:
     # The issue asks for alerts on these; each is tested to fire in alerts.test.yml.
     selected = {n for rule in rules for n in metric_names(rule["expr"])}
     assert {"revline_sla_breaches_total", "revline_dead_letters_total", "revline_consumer_lag",
-            "revline_sink_breaker_open", "revline_worker_recovering"} <= selected
+            "revline_sink_breaker_open", "revline_worker_recovering",
+            "revline_sink_refusals_validated_total"} <= selected
     tested = {case["alertname"]
               for test in yaml.safe_load(ALERT_TESTS.read_text())["tests"]
               for case in test.get("alert_rule_test", []) if case.get("exp_alerts")}
@@ -177,3 +178,17 @@ def test_promtool(args: list[str]) -> None:
                             text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout + result.stderr
+
+
+def test_sink_exports_refusals_of_validated_events_per_fixed_adapter() -> None:
+    from revline.metrics import SinkMetrics
+
+    metrics = SinkMetrics()
+    registry = metrics.registry
+    name = "revline_sink_refusals_validated_total"
+    assert name in COUNTERS_AND_GAUGES
+    # Both label values exist from the start (at 0), so increase() sees the first one.
+    for adapter in ("ledger", "erp"):
+        assert registry.get_sample_value(name, {"adapter": adapter}) == 0
+    metrics.refusals_validated.labels("erp").inc()
+    assert registry.get_sample_value(name, {"adapter": "erp"}) == 1

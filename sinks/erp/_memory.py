@@ -5,6 +5,9 @@ are in ``_mapping``), so the demo runs without Tryton and the contract suite pin
 both to one behaviour. The documents live in a ``MemoryErpStore``; a second
 adapter over the same store is a restarted worker in front of the same ERP.
 
+Every document carries its ``order``: an effect is (order id, idempotency key), and
+lookups read the order's documents only.
+
 Test hooks: ``fail_next(step, error)`` makes the next write of a step raise
 ``error`` (after the earlier steps were applied), ``available = False`` makes
 every call raise ``TransientSinkError`` as an unreachable server would.

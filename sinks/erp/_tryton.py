@@ -10,21 +10,29 @@ are ``model.<name>.<method>`` with the context dict as the last parameter, wizar
 ``"error": [kind, args]`` (``UserError``: ``[message, description, domain]``).
 
 Documents (every write carries the idempotency key in a ``[revline step=S key=K]``
-marker, stored by the same call that creates or changes the document, so a
-search for the key finds it after any crash):
+marker, ``%``, ``[`` and ``]`` of the key percent-encoded, stored by the same call
+that creates or changes the document, so a search for the key finds it after any
+crash). An effect is (order id, idempotency key): every search for a marker is
+scoped to the order's documents (see ``_marked``):
 
 * order_booked → party (code = customer id) + sale quotation (reference = order id,
-  marker in ``comment``); the line discount is folded into the unit price.
+  marker in ``comment``, invoice method manual); the line discount is folded into
+  the unit price.
 * order_amended → draft the quotation, replace its lines, quote again.
-* order_cancelled → cancel the quotation; once invoiced, credit the invoice
-  (``account.invoice.credit`` wizard, reconciled against it while it is unpaid).
-* invoice_issued → step "sale": confirm (Tryton processes it and drafts the
-  invoice); step "invoice": date it, set reference = invoice id, the marker and
-  the upstream tax as a manual tax line, then post.
-* payment_captured → ``account.invoice.pay`` wizard (partial payments allowed);
-  the payment move's description carries the marker.
-* refund_issued → step "credit_note": a posted credit note for the refunded
-  amount; step "refund_payment": the money paid back, through the same wizard.
+* order_cancelled → cancel the quotation; once invoiced, credit each invoice of the
+  order (``account.invoice.credit`` wizard, reconciled against it while unpaid).
+* invoice_issued → step "sale": confirm the sale on the first invoice (no more
+  amendments); step "invoice": an invoice of the event's own lines (their origin the
+  sale's lines), reference = invoice id, the upstream tax as a manual tax line, then
+  posted. A deposit and its balance, or one invoice per shipment, are so many invoices.
+* payment_captured → ``account.invoice.pay`` wizard on the order's invoice of that
+  invoice id (partial payments allowed); the payment move's description carries the
+  marker.
+* refund_issued → step "credit_note": a posted credit note for the refunded amount
+  (its line credits a line of the paid invoice, which ties it to the order); step
+  "refund_payment": the money paid back, through the same wizard.
+
+Ids Tryton would strip (outer whitespace) are stored encoded (``_stored``).
 """
 
 from __future__ import annotations

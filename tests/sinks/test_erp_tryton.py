@@ -18,6 +18,7 @@ from tests.sinks.erp_contract import (
     ErpContract,
     booked,
     invoiced,
+    line,
     new_order,
 )
 from tests.sinks.erp_fixtures import tryton_adapter, tryton_server
@@ -145,3 +146,41 @@ def test_tryton_refusal_carries_trytons_own_text(tryton_server: TrytonServer) ->
         assert isinstance(cause, PermanentSinkError)
         assert "Tryton refused" in str(cause)
         print(cause)
+
+
+def test_a_sale_booked_before_split_billing_is_switched_to_manual_invoicing(
+    tryton_server: TrytonServer,
+) -> None:
+    """Sales booked before invoices were created per event drafted one invoice of the whole
+    sale when confirmed; the first invoice_issued switches such a quotation to manual."""
+    with tryton_adapter(tryton_server) as erp:
+        order = new_order()
+        sale = int(erp.apply(booked(order, LINES)).external_refs["sale"])
+        erp.rpc("model.sale.sale.draft", [sale])
+        erp.rpc("model.sale.sale.write", [sale], {"invoice_method": "order"})
+        erp.rpc("model.sale.sale.quote", [sale])
+        deposit = invoiced(order, [line("D1", "SKU-CRM-PRO", 1, 60000)])
+        result = erp.apply(deposit)
+        (row,) = erp.rpc("model.sale.sale.read", [sale], ["invoice_method", "invoices", "state"])
+        assert row["invoice_method"] == "manual"
+        assert row["invoices"] == [int(result.external_refs["invoice"])]
+        assert row["state"] in ("processing", "done")
+        assert erp.lookup(order, deposit["envelope"]["idempotency_key"]) == {
+            "sale": str(sale), "invoice": result.external_refs["invoice"],
+        }  # fmt: skip
+
+
+def test_ids_tryton_would_strip_are_stored_exactly(tryton_server: TrytonServer) -> None:
+    """Tryton strips outer whitespace from Char fields; such ids are stored encoded."""
+    with tryton_adapter(tryton_server) as erp:
+        plain = new_order()
+        padded = f"{plain} "
+        refs = {o: erp.apply(booked(o, LINES, customer=f" {o}")).external_refs
+                for o in (plain, padded)}  # fmt: skip
+        assert refs[plain]["sale"] != refs[padded]["sale"]
+        assert refs[plain]["party"] != refs[padded]["party"]
+        (row,) = erp.rpc("model.sale.sale.read", [int(refs[plain]["sale"])], ["reference"])
+        assert row["reference"] == plain  # an id without outer whitespace: as it always was
+        orders = {d.order_id for d in erp.documents() if d.ref in (refs[plain]["sale"],
+                                                                   refs[padded]["sale"])}
+        assert orders == {plain, padded}

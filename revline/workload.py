@@ -672,8 +672,16 @@ class WorkloadGenerator:
             if order not in orders:
                 orders[order] = OrderTotals(order, rec.event.get("currency", ""))
             failed = [d for d in rec.deps if not arrived[(order, d)]]
+            cancelled = arrived.get((order, ("cancelled", ""))) is True
             if failed:
                 rec.expect.outcome, rec.expect.check_id = "exception", "dependency.blocked"
+            elif rec.fault and rec.fault.startswith("completeness."):
+                rec.expect.outcome, rec.expect.check_id = "exception", rec.fault
+            elif cancelled and rec.event_type not in _AFTER_CANCELLATION_OK:
+                # Delivered out of order, an amendment may be judged after the
+                # cancellation: the lifecycle refuses it (processors/lifecycle.py).
+                rec.expect.outcome = "exception"
+                rec.expect.check_id = "lifecycle.after_cancellation"
             elif rec.fault:
                 rec.expect.outcome, rec.expect.check_id = "exception", rec.fault
             else:
@@ -716,6 +724,9 @@ class WorkloadGenerator:
             if rec.expect.outcome != "validated":
                 rec.expect.warnings = []
         return orders
+
+
+_AFTER_CANCELLATION_OK = ("refund_issued", "discount_approved", "manual_override")
 
 
 def _apply_totals(orders: dict[str, OrderTotals], rec: WorkloadRecord) -> None:

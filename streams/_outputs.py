@@ -124,24 +124,21 @@ class OutputWriter:
         self._exception = exception_codec()
         self.recovered = 0  # records retried, shrunk or re-routed (tests, logs)
 
-    def _on_delivery(self, attempt: int, partition: int | None, shrunk: bool, fallback: bool,
+    def _on_delivery(self, headers: list[tuple[str, bytes]] | None, timestamp_ms: int,
+                     attempt: int, partition: int | None, shrunk: bool, fallback: bool,
                      err: KafkaError | None, msg: Message) -> None:
+        # Headers travel with the callback: a delivery report does not carry them.
         if err is not None:
-            _, ts = msg.timestamp()
-            raw = msg.headers() or []
-            pairs = raw.items() if isinstance(raw, dict) else raw
-            headers = [(str(k), v if isinstance(v, bytes) else (v or "").encode())
-                       for k, v in pairs]
             self._failed.append(Failed(
                 err, msg.topic() or "", msg.key(), msg.value(), headers, partition,
-                max(ts, 0), attempt, shrunk, fallback))
+                timestamp_ms, attempt, shrunk, fallback))
 
     def _produce(self, topic: str, key: bytes | None, value: bytes | None,
                  headers: list[tuple[str, bytes]] | None = None,
                  partition: int | None = None, timestamp_ms: int = 0, *, attempt: int = 0,
                  shrunk: bool = False, fallback: bool = False) -> None:
-        callback = (self._on_first_delivery if not (attempt or shrunk or fallback)
-                    else partial(self._on_delivery, attempt, partition, shrunk, fallback))
+        callback = partial(self._on_delivery, headers, timestamp_ms, attempt, partition, shrunk,
+                           fallback)
         while True:
             try:
                 if partition is None:
@@ -159,11 +156,6 @@ class OutputWriter:
                 self._failed.append(Failed(err, topic, key, value, headers, partition,
                                            timestamp_ms, attempt, shrunk, fallback, local=True))
                 return
-
-    def _on_first_delivery(self, err: KafkaError | None, msg: Message) -> None:
-        # The common case, without a partial per record: only failures reach Python.
-        if err is not None:
-            self._on_delivery(0, None, False, False, err, msg)
 
     def emit(self, d: Decision) -> None:
         if d.kind == REPLAYED:

@@ -786,12 +786,17 @@ class OrderDrift:
         return sorted(found)
 
     def signature(self) -> str:
-        """What differs, as stable text: the exception id is a function of it."""
-        parts = [
-            f"{t}|{c}|{x.expected_minor}/{x.expected_count}|{x.ledger_minor}/{x.ledger_count}|"
-            f"{x.erp_expected_minor}/{x.erp_expected_count}|{x.erp_minor}/{x.erp_count}"
-            for (t, c), x in self.differing.items()
-        ]
+        """What differs, as stable text: the exception id is a function of it. Per
+        system that differs only, so a run that did not read the ERP (--ledger-only, the
+        in-memory ERP) finds the exception a run with the ERP opened for the ledger."""
+        parts = []
+        for (t, c), x in self.differing.items():
+            if x.ledger_differs:
+                parts.append(f"{LEDGER}|{t}|{c}|{x.expected_minor}/{x.expected_count}|"
+                             f"{x.ledger_minor}/{x.ledger_count}")  # fmt: skip
+            if x.erp_differs:
+                parts.append(f"{ERP}|{t}|{c}|{x.erp_expected_minor}/{x.erp_expected_count}|"
+                             f"{x.erp_minor}/{x.erp_count}")  # fmt: skip
         parts += sorted(f"{i.system}|{i.kind}|{i.key}|{i.expected_minor}|{i.actual_minor}"
                         for i in self.issues)  # fmt: skip
         return hashlib.blake2b("\n".join(parts).encode(), digest_size=12).hexdigest()

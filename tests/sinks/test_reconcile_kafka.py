@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 import pytest
 import sqlalchemy as sa
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from revline import cli
 from revline.auditlog import AuditFact
@@ -37,6 +37,7 @@ from sinks.ledger import SqlLedger, load_posting_rules, normalize_url
 from sinks.processor import SinkProcessor
 from sinks.reconcile import (
     ALL_TIME,
+    CHECK_DRIFT,
     StreamView,
     audit_fact,
     open_exceptions,
@@ -103,9 +104,24 @@ def published(kafka_bootstrap: str) -> Iterator[Published]:
 
 
 def _sink(bootstrap: str, topic: str, ledger: SqlLedger, erp: Any, exceptions: str) -> None:
+    """A real sink over the whole topic: until it has committed every record (an idle
+    timeout alone raced the group's first assignment on a freshly started broker)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "watermarks"})
+    try:
+        parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        total = sum(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                    for p in parts)  # fmt: skip
+    finally:
+        consumer.close()
     proc = SinkProcessor(bootstrap, topic, f"sink-{uuid.uuid4().hex[:8]}", ledger, erp,
                          exceptions, batch_size=200, poll_timeout_s=0.2)
-    proc.run(idle_exit_s=3.0)  # closes the processor when idle
+    deadline = time.monotonic() + 90
+    try:
+        while sum(proc.stats.committed.values()) < total:
+            assert time.monotonic() < deadline, (total, proc.stats)
+            proc.step()
+    finally:
+        proc.close()
 
 
 def _stream(bootstrap: str, topic: str) -> StreamView:
@@ -201,7 +217,11 @@ def test_reconcile_finds_a_journal_deleted_and_one_tampered_behind_the_pipelines
         assert (missing.system, missing.kind, missing.key, missing.expected_minor,
                 missing.actual_minor, missing.currency) == (
             "ledger", "missing", payment.key, payment.amount_minor, None, payment.currency)
-        assert report.drift_pct == pytest.approx(100 / report.checked)
+        assert report.record_drift_pct == pytest.approx(100 / report.checked)
+        assert [o.order_id for o in report.drifted] == [payment.order_id]
+        money = report.money()[payment.currency]
+        assert money.diff_minor == payment.amount_minor
+        assert report.drift_pct == pytest.approx(100 * money.diff_minor / money.expected_minor)
 
         producer = Producer({"bootstrap.servers": kafka_bootstrap})
         assert open_exceptions(report, kafka_bootstrap, producer, exceptions, sla_minutes=SLA,
@@ -211,24 +231,26 @@ def test_reconcile_finds_a_journal_deleted_and_one_tampered_behind_the_pipelines
                                rules_version="postings t") == 0
         assert again.exceptions_known == 1
         records = [r for r in _exceptions(kafka_bootstrap, exceptions)
-                   if r["check_id"].startswith("reconcile.")]
+                   if r["check_id"] == CHECK_DRIFT]
         assert len(records) == 1  # re-running opened no second one
         (rec,) = records
         assert (rec["check_id"], rec["owner"], rec["severity"], rec["idempotency_key"],
-                rec["order_id"], rec["event_type"]) == (
-            "reconcile.missing", "finance", "P1", payment.key, payment.order_id,
-            "payment_captured")
-        assert EventDeserializer().decode(rec["event"])["envelope"]["idempotency_key"] == (
-            payment.key)  # the event itself travels with the exception, for re-drive
-        assert rec["input_topic"] == "revline.events.v1" and rec["input_offset"] >= 0
+                rec["order_id"], rec["event_type"], rec["source_system"]) == (
+            "reconciliation.drift", "finance", "P1", payment.key, payment.order_id,
+            "payment_captured", "ledger")
+        assert payment.order_id in rec["reason"] and "payment_captured" in rec["reason"]
 
-        invoice = next(e for e in stream.records if e.event_type == "invoice_issued")
+        # A tampered invoice of another order: that order drifts too, one more exception.
+        invoice = next(e for e in stream.records if e.event_type == "invoice_issued"
+                       and e.order_id != payment.order_id)
         _tamper(ledger_url, invoice.key, 100)
         report = reconcile(stream, ALL_TIME, ledger, erp)
         (mismatch,) = report.system("ledger").mismatched
         assert (mismatch.key, mismatch.expected_minor, mismatch.actual_minor) == (
             invoice.key, invoice.amount_minor, (invoice.amount_minor or 0) + 100)
         assert all(tb.balanced for tb in ledger.trial_balance().values())  # only this finds it
+        assert sorted(o.order_id for o in report.drifted) == sorted(
+            [payment.order_id, invoice.order_id])
         assert open_exceptions(report, kafka_bootstrap, producer, exceptions, sla_minutes=SLA,
                                rules_version="postings t") == 1
 
@@ -245,9 +267,13 @@ def test_reconcile_finds_a_journal_deleted_and_one_tampered_behind_the_pipelines
     data = orjson.loads(out.read_bytes())
     assert (data["missing"], data["mismatched"], data["extra"]) == (1, 1, 0)
     assert data["erp"]["reconciled"] is False and "in-memory" in data["erp"]["note"]
+    # The ledger-only run finds the exceptions the runs with the ERP opened.
     assert data["exceptions_opened"] == 0 and data["exceptions_already_open"] == 2
+    assert sorted(o["order_id"] for o in data["drifted_orders"]) == sorted(
+        [payment.order_id, invoice.order_id])
+    assert data["drift_pct"] > 0 and data["by_currency"][payment.currency]["diff_minor"] > 0
     assert len([r for r in _exceptions(kafka_bootstrap, exceptions)
-                if r["check_id"].startswith("reconcile.")]) == 2
+                if r["check_id"] == CHECK_DRIFT]) == 2
     (fact,) = [AuditFact.decode(m.value() or b"") for m in read_topic(kafka_bootstrap, facts)]
     assert (fact.kind, fact.order_id, fact.detail["missing"], fact.detail["mismatched"]) == (
         "reconcile", None, 1, 1)
@@ -377,9 +403,9 @@ def test_reconcile_against_tryton_finds_a_sale_deleted_over_json_rpc(
     assert data["erp"]["reconciled"] is True and data["erp"]["missing"] == 1
     assert data["exceptions_opened"] == 1
     (rec,) = [r for r in _exceptions(kafka_bootstrap, exceptions)
-              if r["check_id"].startswith("reconcile.")]
+              if r["check_id"] == CHECK_DRIFT]
     assert (rec["check_id"], rec["severity"], rec["order_id"]) == (
-        "reconcile.missing", "P2", quoted)
+        "reconciliation.drift", "P2", quoted)  # a sale, not money
 
 
 def test_events_the_sink_has_not_reached_are_in_flight_not_drift(
@@ -410,3 +436,161 @@ def test_events_the_sink_has_not_reached_are_in_flight_not_drift(
     assert reconcile(_stream(kafka_bootstrap, published.topic), parse_window(),
                      ledger, None).issues
     ledger.close()
+
+
+# -- per order: every kind of damage, on the real broker and ledger ----------------------
+SHARED_KEY = "ERP-INV-0001"  # two sources both number their invoice 1
+
+
+def _journal_ids(conn: sa.Connection, order: str, event_type: str | None = None) -> list[str]:
+    sql = "SELECT id FROM journals WHERE order_id = :o"
+    params = {"o": order}
+    if event_type is not None:
+        sql += " AND event_type = :t"
+        params["t"] = event_type
+    return [r[0] for r in conn.execute(sa.text(sql + " ORDER BY id"), params)]
+
+
+def _delete_journals(url: str, order: str, event_type: str | None = None) -> None:
+    """Delete an order's journals (of one type), by order: not its key, which another
+    order may share."""
+    with behind_the_back(url) as conn:
+        ids = _journal_ids(conn, order, event_type)
+        assert ids, (order, event_type)
+        for jid in ids:
+            conn.execute(sa.text("DELETE FROM journal_lines WHERE journal_id = :j"), {"j": jid})
+            conn.execute(sa.text("DELETE FROM journals WHERE id = :j"), {"j": jid})
+
+
+def _post_again(url: str, order: str, event_type: str) -> None:
+    """A second journal for an effect already posted, inserted behind the pipeline's
+    back (another effect key for the same event: the unique key allows it)."""
+    with behind_the_back(url) as conn:
+        old = _journal_ids(conn, order, event_type)[0]
+        new = str(uuid.uuid4())
+        conn.execute(sa.text(
+            "INSERT INTO journal_lines (journal_id, line_no, account, currency, debit_minor, "
+            "credit_minor) SELECT :n, line_no, account, currency, debit_minor, credit_minor "
+            "FROM journal_lines WHERE journal_id = :j"), {"n": new, "j": old})
+        conn.execute(sa.text(
+            "INSERT INTO journals (id, idempotency_key, event_key, order_id, event_type, "
+            "currency, total_debit_minor, total_credit_minor, source_ref, occurred_at, "
+            "posted_at, reverses_journal_id, description) SELECT :n, idempotency_key || "
+            "'#again', event_key, order_id, event_type, currency, total_debit_minor, "
+            "total_credit_minor, source_ref, occurred_at, posted_at, reverses_journal_id, "
+            "description FROM journals WHERE id = :j"), {"n": new, "j": old})
+
+
+def _recurrency(url: str, order: str, event_type: str, currency: str) -> None:
+    with behind_the_back(url) as conn:
+        (jid, *_) = _journal_ids(conn, order, event_type)
+        for table, column in (("journal_lines", "journal_id"), ("journals", "id")):
+            conn.execute(sa.text(f"UPDATE {table} SET currency = :c WHERE {column} = :j"),
+                         {"c": currency, "j": jid})
+
+
+def test_every_kind_of_damage_drifts_exactly_the_damaged_orders_and_opens_one_exception_each(
+    kafka_bootstrap: str, ledger_url: str, new_topic: TopicFactory, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    topic, exceptions = new_topic("rec-damage-validated", 3), new_topic("rec-damage-exc", 1)
+    facts = new_topic("rec-damage-facts", 1)
+    orders = {name: new_order() for name in (
+        "lost", "doubled", "amount", "currency", "credit_note", "erp", "shared_kept",
+        "shared_lost", "untouched")}  # fmt: skip
+
+    def flow(order: str, currency: str = "EUR") -> list[dict[str, Any]]:
+        inv = invoiced(order, LINES, currency)
+        total = inv["total_minor"]
+        return [booked(order, LINES, currency), inv, captured(order, 1, total // 2, currency),
+                captured(order, 2, total - total // 2, currency),
+                refunded(order, 5000, currency)]
+
+    events = [e for name in ("lost", "doubled", "amount", "erp", "untouched")
+              for e in flow(orders[name])]
+    events += flow(orders["currency"], "JPY")
+    c = orders["credit_note"]
+    events += [booked(c, LINES), invoiced(c, LINES), cancelled(c)]
+    for name, lines in (("shared_kept", LINES), ("shared_lost", LINES[:1])):
+        events += [booked(orders[name], lines), invoiced(orders[name], lines, key=SHARED_KEY)]
+    _publish(kafka_bootstrap, topic, events)
+    erp = InMemoryErp()
+    with SqlLedger(ledger_url) as ledger:
+        _sink(kafka_bootstrap, topic, ledger, erp, exceptions)
+        stream = _stream(kafka_bootstrap, topic)
+        assert len(stream.records) == len(events)
+
+        clean = reconcile(stream, ALL_TIME, ledger, erp)
+        assert clean.issues == [] and clean.drifted == [] and clean.drift_pct == 0.0
+        assert set(clean.money()) == {"EUR", "JPY"}
+        # Both orders of the shared key hold their own invoice in both systems.
+        for name in ("shared_kept", "shared_lost"):
+            cell = clean.orders[orders[name]].cells["invoice_issued", "EUR"]
+            assert cell.expected_minor == cell.ledger_minor == cell.erp_minor
+            assert cell.expected_minor > 0
+
+        damage: list[tuple[str, Callable[[], None]]] = [
+            ("lost", lambda: _delete_journals(ledger_url, orders["lost"])),
+            ("doubled", lambda: _post_again(ledger_url, orders["doubled"], "payment_captured")),
+            ("amount", lambda: _tamper(ledger_url, f"{orders['amount']}:invoice:1", 100)),
+            ("currency", lambda: _recurrency(ledger_url, orders["currency"],
+                                             "payment_captured", "USD")),
+            ("credit_note", lambda: _delete_journals(ledger_url, c, "order_cancelled")),
+            ("erp", lambda: _edit_erp_invoice(erp, orders["erp"], 250)),
+            ("shared_lost", lambda: _delete_journals(ledger_url, orders["shared_lost"])),
+        ]
+        damaged: list[str] = []
+        for name, do in damage:
+            do()
+            damaged.append(orders[name])
+            report = reconcile(stream, ALL_TIME, ledger, erp)
+            assert sorted(o.order_id for o in report.drifted) == sorted(damaged), name
+            assert report.drift_pct > 0, name
+            drift = next(o for o in report.drifted if o.order_id == orders[name])
+            assert drift.differing and drift.money, name
+        assert orders["shared_kept"] not in {o.order_id for o in report.drifted}
+        assert report.money()["USD"].drift_pct == 100.0  # nothing in USD was expected
+        erp_drift = next(o for o in report.drifted if o.order_id == orders["erp"])
+        assert erp_drift.systems == ["erp"]
+        (cell,) = erp_drift.differing.values()
+        assert cell.erp_minor == cell.erp_expected_minor + 250
+
+        producer = Producer({"bootstrap.servers": kafka_bootstrap})
+        assert open_exceptions(report, kafka_bootstrap, producer, exceptions, sla_minutes=SLA,
+                               rules_version="postings t") == len(damage)
+        again = reconcile(stream, ALL_TIME, ledger, erp)
+        assert open_exceptions(again, kafka_bootstrap, producer, exceptions, sla_minutes=SLA,
+                               rules_version="postings t") == 0
+        assert again.exceptions_known == len(damage)
+    records = [r for r in _exceptions(kafka_bootstrap, exceptions) if r["check_id"] == CHECK_DRIFT]
+    assert sorted(r["order_id"] for r in records) == sorted(damaged)  # once each
+    assert {(r["severity"], r["owner"]) for r in records} == {("P1", "finance")}
+
+    # The command line: exit 1, the JSON names the ledger's drifted orders (the in-memory
+    # ERP is not read there) with amounts in minor units; nothing opened again.
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap)
+    monkeypatch.setenv("REVLINE_VALIDATED_TOPIC", topic)
+    monkeypatch.setenv("REVLINE_EXCEPTIONS_TOPIC", exceptions)
+    monkeypatch.setenv("REVLINE_AUDIT_FACTS_TOPIC", facts)
+    monkeypatch.setenv("REVLINE_LEDGER_DSN", ledger_url)
+    monkeypatch.setenv("REVLINE_ERP", "memory")
+    monkeypatch.delenv("REVLINE_TRYTON_URL", raising=False)
+    out = tmp_path / "report.json"
+    assert cli.main(["reconcile", "--json", str(out)]) == 1
+    data = orjson.loads(out.read_bytes())
+    ledger_damaged = sorted(o for o in damaged if o != orders["erp"])
+    assert sorted(o["order_id"] for o in data["drifted_orders"]) == ledger_damaged
+    assert data["exceptions_opened"] == 0 and data["exceptions_already_open"] == 6
+    lost = next(o for o in data["drifted_orders"] if o["order_id"] == orders["lost"])
+    inv = next(d for d in lost["differences"] if d["event_type"] == "invoice_issued")
+    assert (inv["currency"], inv["ledger_minor"], inv["ledger_diff_minor"]) == (
+        "EUR", 0, inv["expected_minor"])
+    assert data["by_currency"]["USD"]["drift_pct"] == 100.0 and data["drift_pct"] == 100.0
+    assert cli.main(["reconcile", "--no-exceptions", "--period", "2031-01"]) == 0
+
+
+def _edit_erp_invoice(erp: InMemoryErp, order: str, plus: int) -> None:
+    """A clerk changes an invoice's total in the ERP by hand."""
+    (doc,) = [d for d in erp.documents() if d.step == "invoice" and d.order_id == order]
+    stored = next(v for k, v in erp.store.invoices.items() if str(k) == doc.ref)
+    stored["total_minor"] += plus

@@ -175,3 +175,23 @@ def _wait_for_topic(admin: AdminClient, name: str, partitions: int, timeout: flo
         if time.monotonic() > deadline:
             raise TimeoutError(f"topic {name} not ready after {timeout}s: {md}")
         time.sleep(0.1)
+
+
+# -- hypothesis: the differential tests' profile (tests/test_differential.py) -----------------
+def _register_hypothesis_profiles() -> None:
+    from hypothesis import HealthCheck, settings
+
+    # Derandomized and without an example database, so CI is reproducible; every example
+    # builds its own orders, so slow data generation is expected.
+    settings.register_profile(
+        "revline-differential",
+        derandomize=True,
+        database=None,
+        deadline=None,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                               HealthCheck.filter_too_much],
+    )
+
+
+_register_hypothesis_profiles()

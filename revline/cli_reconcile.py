@@ -191,7 +191,7 @@ def _print_report(report: Any, limit: int, console: Any) -> None:
     console.print(
         f"[bold]Reconciliation[/bold] — period {w.label} ({span}): "
         f"{len(report.stream.in_window(w)):,} validated events in the period "
-        f"({len(report.stream.records):,} on the topic), {len(report.orders):,} orders"
+        f"({len(report.stream.records):,} on the topic), {len(report.orders):,} orders with money"
     )
 
     table = Table(title="Records by system of record")
@@ -319,7 +319,7 @@ def _print_report(report: Any, limit: int, console: Any) -> None:
         f"Drift {_pct(report.drift_pct, any(m.diff_minor for m in money.values()))} % "
         "of the money"
         f"{f' ({per_currency})' if len(money) > 1 else ''} over {len(report.orders):,} "
-        f"orders, {report.checked:,} expected records — {verdict} "
+        f"orders with money, {report.checked:,} expected records — {verdict} "
         f"(target ≤ 0.1 % per week){opened}."
     )
 

@@ -44,7 +44,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient, ConfigResource  # type: ignore[attr-defined]
-from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from processors.audit_chain import (
     ChainHead,
@@ -58,6 +58,7 @@ from processors.audit_chain import (
 from revline.auditlog import AuditFact
 from revline.errors import ConfigurationError, InfrastructureError
 from revline.settings import Settings
+from revline.watchdog import Watchdog
 from schemas import outcome_codec
 
 T = TypeVar("T")
@@ -68,6 +69,12 @@ log = logging.getLogger("revline.auditor")
 # (transaction.timeout.ms); reading heads before that could miss its commit.
 STABLE_OFFSETS_TIMEOUT_S = 120.0
 TRANSACTION_TIMEOUT_MS = 60_000
+# A Kafka call may take its own timeout plus this before the watchdog ends the process:
+# librdkafka does not always honour the timeout of transactional calls (a broker restart
+# left send_offsets_to_transaction blocked for good, with nothing logged).
+CALL_GRACE_S = 30.0
+LAG_EVERY_S = 10.0
+_ASSIGN_BUDGET_S = 2 * (60.0 + STABLE_OFFSETS_TIMEOUT_S)
 
 
 def _retrying(fn: Callable[[], T], what: str, timeout_s: float = 60.0) -> T:
@@ -97,6 +104,10 @@ class AuditMetrics:
             "revline_audit_redelivered_total",
             "Source entries already in their chain (redelivered or re-sent), not chained again",
             registry=self.registry)
+        self.lag = Gauge(
+            "revline_audit_lag_records",
+            "Outcomes and facts on the source topics not yet chained (end offset less the "
+            "auditor's position, over its partitions)", registry=self.registry)
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> int:
         try:
@@ -243,6 +254,8 @@ class Chainer:
         self.bootstrap = bootstrap
         self.batch_size = batch_size
         self.metrics = metrics or AuditMetrics()
+        self.watchdog = Watchdog("auditor", self.metrics.registry)
+        self._lag_at = 0.0
         self._kill_before_commit = kill_before_commit  # tests: SIGKILL inside batch N's txn
         self._batches = 0
         self.group_id = f"{settings.app_id}-auditor"
@@ -268,7 +281,8 @@ class Chainer:
     # -- lifecycle ---------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
         try:
-            self.producer.init_transactions(60)
+            with self.watchdog.deadline("init_transactions", 60 + CALL_GRACE_S):
+                self.producer.init_transactions(60)
         except KafkaException as exc:
             raise InfrastructureError(
                 f"cannot initialise transactions as {self.transactional_id}: {exc}") from exc
@@ -278,10 +292,18 @@ class Chainer:
                  *self.sources, self.settings.audit_topic)
         try:
             while not stop.is_set():
-                messages = self.consumer.consume(self.batch_size, 0.5)
+                # consume() runs the assignment callback, which may wait out two retried
+                # reads (stable offsets, chain heads) before it returns.
+                with self.watchdog.deadline("consume", 0.5 + CALL_GRACE_S + _ASSIGN_BUDGET_S):
+                    messages = self.consumer.consume(self.batch_size, 0.5)
                 if messages:
                     self._chain_batch(messages)
+                self.watchdog.progress()
+                if time.monotonic() - self._lag_at > LAG_EVERY_S:
+                    self._lag_at = time.monotonic()
+                    self._observe_lag()
         finally:
+            self.watchdog.stop()
             self.consumer.close()
             self.producer.flush(10)
 
@@ -372,8 +394,9 @@ class Chainer:
             self._produce(self.settings.audit_heads_topic, partition, chain, head.encode())
         offsets = [TopicPartition(topic, partition, offset)
                    for (topic, partition), offset in next_offsets.items()]
-        self.producer.send_offsets_to_transaction(
-            offsets, self.consumer.consumer_group_metadata(), 60)
+        with self.watchdog.deadline("send_offsets_to_transaction", 60 + CALL_GRACE_S):
+            self.producer.send_offsets_to_transaction(
+                offsets, self.consumer.consumer_group_metadata(), 60)
         self._batches += 1
         if self._batches == self._kill_before_commit:
             self.producer.flush(30)  # the records reach the log, uncommitted
@@ -381,7 +404,8 @@ class Chainer:
             os.kill(os.getpid(), signal.SIGKILL)
         for attempt in range(3):
             try:
-                self.producer.commit_transaction(60)
+                with self.watchdog.deadline("commit_transaction", 60 + CALL_GRACE_S):
+                    self.producer.commit_transaction(60)
                 return
             except KafkaException as exc:
                 error: KafkaError = exc.args[0]
@@ -408,7 +432,8 @@ class Chainer:
             ) from exc
         log.warning("auditor: transaction aborted (%s); resuming from the committed state", error)
         try:
-            self.producer.abort_transaction(60)
+            with self.watchdog.deadline("abort_transaction", 60 + CALL_GRACE_S):
+                self.producer.abort_transaction(60)
             assignment = self.consumer.assignment()
             committed = self.consumer.committed(assignment, timeout=STABLE_OFFSETS_TIMEOUT_S)
             for tp in committed:
@@ -418,6 +443,24 @@ class Chainer:
             self.heads = load_heads(self.bootstrap, self.settings.audit_heads_topic, partitions)
         except KafkaException as again:
             raise InfrastructureError(f"auditor could not recover from {error}: {again}") from again
+
+
+    def _observe_lag(self) -> None:
+        """End offsets less positions over the assigned source partitions (the audit lag)."""
+        try:
+            assignment = self.consumer.assignment()
+            if not assignment:
+                return
+            with self.watchdog.deadline("audit lag", 5 + CALL_GRACE_S):
+                positions = self.consumer.position(assignment)
+                lag = 0
+                for tp in positions:
+                    _, high = self.consumer.get_watermark_offsets(tp, timeout=5, cached=False)
+                    lag += max(0, high - tp.offset) if tp.offset >= 0 else high
+        except KafkaException as exc:  # a broker away: the figure waits for it
+            log.info("auditor: lag unknown (%s)", exc)
+            return
+        self.metrics.lag.set(lag)
 
 
 def run_auditor(settings: Settings, bootstrap: str, stop: threading.Event, *,

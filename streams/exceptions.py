@@ -90,13 +90,16 @@ class ExceptionManager:
         self.clock = clock
         self.deserializer = deserializer or EventDeserializer()
         self.codec = exception_codec()
-        self.producer = producer or Producer(settings.producer_config(bootstrap))
+        # The default callback also reports the audit facts' deliveries (AuditLog passes none).
+        self.producer = producer or Producer({**settings.producer_config(bootstrap),
+                                              "on_delivery": self._on_delivery})
         self.audit = AuditLog(self.producer, settings.audit_facts_topic)
         self.states: dict[str, State] = {}
         # Lifecycle events read before their exception (the two topics are read
         # independently): applied as soon as it opens.
         self.early: dict[str, list[Mapping[str, Any]]] = {}
         self._failures: list[str] = []
+        self._failed: list[tuple[KafkaError, str, bytes | None, bytes | None, int]] = []
         self._dirty = False  # produced something since the last flush
 
     # -- inputs ------------------------------------------------------------------------------
@@ -221,26 +224,62 @@ class ExceptionManager:
         self._produce(self.settings.exception_state_topic, state["exception_id"],
                       orjson.dumps(state))
 
-    def _produce(self, topic: str, key: str, value: bytes) -> None:
+    def _produce(self, topic: str, key: str | bytes | None, value: bytes | None,
+                 attempt: int = 0) -> None:
+        raw_key = key.encode() if isinstance(key, str) else key
         while True:
             try:
-                self.producer.produce(topic, key=key.encode(), value=value,
-                                      on_delivery=self._on_delivery)
+                self.producer.produce(topic, key=raw_key, value=value,
+                                      on_delivery=self._on_delivery if not attempt else
+                                      lambda err, msg: self._on_delivery(err, msg, attempt))
                 break
             except BufferError:
                 self.producer.poll(0.05)
+            except KafkaException as exc:  # refused by the client, e.g. above message.max.bytes
+                err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else \
+                    KafkaError(KafkaError._FAIL, str(exc))
+                self._failed.append((err, topic, raw_key, value, attempt))
+                break
         self.producer.poll(0)
         self._dirty = True
 
-    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+    def _on_delivery(self, err: KafkaError | None, msg: Message, attempt: int = 0) -> None:
         if err is not None:
-            self._failures.append(f"{msg.topic()}: {err.str()}")
+            self._failed.append((err, msg.topic() or "", msg.key(), msg.value(), attempt))
+
+    def _recover(self) -> None:
+        """Failed records: retriable ones again, too large ones shrunk (long texts cut),
+        anything else an InfrastructureError as before (nothing is committed)."""
+        from streams._outputs import MAX_ATTEMPTS, RETRIABLE, TOO_LARGE
+
+        while self._failed:
+            failed, self._failed = self._failed, []
+            for err, topic, key, value, attempt in failed:
+                code = err.code()
+                if err.fatal() or attempt + 1 >= MAX_ATTEMPTS:
+                    self._failures.append(f"{topic}: {err.str()}")
+                elif code in TOO_LARGE and value:
+                    smaller = shrink_json(value)
+                    if smaller is None or attempt > 0:
+                        self._failures.append(f"{topic}: {err.str()} (cannot shrink it)")
+                        continue
+                    log.warning("record for %s too large (%d bytes); writing it with its long "
+                                "texts cut", topic, len(value))
+                    self._produce(topic, key, smaller, attempt + 1)
+                elif err.retriable() or code in RETRIABLE:
+                    time.sleep(min(2.0, 0.1 * 2 ** attempt))
+                    self._produce(topic, key, value, attempt + 1)
+                else:
+                    self._failures.append(f"{topic}: {err.str()}")
+            self.producer.flush(30)
 
     def flush(self, timeout: float = 30.0) -> None:
         """Everything produced is acknowledged, or InfrastructureError (nothing is committed)."""
         if not self._dirty:
             return
         remaining = self.producer.flush(timeout)
+        if not remaining and self._failed:
+            self._recover()
         if remaining or self._failures:
             failures, self._failures = self._failures, []
             raise InfrastructureError(
@@ -303,6 +342,24 @@ class ExceptionManager:
             except InfrastructureError as exc:
                 log.error("%s", exc)
             consumer.close()
+
+
+def _cut(value: Any, limit: int = 2048) -> Any:
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]}… ({len(value) - limit:,} more characters dropped)"
+    if isinstance(value, list):
+        return [_cut(v, limit) for v in value[:50]]
+    if isinstance(value, dict):
+        return {k: _cut(v, limit) for k, v in value.items()}
+    return value
+
+
+def shrink_json(value: bytes) -> bytes | None:
+    """A JSON record (state, lifecycle event, audit fact) with its long texts cut, or None."""
+    try:
+        return orjson.dumps(_cut(orjson.loads(value)))
+    except orjson.JSONDecodeError:
+        return None
 
 
 def _refuse_second_manager(bootstrap: str, group: str) -> None:

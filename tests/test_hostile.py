@@ -385,3 +385,15 @@ def test_no_hostile_record_stops_the_worker_or_a_good_record_around_it(
         assert proc.poll() is None
     finally:
         pipeline.stop_all()
+
+
+def test_an_oversized_json_record_of_the_exception_manager_is_shrunk_not_fatal() -> None:
+    import orjson
+
+    from streams.exceptions import shrink_json
+
+    big = orjson.dumps({"reason": "X" * 2_000_000, "history": [{"note": "y" * 10}] * 500})
+    small = shrink_json(big)
+    assert small is not None and len(small) < 100_000
+    assert orjson.loads(small)["reason"].startswith("XXX")
+    assert shrink_json(b"\x00not json") is None

@@ -415,6 +415,16 @@ def cmd_override(args: argparse.Namespace, settings: Settings) -> int:
     from revline.publisher import Publisher
     from schemas import EventValidationError, validate_event
 
+    # The expiry first: a typo in it is refused before anything is read or sent.
+    now = datetime.now(UTC)
+    expires = (parse_time(args.expires) if args.expires
+               else now + timedelta(milliseconds=parse_duration_ms(args.expires_in,
+                                                                   flag="--expires-in")))
+    if expires.year > 9000:  # isoformat round trips and epoch ms must still work
+        raise CommandRefusedError(f"--expires {expires.isoformat()} is too far in the future")
+    if expires <= now:
+        raise CommandRefusedError(f"--expires {expires.isoformat()} is in the past; an override "
+                                  "must expire in the future")
     bootstrap = bootstrap_for(settings, start_if_missing=False)
     order, target, check = args.order, args.target_key, args.check
     if args.exception:
@@ -439,15 +449,6 @@ def cmd_override(args: argparse.Namespace, settings: Settings) -> int:
                           if c not in NOT_OVERRIDABLE and not c.startswith("override."))
         raise CommandRefusedError(f"unknown check {check!r} (rules {rules.version}); one of: "
                                   f"{known}")
-    now = datetime.now(UTC)
-    expires = (parse_time(args.expires) if args.expires
-               else now + timedelta(milliseconds=parse_duration_ms(args.expires_in,
-                                                                   flag="--expires-in")))
-    if expires.year > 9000:  # isoformat round trips and epoch ms must still work
-        raise CommandRefusedError(f"--expires {expires.isoformat()} is too far in the future")
-    if expires <= now:
-        raise CommandRefusedError(f"--expires {expires.isoformat()} is in the past; an override "
-                                  "must expire in the future")
     if not args.reason_code.strip():
         raise CommandRefusedError("--reason-code is empty; every override needs a reason code")
     override_id = args.override_id or f"OVR-{uuid.uuid4().hex[:12]}"

@@ -86,7 +86,8 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _read(settings: Settings, only_chain: str | None, description: str,
-          keep: bool) -> tuple[VerifyReport, list[dict[str, Any]]]:
+          keep: bool, chained: dict[str, set[str]] | None = None,
+          ) -> tuple[VerifyReport, list[dict[str, Any]]]:
     """Verify the audit topic (or one chain of it), keeping that chain's records if asked.
 
     Reads the whole topic per query: fine at today's volumes; a per-order index
@@ -108,9 +109,11 @@ def _read(settings: Settings, only_chain: str | None, description: str,
         for count, msg in enumerate(reader, start=1):
             where = f"{msg.topic()}/{msg.partition()}/{msg.offset()}"
             verifier.add(msg.value(), msg.key(), msg.partition() or 0, where)
-            if keep:
+            if keep or chained is not None:
                 record, _ = parse_record(msg.value())
-                if record is not None and record["chain"] == only_chain:
+                if record is not None and chained is not None:
+                    chained.setdefault(record["chain"], set()).add(record["fact_id"])
+                if keep and record is not None and record["chain"] == only_chain:
                     kept.append({**record, "_where": where})
             if count % 500 == 0:
                 progress.update(task, completed=count)
@@ -120,10 +123,31 @@ def _read(settings: Settings, only_chain: str | None, description: str,
 def _verify(order: str | None, settings: Settings) -> int:
     from rich.markup import escape
 
-    from revline.cli import console, err_console
+    from revline.cli import bootstrap_for, console, err_console
+    from streams.audit import expected_fact_ids
 
-    report, _ = _read(settings, order, f"verifying {settings.audit_topic}", keep=False)
+    chained: dict[str, set[str]] = {}
+    report, _ = _read(settings, order, f"verifying {settings.audit_topic}", keep=False,
+                      chained=chained)
+    # Completeness beside integrity: every committed outcome and fact must be chained.
+    # Intact chains that stopped growing (a stalled auditor) are not a complete trail.
+    expected = expected_fact_ids(bootstrap_for(settings, start_if_missing=False), settings,
+                                 only_chain=order)
+    missing = {chain: ids - chained.get(chain, set()) for chain, ids in expected.items()}
+    missing = {chain: ids for chain, ids in missing.items() if ids}
+    total = sum(len(ids) for ids in expected.values())
+    absent = sum(len(ids) for ids in missing.values())
     scope = escape(f"chain {order}" if order else settings.audit_topic)
+    if absent:
+        for chain in sorted(missing)[:20]:
+            ids = sorted(missing[chain])
+            err_console.print(f"[yellow]not chained[/yellow] {escape(chain)}: {len(ids):,} "
+                              f"(first: {escape(ids[0])})")
+        console.print(f"[red]NOT complete[/red]: {absent:,} of {total:,} source entries are "
+                      f"not chained yet in {scope} (the auditor is behind or stopped; "
+                      f"revline_audit_lag_records shows how far).")
+    completeness = (f"complete: all {total:,} source entries chained" if not absent else
+                    f"{total - absent:,} of {total:,} source entries chained")
     if report.ok:
         if order and not report.records:
             err_console.print(f"No audit records for order {escape(order)} in "
@@ -131,8 +155,8 @@ def _verify(order: str | None, settings: Settings) -> int:
             return 1
         console.print(f"[green]verified[/green]: {_count(report.chains, 'chain')}, "
                       f"{_count(report.records, 'record')} in {scope}; every hash and link is "
-                      "intact.")
-        return 0
+                      f"intact; {completeness}.")
+        return 1 if absent else 0
     for link in report.broken[:50]:
         err_console.print(f"[red]broken[/red] {escape(str(link))}")
     if len(report.broken) > 50:

@@ -32,7 +32,7 @@ import uuid
 from collections import Counter as CountOf
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -372,17 +372,7 @@ class Chainer:
         self.metrics.skipped.inc(skipped)
 
     def _entries(self, msg: Message) -> list[Entry]:
-        coords = f"{msg.topic()}/{msg.partition()}/{msg.offset()}"
-        try:
-            if msg.topic() == self.settings.outcomes_topic:
-                return entries_from_outcome(self._outcome.decode(msg.value() or b""))
-            fact = AuditFact.decode(msg.value() or b"")
-            return [entry_from_fact(fact_id=fact.fact_id, kind=fact.kind, actor=fact.actor,
-                                    at_ms=fact.at_ms, detail=fact.detail)]
-        except Exception as exc:  # bad bytes are data: chained as unreadable, never dropped
-            _, timestamp_ms = msg.timestamp()
-            return [unreadable_entry(coords, timestamp_ms or int(time.time() * 1000),
-                                     f"{type(exc).__name__}: {exc}")]
+        return source_entries(msg, self.settings.outcomes_topic, self._outcome)
 
     def _commit(self, records: list[tuple[int, str, bytes]],
                 touched: dict[tuple[int, str], ChainHead],
@@ -461,6 +451,40 @@ class Chainer:
             log.info("auditor: lag unknown (%s)", exc)
             return
         self.metrics.lag.set(lag)
+
+
+def source_entries(msg: Message, outcomes_topic: str, codec: Any) -> list[Entry]:
+    """The audit entries one source record (an outcome or an audit fact) stands for."""
+    coords = f"{msg.topic()}/{msg.partition()}/{msg.offset()}"
+    try:
+        if msg.topic() == outcomes_topic:
+            return entries_from_outcome(codec.decode(msg.value() or b""))
+        fact = AuditFact.decode(msg.value() or b"")
+        return [entry_from_fact(fact_id=fact.fact_id, kind=fact.kind, actor=fact.actor,
+                                at_ms=fact.at_ms, detail=fact.detail)]
+    except Exception as exc:  # bad bytes are data: chained as unreadable, never dropped
+        _, timestamp_ms = msg.timestamp()
+        return [unreadable_entry(coords, timestamp_ms or int(time.time() * 1000),
+                                 f"{type(exc).__name__}: {exc}")]
+
+
+def expected_fact_ids(bootstrap: str, settings: Settings,
+                      only_chain: str | None = None) -> dict[str, set[str]]:
+    """chain -> the fact ids the committed outcomes and audit facts call for.
+
+    What a complete trail holds: ``audit verify`` compares it with what is chained.
+    """
+    codec = outcome_codec()
+    out: dict[str, set[str]] = {}
+    for topic in (settings.outcomes_topic, settings.audit_facts_topic):
+        with CommittedReader(bootstrap, topic) as reader:
+            for msg in reader:
+                chain = chain_for(msg.key(), msg.partition() or 0)
+                if only_chain is not None and chain != only_chain:
+                    continue
+                ids = out.setdefault(chain, set())
+                ids.update(e.fact_id for e in source_entries(msg, settings.outcomes_topic, codec))
+    return out
 
 
 def run_auditor(settings: Settings, bootstrap: str, stop: threading.Event, *,

@@ -203,6 +203,17 @@ def test_every_outcome_and_fact_is_chained_exactly_once_across_kill_9(
     assert verified.returncode == 0, verified.stdout + verified.stderr
     chains = len({r["chain"] for r, _, _ in records})
     assert f"{chains:,} chains, {len(verified_records):,} records" in verified.stdout
+    assert "complete: all" in verified.stdout
+
+    # Intact is not complete: with the auditor stopped, a new fact is not chained, and
+    # verify says so (a stalled auditor once left an intact but stale trail).
+    log.record(AuditFact(fact_id=f"{order}:erp:late", kind="applied", actor="sink",
+                         order_id=order, detail={"adapter": "erp"}))
+    log.flush()
+    stale = revline(pipeline, "audit", "verify")
+    assert stale.returncode == 1, stale.stdout + stale.stderr
+    assert "NOT complete" in stale.stdout and "1 of" in stale.stdout
+    assert f"{order}:erp:late" in stale.stderr
 
     assert timeline.returncode == 0, timeline.stdout + timeline.stderr
     assert "chain verified" in timeline.stdout

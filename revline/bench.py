@@ -1532,7 +1532,7 @@ def _timed_adapters(url: str, busy: dict[str, float]) -> tuple[SqlLedger, ErpAda
     """SqlLedger and InMemoryErp that add the time of each call to ``busy``, so the
     report can say where the sink's time goes (it is the end-to-end bottleneck)."""
     from sinks.erp import InMemoryErp
-    from sinks.ledger import EffectRow, SideEffect, SqlLedger
+    from sinks.ledger import EffectId, EffectRow, SideEffect, SqlLedger
 
     def timed(name: str, started: float) -> None:
         busy[name] = busy.get(name, 0.0) + time.perf_counter() - started
@@ -1553,11 +1553,11 @@ def _timed_adapters(url: str, busy: dict[str, float]) -> tuple[SqlLedger, ErpAda
                 timed("side-effect rows", started)
 
         def effects_of(
-            self, keys: Iterable[str], adapters: Sequence[str]
-        ) -> dict[str, dict[str, SideEffect]]:
+            self, effects: Iterable[EffectId], adapters: Sequence[str]
+        ) -> dict[str, dict[EffectId, SideEffect]]:
             started = time.perf_counter()
             try:
-                return super().effects_of(keys, adapters)
+                return super().effects_of(effects, adapters)
             finally:
                 timed("side-effect lookups", started)
 

@@ -135,11 +135,18 @@ def _open_ledger(url: str) -> Any:
 
     # No migration: a reconciliation reads; a mistyped DSN must not create an empty ledger.
     ledger = SqlLedger(url, migrate=False)
-    if not sa.inspect(ledger.engine).has_table("journals"):
+    inspector = sa.inspect(ledger.engine)
+    if not inspector.has_table("journals"):
         ledger.close()
         raise ConfigurationError(
             f"no ledger at {ledger!r} (no journals table): set REVLINE_LEDGER_DSN to the "
             "ledger the sink writes"
+        )
+    if "order_id" not in {c["name"] for c in inspector.get_columns("side_effects")}:
+        ledger.close()
+        raise ConfigurationError(
+            f"the ledger at {ledger!r} predates per-order effect identity: start `revline "
+            "sink` (or `revline run`) once to upgrade it in place, then reconcile"
         )
     return ledger
 

@@ -37,7 +37,8 @@ def test_the_whole_pipeline_runs_and_every_part_does_its_work(
             lambda o: len(finals_by_input(o)) >= len(workload.records), 120,
             "a final outcome for every input")
         assert compare_with_manifest(workload.manifest(), outcomes) == []
-        money = {r.idempotency_key for r in workload.records if r.expect.outcome == "validated"
+        money = {(r.key, r.idempotency_key or "") for r in workload.records
+                 if r.expect.outcome == "validated"
                  and r.event_type in ("invoice_issued", "payment_captured", "refund_issued")}
         ledger = SqlLedger(f"sqlite:///{tmp_path / 'ledger.db'}")
         deadline = time.monotonic() + 90

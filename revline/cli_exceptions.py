@@ -29,6 +29,8 @@ NOT_OVERRIDABLE = {
     "dedup.conflict": "a different body under an existing idempotency key is never applied; "
                       "send the change under a new key",
     "qa.internal_error": "a check crashed; fix the check and re-drive",
+    "reconciliation.drift": "the ledger or ERP holds other money than the stream implies; fix "
+                            "the record there, then run `revline reconcile` again",
 }
 
 _STATUS_CHOICES = ("active", "open", "acknowledged", "resolved", "waived", "expired", "closed",

@@ -239,7 +239,7 @@ def _exceptions(messages: Iterable[Message]) -> Iterator[Candidate]:
             skip = ("sink refusal (the worker validated the event and the sink will not send "
                     "it again: correct it under a new idempotency key with `revline "
                     "exceptions resolve --corrected-event`)")
-        elif rec["check_id"].startswith("reconcile."):
+        elif rec["check_id"].startswith("reconcile.") or rec["check_id"] == "reconciliation.drift":
             skip = ("reconciliation drift (nothing to re-judge: fix the ledger or ERP record, "
                     "then run `revline reconcile` again)")
         yield Candidate(

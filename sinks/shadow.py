@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from revline.errors import ConfigurationError
+from revline.redact import redact_url
 from schemas import EventDeserializer
 from sinks._protocols import ErpAdapter
 from sinks.ledger import (
@@ -246,8 +247,9 @@ def shadow_processor(
         ours = mine.get(what)
         if ours is not None and normalize_url(value) == ours:
             raise ConfigurationError(
-                f"the shadow run would share the primary's {what} ({value}); give it its own "
-                "(REVLINE_SHADOW_LEDGER_DSN, REVLINE_SHADOW_GROUP, REVLINE_SHADOW_EXCEPTIONS_TOPIC)"
+                f"the shadow run would share the primary's {what} ({redact_url(value)}); give "
+                "it its own (REVLINE_SHADOW_LEDGER_DSN, REVLINE_SHADOW_GROUP, "
+                "REVLINE_SHADOW_EXCEPTIONS_TOPIC)"
             )
     return SinkProcessor(
         bootstrap, validated_topic, group, ledger, erp, exceptions_topic,

@@ -48,6 +48,12 @@ OVERRIDE_APPLIED = "override.applied"
 REENTRY_HEADER = "revline.reentry"  # value: the exception id being retried or corrected
 REDRIVE_COUNT_HEADER = "revline.redrive.count"  # value: ASCII integer
 
+# Held events live inside the order's state, one changelog record per order, which the
+# broker caps (1 MB by default). An order may hold at most this many bytes of held
+# records (as stored, base64); one more is an exception instead of a state write that
+# can never be made durable.
+HELD_BYTES_PER_ORDER = 384 * 1024
+
 
 @dataclass(slots=True)
 class InputRecord:
@@ -119,6 +125,16 @@ def body_hash(value: bytes) -> str:
 
 def exception_id_for(coords: str) -> str:
     return "EX-" + hashlib.blake2b(coords.encode(), digest_size=8).hexdigest()
+
+
+def _stored_size(record: InputRecord) -> int:
+    """What holding ``record`` adds to the order's state (base64 of value and headers)."""
+    raw = len(record.value) + sum(len(k) + len(v) for k, v in record.headers)
+    return (raw + 2) // 3 * 4 + 256
+
+
+def _held_bytes(state: OrderState) -> int:
+    return sum(len(h["value"]) + 256 for h in state.held)
 
 
 @dataclass
@@ -199,6 +215,18 @@ class Engine:
             memo["prev"] = prev
         state.remember(key, memo)
         waiting = state.missing(depends_on(event))
+        if waiting and _held_bytes(state) + _stored_size(record) > HELD_BYTES_PER_ORDER:
+            decision = self._exception(record, event, [Finding(
+                "hold.oversized",
+                f"waits for {', '.join(waiting)}, but its {len(record.value):,} bytes would "
+                f"take the order's held records past {HELD_BYTES_PER_ORDER:,} bytes; re-send "
+                "it once what it depends on has arrived",
+            )], now_ms, held=False, released_by=None)
+            memo.update(k=EXCEPTION, chk="hold.oversized", w=[])
+            token = provides(event)
+            if token is not None and not state.token(token):
+                state.settle(token, ok=False)
+            return [decision]
         if waiting:
             state.held.append({
                 "key": key,

@@ -232,3 +232,24 @@ def test_ids_with_odd_printable_characters_are_accepted(odd: str) -> None:
     assert dead is None and decoded is not None
     [d] = ENGINE.process(OrderState(), record, decoded, NOW_MS)
     assert d.kind == VALIDATED
+
+
+def test_an_event_too_large_to_hold_is_an_exception_not_an_unwritable_state() -> None:
+    from processors.engine import HELD_BYTES_PER_ORDER
+
+    state = OrderState()
+    payment = pay("P1", "I1", PRICE)
+    payment["processor_ref"] = "x" * (HELD_BYTES_PER_ORDER // 2)
+    decisions: list[Decision] = []
+    for n, event in enumerate([payment, pay("P2", "I1", 1, key="p2")]):
+        record = InputRecord("in", 0, n, ORDER.encode(), ENCODE(event))
+        decoded, _ = ENGINE.decode(record, NOW_MS)
+        decisions += ENGINE.process(state, record, decoded or {}, NOW_MS)
+    assert [d.kind for d in decisions] == [HELD, HELD]  # 1/2 of the budget (as base64 2/3)
+    third = pay("P3", "I1", 1, key="p3")
+    third["processor_ref"] = "y" * (HELD_BYTES_PER_ORDER // 2)
+    record = InputRecord("in", 0, 9, ORDER.encode(), ENCODE(third))
+    decoded, _ = ENGINE.decode(record, NOW_MS)
+    [d] = ENGINE.process(state, record, decoded or {}, NOW_MS)
+    assert d.kind == EXCEPTION and d.check_id == "hold.oversized"
+    assert len(state.held) == 2

@@ -55,6 +55,29 @@ def chain_for(key: bytes | None, partition: int) -> str:
     return key.decode("utf-8", "backslashreplace")
 
 
+# An audit record must fit its topic (1 MB by default) whatever its source carried: a
+# detail larger than this keeps its keys, with long texts cut (and saying so).
+MAX_DETAIL_BYTES = 64 * 1024
+_KEEP_CHARS = 2048
+
+
+def bounded_detail(detail: Mapping[str, Any]) -> dict[str, Any]:
+    """``detail`` itself when small; otherwise with every long string cut to 2 KiB."""
+    if len(canonical(detail)) <= MAX_DETAIL_BYTES:
+        return dict(detail)
+
+    def cut(value: Any) -> Any:
+        if isinstance(value, str) and len(value) > _KEEP_CHARS:
+            return f"{value[:_KEEP_CHARS]}… (cut: {len(value):,} characters)"
+        if isinstance(value, Mapping):
+            return {k: cut(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [cut(v) for v in value[:100]]
+        return value
+
+    return {k: cut(v) for k, v in detail.items()}
+
+
 def _compact(values: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None and v != "" and v != []}
 
@@ -167,7 +190,8 @@ class ChainHead:
         record: dict[str, Any] = {
             "chain": self.chain, "seq": self.seq + 1, "at_ms": entry.at_ms, "kind": entry.kind,
             "actor": entry.actor, "idempotency_key": entry.idempotency_key, "input": entry.input,
-            "detail": dict(entry.detail), "fact_id": entry.fact_id, "prev_hash": self.hash,
+            "detail": bounded_detail(entry.detail), "fact_id": entry.fact_id,
+            "prev_hash": self.hash,
         }
         record["hash"] = record_hash(record)
         self.seq = record["seq"]

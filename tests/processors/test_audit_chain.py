@@ -241,3 +241,17 @@ def test_only_the_first_broken_link_of_a_chain_is_reported_and_others_still_veri
     report = verify_records(a + chain_of(3, "SO-B", 1))
     assert [(link.chain, link.seq) for link in report.broken] == [("SO-A", 3)]
     assert (report.chains, report.records) == (2, 8)
+
+
+def test_a_huge_detail_is_cut_so_the_record_fits_its_topic() -> None:
+    from processors.audit_chain import MAX_DETAIL_BYTES, ChainHead, Entry, canonical
+
+    head = ChainHead("SO-1")
+    entry = Entry(fact_id="f-1", kind="exception_opened", actor="worker", at_ms=1,
+                  detail={"reason": "r" * 2_000_000, "check_id": "completeness.sku"})
+    record = head.append(entry)
+    assert len(canonical(record)) < 2 * MAX_DETAIL_BYTES
+    assert record["detail"]["check_id"] == "completeness.sku"
+    assert record["detail"]["reason"].endswith("(cut: 2,000,000 characters)")
+    small = head.append(Entry(fact_id="f-2", kind="k", actor="a", at_ms=2, detail={"x": "y"}))
+    assert small["detail"] == {"x": "y"}

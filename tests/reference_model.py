@@ -31,9 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MAX = 2**63 - 1
-IDS_ENV = ("event_id", "idempotency_key", "order_id", "source_record_id", "invoice_id",
-           "payment_id")
-IDS_BODY = ("refund_id", "approval_id", "fulfilment_id", "override_id", "customer_id")
+IDS = ("event_id", "idempotency_key", "order_id", "source_record_id", "invoice_id", "payment_id",
+       "refund_id", "approval_id", "fulfilment_id", "override_id", "customer_id")
 REQUIRED = {"order_amended": ("amendment_number",), "invoice_issued": ("invoice_id",),
             "payment_captured": ("invoice_id", "payment_id"), "refund_issued": ("payment_id",)}
 LINED = ("order_booked", "order_amended", "invoice_issued")
@@ -56,9 +55,8 @@ def _bad_id(value: Any) -> bool:
 
 def structurally_broken(event: dict[str, Any]) -> bool:
     env = event["envelope"]
-    lines = event.get("lines") or event.get("shipments") or []
-    ids = [env.get(n) for n in IDS_ENV] + [event.get(n) for n in IDS_BODY]
-    ids += [ln.get("line_id") for ln in lines]
+    ids = [d.get(n) for d in (env, event) for n in IDS]
+    ids += [ln["line_id"] for ln in event.get("lines") or event.get("shipments") or []]
     return (any(_bad_id(v) for v in ids)
             or not all(env[n] for n in ("event_id", "idempotency_key", "order_id"))
             or any(env.get(n) in (None, "") for n in REQUIRED.get(env["event_type"], ()))
@@ -115,10 +113,8 @@ class Order:
     total: int = 0  # as amended
     amendment: int | None = None  # latest accepted
     invoiced: int = 0
-    invoices: dict[str, dict[str, Any]] = field(default_factory=dict)
-    payments: dict[str, dict[str, Any]] = field(default_factory=dict)
-    captured: dict[str, int] = field(default_factory=dict)  # invoice id -> captured
-    refunded: dict[str, int] = field(default_factory=dict)  # payment id -> refunded
+    invoices: dict[str, list[Any]] = field(default_factory=dict)  # id -> [event, captured]
+    payments: dict[str, list[Any]] = field(default_factory=dict)  # id -> [event, refunded]
     refunds: set[str] = field(default_factory=set)
 
 
@@ -130,9 +126,9 @@ def rules(o: Order, e: dict[str, Any]) -> list[str]:
         out.append("lifecycle.after_cancellation")
     elif etype == "order_booked" and o.booked:
         out.append("lifecycle.already_booked")
-    ref = {"invoice_issued": ("invoice_id", o.invoices), "refund_issued": ("refund_id", o.refunds),
-           "payment_captured": ("payment_id", o.payments)}.get(etype)
-    if ref and (env.get(ref[0]) or e.get(ref[0])) in ref[1]:
+    ref = {"invoice_issued": (env["invoice_id"], o.invoices), "refund_issued": (
+        e.get("refund_id"), o.refunds), "payment_captured": (env["payment_id"], o.payments)}
+    if etype in ref and ref[etype][0] in ref[etype][1]:
         out.append("lifecycle.reused_reference")
     if etype == "order_amended":
         if o.invoices:
@@ -147,49 +143,47 @@ def rules(o: Order, e: dict[str, Any]) -> list[str]:
         if e["total_minor"] > o.total - o.invoiced:
             out.append("reconciliation.invoice_total")
     elif etype == "payment_captured":
-        inv_id = env["invoice_id"]
-        if e["currency"] != o.invoices[inv_id]["currency"]:
+        inv, captured = o.invoices[env["invoice_id"]]
+        if e["currency"] != inv["currency"]:
             out.append("reconciliation.currency")
-        if e["amount_minor"] > o.invoices[inv_id]["total_minor"] - o.captured[inv_id]:
+        if e["amount_minor"] > inv["total_minor"] - captured:
             out.append("reconciliation.payment_balance")
     elif etype == "refund_issued":
-        pay_id = env["payment_id"]
-        if e["currency"] != o.payments[pay_id]["currency"]:
+        pay, refunded = o.payments[env["payment_id"]]
+        if e["currency"] != pay["currency"]:
             out.append("reconciliation.currency")
-        if e["amount_minor"] > o.payments[pay_id]["amount_minor"] - o.refunded[pay_id]:
+        if e["amount_minor"] > pay["amount_minor"] - refunded:
             out.append("reconciliation.refund_balance")
     return out
 
 
-def post(bal: dict[tuple[str, str, str], int], order_id: str, cur: str,
-         *entries: tuple[str, int]) -> None:
-    for account, amount in entries:  # debits positive
-        bal[(order_id, account, cur)] = bal.get((order_id, account, cur), 0) + amount
+def post(bal: dict[tuple[str, str, str], int], oid: str, cur: str, *lines: tuple[str, int]) -> None:
+    for account, amount in lines:  # debits positive
+        bal[(oid, account, cur)] = bal.get((oid, account, cur), 0) + amount
 
 
 def accept(o: Order, e: dict[str, Any], bal: dict[tuple[str, str, str], int]) -> None:
     env, etype, oid = e["envelope"], e["envelope"]["event_type"], e["envelope"]["order_id"]
-    cur = e.get("currency", "")
+    cur, amount = e.get("currency", ""), e.get("amount_minor", 0)
     if etype in ("order_booked", "order_amended"):
         o.booked, o.total, o.currency = True, e["total_minor"], cur
         o.amendment = env["amendment_number"] if etype == "order_amended" else None
     elif etype == "invoice_issued":
-        o.invoices[env["invoice_id"]], o.captured[env["invoice_id"]] = e, 0
+        o.invoices[env["invoice_id"]] = [e, 0]
         o.invoiced += e["total_minor"]
         post(bal, oid, cur, ("accounts_receivable", e["total_minor"]),
              ("revenue", -e["subtotal_minor"]), ("tax_payable", -e["tax_minor"]))
     elif etype == "payment_captured":
-        o.payments[env["payment_id"]], o.refunded[env["payment_id"]] = e, 0
-        o.captured[env["invoice_id"]] += e["amount_minor"]
-        amount = e["amount_minor"]
+        o.payments[env["payment_id"]] = [e, 0]
+        o.invoices[env["invoice_id"]][1] += amount
         post(bal, oid, cur, ("cash", amount), ("accounts_receivable", -amount))
     elif etype == "refund_issued":
         o.refunds.add(e["refund_id"])
-        o.refunded[env["payment_id"]] += e["amount_minor"]
-        post(bal, oid, cur, ("refunds", e["amount_minor"]), ("cash", -e["amount_minor"]))
+        o.payments[env["payment_id"]][1] += amount
+        post(bal, oid, cur, ("refunds", amount), ("cash", -amount))
     elif etype == "order_cancelled":
         o.cancelled = True
-        for inv in o.invoices.values():  # one credit note per accepted invoice
+        for inv, _ in o.invoices.values():  # one credit note per accepted invoice
             post(bal, oid, inv["currency"], ("accounts_receivable", -inv["total_minor"]),
                  ("revenue", inv["subtotal_minor"]), ("tax_payable", inv["tax_minor"]))
 
@@ -201,11 +195,8 @@ def run(events: list[dict[str, Any]]) -> tuple[list[Outcome], dict[tuple[str, st
     bal: dict[tuple[str, str, str], int] = {}
 
     def judge(o: Order, i: int, e: dict[str, Any]) -> None:
-        deps = depends_on(e)
-        if any(not o.tokens[d] for d in deps):
-            found = ["dependency.blocked"]
-        else:
-            found = completeness(e) or rules(o, e)
+        blocked = any(not o.tokens[d] for d in depends_on(e))
+        found = ["dependency.blocked"] if blocked else completeness(e) or rules(o, e)
         if not found:
             accept(o, e, bal)
         outcomes[i] = Outcome("exception", tuple(found)) if found else Outcome("validated")

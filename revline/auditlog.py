@@ -33,6 +33,16 @@ LIFECYCLE = ("exception_acknowledged", "exception_escalated", "exception_resolve
 OPERATIONS = ("override", "applied", "partial", "refused", "replay", "redrive", "reconcile")
 
 
+MAX_FACT_BYTES = 256 * 1024
+
+
+def _cut(value: Any) -> Any:
+    text = value if isinstance(value, str) else orjson.dumps(value).decode()
+    if len(text) <= 2048:
+        return value
+    return f"{text[:2048]}… (cut: {len(text):,} characters)"
+
+
 @dataclass(frozen=True)
 class AuditFact:
     fact_id: str  # same fact re-sent -> same id
@@ -47,10 +57,15 @@ class AuditFact:
         return self.order_id or OPS_CHAIN
 
     def encode(self) -> bytes:
-        return orjson.dumps({
+        record = {
             "fact_id": self.fact_id, "kind": self.kind, "actor": self.actor,
             "order_id": self.order_id, "detail": dict(self.detail), "at_ms": self.at_ms,
-        })
+        }
+        raw = orjson.dumps(record)
+        if len(raw) > MAX_FACT_BYTES:  # must fit its topic: cut long texts, say so
+            record["detail"] = {k: _cut(v) for k, v in self.detail.items()}
+            raw = orjson.dumps(record)
+        return raw
 
     @classmethod
     def decode(cls, raw: bytes) -> AuditFact:
@@ -63,17 +78,35 @@ class AuditFact:
 class AuditLog:
     """Sends facts to the audit-facts topic; ``flush()`` before committing what they record."""
 
-    def __init__(self, producer: Producer, topic: str) -> None:
+    def __init__(self, producer: Producer, topic: str, *, track_delivery: bool = True) -> None:
+        """``track_delivery=False`` leaves delivery reports to the producer's own default
+        callback (a component that retries and shrinks its records itself)."""
         self._producer = producer
         self.topic = topic
+        self._track = track_delivery
+        self._failed: list[str] = []  # delivery errors since the last flush
 
     @classmethod
     def from_settings(cls, settings: Settings, bootstrap: str) -> AuditLog:
         return cls(Producer(settings.producer_config(bootstrap)), settings.audit_facts_topic)
 
     def record(self, fact: AuditFact) -> None:
-        self._producer.produce(self.topic, key=fact.chain.encode(), value=fact.encode())
+        def delivered(err: Any, _msg: Any, fact_id: str = fact.fact_id) -> None:
+            if err is not None:  # librdkafka already retried what could be retried
+                self._failed.append(f"{fact_id}: {err}")
+
+        if self._track:
+            self._producer.produce(self.topic, key=fact.chain.encode(), value=fact.encode(),
+                                   on_delivery=delivered)
+        else:
+            self._producer.produce(self.topic, key=fact.chain.encode(), value=fact.encode())
         self._producer.poll(0)
+
+    def take_failures(self) -> list[str]:
+        """Facts whose delivery failed since the last call (for callers that flush the
+        shared producer themselves)."""
+        failed, self._failed = self._failed, []
+        return failed
 
     def flush(self, timeout: float = 30.0) -> None:
         from revline.errors import InfrastructureError
@@ -81,4 +114,9 @@ class AuditLog:
         if self._producer.flush(timeout):
             raise InfrastructureError(
                 f"audit facts not acknowledged by Kafka within {timeout:.0f}s ({self.topic})"
+            )
+        failed = self.take_failures()
+        if failed:
+            raise InfrastructureError(
+                f"{len(failed)} audit fact(s) not written to {self.topic}; first: {failed[0]}"
             )

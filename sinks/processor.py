@@ -28,6 +28,14 @@ looks for them).
 A refusal of a validated event (the ledger's or the ERP's) means that system's own
 data disagrees with the stream (QA refuses first whatever an adapter would): it is
 counted in ``revline_sink_refusals_validated_total{adapter}`` and alerted on.
+
+Liveness: every blocking Kafka call (poll, consume, flush, commit) runs under a
+watchdog deadline, its own timeout plus ``CALL_GRACE_S``; past it the process logs
+one CRITICAL line and exits 75 for its supervisor. Each loop iteration and each
+adapter call reports progress
+(``revline_component_last_progress_timestamp_seconds{component}``). With static
+group membership (``revline sink`` passes ``group.instance.id``), a process that
+another one with the same instance id fenced stops with a message saying so.
 """
 
 from __future__ import annotations
@@ -48,7 +56,9 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 
 from processors import exception_id_for
 from revline.auditlog import AuditFact, AuditLog
+from revline.errors import InfrastructureError
 from revline.metrics import SinkMetrics
+from revline.watchdog import Watchdog
 from schemas import EventDeserializer, exception_codec
 from sinks._breaker import CircuitBreaker
 from sinks._protocols import (
@@ -67,6 +77,10 @@ log = logging.getLogger("revline.sinks")
 # "refused" already raised an exception that a person owns; re-sending on a replay
 # would only duplicate it.
 _DONE = frozenset({"applied", "already_applied", "not_applicable", "refused"})
+# A Kafka call may take its own timeout plus this before the watchdog ends the process.
+CALL_GRACE_S = 30.0
+# A synchronous offset commit has no timeout of its own; librdkafka retries it.
+_SYNC_COMMIT_S = 60.0
 
 
 @dataclass
@@ -147,8 +161,11 @@ class SinkProcessor:
         consumer_config: Mapping[str, Any] | None = None,
         keep_latencies: bool = False,
         crash_after_erp_writes: int | None = None,
+        component: str = "sink",
     ) -> None:
         self.validated_topic = validated_topic
+        self.component = component
+        self.watchdog = Watchdog(component, metrics.registry if metrics is not None else None)
         self.exceptions_topic = exceptions_topic
         self.ledger = ledger
         self.erp = erp
@@ -205,9 +222,14 @@ class SinkProcessor:
         self._stop.set()
 
     def close(self) -> None:
-        self.producer.flush(10)
-        self._commit_now(self.stats.committed)
-        self.consumer.close()
+        try:
+            with self.watchdog.deadline("flush on close", 10 + CALL_GRACE_S):
+                self.producer.flush(10)
+            self._commit_now(self.stats.committed)
+            with self.watchdog.deadline("consumer close", _SYNC_COMMIT_S + CALL_GRACE_S):
+                self.consumer.close()
+        finally:
+            self.watchdog.stop()
 
     def run(self, stop: threading.Event | None = None, *, idle_exit_s: float | None = None) -> None:
         """Process until ``stop`` is set (or, for tests, nothing arrived for ``idle_exit_s``)."""
@@ -215,7 +237,9 @@ class SinkProcessor:
         idle_since = time.monotonic()
         try:
             while not stop.is_set() and not self._stop.is_set():
-                if self.step():
+                done = self.step()
+                self.watchdog.progress()  # a batch done, or none waiting
+                if done:
                     idle_since = time.monotonic()
                 elif idle_exit_s is not None and time.monotonic() - idle_since >= idle_exit_s:
                     return
@@ -245,15 +269,19 @@ class SinkProcessor:
         Taking what librdkafka has prefetched means batches stay small when the sink
         keeps up and grow by themselves while it is busy.
         """
-        msgs = self.consumer.consume(num_messages=self.batch_size, timeout=0)
+        with self.watchdog.deadline("consume", CALL_GRACE_S):
+            msgs = self.consumer.consume(num_messages=self.batch_size, timeout=0)
         if msgs:
             return msgs
-        first = self.consumer.poll(self.poll_timeout_s)
+        with self.watchdog.deadline("poll", self.poll_timeout_s + CALL_GRACE_S):
+            first = self.consumer.poll(self.poll_timeout_s)
         if first is None:
             return []
         if self.batch_size == 1:
             return [first]
-        return [first, *self.consumer.consume(num_messages=self.batch_size - 1, timeout=0)]
+        with self.watchdog.deadline("consume", CALL_GRACE_S):
+            rest = self.consumer.consume(num_messages=self.batch_size - 1, timeout=0)
+        return [first, *rest]
 
     # -- batch ---------------------------------------------------------------------------
     def _retry_pending(self) -> bool:
@@ -263,8 +291,11 @@ class SinkProcessor:
             # Open breaker: poll anyway, so the group membership (and rebalance
             # callbacks) stay alive; a paused consumer returns nothing, no busy loop.
             self.consumer.pause(self.consumer.assignment())
-            msg = self.consumer.poll(min(wait, 1.0))
-            if msg is not None and msg.error() is None:
+            with self.watchdog.deadline("poll (paused)", min(wait, 1.0) + CALL_GRACE_S):
+                msg = self.consumer.poll(min(wait, 1.0))
+            if msg is not None and self._is_error(msg):
+                msg = None
+            if msg is not None:
                 # Not ours to take now (e.g. a partition assigned during the pause):
                 # rewind, so the next batch starts with it.
                 self.consumer.seek(TopicPartition(msg.topic() or "", msg.partition() or 0,
@@ -332,9 +363,13 @@ class SinkProcessor:
         # Exception records and audit facts durable before the rows that stop re-sends
         # (a crash in between re-sends the same ids, never loses them); all before the commit.
         flushing = time.perf_counter()
-        unsent = self.producer.flush(30)
+        with self.watchdog.deadline("flush", 30 + CALL_GRACE_S):
+            unsent = self.producer.flush(30)
         self._waited("audit flush", flushing)
-        if unsent:
+        lost = self.audit.take_failures() if self.audit is not None else []
+        if unsent or lost:
+            if lost:  # the batch is redone: the same facts are re-sent under the same ids
+                log.warning("audit facts not written (%d): %s", len(lost), lost[0])
             raise _Suspend("kafka", None)
         rows, self._effects = self._effects, []
         if rows:
@@ -343,8 +378,11 @@ class SinkProcessor:
     def _keep_effects_done(self) -> None:
         """Before pausing: record what this attempt did, if the database lets us."""
         rows, self._effects = self._effects, []
-        if not rows or self.producer.flush(10):
+        if not rows:
             return
+        with self.watchdog.deadline("flush", 10 + CALL_GRACE_S):
+            if self.producer.flush(10):
+                return
         try:
             self.ledger.record_effects(rows)
         except Exception as exc:  # the retry re-discovers them (unique keys, ERP lookups)
@@ -360,7 +398,8 @@ class SinkProcessor:
         offsets = [TopicPartition(t, p, o) for (t, p), o in nxt.items()]
         committing = time.perf_counter()
         try:
-            self.consumer.commit(offsets=offsets, asynchronous=True)
+            with self.watchdog.deadline("commit", CALL_GRACE_S):
+                self.consumer.commit(offsets=offsets, asynchronous=True)
         except Exception as exc:
             # Lost the partitions in a rebalance: the new owner re-reads the batch and
             # the side-effect ledger makes that harmless.
@@ -384,7 +423,8 @@ class SinkProcessor:
             return
         offsets = [TopicPartition(t, p, o) for (t, p), o in positions.items()]
         try:
-            self.consumer.commit(offsets=offsets, asynchronous=False)
+            with self.watchdog.deadline("commit (synchronous)", _SYNC_COMMIT_S + CALL_GRACE_S):
+                self.consumer.commit(offsets=offsets, asynchronous=False)
         except Exception as exc:
             log.info("final offset commit not made (%s); the next owner re-reads", exc)
 
@@ -393,6 +433,9 @@ class SinkProcessor:
         waits[step] = waits.get(step, 0.0) + time.perf_counter() - since
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if partitions:
+            log.info("%s: partitions %s of %s assigned", self.component,
+                     sorted(tp.partition for tp in partitions), self.validated_topic)
         if self._paused:  # new partitions join the pause, or they would be read past
             consumer.pause(partitions)
 
@@ -537,6 +580,7 @@ class SinkProcessor:
                 self._backoff(attempt)
                 continue
             breaker.record_success()
+            self.watchdog.progress()  # a slow ERP batch is still progress
             return value, attempt
 
     def _note_transient(self, adapter: str, exc: BaseException) -> None:
@@ -656,6 +700,14 @@ class SinkProcessor:
         err = msg.error()
         if err is None:
             return False
+        if err.fatal():
+            # E.g. fenced: another process joined with this one's group.instance.id.
+            fenced = "FENCED" in err.str().upper() or err.code() == KafkaError.FENCED_INSTANCE_ID
+            raise InfrastructureError(
+                f"{self.component} consumer: {err.str()}"
+                + ("; another process runs with this instance's group.instance.id: give "
+                   "each its own --instance or REVLINE_INSTANCE_ID" if fenced else
+                   "; restart to resume from the committed offsets"))
         if err.code() != KafkaError._PARTITION_EOF:
             log.warning("consumer error: %s", err)
         return True

@@ -23,7 +23,15 @@ work (recognised as no-ops) and never loses it.
 
 One active instance: the state is global (every instance would read all of
 it) and timers are not partitioned, so run exactly one manager per pipeline;
-a restarted one resumes from its committed offsets and the state topic.
+a restarted one resumes from its committed offsets and the state topic. Its group
+membership is static (``group.instance.id`` = <instance>-exceptions): a manager
+restarted after kill -9 takes over its predecessor's place at once, and the check
+for a second manager does not count that predecessor.
+
+Liveness: every blocking Kafka call runs under a watchdog deadline (its own timeout
+plus ``CALL_GRACE_S``) and each loop reports progress
+(``revline_component_last_progress_timestamp_seconds{component="exceptions"}``).
+Start-up checks retry transient broker errors (``revline.startup``).
 """
 
 from __future__ import annotations
@@ -65,9 +73,21 @@ from revline.errors import ConfigurationError, InfrastructureError
 from revline.metrics import ExceptionMetrics
 from revline.readback import read_compacted_json, watermarks
 from revline.settings import Settings
+from revline.startup import (
+    fenced_message,
+    group_instance_id,
+    membership_config,
+    retry_startup,
+    wait_for_group_coordinator,
+)
+from revline.watchdog import Watchdog
 from schemas import DecodeError, EventDeserializer, exception_codec
 
 log = logging.getLogger("revline.exceptions")
+
+COMPONENT = "exceptions"
+# A Kafka call may take its own timeout plus this before the watchdog ends the process.
+CALL_GRACE_S = 30.0
 
 State = dict[str, Any]
 
@@ -82,8 +102,10 @@ class ExceptionManager:
     def __init__(self, settings: Settings, bootstrap: str, ownership: Ownership,
                  metrics: ExceptionMetrics, *, clock: Callable[[], int] = _now_ms,
                  deserializer: EventDeserializer | None = None,
-                 producer: Producer | None = None) -> None:
+                 producer: Producer | None = None, instance: str | None = None) -> None:
         self.settings = settings
+        self.instance = instance
+        self.watchdog = Watchdog(COMPONENT, metrics.registry)
         self.bootstrap = bootstrap
         self.ownership = ownership
         self.metrics = metrics
@@ -93,7 +115,7 @@ class ExceptionManager:
         # The default callback also reports the audit facts' deliveries (AuditLog passes none).
         self.producer = producer or Producer({**settings.producer_config(bootstrap),
                                               "on_delivery": self._on_delivery})
-        self.audit = AuditLog(self.producer, settings.audit_facts_topic)
+        self.audit = AuditLog(self.producer, settings.audit_facts_topic, track_delivery=False)
         self.states: dict[str, State] = {}
         # Lifecycle events read before their exception (the two topics are read
         # independently): applied as soon as it opens.
@@ -271,13 +293,15 @@ class ExceptionManager:
                     self._produce(topic, key, value, attempt + 1)
                 else:
                     self._failures.append(f"{topic}: {err.str()}")
-            self.producer.flush(30)
+            with self.watchdog.deadline("flush (retried records)", 30 + CALL_GRACE_S):
+                self.producer.flush(30)
 
     def flush(self, timeout: float = 30.0) -> None:
         """Everything produced is acknowledged, or InfrastructureError (nothing is committed)."""
         if not self._dirty:
             return
-        remaining = self.producer.flush(timeout)
+        with self.watchdog.deadline("flush", timeout + CALL_GRACE_S):
+            remaining = self.producer.flush(timeout)
         if not remaining and self._failed:
             self._recover()
         if remaining or self._failures:
@@ -291,31 +315,47 @@ class ExceptionManager:
 
     # -- the loop ----------------------------------------------------------------------------
     def rebuild(self) -> int:
-        self.states = read_states(self.bootstrap, self.settings.exception_state_topic)
+        self.states = retry_startup(
+            lambda: read_states(self.bootstrap, self.settings.exception_state_topic),
+            f"the exception state on {self.settings.exception_state_topic}",
+            timeout_s=self.settings.startup_timeout_s, component=COMPONENT)
         return len(self.states)
 
     def run(self, stop: threading.Event) -> None:
         s = self.settings
-        _refuse_second_manager(self.bootstrap, f"{s.app_id}-exceptions")
+        group = f"{s.app_id}-exceptions"
+        instance_id = group_instance_id(COMPONENT, self.instance)
+        retry_startup(lambda: _refuse_second_manager(self.bootstrap, group, instance_id),
+                      f"consumer group {group!r} (is another manager running?)",
+                      timeout_s=s.startup_timeout_s, component=COMPONENT)
         count = self.rebuild()
         log.warning("exception manager: %d exceptions rebuilt from %s; ownership %s; "
                     "checking SLAs every %.1fs", count, s.exception_state_topic,
                     self.ownership.version, s.exception_check_interval_s)
         consumer = Consumer({
-            **s.consumer_config(self.bootstrap, f"{s.app_id}-exceptions"),
+            **s.consumer_config(self.bootstrap, group),
+            **membership_config(s.session_timeout_s, COMPONENT, self.instance),
             "log_level": 3,
         })
         consumer.subscribe([s.exceptions_topic, s.exception_events_topic])
         interval_ms = int(s.exception_check_interval_s * 1000)
         last_tick = 0
         caught_up = False
+        poll_s = min(0.5, s.exception_check_interval_s)
+        log.warning("exception manager ready: group %s as %s", group, instance_id)
         try:
             while not stop.is_set():
-                messages = consumer.consume(500, min(0.5, s.exception_check_interval_s))
+                with self.watchdog.deadline("consume", poll_s + CALL_GRACE_S):
+                    messages = consumer.consume(500, poll_s)
                 consumed = False
                 for msg in messages:
-                    if msg.error() is not None:
-                        log.warning("consumer: %s", msg.error())
+                    error = msg.error()
+                    if error is not None:
+                        if error.code() == KafkaError.FENCED_INSTANCE_ID:
+                            raise InfrastructureError(fenced_message(COMPONENT, instance_id))
+                        if error.fatal():
+                            raise InfrastructureError(f"exception manager consumer: {error}")
+                        log.warning("consumer: %s", error)
                         continue
                     consumed = True
                     value = msg.value() or b""
@@ -325,7 +365,9 @@ class ExceptionManager:
                         self.on_lifecycle_event(value)
                 # Timers wait until the backlog is read: an exception acknowledged while
                 # the manager was down must not be escalated on start.
-                caught_up = caught_up or _caught_up(consumer)
+                if not caught_up:
+                    with self.watchdog.deadline("catch-up check", _CAUGHT_UP_BUDGET_S):
+                        caught_up = _caught_up(consumer)
                 now = self.clock()
                 if caught_up and now - last_tick >= interval_ms:
                     self.tick(now)
@@ -333,10 +375,13 @@ class ExceptionManager:
                 self.flush()
                 if consumed:
                     try:
-                        consumer.commit(asynchronous=False)
+                        with self.watchdog.deadline("commit", 60 + CALL_GRACE_S):
+                            consumer.commit(asynchronous=False)
                     except KafkaException as exc:  # e.g. a rebalance; the work repeats as no-ops
                         log.warning("offset commit failed: %s", exc)
+                self.watchdog.progress()
         finally:
+            self.watchdog.stop()
             try:
                 self.flush()  # what is produced but uncommitted repeats as no-ops otherwise
             except InfrastructureError as exc:
@@ -362,16 +407,25 @@ def shrink_json(value: bytes) -> bytes | None:
         return None
 
 
-def _refuse_second_manager(bootstrap: str, group: str) -> None:
-    """Two managers would each fire every timer and overwrite each other's state."""
+def _refuse_second_manager(bootstrap: str, group: str, instance_id: str | None = None) -> None:
+    """Two managers would each fire every timer and overwrite each other's state.
+
+    The static member ``instance_id`` is this manager's own predecessor (killed, its
+    session not yet expired): it is not a second manager, and joining replaces it.
+    """
     from revline.replay import live_members
 
-    members = live_members(AdminClient({"bootstrap.servers": bootstrap}), group)
+    members = live_members(AdminClient({"bootstrap.servers": bootstrap, "log_level": 3}), group,
+                           except_instance=instance_id)
     if members:
         raise ConfigurationError(
             f"an exception manager is already running (group {group}: {', '.join(members)}); "
             "run one per pipeline — stop the other first, or wait for its session to expire"
         )
+
+
+# Positions, committed offsets and watermarks of every assigned partition, 5 s each.
+_CAUGHT_UP_BUDGET_S = 120.0 + CALL_GRACE_S
 
 
 def _caught_up(consumer: Consumer) -> bool:
@@ -469,19 +523,26 @@ def send_lifecycle_events(settings: Settings, bootstrap: str,
         )
 
 
-def run_manager(settings: Settings, bootstrap: str, stop: threading.Event) -> None:
-    """``revline exceptions run``: topics, metrics, then the manager until ``stop``."""
+def run_manager(settings: Settings, bootstrap: str, stop: threading.Event, *,
+                instance: str | None = None) -> None:
+    """``revline exceptions run``: topics, metrics, then the manager until ``stop``.
+
+    Start-up waits out a cold cluster (``REVLINE_STARTUP_TIMEOUT_S``)."""
     from processors.ownership import load_ownership
     from revline.admin import ensure_operations_topics, ensure_topics
     from schemas import registry_client
 
     ownership = load_ownership(settings.ownership_file)
-    ensure_topics(bootstrap, {settings.exceptions_topic: settings.input_partitions})
+    timeout = settings.startup_timeout_s
+    ensure_topics(bootstrap, {settings.exceptions_topic: settings.input_partitions},
+                  startup_timeout_s=timeout)
     ensure_operations_topics(bootstrap, settings)
+    wait_for_group_coordinator(bootstrap, f"{settings.app_id}-exceptions", component=COMPONENT,
+                               timeout_s=timeout)
     metrics = ExceptionMetrics()
     port = metrics.serve(settings.exceptions_metrics_port, settings.metrics_host)
     log.warning("metrics on http://127.0.0.1:%d/metrics", port)
     deserializer = (EventDeserializer(registry=registry_client(settings.schema_registry_url))
                     if settings.schema_registry_url else EventDeserializer())
-    ExceptionManager(settings, bootstrap, ownership, metrics,
-                     deserializer=deserializer).run(stop)
+    ExceptionManager(settings, bootstrap, ownership, metrics, deserializer=deserializer,
+                     instance=instance).run(stop)

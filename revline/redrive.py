@@ -242,6 +242,9 @@ def _exceptions(messages: Iterable[Message]) -> Iterator[Candidate]:
         elif rec["check_id"].startswith("reconcile.") or rec["check_id"] == "reconciliation.drift":
             skip = ("reconciliation drift (nothing to re-judge: fix the ledger or ERP record, "
                     "then run `revline reconcile` again)")
+        elif not rec["event"]:
+            skip = ("the record was too large to keep its event bytes (its pointer names the "
+                    "input): re-send the event from its source instead")
         yield Candidate(
             source_id=rec["exception_id"],
             source_record=f"{msg.topic()}/{msg.partition()}/{msg.offset()}",

@@ -10,6 +10,7 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 
 from revline.errors import InfrastructureError
 from revline.settings import Settings
+from revline.startup import NotReadyError, retry_startup
 
 
 def ensure_topics(
@@ -18,9 +19,28 @@ def ensure_topics(
     *,
     config: Mapping[str, Mapping[str, str]] | None = None,
     timeout: float = 30.0,
+    startup_timeout_s: float | None = None,
 ) -> list[str]:
-    """Create the missing ones of ``topics`` (name -> partitions); returns those created."""
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    """Create the missing ones of ``topics`` (name -> partitions); returns those created.
+
+    Transient broker errors (a cold cluster, a controller or leader not elected yet,
+    a client-side timeout) are retried until ``startup_timeout_s`` (default
+    REVLINE_STARTUP_TIMEOUT_S); then one InfrastructureError says what was awaited.
+    """
+    created: list[str] = []
+
+    def attempt() -> list[str]:
+        created.extend(_ensure_topics_once(bootstrap, topics, config or {}, timeout))
+        return created
+
+    names = ", ".join(sorted(topics)[:3]) + (" …" if len(topics) > 3 else "")
+    return retry_startup(attempt, f"Kafka at {bootstrap} to create or list topics ({names})",
+                         timeout_s=startup_timeout_s)
+
+
+def _ensure_topics_once(bootstrap: str, topics: Mapping[str, int],
+                        config: Mapping[str, Mapping[str, str]], timeout: float) -> list[str]:
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
     try:
         existing = set(admin.list_topics(timeout=timeout).topics)
     except KafkaException as exc:
@@ -30,24 +50,28 @@ def ensure_topics(
         return []
     futures = admin.create_topics(
         [
-            NewTopic(name, num_partitions=topics[name], config=dict((config or {}).get(name, {})))
+            NewTopic(name, num_partitions=topics[name], config=dict(config.get(name, {})))
             for name in missing
         ],
         operation_timeout=timeout,
+        request_timeout=timeout,
     )
     for name, future in futures.items():
         try:
-            future.result()
+            future.result(timeout=timeout + 15)
         except KafkaException as exc:
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise InfrastructureError(f"cannot create topic {name}: {exc}") from exc
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:  # metadata propagates asynchronously
         metadata = admin.list_topics(timeout=timeout).topics
-        if all(name in metadata and metadata[name].partitions for name in missing):
+        if all(name in metadata and metadata[name].partitions
+               and all(p.leader >= 0 for p in metadata[name].partitions.values())
+               for name in missing):
             return missing
         time.sleep(0.1)
-    raise InfrastructureError(f"topics {missing} were created but never became visible")
+    raise InfrastructureError(f"topics {missing} were created but never became visible") \
+        from NotReadyError(f"no leader yet for {missing}")
 
 
 def ensure_operations_topics(bootstrap: str, settings: Settings) -> None:
@@ -89,9 +113,10 @@ def check_partition_counts(bootstrap: str, topics: Mapping[str, int],
     """
     from revline.errors import ConfigurationError
 
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
     try:
-        metadata = admin.list_topics(timeout=timeout).topics
+        metadata = retry_startup(lambda: admin.list_topics(timeout=timeout).topics,
+                                 f"Kafka at {bootstrap} to list topics")
     except KafkaException as exc:
         raise InfrastructureError(f"cannot reach Kafka at {bootstrap}: {exc}") from exc
     wrong = {name: len(metadata[name].partitions) for name, want in topics.items()

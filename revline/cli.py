@@ -356,6 +356,12 @@ def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
     from revline._gc import freeze_long_lived
     from revline.admin import ensure_operations_topics, ensure_topics
     from revline.metrics import SinkMetrics
+    from revline.startup import (
+        claim_instance,
+        group_instance_id,
+        membership_config,
+        wait_for_group_coordinator,
+    )
     from sinks.erp import erp_from_settings
     from sinks.ledger import SqlLedger
     from sinks.processor import SinkProcessor
@@ -363,29 +369,38 @@ def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
     stop = stop_on_signals()
     bootstrap = bootstrap_for(settings, start_if_missing=True)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
+    group = args.group or settings.sink_group_id
+    instance = args.instance or settings.instance_id
+    claim_instance(settings.state_dir, f"{group}-{group_instance_id('sink', instance)}")
     n = settings.input_partitions
-    ensure_topics(bootstrap, {settings.validated_topic: n, settings.exceptions_topic: n})
+    # Start-up waits out a cold cluster (REVLINE_STARTUP_TIMEOUT_S), saying what for.
+    ensure_topics(bootstrap, {settings.validated_topic: n, settings.exceptions_topic: n},
+                  startup_timeout_s=settings.startup_timeout_s)
     ensure_operations_topics(bootstrap, settings)
+    wait_for_group_coordinator(bootstrap, group, component="sink",
+                               timeout_s=settings.startup_timeout_s)
     metrics = SinkMetrics()
     port = metrics.serve(settings.sink_metrics_port, settings.metrics_host)
     erp = erp_from_settings(settings)
     erp_where = (redact_url(settings.tryton_url) if settings.tryton_url
                  else "in-memory: lives as long as this process")
+    membership = membership_config(settings.session_timeout_s, "sink", instance)
     err_console.print(
         f"sink: {settings.validated_topic} → ledger {redact_url(settings.ledger_url)} and ERP "
-        f"{erp.name} ({erp_where}); "
-        f"group {args.group or settings.sink_group_id}; metrics on :{port}/metrics",
+        f"{erp.name} ({erp_where}); group {group} as {membership['group.instance.id']}; "
+        f"metrics on :{port}/metrics",
         markup=False, soft_wrap=True,
     )
     with SqlLedger(settings.ledger_url) as ledger:
         processor = SinkProcessor(
-            bootstrap, settings.validated_topic, args.group or settings.sink_group_id,
+            bootstrap, settings.validated_topic, group,
             ledger, erp, settings.exceptions_topic, metrics,
             batch_size=args.batch_size or settings.sink_batch_size,
             poll_timeout_s=settings.sink_poll_timeout_s,
             audit_topic=settings.audit_facts_topic,
             decoder=deserializer_for(settings),
             crash_after_erp_writes=settings.sink_crash_after_erp_writes,
+            consumer_config=membership,
         )
         freeze_long_lived()  # everything set up lives as long as the process
         processor.run(stop)
@@ -519,6 +534,15 @@ def _bounded_float(low: float, high: float | None = None) -> Any:
     return parse
 
 
+def _instance_name(text: str) -> str:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,100}", text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: use 1 to 100 letters, digits, '.', '_' or '-'")
+    return text
+
+
 # Shared argument types: a count, a limit, a size, a share, a time span.
 COUNT = _bounded_int(0, 10**9)
 POSITIVE = _bounded_int(1, 10**9)
@@ -602,6 +626,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sink", help="apply validated events to the ledger and the ERP")
     p.add_argument("--group", help="consumer group (default: <app id>-sink)")
     p.add_argument("--batch-size", type=POSITIVE, help="events per batch (default 300)")
+    p.add_argument("--instance", type=_instance_name,
+                   help="this sink's name in its group (static membership: a restart takes "
+                        "its partitions back at once); default REVLINE_INSTANCE_ID, else the "
+                        "host name. Give each of several sinks on one host its own")
     p.set_defaults(func=cmd_sink)
 
     p = sub.add_parser("reference", help="publish reference data (products, campaigns, channels)")

@@ -15,6 +15,7 @@ included, is an audit fact on the operations chain.
 
 from __future__ import annotations
 
+import concurrent.futures
 import re
 import time
 import uuid
@@ -196,15 +197,28 @@ def refuse_worker_group(settings: Settings, group: str) -> None:
     )
 
 
-def live_members(admin: AdminClient, group: str) -> list[str]:
-    """The group's live members as "client-id (host, member-id)"; empty when none."""
-    future = admin.describe_consumer_groups([group], request_timeout=_TIMEOUT_S)[group]
+def live_members(admin: AdminClient, group: str, *,
+                 except_instance: str | None = None) -> list[str]:
+    """The group's live members as "client-id (host, member-id)"; empty when none.
+
+    ``except_instance``: leave out the static member of that ``group.instance.id`` (a
+    restarted process's own predecessor, whose session it takes over). Any failure is
+    an InfrastructureError raised from its cause, so start-up can tell a transient one
+    (``revline.startup.retry_startup``) from the rest.
+    """
     try:
-        description = future.result(timeout=_TIMEOUT_S)
+        future = admin.describe_consumer_groups([group], request_timeout=_TIMEOUT_S)[group]
+        description = future.result(timeout=_TIMEOUT_S + 5)
     except KafkaException as exc:
         raise InfrastructureError(f"cannot describe consumer group {group!r}: {exc}") from exc
-    return [f"{m.client_id} ({m.host.lstrip('/')}, member {m.member_id})"
-            for m in description.members]
+    except concurrent.futures.TimeoutError as exc:
+        raise InfrastructureError(
+            f"cannot describe consumer group {group!r}: no answer from Kafka within "
+            f"{_TIMEOUT_S + 5:.0f} s") from exc
+    return [f"{m.client_id} ({m.host.lstrip('/')}, member {m.member_id}"
+            + (f", instance {m.group_instance_id}" if m.group_instance_id else "") + ")"
+            for m in description.members
+            if except_instance is None or m.group_instance_id != except_instance]
 
 
 def _refuse_if_active(members: Sequence[str], group: str) -> None:
@@ -220,9 +234,12 @@ def committed_offsets(admin: AdminClient, group: str) -> dict[tuple[str, int], i
     request = [ConsumerGroupTopicPartitions(group)]
     future = admin.list_consumer_group_offsets(request, request_timeout=_TIMEOUT_S)[group]
     try:
-        result = future.result(timeout=_TIMEOUT_S)
+        result = future.result(timeout=_TIMEOUT_S + 5)
     except KafkaException as exc:
         raise InfrastructureError(f"cannot list offsets of group {group!r}: {exc}") from exc
+    except concurrent.futures.TimeoutError as exc:
+        raise InfrastructureError(f"cannot list offsets of group {group!r}: no answer from "
+                                  f"Kafka within {_TIMEOUT_S + 5:.0f} s") from exc
     return {(tp.topic, tp.partition): tp.offset for tp in result.topic_partitions or []
             if tp.offset >= 0}
 
@@ -312,7 +329,12 @@ def apply_replay(bootstrap: str, group: str, moves: Sequence[PartitionMove]) -> 
         group, [TopicPartition(m.topic, m.partition, m.new) for m in moves])]
     future = admin.alter_consumer_group_offsets(request, request_timeout=_TIMEOUT_S)[group]
     try:
-        result = future.result(timeout=_TIMEOUT_S)
+        result = future.result(timeout=_TIMEOUT_S + 5)
+    except concurrent.futures.TimeoutError as exc:
+        raise InfrastructureError(
+            f"no answer from Kafka within {_TIMEOUT_S + 5:.0f} s to resetting group {group!r}; "
+            "it may or may not have moved: see where it is with `revline replay --dry-run` "
+            "before replaying again") from exc
     except KafkaException as exc:
         text = str(exc)
         if "UNKNOWN_MEMBER_ID" in text or "not empty" in text.lower():

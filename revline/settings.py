@@ -100,7 +100,20 @@ class Settings(BaseSettings):
     commit_interval_s: float = 1.0
     hold_check_interval_s: float = 5.0
     session_timeout_s: float = Field(
-        default=15.0, description="A crashed worker's partitions move after this long."
+        default=15.0, ge=6.0, le=1800.0,
+        description="A crashed member's partitions move after this long (every consumer "
+                    "group; the broker accepts 6 s to 30 min by default).",
+    )
+    instance_id: str | None = Field(
+        default=None,
+        description="This host's instance name for static group membership "
+                    "(group.instance.id = <instance>-<component>); default: the host name. "
+                    "Give each of several sinks on one host its own (--instance).",
+    )
+    startup_timeout_s: float = Field(
+        default=120.0, gt=0, le=86_400,
+        description="How long start-up waits out transient broker errors (a cold cluster) "
+                    "before it fails with one message.",
     )
     dedup_retention_days: float = 30.0
     max_orders: int = Field(default=2_000_000, description="Bound on orders kept in state.")

@@ -74,6 +74,7 @@ from revline.metrics import ExceptionMetrics
 from revline.readback import read_compacted_json, watermarks
 from revline.settings import Settings
 from revline.startup import (
+    claim_instance,
     fenced_message,
     group_instance_id,
     membership_config,
@@ -533,6 +534,7 @@ def run_manager(settings: Settings, bootstrap: str, stop: threading.Event, *,
     from schemas import registry_client
 
     ownership = load_ownership(settings.ownership_file)
+    claim_instance(settings.state_dir, group_instance_id(COMPONENT, instance))
     timeout = settings.startup_timeout_s
     ensure_topics(bootstrap, {settings.exceptions_topic: settings.input_partitions},
                   startup_timeout_s=timeout)

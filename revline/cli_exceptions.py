@@ -15,6 +15,7 @@ from typing import Any
 from rich.markup import escape
 
 from revline.errors import RevlineError
+from revline.money import format_money
 from revline.settings import Settings
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d|w)$")
@@ -281,7 +282,7 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
         ("expires", _utc(s.get("expires_at_ms"))),
         ("order / key", f"{s['order_id']} / {s['idempotency_key']}"),
         ("event", f"{s['event_type']} from {s['source_system']}"
-                  + (f", {s['amount_minor']} {s['currency']} (minor units)"
+                  + (f", {format_money(s['amount_minor'], s['currency'])}"
                      if s["amount_minor"] is not None else "")),
         ("input", "{topic}/{partition}/{offset}".format(**s["input"])),
         ("reason", s["reason"]),

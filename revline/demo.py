@@ -23,6 +23,7 @@ from rich.table import Table
 
 from revline.cli import counts_table
 from revline.isolated import IsolatedPipeline
+from revline.money import format_money
 from revline.publisher import Publisher, publish_records
 from revline.settings import Settings
 from revline.verify import compare_with_manifest, finals_by_input
@@ -219,15 +220,21 @@ def money_report(console: Console, ledger_url: str, erp_label: str, elapsed: flo
         effects = ledger.all_effects("erp")
         journals = ledger.journal_summaries()
     currencies = sorted({c for _, c in balances})
-    table = Table(title=f"Ledger balances, minor units ({len(journals):,} journals; "
-                        f"every one balances per currency)")
-    table.add_column("account")
+    # One row per account and currency, amounts in major units: a column per currency
+    # made rich cut amounts ("-38,130,3…") at 80 columns; an amount is never cut.
+    shown = {(a, c): format_money(v, c) for (a, c), v in balances.items()}
+    table = Table(title=f"Ledger balances ({len(journals):,} journals; debits positive)")
+    table.add_column("currency", no_wrap=True)
+    table.add_column("account", overflow="fold")
+    table.add_column("balance", justify="right", no_wrap=True,
+                     min_width=max((len(v) for v in shown.values()), default=7))
+    table.add_column("debits = credits", no_wrap=True)
     for currency in currencies:
-        table.add_column(currency, justify="right")
-    for account in sorted({a for a, _ in balances}):
-        table.add_row(account, *(f"{balances.get((account, c), 0):,}" for c in currencies))
-    table.add_row("[bold]debits = credits[/bold]",
-                  *("yes" if trial[c].balanced else "[red]NO[/red]" for c in currencies))
+        accounts = sorted(a for a, c in balances if c == currency)
+        for n, account in enumerate(accounts):
+            table.add_row(currency if n == 0 else "", account, shown[(account, currency)],
+                          ("yes" if trial[currency].balanced else "[red]NO[/red]")
+                          if n == 0 else "")
     console.print(table)
     # An effect's refs also name the documents it built on (an invoice names its sale):
     # count distinct ERP ids per kind.

@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from revline.errors import ConfigurationError, InfrastructureError, RevlineError
+from revline.money import format_money
 
 if TYPE_CHECKING:
     from revline.settings import Settings
@@ -747,14 +748,8 @@ def collect(bootstrap: str, topics: ReportTopics, *, since_ms: int, now_ms: int 
 
 
 # -- formatting shared by the terminal and the HTML report -------------------------------
-_ZERO_DECIMALS = frozenset({"BIF", "CLP", "DJF", "GNF", "ISK", "JPY", "KMF", "KRW", "PYG", "RWF",
-                            "UGX", "UYI", "VND", "VUV", "XAF", "XOF", "XPF"})
-_THREE_DECIMALS = frozenset({"BHD", "IQD", "JOD", "KWD", "LYD", "OMR", "TND"})
-
-
 def fmt_money(minor: int, currency: str) -> str:
-    digits = 0 if currency in _ZERO_DECIMALS else 3 if currency in _THREE_DECIMALS else 2
-    return f"{minor / 10 ** digits:,.{digits}f} {currency}"
+    return format_money(minor, currency)
 
 
 def fmt_duration(ms: int | None) -> str:

@@ -55,6 +55,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from processors import exception_id_for
 from revline.auditlog import AuditFact
 from revline.errors import ConfigurationError, InfrastructureError
+from revline.money import format_money
 from revline.readback import header, read_topic
 from schemas import DecodeError, EventDeserializer, exception_codec
 from sinks._protocols import ErpDocument, ErpInventory, Event
@@ -1201,9 +1202,7 @@ def fmt_minor(minor: int | None, currency: str) -> str:
     """Minor units as the currency's major units: ``1,234.56 EUR``, ``1,235 JPY``."""
     if minor is None:
         return "—"
-    digits = m.currency_digits(currency) if currency else 2
-    major = m.to_major(minor, digits)
-    return f"{major:,.{digits}f} {currency}".strip()
+    return format_money(minor, currency).strip()
 
 
 # -- I/O: Kafka ------------------------------------------------------------------------

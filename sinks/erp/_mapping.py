@@ -14,6 +14,7 @@ from datetime import UTC, date, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
+from revline import money
 from sinks._protocols import (
     EffectResult,
     Event,
@@ -43,14 +44,6 @@ APPLICABLE = frozenset(
     }
 )
 
-# ISO 4217 minor units for the currencies whose exponent is not 2 (used where the
-# ERP does not say; Tryton's own currency records win there).
-_NON_TWO_DIGITS = {
-    "BHD": 3, "BIF": 0, "CLP": 0, "DJF": 0, "GNF": 0, "IQD": 3, "ISK": 0, "JOD": 3,
-    "JPY": 0, "KMF": 0, "KRW": 0, "KWD": 3, "LYD": 3, "OMR": 3, "PYG": 0, "RWF": 0,
-    "TND": 3, "UGX": 0, "UYI": 0, "VND": 0, "VUV": 0, "XAF": 0, "XOF": 0, "XPF": 0,
-}  # fmt: skip
-
 # Price precision of a sale line in major units (Tryton's default price_decimal).
 PRICE_DECIMALS = 4
 
@@ -63,7 +56,9 @@ _UNESCAPE = re.compile(r"%(25|5B|5D)")
 
 
 def currency_digits(code: str) -> int:
-    return _NON_TWO_DIGITS.get(code, 2)
+    """ISO 4217 decimals (used where the ERP does not say; Tryton's own currency records
+    win there)."""
+    return money.digits(code)
 
 
 def escape_key(key: str) -> str:

@@ -88,6 +88,12 @@ def is_transient(exc: BaseException) -> bool:
         seen.add(id(current))
         if isinstance(current, NotReadyError | concurrent.futures.TimeoutError):
             return True
+        # aiokafka (the Faust worker's client) marks its transient errors as retriable;
+        # its KafkaTimeoutError is a client-side timeout.
+        if type(current).__module__.startswith("aiokafka") and (
+                getattr(current, "retriable", False) is True
+                or type(current).__name__ in ("KafkaTimeoutError", "RequestTimedOutError")):
+            return True
         if isinstance(current, KafkaException):
             error = kafka_error(current)
             if error is None:
@@ -195,7 +201,9 @@ def membership_config(session_timeout_s: float, component: str,
     }
 
 
-_CLAIMS: list[IO[str]] = []  # held for the life of the process; the OS frees them at exit
+# Held for the life of the process (the OS frees them at exit); a process may claim
+# the same id again (in-process tests build several processors).
+_CLAIMS: dict[Path, IO[str]] = {}
 
 
 def claim_instance(state_dir: Path, instance_id: str) -> None:
@@ -205,7 +213,9 @@ def claim_instance(state_dir: Path, instance_id: str) -> None:
     process's lock dies with it, so a restart after kill -9 is never refused.
     """
     state_dir.mkdir(parents=True, exist_ok=True)
-    path = state_dir / f"instance-{instance_id}.lock"
+    path = (state_dir / f"instance-{instance_id}.lock").absolute()
+    if path in _CLAIMS:
+        return
     handle = path.open("a+")
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -221,7 +231,7 @@ def claim_instance(state_dir: Path, instance_id: str) -> None:
         handle.truncate(0)
         handle.write(f"pid {os.getpid()}\n")
         handle.flush()
-    _CLAIMS.append(handle)
+    _CLAIMS[path] = handle
 
 
 def fenced_message(component: str, instance_id: str) -> str:

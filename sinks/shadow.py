@@ -18,6 +18,11 @@ and overall; journals whose event is not on the topic are compared too.
 A legacy side-effect row (order_id None, written before effects were identified
 per order) counts for every order's event under its key that has no row of its
 own for that adapter, as the sink's lookups treat it.
+
+The shadow sink fails over like the primary: REVLINE_SESSION_TIMEOUT_S and static
+group membership (``group.instance.id`` = <instance>-shadow-sink), a watchdog on its
+Kafka calls and a heartbeat (component ``shadow-sink``), and start-up that waits out
+a cold cluster.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from revline.errors import ConfigurationError
+from revline.metrics import SinkMetrics
 from revline.redact import redact_url
+from revline.settings import Settings
 from schemas import EventDeserializer
 from sinks._protocols import ErpAdapter
 from sinks.ledger import (
@@ -235,9 +242,16 @@ def shadow_processor(
     primary: Sequence[tuple[str, str]],
     decoder: EventDeserializer | None = None,
     batch_size: int = 500,
+    settings: Settings | None = None,
+    instance: str | None = None,
+    metrics: SinkMetrics | None = None,
 ) -> SinkProcessor:
     """A sink that runs beside the primary. ``primary``: (what, value) pairs the shadow
-    must not share with it (ledger URL, consumer group, exceptions topic)."""
+    must not share with it (ledger URL, consumer group, exceptions topic).
+
+    ``settings`` (default: from the environment) gives the session timeout, the
+    instance name (``instance`` wins) and the start-up deadline; ``metrics`` the
+    registry of its heartbeat (serve it to scrape it)."""
     mine = {
         "ledger": normalize_url(ledger.engine.url.render_as_string(hide_password=False)),
         "consumer group": group,
@@ -251,7 +265,24 @@ def shadow_processor(
                 "it its own (REVLINE_SHADOW_LEDGER_DSN, REVLINE_SHADOW_GROUP, "
                 "REVLINE_SHADOW_EXCEPTIONS_TOPIC)"
             )
+    from revline.startup import (
+        claim_instance,
+        group_instance_id,
+        membership_config,
+        wait_for_group_coordinator,
+    )
+
+    settings = settings or Settings()
+    instance = instance or settings.instance_id
+    claim_instance(settings.state_dir, f"{group}-{group_instance_id(SHADOW, instance)}")
+    wait_for_group_coordinator(bootstrap, group, component=SHADOW,
+                               timeout_s=settings.startup_timeout_s)
     return SinkProcessor(
         bootstrap, validated_topic, group, ledger, erp, exceptions_topic,
-        batch_size=batch_size, decoder=decoder,
+        metrics or SinkMetrics(), batch_size=batch_size, decoder=decoder,
+        consumer_config=membership_config(settings.session_timeout_s, SHADOW, instance),
+        component=SHADOW,
     )  # fmt: skip
+
+
+SHADOW = "shadow-sink"

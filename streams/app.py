@@ -27,6 +27,19 @@ Hold timeouts and retention are driven by a timer that publishes a tick for
 the order to the co-partitioned ticks topic; a Faust agent on that topic
 handles it like an input (it is also what makes Faust assign this worker the
 matching ``orders`` partitions).
+
+Liveness: the input loop reports progress after every batch or idle poll (also
+while recovering or waiting for reference data: the loop is alive, and other alerts
+say why it is not consuming), ``revline_component_last_progress_timestamp_seconds
+{component="worker"}``; every blocking Kafka call of the worker's own clients runs
+under a watchdog deadline (its timeout plus ``CALL_GRACE_S``), past which the
+process logs one CRITICAL line and exits 75 for its supervisor. The watchdog is a
+thread, so it fires even while the event loop is stuck.
+
+Start-up waits out a cold cluster (``revline.startup``): topic creation, the group
+coordinator Faust joins, and a Faust start-up that fails on a transient broker
+error is retried (the process runs again) until ``REVLINE_STARTUP_TIMEOUT_S``; a
+failed start says why instead of faust/mode exiting 1 silently.
 """
 
 from __future__ import annotations
@@ -64,6 +77,7 @@ from processors import (
 from revline._gc import freeze_long_lived
 from revline.metrics import Metrics
 from revline.settings import Settings
+from revline.watchdog import Watchdog
 from streams._outputs import NULL_VALUE_CLASS, OutputWriter
 from streams._reference import ReferenceView
 
@@ -73,6 +87,12 @@ TICK_EXPIRE = b"expire"
 _IDLE_SLEEP_MIN_S = 0.001
 TICK_EVICT = b"evict"
 _HELD_MARK = b'"held":[{'  # orjson writes no spaces: a cheap test before parsing
+COMPONENT = "worker"
+# A Kafka call may take its own timeout plus this before the watchdog ends the process.
+CALL_GRACE_S = 30.0
+# OutputWriter.flush: the flush (60 s), then maybe a recovery whose first flush fails
+# the batch after 60 s more.
+_FLUSH_DEADLINE_S = 60.0 + 60.0 + CALL_GRACE_S
 
 
 def _headers(raw: Any) -> tuple[tuple[str, bytes], ...]:
@@ -154,6 +174,7 @@ class Worker:
     def __init__(self, settings: Settings, bootstrap: str, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.watchdog = Watchdog(COMPONENT, metrics.registry)
         self.rules = Rules.from_mapping(load_yaml(settings.rules_file))
         store = "rocksdb://" if settings.store == "rocksdb" else "memory://"
         datadir = (settings.state_dir / "faust").absolute()
@@ -290,7 +311,8 @@ class Worker:
         consumer = self.reference_consumer
         consumer.assign([TopicPartition(self.settings.reference_topic, 0, OFFSET_BEGINNING)])
         while not self.app.should_stop:
-            messages = consumer.consume(500, 0)
+            with self.watchdog.deadline("reference consume", CALL_GRACE_S):
+                messages = consumer.consume(500, 0)
             if not messages:
                 await asyncio.sleep(0.5)
                 continue
@@ -312,6 +334,7 @@ class Worker:
                     "waiting for reference data on %s (run `revline reference load`)",
                     self.settings.reference_topic,
                 )
+            self.watchdog.progress()  # alive; RevlineReferenceDataMissing says why idle
             await asyncio.sleep(0.5)
             waited += 0.5
         self.metrics.reference_loaded.set(1)
@@ -349,7 +372,9 @@ class Worker:
         # Empty input: back off from 1 ms to batch_within_s, so an idle worker costs
         # little CPU and a busy one picks up new records within a few ms.
         idle_sleep = _IDLE_SLEEP_MIN_S
+        log.warning("worker ready: reading %s", self.settings.input_topic)
         while not app.should_stop:
+            self.watchdog.progress()  # a batch done, an idle poll, or recovery going on
             if app.rebalancing or app.in_recovery:
                 self.metrics.recovering.set(1)
                 await asyncio.sleep(0.05)
@@ -366,7 +391,8 @@ class Worker:
                 continue
             # Non-blocking: librdkafka prefetches in its own thread, so this takes what has
             # arrived (up to batch_size); under load batches fill up by themselves.
-            messages = self.consumer.consume(self.settings.batch_size, 0)
+            with self.watchdog.deadline("input consume", CALL_GRACE_S):
+                messages = self.consumer.consume(self.settings.batch_size, 0)
             if not messages:
                 await asyncio.sleep(idle_sleep)
                 idle_sleep = min(idle_sleep * 2, max(self.settings.batch_within_s,
@@ -417,7 +443,8 @@ class Worker:
             self.writer.emit(decision)
         # 1. Outputs durable before the state that remembers them as decided: otherwise a
         #    crash could leave an input "replayed" whose outputs were never delivered.
-        await self.writer.flush()
+        with self.watchdog.deadline("output flush", _FLUSH_DEADLINE_S):
+            await self.writer.flush()
         # 2. State and next offsets durable before the next batch builds on them.
         changelog = self.orders.changelog_topic.get_topic_name()
         values: dict[bytes, tuple[int, bytes | None]] = {}
@@ -430,7 +457,8 @@ class Worker:
                 partition, orjson.dumps({"next": next_offset}))
         for key, (partition, value) in values.items():
             self.writer.write_state(changelog, partition, key, value)
-        await self.writer.flush()
+        with self.watchdog.deadline("state flush", _FLUSH_DEADLINE_S):
+            await self.writer.flush()
         # 3. Only now the local store (what the next batch reads).
         for key, (partition, value) in values.items():
             with _in_partition(partition):
@@ -444,8 +472,9 @@ class Worker:
             self.holding.pop(order_id, None)
         self.next_offset.update(positions)
         if positions:
-            self.consumer.commit(offsets=[TopicPartition(topic, p, o)
-                                          for p, o in positions.items()], asynchronous=True)
+            with self.watchdog.deadline("input commit", CALL_GRACE_S):
+                self.consumer.commit(offsets=[TopicPartition(topic, p, o)
+                                              for p, o in positions.items()], asynchronous=True)
         self._observe(decisions, now)
         self.metrics.processing_latency.observe(time.perf_counter() - started)
         self.metrics.last_batch.set(time.time())
@@ -583,7 +612,8 @@ class Worker:
             self._last_retention_ms = now
             ticks += self._evict_old_orders(now, retention_ms)
         if ticks:
-            self.ticker.flush(10)
+            with self.watchdog.deadline("tick flush", 10 + CALL_GRACE_S):
+                self.ticker.flush(10)
         self.metrics.held.set(sum(count for _, _, count in self.holding.values()))
         oldest_all = min((o for _, o, _ in self.holding.values()), default=None)
         self.metrics.oldest_hold_age.set(0 if oldest_all is None else (now - oldest_all) / 1000)
@@ -624,8 +654,10 @@ class Worker:
     def _end_offset(self, partition: int) -> int | None:
         """The input partition's end offset now, or None when the broker cannot say."""
         try:
-            _, high = self.consumer.get_watermark_offsets(
-                TopicPartition(self.settings.input_topic, partition), timeout=1.0, cached=False)
+            with self.watchdog.deadline("end offset", 1 + CALL_GRACE_S):
+                _, high = self.consumer.get_watermark_offsets(
+                    TopicPartition(self.settings.input_topic, partition), timeout=1.0,
+                    cached=False)
         except Exception as exc:  # KafkaException: broker away; holds wait for it
             log.info("holds on partition %d wait: end offset unknown (%s)", partition, exc)
             return None
@@ -671,20 +703,72 @@ def topics_for(settings: Settings) -> dict[str, int]:
     }
 
 
+# Wall-clock time of the first start of a worker that re-runs itself after a transient
+# start-up failure: its start-up deadline counts from then.
+_FIRST_START_ENV = "REVLINE_WORKER_FIRST_START"
+
+
 def run(settings: Settings, bootstrap: str) -> None:
     """Run one worker process until SIGTERM/SIGINT (Faust handles both gracefully)."""
     from revline.admin import check_partition_counts, ensure_operations_topics, ensure_topics
+    from revline.startup import wait_for_group_coordinator
 
-    ensure_topics(bootstrap, topics_for(settings))
+    first_start = _first_start()
+    timeout = max(1.0, settings.startup_timeout_s - (time.time() - first_start))
+    ensure_topics(bootstrap, topics_for(settings), startup_timeout_s=timeout)
     check_partition_counts(bootstrap, {settings.input_topic: settings.input_partitions,
                                        settings.ticks_topic: settings.input_partitions})
     ensure_operations_topics(bootstrap, settings)
     ensure_topics(bootstrap, {settings.reference_topic: 1},
-                  config={settings.reference_topic: {"cleanup.policy": "compact"}})
+                  config={settings.reference_topic: {"cleanup.policy": "compact"}},
+                  startup_timeout_s=timeout)
+    # Faust (aiokafka) gives up on a coordinator that is still loading on a new cluster.
+    wait_for_group_coordinator(bootstrap, settings.app_id, component=COMPONENT,
+                               timeout_s=timeout)
     metrics = Metrics()
     port = metrics.serve(settings.metrics_port, settings.metrics_host)
     log.warning("metrics on http://127.0.0.1:%d/metrics", port)
     worker = build_worker(settings, bootstrap, metrics)
     faust_worker = faust.Worker(worker.app, loglevel=settings.log_level)
-    faust_worker.execute_from_commandline()
+    try:
+        faust_worker.execute_from_commandline()
+    except SystemExit as exc:
+        if exc.code in (0, None):
+            raise
+        # mode's exiting() turns any failure into a bare exit 1: say what it was.
+        cause = exc.__context__ or worker.app.crash_reason
+        _after_faust_failure(settings, cause, first_start, int(exc.code)
+                             if isinstance(exc.code, int) else 1)
+        raise
+
+
+def _first_start() -> float:
+    raw = os.environ.get(_FIRST_START_ENV, "")
+    try:
+        return float(raw) if raw else time.time()
+    except ValueError:
+        return time.time()
+
+
+def _after_faust_failure(settings: Settings, cause: BaseException | None, first_start: float,
+                         code: int) -> None:
+    """Log why Faust stopped; re-run the process on a transient start-up failure."""
+    import sys
+
+    from revline.startup import is_transient
+
+    what = (f"{type(cause).__name__}: {cause}" if cause is not None and str(cause)
+            else type(cause).__name__ if cause is not None else "no reason given by faust")
+    waited = time.time() - first_start
+    if cause is not None and is_transient(cause) and waited < settings.startup_timeout_s:
+        log.warning("worker: Faust stopped on a transient broker error (%s) after %.0f s; "
+                    "starting again (up to REVLINE_STARTUP_TIMEOUT_S=%.0f s)", what, waited,
+                    settings.startup_timeout_s)
+        logging.shutdown()
+        time.sleep(1.0)
+        env = {**os.environ, _FIRST_START_ENV: repr(first_start)}
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    log.critical("worker stopped (exit %d): %s", code, what,
+                 exc_info=(type(cause), cause, cause.__traceback__) if cause is not None
+                 else None)
 

@@ -8,13 +8,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 # Copy only what the package needs, so .venv/.revline never enter the build.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY revline ./revline
 COPY schemas ./schemas
 COPY processors ./processors
 COPY sinks ./sinks
 COPY streams ./streams
-RUN pip install . \
+RUN pip install -r requirements.lock \
+    && pip install --no-deps . \
     && useradd --system --create-home --uid 10001 revline
 
 USER revline

@@ -390,6 +390,7 @@ class InMemoryErp:
         if unpaid:  # credited with refund: the two cancel out, as Tryton reconciles them
             invoice["state"] = "cancelled"
             invoice["amount_to_pay_minor"] = 0
+            invoice["posted"] = True  # it was posted: a replay of its event is applied
         p.wrote = True
         return credit_id
 
@@ -474,7 +475,9 @@ class InMemoryErp:
             self._write(m.INVOICE)
             inv["state"] = "posted"
             p.wrote = True
-        elif inv["state"] == "cancelled":
+        elif inv["state"] == "cancelled" and not inv.get("posted"):
+            # A draft the cancellation withdrew: this invoice was never issued in the ERP.
+            # (One posted, then credited by the cancellation, is this event applied.)
             raise PermanentSinkError(f"invoice {inv_id} for {invoice_ref} is cancelled in the ERP")
         p.complete(m.INVOICE, inv_id)
 

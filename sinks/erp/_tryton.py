@@ -952,7 +952,9 @@ class TrytonErp:
             if s == m.INVOICE
         ]
         invoice = (
-            self._read1("account.invoice", marked[0], ["state", "total_amount"]) if marked else None
+            self._read1("account.invoice", marked[0], ["state", "total_amount", "number"])
+            if marked
+            else None
         )
         priced: list[m.PricedLine] = []
         if invoice is None:
@@ -999,7 +1001,7 @@ class TrytonErp:
         if invoice is None:
             inv_id = self._create_invoice(event, env, key, sale, priced, currency_id, digits)
             p.wrote = True
-            invoice = self._read1("account.invoice", inv_id, ["state", "total_amount"])
+            invoice = self._read1("account.invoice", inv_id, ["state", "total_amount", "number"])
         inv_id = int(invoice["id"])
         p.ref(m.INVOICE, inv_id)
         if invoice["state"] == "draft":
@@ -1011,7 +1013,9 @@ class TrytonErp:
                 )
             self._post(inv_id)
             p.wrote = True
-        elif invoice["state"] == "cancelled":
+        elif invoice["state"] == "cancelled" and not invoice.get("number"):
+            # A draft the cancellation withdrew: never issued. (One numbered when posted,
+            # then credited by the cancellation, is this event applied.)
             raise PermanentSinkError(f"invoice {inv_id} for {invoice_ref} is cancelled in Tryton")
         p.complete(m.INVOICE, inv_id)
 

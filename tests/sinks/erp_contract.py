@@ -672,6 +672,11 @@ class ErpContract:
         key = cancel["envelope"]["idempotency_key"]
         assert erp.lookup(order, key)["credit_note"] == result.external_refs["credit_note"]
         assert self.reopen(erp).apply(cancel).status == "already_applied"
+        # A replay of the whole order after the cancellation changes nothing and refuses nothing.
+        after = self.counts(erp)
+        for event in (first, second, captured(order, 1, 1000, invoice_id=invoice_name(order, 2))):
+            assert self.reopen(erp).apply(event).status == "already_applied"
+        assert self.counts(erp) == after
         credits = [
             d for d in self.documents(erp)
             if d.order_id == order and d.step == "credit_note" and d.idempotency_key == key

@@ -690,6 +690,7 @@ _COMMAND_MODULES = (
     "revline.cli_replay",  # replay, redrive
     "revline.cli_reconcile",  # reconcile, shadow parity
     "revline.cli_report",  # report
+    "revline.cli_rules",  # rules backtest|validate
 )
 
 

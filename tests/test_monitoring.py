@@ -43,7 +43,11 @@ COUNTERS_AND_GAUGES = {
 }
 HISTOGRAMS = {"revline_end_to_end_seconds", "revline_processing_seconds",
               "revline_sink_end_to_end_seconds", "revline_sink_batch_seconds"}
-KNOWN_METRICS = COUNTERS_AND_GAUGES | {
+# Liveness: alerted on (RevlineComponentStalled, RevlineComponentDown,
+# RevlineAuditLagGrowing), not required on the dashboard. ``up`` is Prometheus' own.
+LIVENESS = {"revline_component_last_progress_timestamp_seconds", "revline_audit_lag_records",
+            "up"}
+KNOWN_METRICS = COUNTERS_AND_GAUGES | LIVENESS | {
     f"{h}{suffix}" for h in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")
 }
 
@@ -148,7 +152,10 @@ def test_alert_rules_use_only_known_metrics_and_are_wired_in() -> None:
     selected = {n for rule in rules for n in metric_names(rule["expr"])}
     assert {"revline_sla_breaches_total", "revline_dead_letters_total", "revline_consumer_lag",
             "revline_sink_breaker_open", "revline_worker_recovering",
-            "revline_sink_refusals_validated_total"} <= selected
+            "revline_sink_refusals_validated_total"} | LIVENESS <= selected
+    for rule in rules:
+        if metric_names(rule["expr"]) & LIVENESS:
+            assert rule["annotations"].get("runbook"), f"{rule['alert']}: no runbook line"
     tested = {case["alertname"]
               for test in yaml.safe_load(ALERT_TESTS.read_text())["tests"]
               for case in test.get("alert_rule_test", []) if case.get("exp_alerts")}
@@ -192,3 +199,43 @@ def test_sink_exports_refusals_of_validated_events_per_fixed_adapter() -> None:
         assert registry.get_sample_value(name, {"adapter": adapter}) == 0
     metrics.refusals_validated.labels("erp").inc()
     assert registry.get_sample_value(name, {"adapter": "erp"}) == 1
+
+
+HEARTBEAT = "revline_component_last_progress_timestamp_seconds"
+
+
+def _heartbeat(registry: Any, component: str) -> float:
+    return registry.get_sample_value(HEARTBEAT, {"component": component}) or 0.0
+
+
+def test_every_component_exports_its_heartbeat_in_its_own_registry(tmp_path: Path) -> None:
+    import time
+
+    from processors.ownership import load_ownership
+    from revline.metrics import ExceptionMetrics, Metrics, SinkMetrics
+    from revline.settings import Settings
+    from sinks.erp import InMemoryErp
+    from sinks.ledger import SqlLedger
+    from sinks.processor import SinkProcessor
+    from streams.app import build_worker
+    from streams.exceptions import ExceptionManager
+
+    nowhere = "127.0.0.1:1"  # clients are built, never used
+    settings = Settings(_env_file=None, kafka_bootstrap_servers=nowhere,  # type: ignore[call-arg]
+                        state_dir=tmp_path)
+    before = time.time() - 1
+    with SqlLedger(f"sqlite:///{tmp_path / 'ledger.db'}") as ledger:
+        for component in ("sink", "shadow-sink"):
+            metrics = SinkMetrics()
+            sink = SinkProcessor(nowhere, "validated", "g", ledger, InMemoryErp(), "exceptions",
+                                 metrics, component=component)
+            assert _heartbeat(metrics.registry, component) >= before
+            sink.watchdog.stop()
+            sink.consumer.close()
+    exception_metrics = ExceptionMetrics()
+    ExceptionManager(settings, nowhere, load_ownership(settings.ownership_file),
+                     exception_metrics)
+    assert _heartbeat(exception_metrics.registry, "exceptions") >= before
+    worker_metrics = Metrics()
+    build_worker(settings, nowhere, worker_metrics)
+    assert _heartbeat(worker_metrics.registry, "worker") >= before

@@ -189,6 +189,24 @@ def _pct(value: float, differs: bool) -> str:
     return "<0.001" if differs and text == "0.000" else text
 
 
+def _long_table(table: Any, columns: list[str], rows: list[list[str]],
+                amounts: tuple[int, ...]) -> None:
+    """Fill ``table``: amount columns never wrap nor cut (as wide as their widest cell);
+    the label columns fold when the console is narrow."""
+    from rich.text import Text
+
+    for i, col in enumerate(columns):
+        widest = max([len(Text.from_markup(r[i]).plain) for r in rows] + [len(col)])
+        if i in amounts or col.endswith("%"):
+            table.add_column(col, justify="right", no_wrap=True, min_width=widest)
+        elif widest <= 8:  # a currency, a system: short, never folded
+            table.add_column(col, no_wrap=True, min_width=widest)
+        else:
+            table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+
+
 def _print_report(report: Any, limit: int, console: Any) -> None:
     from rich.table import Table
 
@@ -219,47 +237,43 @@ def _print_report(report: Any, limit: int, console: Any) -> None:
     names = [sys.system for sys in report.reconciled]
     money = report.money()
     if money:
+        # One row per currency and system (not a column group per system): a wide table
+        # made rich cut amounts at 80 columns, and an amount is never shown cut.
         table = Table(title="Money by currency (major units; drift % = sum of |differences| "
                             "per order and event type / expected)")
-        columns = ["currency"]
-        for name in names:
-            label = "ERP" if name == "erp" else name
-            columns += [f"{label} expected", f"{label} holds", f"{label} |difference|",
-                        f"{label} drift %"]
-        columns.append("drift %")
-        for col in columns:
-            table.add_column(col, justify="left" if col == "currency" else "right")
         per_system = {name: report.money([name]) for name in names}
+        table_rows: list[list[str]] = []
         for cur, total in money.items():
-            parts = [cur]
-            for name in names:
+            for n, name in enumerate(names):
                 m = per_system[name][cur]
                 style = "red" if m.diff_minor else ""
-                parts += [_money(m.expected_minor, cur), _money(m.actual_minor, cur),
-                          _styled(_money(m.diff_minor, cur), style),
-                          _styled(_pct(m.drift_pct, bool(m.diff_minor)), style)]
-            style = "red" if total.diff_minor else "green"
-            parts.append(_styled(_pct(total.drift_pct, bool(total.diff_minor)), style))
-            table.add_row(*parts)
+                table_rows.append([
+                    cur if n == 0 else "", "ERP" if name == "erp" else name,
+                    _money(m.expected_minor, cur), _money(m.actual_minor, cur),
+                    _styled(_money(m.diff_minor, cur), style),
+                    _styled(_pct(m.drift_pct, bool(m.diff_minor)), style),
+                    _styled(_pct(total.drift_pct, bool(total.diff_minor)),
+                            "red" if total.diff_minor else "green") if n == 0 else "",
+                ])
+        _long_table(table, ["currency", "system", "expected", "holds", "|diff|", "drift %",
+                            "all %"], table_rows, amounts=(2, 3, 4))
         console.print(table)
 
     cells = _merged_cells(report)
     if cells:
         table = Table(title="Money by event type, currency and period (major units)")
-        columns = ["event type", "currency", "period", "stream #", "stream amount"]
-        for name in names:
-            label = "ERP" if name == "erp" else name
-            columns += [f"{label} #", f"{label} amount"]
-        for col in columns:
-            table.add_column(col, justify="right" if "#" in col or "amount" in col else "left")
+        table_rows = []
         for (etype, cur, period), row in sorted(cells.items()):
             stream_n, stream_minor = row["stream"]
-            parts = [etype, cur, period, f"{stream_n:,}", _money(stream_minor, cur)]
+            table_rows.append([etype, cur, period, "stream", f"{stream_n:,}",
+                         _money(stream_minor, cur)])
             for name in names:
                 n, minor = row.get(name, (0, 0))
                 style = "" if (n, minor) == (stream_n, stream_minor) else "red"
-                parts += [_styled(f"{n:,}", style), _styled(_money(minor, cur), style)]
-            table.add_row(*parts)
+                table_rows.append(["", "", "", "ERP" if name == "erp" else name,
+                             _styled(f"{n:,}", style), _styled(_money(minor, cur), style)])
+        _long_table(table, ["event type", "currency", "period", "system", "#", "amount"],
+                    table_rows, amounts=(4, 5))
         console.print(table)
 
     drifted = report.drifted

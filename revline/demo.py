@@ -8,10 +8,13 @@ local ``trytond`` on a copy of the prepared template), else the in-memory ERP.
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,7 @@ from confluent_kafka import Consumer, TopicPartition
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
+from rich.text import Text
 
 from revline.cli import counts_table
 from revline.isolated import IsolatedPipeline
@@ -89,7 +93,10 @@ def run_demo(options: DemoOptions, settings: Settings, bootstrap: str, console: 
     rules["hold_timeout_seconds"] = options.hold_timeout
     (run_dir / "rules.yaml").write_text(yaml.safe_dump(rules))
     workload = WorkloadGenerator(
-        WorkloadOptions(orders=options.orders, seed=options.seed, run_id=run_id, orphans=1)
+        WorkloadOptions(orders=options.orders, seed=options.seed, run_id=run_id, orphans=1,
+                        # Events occur in the 30 s before publishing (an order's ~8 events
+                        # about 1.5 s apart), so trigger-to-outcome latency is real.
+                        start=datetime.now(UTC) - timedelta(seconds=30), time_scale=1 / 12_000)
     ).generate()
     _, manifest_path = workload.write(run_dir)
     total = len(workload.records)
@@ -148,6 +155,12 @@ def run_demo(options: DemoOptions, settings: Settings, bootstrap: str, console: 
                                            f"see {run_dir}/sink-*.log")
                     time.sleep(1)
             applied_s = time.perf_counter() - started
+            # Reconcile while the ERP still runs (a Tryton demo's server ends with the
+            # demo): stream vs ledger vs ERP, per order, event type and currency.
+            reconciled = subprocess.run(
+                [sys.executable, "-m", "revline.cli", "reconcile", "--no-exceptions"],
+                env={**pipeline.env, "COLUMNS": str(console.width)}, capture_output=True,
+                text=True, check=False)
         finally:
             pipeline.stop_all()
 
@@ -158,8 +171,10 @@ def run_demo(options: DemoOptions, settings: Settings, bootstrap: str, console: 
                                                                        "REVLINE_TRYTON_"))
     ))
     problems = compare_with_manifest(workload.manifest(), outcomes)
-    outcome_report(console, outcomes, decided_s)
+    events = {(r.key, r.idempotency_key): r.event for r in workload.records if r.event}
+    outcome_report(console, outcomes, decided_s, routed=routing(settings, events))
     money_report(console, settings_for(run_dir), erp_label, applied_s)
+    console.print(Text(reconciled.stdout.rstrip() or reconciled.stderr.rstrip()))
     if problems:
         for problem in problems[:20]:
             console.print(f"[red]mismatch[/red]: {problem}")
@@ -181,7 +196,30 @@ def settings_for(run_dir: Path) -> str:
     return f"sqlite:///{run_dir / 'ledger.db'}"
 
 
-def outcome_report(console: Console, outcomes: list[dict[str, Any]], elapsed: float) -> None:
+def routing(settings: Settings, events: dict[tuple[str, str | None], dict[str, Any]]
+            ) -> Callable[[dict[str, Any]], tuple[str, str]]:
+    """(severity, owner) of an exception outcome as the exception manager routes it: the
+    same ownership rules over the same facts, so the demo, `revline exceptions` and the
+    report show one owner and one severity for one exception."""
+    from processors.ownership import ExceptionFacts, event_amount, load_ownership
+
+    ownership = load_ownership(settings.ownership_file)
+
+    def routed(outcome: dict[str, Any]) -> tuple[str, str]:
+        event = events.get((outcome.get("order_id") or "", outcome.get("idempotency_key")))
+        amount, currency = event_amount(event)
+        assignment = ownership.assign(ExceptionFacts(
+            check_id=outcome["check_id"] or "", severity=outcome["severity"] or "P1",
+            owner=outcome["owner"] or "integrations", event_type=outcome.get("event_type"),
+            source_system=(event or {}).get("envelope", {}).get("source_system"),
+            amount_minor=amount, currency=currency))
+        return assignment.severity, assignment.owner
+
+    return routed
+
+
+def outcome_report(console: Console, outcomes: list[dict[str, Any]], elapsed: float,
+                   routed: Callable[[dict[str, Any]], tuple[str, str]] | None = None) -> None:
     finals = [o for verdicts in finals_by_input(outcomes).values() for o in verdicts]
     kinds = Counter(o["kind"] for o in finals)
     table = Table(title=f"Outcomes ({len(finals):,} inputs decided in {elapsed:.1f}s)")
@@ -194,7 +232,8 @@ def outcome_report(console: Console, outcomes: list[dict[str, Any]], elapsed: fl
                   f"{sum(o['held'] for o in finals):,}")
     console.print(table)
     checks = Counter(
-        (o["check_id"], o["severity"], o["owner"]) for o in finals if o["kind"] == "exception"
+        (o["check_id"], *(routed(o) if routed else (o["severity"], o["owner"])))
+        for o in finals if o["kind"] == "exception"
     )
     table = Table(title="Exceptions by check (each has an owner and an SLA)")
     for column in ("check", "severity", "owner", "count"):

@@ -595,3 +595,22 @@ def test_footprints_ignore_erp_refs_but_not_statuses() -> None:
     b = [SideEffect("SO-1", "K", "erp", {"sale": "99"}, "applied", 3, at, "")]
     c = [SideEffect("SO-1", "K", "erp", {}, "refused", 1, at, "no")]
     assert footprints([], a) == footprints([], b) != footprints([], c)
+
+
+@pytest.mark.parametrize("width", [80, 200])
+def test_the_printed_report_never_cuts_an_amount(width: int) -> None:
+    from rich.console import Console
+
+    from revline.cli_reconcile import _print_report
+
+    s = sunk()
+    report = s.judge(journals=_wrong_amount(s)[0])
+    console = Console(width=width, record=True, force_terminal=False)
+    _print_report(report, 20, console)
+    text = console.export_text()
+    money_part = text.split("Orders that differ")[0].split("Money by currency")[1]
+    assert "…" not in money_part, money_part
+    for system in report.reconciled:
+        for cur, m_ in report.money([system.system]).items():
+            for minor in (m_.expected_minor, m_.actual_minor):
+                assert fmt_minor(minor, cur).removesuffix(f" {cur}") in money_part

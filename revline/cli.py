@@ -338,11 +338,14 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from revline.admin import ensure_operations_topics
 
     ensure_operations_topics(bootstrap, settings)  # before the auditor checks their shapes
+    # Static group membership: the sink and the exception manager of this pipeline join
+    # as <instance>-sink and <instance>-exceptions (a restarted one takes its place back).
+    named = {"REVLINE_INSTANCE_ID": args.instance} if args.instance else {}
     commands: list[tuple[tuple[str, ...], dict[str, str]]] = [
-        (("worker", "--workers", str(args.workers)), {}),
-        (("sink",), {}),
-        (("auditor", "--metrics-port", str(args.auditor_metrics_port)), {}),
-        (("exceptions", "run"), {}),
+        (("worker", "--workers", str(args.workers)), named),
+        (("sink",), named),
+        (("auditor", "--metrics-port", str(args.auditor_metrics_port)), named),
+        (("exceptions", "run"), named),
     ]
     err_console.print(
         f"Running worker x{args.workers}, sink, auditor and exception manager on {bootstrap}; "
@@ -621,6 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workers", type=POSITIVE, default=1, help="worker processes")
     p.add_argument("--auditor-metrics-port", type=PORT, default=9102)
+    p.add_argument("--instance", type=_instance_name,
+                   help="this pipeline's name in its consumer groups (static membership); "
+                        "default REVLINE_INSTANCE_ID, else the host name")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("sink", help="apply validated events to the ledger and the ERP")

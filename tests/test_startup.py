@@ -157,3 +157,27 @@ def test_instance_ids_are_stable_and_one_live_process_holds_each(
     assert other.returncode == 3, other.stdout + other.stderr
     assert "g-eu-1-sink already runs on this host" in other.stdout
     assert "--instance or REVLINE_INSTANCE_ID" in other.stdout
+
+
+def test_a_worker_that_faust_stops_says_why(caplog: pytest.LogCaptureFixture,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """mode's exiting() turns any failure into a bare exit 1; the worker logs the cause,
+    and re-runs itself only for a transient one within the start-up deadline."""
+    import time
+
+    from revline.settings import Settings
+    from streams import app
+
+    settings = Settings(_env_file=None, startup_timeout_s=60)  # type: ignore[call-arg]
+    with caplog.at_level(logging.INFO, "revline.worker"):
+        app._after_faust_failure(settings, RuntimeError("assignor blew up"), time.time(), 1)
+    assert "worker stopped (exit 1): RuntimeError: assignor blew up" in caplog.text
+    execs: list[list[str]] = []
+    monkeypatch.setattr("streams.app.os.execve", lambda path, argv, env: execs.append(argv))
+    monkeypatch.setattr("streams.app.time.sleep", lambda s: None)
+    transient = kafka(KafkaError.COORDINATOR_LOAD_IN_PROGRESS)
+    app._after_faust_failure(settings, transient, time.time(), 1)
+    assert len(execs) == 1  # started again
+    app._after_faust_failure(settings, transient, time.time() - 61, 1)
+    assert len(execs) == 1  # past the deadline: stays down, says why
+    assert "COORDINATOR_LOAD_IN_PROGRESS" in caplog.text

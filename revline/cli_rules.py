@@ -203,22 +203,27 @@ class ReadStats:
     partitions: dict[int, dict[str, int]] = field(default_factory=dict)
 
 
-def read_window(bootstrap: str, topic: str, window: Window, stats: ReadStats,
-                progress: Callable[[int, int], None] | None = None,
-                timeout: float = 600.0) -> Iterator[tuple[InputRecord, bool]]:
-    """(record, counted) for every input of ``topic`` from the warm-up start to the window's
-    end, each partition in offset order. Offsets come from the broker's time index
-    (``offsets_for_times``): a record is counted from the first offset at or after the
-    window's start, whatever the timestamps of later records say."""
-    from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+def _consumer(bootstrap: str) -> Any:
+    from confluent_kafka import Consumer
 
-    from processors import InputRecord
+    return Consumer({"bootstrap.servers": bootstrap,
+                     "group.id": f"revline-backtest-{uuid.uuid4().hex[:8]}",
+                     "enable.auto.commit": False, "enable.partition.eof": True,
+                     "isolation.level": "read_committed", "log_level": 3})
+
+
+Ranges = dict[int, tuple[int, int, int]]  # partition -> (first offset, first counted, end)
+
+
+def plan_window(bootstrap: str, topic: str, window: Window) -> Ranges:
+    """Per partition, the offsets to read: from the warm-up start, counted from the window's
+    start, up to its end, from the broker's time index (``offsets_for_times``: the first
+    offset whose timestamp is at or after the time; none means the partition's end)."""
+    from confluent_kafka import KafkaException, TopicPartition
+
     from revline.readback import watermarks
 
-    consumer = Consumer({"bootstrap.servers": bootstrap,
-                         "group.id": f"revline-backtest-{uuid.uuid4().hex[:8]}",
-                         "enable.auto.commit": False, "enable.partition.eof": True,
-                         "isolation.level": "read_committed", "log_level": 3})
+    consumer = _consumer(bootstrap)
     try:
         try:
             metadata = consumer.list_topics(topic, timeout=30)
@@ -230,9 +235,9 @@ def read_window(bootstrap: str, topic: str, window: Window, stats: ReadStats,
         partitions = sorted(metadata.topics[topic].partitions)
         marks = {p: watermarks(consumer, topic, p) for p in partitions}
 
-        def offsets_at(ms: int | None, default: str) -> dict[int, int]:
+        def offsets_at(ms: int | None, edge: int) -> dict[int, int]:
             if ms is None:
-                return {p: marks[p][0] if default == "low" else marks[p][1] for p in partitions}
+                return {p: marks[p][edge] for p in partitions}
             try:
                 found = consumer.offsets_for_times(
                     [TopicPartition(topic, p, ms) for p in partitions], timeout=30)
@@ -247,14 +252,31 @@ def read_window(bootstrap: str, topic: str, window: Window, stats: ReadStats,
                 out[tp.partition] = tp.offset if tp.offset >= 0 else marks[tp.partition][1]
             return out
 
-        begin = offsets_at(window.read_from_ms, "low")
-        counted_from = offsets_at(window.from_ms, "low")
-        end = offsets_at(window.to_ms, "high")
-        ranges = {p: (begin[p], counted_from[p], end[p]) for p in partitions}
-        stats.partitions = {p: {"from_offset": b, "counted_from_offset": c, "end_offset": e}
-                            for p, (b, c, e) in ranges.items()}
-        todo = {p: e for p, (b, _, e) in ranges.items() if e > b}
-        total = sum(e - ranges[p][0] for p, e in todo.items())
+        begin = offsets_at(window.read_from_ms, 0)
+        counted_from = offsets_at(window.from_ms, 0)
+        end = offsets_at(window.to_ms, 1)
+        return {p: (begin[p], counted_from[p], end[p]) for p in partitions}
+    finally:
+        consumer.close()
+
+
+def read_window(bootstrap: str, topic: str, ranges: Ranges, stats: ReadStats,
+                progress: Callable[[int, int], None] | None = None,
+                timeout: float = 600.0) -> Iterator[tuple[InputRecord, bool]]:
+    """(record, counted) for every input in ``ranges``, each partition in offset order: a
+    record is counted from the window's first offset on, whatever later timestamps say."""
+    from confluent_kafka import KafkaError, TopicPartition
+
+    from processors import InputRecord
+
+    stats.partitions = {p: {"from_offset": b, "counted_from_offset": c, "end_offset": e}
+                        for p, (b, c, e) in ranges.items()}
+    todo = {p: e for p, (b, _, e) in ranges.items() if e > b}
+    if not todo:
+        return
+    total = sum(e - ranges[p][0] for p, e in todo.items())
+    consumer = _consumer(bootstrap)
+    try:
         consumer.assign([TopicPartition(topic, p, ranges[p][0]) for p in sorted(todo)])
         deadline = time.monotonic() + timeout
         done = 0
@@ -489,6 +511,7 @@ def cmd_backtest(args: argparse.Namespace, settings: Settings) -> int:
     bootstrap = None if input_path is not None else bootstrap_for(settings,
                                                                   start_if_missing=False)
     topic = args.topic or settings.input_topic
+    ranges = plan_window(bootstrap, topic, window) if bootstrap is not None else {}
     reference, reference_label = _reference(args, settings, bootstrap)
     backtest = Backtest(current, candidate, reference, deserializer_for(settings))
     stats = ReadStats(source=str(input_path) if input_path else f"topic {topic}")
@@ -503,7 +526,7 @@ def cmd_backtest(args: argparse.Namespace, settings: Settings) -> int:
             source = read_file(input_path, window, stats, serializer_for(settings), advance)
         else:
             assert bootstrap is not None
-            source = read_window(bootstrap, topic, window, stats, advance)
+            source = read_window(bootstrap, topic, ranges, stats, advance)
         for record, counted in source:
             backtest.feed(record, counted=counted)
         report = backtest.finish(window.to_ms, samples=args.samples)

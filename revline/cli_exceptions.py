@@ -114,6 +114,8 @@ def register(sub: Any) -> None:
 
     a = actions.add_parser("run", help="the exception manager: ownership, state, SLA timers, "
                            "escalation, expiry (one instance per pipeline)")
+    a.add_argument("--instance", help="this manager's stable name (static group membership; "
+                                      "default REVLINE_INSTANCE_ID or the host)")
     a.set_defaults(func=cmd_run)
 
     a = actions.add_parser("list", help="exceptions, most severe and oldest first")
@@ -184,7 +186,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
     stop = stop_on_signals()
     bootstrap = bootstrap_for(settings, start_if_missing=True)
-    run_manager(settings, bootstrap, stop)
+    run_manager(settings, bootstrap, stop, instance=args.instance)
     return 0
 
 

@@ -47,6 +47,11 @@ def register(sub: Any) -> None:
     r.add_argument("--group", help="consumer group (default: <app id>-shadow-sink)")
     r.add_argument("--exceptions-topic", help="default: REVLINE_SHADOW_EXCEPTIONS_TOPIC")
     r.add_argument("--batch-size", type=int, default=500)
+    r.add_argument("--instance", help="this shadow sink's stable name (static group "
+                                      "membership; default REVLINE_INSTANCE_ID or the host)")
+    r.add_argument("--metrics-port", type=int, default=9104,
+                   help="/metrics with its heartbeat (0 = any free port, -1 = none; "
+                        "default 9104)")
     r.set_defaults(func=cmd_shadow_run)
     q = shadow.add_parser("parity", help="compare the shadow ledger with the primary ledger")
     q.add_argument("--ledger", metavar="DSN", help="the shadow ledger (REVLINE_SHADOW_LEDGER_DSN)")
@@ -365,6 +370,7 @@ def cmd_shadow_run(args: argparse.Namespace, settings: Settings) -> int:
     from revline.admin import ensure_topics
     from revline.cli import bootstrap_for, deserializer_for, err_console, stop_on_signals
     from revline.errors import ConfigurationError
+    from revline.metrics import SinkMetrics
     from sinks.erp import InMemoryErp, TrytonErp
     from sinks.ledger import SqlLedger
     from sinks.shadow import shadow_processor
@@ -395,18 +401,23 @@ def cmd_shadow_run(args: argparse.Namespace, settings: Settings) -> int:
     topic = args.exceptions_topic or settings.shadow_exceptions_topic
     ensure_topics(bootstrap, {topic: settings.input_partitions})
     stop = stop_on_signals(log_setup=False)
+    metrics = SinkMetrics()
+    where = ""
+    if args.metrics_port >= 0:
+        where = f"; metrics on :{metrics.serve(args.metrics_port, settings.metrics_host)}/metrics"
     with SqlLedger(dsn) as ledger:
         processor = shadow_processor(
             bootstrap, settings.validated_topic, ledger=ledger, erp=erp, group=group,
             exceptions_topic=topic, decoder=deserializer_for(settings),
-            batch_size=args.batch_size,
+            batch_size=args.batch_size, settings=settings, instance=args.instance,
+            metrics=metrics,
             primary=[("ledger", settings.ledger_url),
                      ("consumer group", settings.sink_group_id),
                      ("exceptions topic", settings.exceptions_topic)],
         )  # fmt: skip
         err_console.print(
             f"shadow sink: {settings.validated_topic} → ledger {ledger!r}, ERP {kind}; group "
-            f"{group}; refusals → {topic}. Compare with `revline shadow parity`."
+            f"{group}; refusals → {topic}{where}. Compare with `revline shadow parity`."
         )
         processor.run(stop)
     return 0

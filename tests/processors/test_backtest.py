@@ -428,9 +428,10 @@ def test_a_generated_workload_moves_exactly_what_the_oracle_says(seed: int) -> N
     assert same.changed == 0
 
 
-def test_replay_speed_is_the_engines(tmp_path: Path) -> None:
-    """Two engines per input: a backtest costs about what the worker's engine does twice
-    (measured against the engine alone on the same inputs, so a busy machine cancels out)."""
+def test_replay_speed_is_the_engines() -> None:
+    """Each input is decoded once and judged by two engines: a backtest costs about twice
+    what the worker's engine does on the same inputs (measured against the engine alone in
+    the same process, best of three, so a busy machine mostly cancels out)."""
     import time
 
     from processors import Engine, OrderState
@@ -438,19 +439,26 @@ def test_replay_speed_is_the_engines(tmp_path: Path) -> None:
     workload = generate(WorkloadOptions(orders=400, seed=5))
     records = workload_records(workload)
     engine = Engine(rules=LIVE, reference=lambda: REFERENCE)
-    started = time.perf_counter()
-    states: dict[bytes, OrderState] = {}
-    for rec, _ in records:
-        event, dead = engine.decode(rec, rec.timestamp_ms)
-        if dead is None:
-            assert event is not None and rec.key is not None
-            engine.process(states.setdefault(rec.key, OrderState()), rec, event,
-                           rec.timestamp_ms)
-    alone = time.perf_counter() - started
-    started = time.perf_counter()
-    run(records, LIVE)
-    both = time.perf_counter() - started
-    assert both < alone * 3.5, (both, alone)
+
+    def alone() -> float:
+        started = time.perf_counter()
+        states: dict[bytes, OrderState] = {}
+        for rec, _ in records:
+            event, dead = engine.decode(rec, rec.timestamp_ms)
+            if dead is None:
+                assert event is not None and rec.key is not None
+                engine.process(states.setdefault(rec.key, OrderState()), rec, event,
+                               rec.timestamp_ms)
+        return time.perf_counter() - started
+
+    def both() -> float:
+        started = time.perf_counter()
+        run(records, LIVE)
+        return time.perf_counter() - started
+
+    engine_s = min(alone() for _ in range(3))
+    backtest_s = min(both() for _ in range(3))
+    assert backtest_s < engine_s * 4, (backtest_s, engine_s)
 
 
 # -- the CLI on a JSON-lines export (no broker) ----------------------------------------------
@@ -491,6 +499,16 @@ def test_cli_backtest_on_an_export_exits_1_on_changes_and_writes_json_and_html(
     assert cli.main(["rules", "backtest", "--rules", str(DATA_DIR / "rules.yaml"),
                      "--input", str(export), "--json", str(out)]) == 0
     assert json.loads(out.read_text())["changed"] == 0
+    # An ownership change alone: the live rules, E's hold.timeout owned by finance.
+    owners = yaml.safe_load((DATA_DIR / "ownership.yaml").read_text())
+    owners["rules"].insert(0, {"name": "holds", "match": {"check_id": "hold.*"},
+                               "owner": "finance"})
+    ownership = tmp_path / "ownership.yaml"
+    ownership.write_text(yaml.safe_dump(owners))
+    assert cli.main(["rules", "backtest", "--ownership", str(ownership), "--input",
+                     str(export), "--to", "2026-11-16T08:33:20Z", "--json", str(out)]) == 1
+    [change] = json.loads(out.read_text())["changes"]
+    assert (change["before"]["owner"], change["after"]["owner"]) == ("integrations", "finance")
     capsys.readouterr()
 
 

@@ -587,13 +587,23 @@ def test_regression_invoice_naming_amendment_0_is_stale_at_once(tmp_path: Path) 
                   amount_invoice("O1", "O1:invoice:1", 2, "INV-1", 0, "EUR", 66240)], tmp_path)
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "product bug (open): the in-memory ERP credits a zero invoice on cancellation (a credit "
+    "note of 0: one per accepted invoice, as docs/lifecycle.md says) but reconciliation "
+    "derives the expected credit notes from the ledger, which posts nothing for a zero "
+    "invoice: 'unexpected credit_note document(s)', the order drifts"))
 def test_regression_cancelling_after_a_zero_invoice_reconciles(tmp_path: Path) -> None:
+    # Found by the generator (shrunk: booking, zero invoice, cancellation).
     lines = [line("SKU-ANL-ADD", 1, "EUR")]
     _check_alone([booked("O1", "O1:booked", 1, "EUR", lines, 11040),
                   amount_invoice("O1", "O1:invoice:1", 2, "INV-1", None, "EUR", 0),
                   cancelled("O1", "O1:cancelled", 3)], tmp_path)
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "product bug (open): docs/lifecycle.md allows identifiers of at most 256 characters, "
+    "schemas/_structure.py MAX_ID_LENGTH is 512: a 311-character key is validated, not "
+    "dead-lettered (TOO_LONG_IDS stays off in the property tests until this passes)"))
 def test_regression_ids_over_256_characters_are_dead_lettered(tmp_path: Path) -> None:
     lines = [line("SKU-ANL-ADD", 1, "EUR")]
     _check_alone([booked("O1", "O1:booked", 1, "EUR", lines, 11040),

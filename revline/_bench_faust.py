@@ -13,6 +13,8 @@ from typing import Any
 
 import faust
 
+from revline.kafka_config import faust_broker_credentials
+
 
 def _env(name: str) -> str:
     return os.environ[f"REVLINE_BENCH_{name}"]
@@ -21,6 +23,7 @@ def _env(name: str) -> str:
 app = faust.App(
     _env("APP_ID"),
     broker=f"kafka://{_env('BOOTSTRAP')}",
+    broker_credentials=faust_broker_credentials(),
     store="memory://",
     datadir=_env("DATADIR"),
     # The `worker` command turns the web server back on unless given --without-web;

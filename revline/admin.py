@@ -9,6 +9,7 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from revline.errors import InfrastructureError
+from revline.kafka_config import client_config
 from revline.settings import Settings
 from revline.startup import NotReadyError, retry_startup
 
@@ -40,7 +41,7 @@ def ensure_topics(
 
 def _ensure_topics_once(bootstrap: str, topics: Mapping[str, int],
                         config: Mapping[str, Mapping[str, str]], timeout: float) -> list[str]:
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
+    admin = AdminClient(client_config("admin", bootstrap, {"log_level": 3}))
     try:
         existing = set(admin.list_topics(timeout=timeout).topics)
     except KafkaException as exc:
@@ -113,7 +114,7 @@ def check_partition_counts(bootstrap: str, topics: Mapping[str, int],
     """
     from revline.errors import ConfigurationError
 
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
+    admin = AdminClient(client_config("admin", bootstrap, {"log_level": 3}))
     try:
         metadata = retry_startup(lambda: admin.list_topics(timeout=timeout).topics,
                                  f"Kafka at {bootstrap} to list topics")

@@ -76,6 +76,7 @@ from confluent_kafka.admin import AdminClient
 
 from revline._gc import freeze_long_lived
 from revline.errors import RevlineError
+from revline.kafka_config import client_config
 from revline.settings import Settings
 
 if TYPE_CHECKING:
@@ -619,7 +620,7 @@ class _Run:
         # Where the next generated events begin (see continue_from).
         self.start = datetime.now(UTC).replace(microsecond=0)
         self.tmp = Path(tempfile.mkdtemp(prefix="revline-bench-"))
-        self.admin = AdminClient({"bootstrap.servers": bootstrap})
+        self.admin = AdminClient(client_config("admin", bootstrap, settings=settings))
         self.groups: list[str] = []
         self.inputs: list[_Input] = []
         self._fresh: list[_Input] = []
@@ -1618,12 +1619,11 @@ class _Tail:
     def __init__(self, run: _Run, topic: str, *, from_end: bool = False) -> None:
         self.topic = topic
         self.consumer = Consumer(
-            {
-                "bootstrap.servers": run.bootstrap,
+            client_config("consumer", run.bootstrap, {
                 "group.id": f"{run.prefix}-reader",  # never joined or committed
                 "enable.auto.commit": False,
                 "log_level": 3,
-            }
+            }, settings=run.settings)
         )
         metadata_ = self.consumer.list_topics(topic, timeout=10).topics[topic]
         self.partitions = sorted(metadata_.partitions)

@@ -72,18 +72,22 @@ def bootstrap_for(settings: Settings, *, start_if_missing: bool) -> str:
 
 
 def serializer_for(settings: Settings) -> Any:
+    from revline.kafka_config import registry_config
     from schemas import EventSerializer, registry_client
 
-    if settings.schema_registry_url:
-        return EventSerializer(registry=registry_client(settings.schema_registry_url))
+    registry = registry_config(settings)
+    if registry is not None:
+        return EventSerializer(registry=registry_client(registry))
     return EventSerializer()
 
 
 def deserializer_for(settings: Settings) -> Any:
+    from revline.kafka_config import registry_config
     from schemas import EventDeserializer, registry_client
 
-    if settings.schema_registry_url:
-        return EventDeserializer(registry=registry_client(settings.schema_registry_url))
+    registry = registry_config(settings)
+    if registry is not None:
+        return EventDeserializer(registry=registry_client(registry))
     return EventDeserializer()
 
 

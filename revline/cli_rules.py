@@ -210,10 +210,12 @@ class ReadStats:
 def _consumer(bootstrap: str) -> Any:
     from confluent_kafka import Consumer
 
-    return Consumer({"bootstrap.servers": bootstrap,
-                     "group.id": f"revline-backtest-{uuid.uuid4().hex[:8]}",
-                     "enable.auto.commit": False, "enable.partition.eof": True,
-                     "isolation.level": "read_committed", "log_level": 3})
+    from revline.kafka_config import client_config
+
+    return Consumer(client_config("consumer", bootstrap, {
+        "group.id": f"revline-backtest-{uuid.uuid4().hex[:8]}",
+        "enable.auto.commit": False, "enable.partition.eof": True,
+        "isolation.level": "read_committed", "log_level": 3}))
 
 
 Ranges = dict[int, tuple[int, int, int]]  # partition -> (first offset, first counted, end)

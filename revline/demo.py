@@ -27,6 +27,7 @@ from rich.text import Text
 
 from revline.cli import counts_table
 from revline.isolated import IsolatedPipeline
+from revline.kafka_config import client_config
 from revline.money import format_money
 from revline.publisher import Publisher, publish_records
 from revline.settings import Settings
@@ -73,7 +74,7 @@ def demo_erp(kind: str, run_dir: Path, settings: Settings,
 
 def committed_offsets(bootstrap: str, group: str, topic: str) -> tuple[int, int]:
     """(committed, end) summed over the topic's partitions, for a consumer group."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    consumer = Consumer(client_config("consumer", bootstrap, {"group.id": group}))
     try:
         parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         tps = [TopicPartition(topic, p) for p in parts]

@@ -12,6 +12,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from revline.errors import InfrastructureError
+from revline.kafka_config import client_config
 from revline.publisher import SOURCE_LINE_HEADER
 from schemas import DecodeError, EventDeserializer, MalformedRecordError, UnknownSchemaError
 
@@ -33,12 +34,11 @@ def read_topic(
     ``progress(done, total)`` after each fetch (total counts offsets, not records).
     """
     consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
+        client_config("consumer", bootstrap, {
             "group.id": f"revline-readback-{uuid.uuid4().hex[:8]}",
             "enable.auto.commit": False,
             "enable.partition.eof": True,
-        }
+        })
     )
     try:
         try:

@@ -34,6 +34,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from processors import REDRIVE_COUNT_HEADER, REENTRY_HEADER
 from revline.auditlog import AuditFact, AuditLog
 from revline.errors import InfrastructureError
+from revline.kafka_config import client_config
 from revline.readback import read_compacted_json, read_topic
 from revline.replay import OperationRefusedError
 from revline.settings import Settings
@@ -262,12 +263,11 @@ def _attach_original_headers(bootstrap: str, candidates: Sequence[Candidate],
                              counts_by_target: Mapping[str, int]) -> None:
     """An exception record has no headers: read them (and the re-drive count) from the
     original input, when it is still on Kafka."""
-    consumer = Consumer({
-        "bootstrap.servers": bootstrap,
+    consumer = Consumer(client_config("consumer", bootstrap, {
         "group.id": f"revline-redrive-probe-{uuid.uuid4().hex[:8]}",
         "enable.auto.commit": False,
         "enable.partition.eof": False,
-    })
+    }))
     try:
         for c in candidates:
             original = _fetch(consumer, c.input_coords)

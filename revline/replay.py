@@ -34,6 +34,7 @@ from confluent_kafka.admin import AdminClient
 
 from revline.auditlog import AuditFact, AuditLog
 from revline.errors import InfrastructureError, RevlineError
+from revline.kafka_config import client_config
 from revline.settings import Settings
 
 _TIMEOUT_S = 30.0
@@ -256,15 +257,14 @@ def plan_replay(
 
     Raises ``GroupActiveError`` when the group has live members.
     """
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient(client_config("admin", bootstrap))
     _refuse_if_active(live_members(admin, group), group)
     committed = committed_offsets(admin, group)
-    consumer = Consumer({
-        "bootstrap.servers": bootstrap,
+    consumer = Consumer(client_config("consumer", bootstrap, {
         # Never the target group: a probe must not join it or commit for it.
         "group.id": f"revline-replay-probe-{uuid.uuid4().hex[:8]}",
         "enable.auto.commit": False,
-    })
+    }))
     try:
         chosen = list(dict.fromkeys(topics)) or sorted({t for t, _ in committed})
         if not chosen:
@@ -322,7 +322,7 @@ def _new_offset(target: ReplayTarget, low: int, high: int, at_time: int) -> tupl
 
 
 def apply_replay(bootstrap: str, group: str, moves: Sequence[PartitionMove]) -> None:
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient(client_config("admin", bootstrap))
     # Checked again right before: a member may have joined since the plan was made.
     _refuse_if_active(live_members(admin, group), group)
     request = [ConsumerGroupTopicPartitions(

@@ -605,9 +605,10 @@ def read_all(bootstrap: str, topic: str, *, timeout_s: float = 300.0,
     """Every committed record of ``topic`` up to its end now; None if the topic is absent."""
     from confluent_kafka import Consumer, KafkaException
 
+    from revline.kafka_config import client_config
     from revline.readback import read_topic
 
-    probe = Consumer({"bootstrap.servers": bootstrap, "group.id": "revline-report-probe"})
+    probe = Consumer(client_config("consumer", bootstrap, {"group.id": "revline-report-probe"}))
     try:
         info = probe.list_topics(topic, timeout=15).topics.get(topic)
     except KafkaException as exc:

@@ -1,8 +1,10 @@
 """Every setting in one place, read once from the environment and passed down.
 
 Environment variables use the ``REVLINE_`` prefix (``REVLINE_INPUT_TOPIC``…),
-except the two that are conventional across Kafka tooling:
-``KAFKA_BOOTSTRAP_SERVERS`` and ``SCHEMA_REGISTRY_URL``.
+except those conventional across Kafka tooling: ``KAFKA_BOOTSTRAP_SERVERS``,
+``SCHEMA_REGISTRY_URL`` and the security settings (``KAFKA_SECURITY_PROTOCOL``,
+``KAFKA_SASL_*``, ``KAFKA_SSL_*``, ``SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO``…), which
+``revline.kafka_config`` turns into every client's config.
 """
 
 from __future__ import annotations
@@ -10,10 +12,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import AliasChoices, Field
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DATA_DIR = Path(__file__).parent / "data"
+
+
+def _env(name: str) -> AliasChoices:
+    """A conventional name first (what the docs show), the ``REVLINE_`` one as well."""
+    return AliasChoices(name, f"REVLINE_{name}")
 
 
 class Settings(BaseSettings):
@@ -30,6 +44,57 @@ class Settings(BaseSettings):
         description="Confluent Schema Registry; unset means single-object encoding.",
     )
     state_dir: Path = Field(default=Path(".revline"), description="Local broker, stores, reports.")
+
+    # Security: every client (confluent-kafka, Faust's aiokafka, the registry) gets these
+    # through revline/kafka_config.py. Secrets are SecretStr: never shown.
+    kafka_security_protocol: str | None = Field(
+        default=None, validation_alias=_env("KAFKA_SECURITY_PROTOCOL"),
+        description="PLAINTEXT (unset), SSL, SASL_PLAINTEXT or SASL_SSL.",
+    )
+    kafka_sasl_mechanism: str | None = Field(
+        default=None, validation_alias=_env("KAFKA_SASL_MECHANISM"),
+        description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512.",
+    )
+    kafka_sasl_username: str | None = Field(
+        default=None, validation_alias=_env("KAFKA_SASL_USERNAME"),
+        description="SASL user (Confluent Cloud: the API key).",
+    )
+    kafka_sasl_password: SecretStr | None = Field(
+        default=None, validation_alias=_env("KAFKA_SASL_PASSWORD"),
+        description="SASL password (Confluent Cloud: the API secret).",
+    )
+    kafka_sasl_password_file: Path | None = Field(
+        default=None, validation_alias=_env("KAFKA_SASL_PASSWORD_FILE"),
+        description="A file holding the SASL password (read at each client's start).",
+    )
+    kafka_ssl_ca_location: str | None = Field(
+        default=None, validation_alias=_env("KAFKA_SSL_CA_LOCATION"),
+        description="PEM CA bundle that signed the brokers' certificates; unset: system CAs.",
+    )
+    kafka_ssl_certificate_location: Path | None = Field(
+        default=None, validation_alias=_env("KAFKA_SSL_CERTIFICATE_LOCATION"),
+        description="Client certificate (PEM) for mutual TLS.",
+    )
+    kafka_ssl_key_location: Path | None = Field(
+        default=None, validation_alias=_env("KAFKA_SSL_KEY_LOCATION"),
+        description="Client private key (PEM) for mutual TLS.",
+    )
+    kafka_ssl_key_password: SecretStr | None = Field(
+        default=None, validation_alias=_env("KAFKA_SSL_KEY_PASSWORD"),
+        description="Password of an encrypted client key.",
+    )
+    kafka_config_file: Path | None = Field(
+        default=None,
+        description="librdkafka key=value properties applied to every confluent-kafka client.",
+    )
+    schema_registry_basic_auth_user_info: SecretStr | None = Field(
+        default=None, validation_alias=_env("SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO"),
+        description="<key>:<secret> for the registry's HTTP basic auth.",
+    )
+    schema_registry_ssl_ca_location: Path | None = Field(
+        default=None, validation_alias=_env("SCHEMA_REGISTRY_SSL_CA_LOCATION"),
+        description="PEM CA bundle for an https registry with a private CA.",
+    )
 
     input_topic: str = "revline.events.v1"
     validated_topic: str = "revline.validated.v1"
@@ -139,10 +204,11 @@ class Settings(BaseSettings):
     def ledger_url(self) -> str:
         return self.ledger_dsn or f"sqlite:///{(self.state_dir / 'ledger.db').absolute()}"
 
-    def producer_config(self, bootstrap: str) -> dict[str, Any]:
+    def producer_config(self, bootstrap: str, *, component: str = "") -> dict[str, Any]:
         """An idempotent, acks=all producer: retries never duplicate or reorder."""
-        return {
-            "bootstrap.servers": bootstrap,
+        from revline.kafka_config import client_config
+
+        return client_config("producer", bootstrap, {
             "enable.idempotence": True,
             "acks": "all",
             "linger.ms": self.producer_linger_ms,
@@ -151,16 +217,47 @@ class Settings(BaseSettings):
             # Java-compatible partitioning, so every client keys an order to one partition.
             "partitioner": "murmur2_random",
             "log_level": 3,  # retried warnings (e.g. coordinator loading) are not news
-        }
+        }, settings=self, component=component)
 
-    def consumer_config(self, bootstrap: str, group_id: str) -> dict[str, Any]:
-        return {
-            "bootstrap.servers": bootstrap,
+    def consumer_config(self, bootstrap: str, group_id: str, *,
+                        component: str = "") -> dict[str, Any]:
+        from revline.kafka_config import client_config
+
+        return client_config("consumer", bootstrap, {
             "group.id": group_id,
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
             "isolation.level": "read_committed",
-        }
+        }, settings=self, component=component)
+
+    @field_validator("kafka_security_protocol", "kafka_sasl_mechanism", mode="after")
+    @classmethod
+    def _upper_choice(cls, value: str | None, info: ValidationInfo) -> str | None:
+        from revline.errors import ConfigurationError
+        from revline.kafka_config import SASL_MECHANISMS, SECURITY_PROTOCOLS
+
+        if value is None or not value.strip():
+            return None
+        value = value.strip().upper()
+        allowed: tuple[str, ...] = SASL_MECHANISMS
+        variable = "KAFKA_SASL_MECHANISM"
+        if info.field_name == "kafka_security_protocol":
+            variable, allowed = "KAFKA_SECURITY_PROTOCOL", SECURITY_PROTOCOLS
+        if value not in allowed:
+            raise ConfigurationError(
+                f"{variable}={value} is not supported: use one of {', '.join(allowed)}")
+        return value
+
+    @model_validator(mode="after")
+    def _kafka_security(self) -> Settings:
+        from revline.errors import ConfigurationError
+        from revline.kafka_config import validate
+
+        if self.kafka_sasl_password is not None and self.kafka_sasl_password_file is not None:
+            raise ConfigurationError(
+                "KAFKA_SASL_PASSWORD and KAFKA_SASL_PASSWORD_FILE are both set: keep one")
+        validate(self)
+        return self
 
     # Exception lifecycle (`revline exceptions run`).
     exception_check_interval_s: float = Field(

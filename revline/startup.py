@@ -246,7 +246,9 @@ def wait_for_group_coordinator(bootstrap: str, group: str, *, component: str = "
     created by the first request and loads for a while)."""
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
+    from revline.kafka_config import client_config
+
+    admin = AdminClient(client_config("admin", bootstrap, {"log_level": 3}, component=component))
 
     def describe() -> None:
         future = admin.describe_consumer_groups([group], request_timeout=10)[group]

@@ -278,9 +278,11 @@ class EventDeserializer:
         return self.decode(data)
 
 
-def registry_client(url: str) -> SchemaRegistryClient:
-    """A schema registry client; ``mock://`` URLs give confluent-kafka's in-process double."""
+def registry_client(config: str | Mapping[str, Any]) -> SchemaRegistryClient:
+    """A schema registry client from a URL or a full config (``registry_config()``: the
+    URL with basic auth and CA); ``mock://`` URLs give confluent-kafka's in-process double."""
     from confluent_kafka.schema_registry import SchemaRegistryClient
 
-    client: SchemaRegistryClient = SchemaRegistryClient.new_client({"url": url})
+    conf = {"url": config} if isinstance(config, str) else dict(config)
+    client: SchemaRegistryClient = SchemaRegistryClient.new_client(conf)
     return client

@@ -57,6 +57,7 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 from processors import exception_id_for
 from revline.auditlog import AuditFact, AuditLog
 from revline.errors import InfrastructureError
+from revline.kafka_config import client_config
 from revline.metrics import SinkMetrics
 from revline.watchdog import Watchdog
 from schemas import EventDeserializer, exception_codec
@@ -191,8 +192,7 @@ class SinkProcessor:
         self._pending: list[_Item] = []  # a batch held back by an open breaker
         self._effects: list[EffectRow] = []  # this batch's side-effect rows, written together
         self._paused = False
-        config: dict[str, Any] = {
-            "bootstrap.servers": bootstrap,
+        config: dict[str, Any] = client_config("consumer", bootstrap, {
             "group.id": group_id,
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
@@ -201,18 +201,17 @@ class SinkProcessor:
             # the group would hand the partitions to another member mid-batch.
             "max.poll.interval.ms": 900_000,
             "on_commit": self._on_commit,
-        }
+        }, component=component)
         config.update(consumer_config or {})
         self.consumer = Consumer(config)
-        self.producer = Producer({
-            "bootstrap.servers": bootstrap,
+        self.producer = Producer(client_config("producer", bootstrap, {
             "enable.idempotence": True,
             "acks": "all",
             "linger.ms": 5,
             # Keyed by order id like every other producer, so records and audit facts
             # of one order share a partition number across topics.
             "partitioner": "murmur2_random",
-        })
+        }, component=component))
         self.audit = AuditLog(self.producer, audit_topic) if audit_topic else None
         self.consumer.subscribe([validated_topic], on_assign=self._on_assign,
                                 on_revoke=self._on_revoke)

@@ -55,6 +55,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from processors import exception_id_for
 from revline.auditlog import AuditFact
 from revline.errors import ConfigurationError, InfrastructureError
+from revline.kafka_config import client_config
 from revline.money import format_money
 from revline.readback import header, read_topic
 from schemas import DecodeError, EventDeserializer, exception_codec
@@ -1258,8 +1259,8 @@ def read_stream(
 
 def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int] | None:
     """partition -> the group's committed offset on ``topic``; None if it never committed."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
-                         "enable.auto.commit": False})
+    consumer = Consumer(client_config("consumer", bootstrap, {"group.id": group,
+                                                              "enable.auto.commit": False}))
     try:
         parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         committed = consumer.committed([TopicPartition(topic, p) for p in parts], timeout=10)
@@ -1270,12 +1271,11 @@ def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int] 
 
 
 def _consumer(bootstrap: str) -> Consumer:
-    return Consumer({
-        "bootstrap.servers": bootstrap,
+    return Consumer(client_config("consumer", bootstrap, {
         "group.id": f"revline-reconcile-{uuid.uuid4().hex[:8]}",
         "enable.auto.commit": False,
         "enable.partition.eof": False,
-    })
+    }))
 
 
 def low_watermarks(bootstrap: str, topic: str) -> dict[int, int]:

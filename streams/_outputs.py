@@ -111,7 +111,7 @@ def _ms(value: Any) -> int | None:
 
 class OutputWriter:
     def __init__(self, settings: Settings, bootstrap: str, metrics: Metrics, rules: Rules) -> None:
-        config = settings.producer_config(bootstrap)
+        config = settings.producer_config(bootstrap, component="worker")
         config["linger.ms"] = 2  # the batch is flushed anyway; linger only adds latency
         # Only failures need a Python callback; one per record would cost more than encoding.
         config["delivery.report.only.error"] = True

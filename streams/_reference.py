@@ -18,6 +18,7 @@ from confluent_kafka import Producer
 from processors import ReferenceData
 from revline.admin import ensure_topics
 from revline.errors import InfrastructureError
+from revline.kafka_config import client_config
 
 META_KEY = b"__meta__"
 
@@ -41,8 +42,8 @@ def publish_reference(bootstrap: str, topic: str, data: Mapping[str, Any]) -> in
         {topic: 1},
         config={topic: {"cleanup.policy": "compact"}},
     )
-    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True,
-                         "acks": "all"})
+    producer = Producer(client_config("producer", bootstrap, {"enable.idempotence": True,
+                                                               "acks": "all"}))
     records = reference_records(data)
     for key, value in records:
         producer.produce(topic, key=key, value=json.dumps(value).encode())

@@ -75,6 +75,7 @@ from processors import (
     load_yaml,
 )
 from revline._gc import freeze_long_lived
+from revline.kafka_config import client_config, faust_broker_credentials
 from revline.metrics import Metrics
 from revline.settings import Settings
 from revline.watchdog import Watchdog
@@ -182,6 +183,7 @@ class Worker:
         self.app = faust.App(
             settings.app_id,
             broker=f"kafka://{bootstrap}",
+            broker_credentials=faust_broker_credentials(settings),
             store=store,
             datadir=str(datadir),
             topic_partitions=settings.input_partitions,
@@ -210,18 +212,18 @@ class Worker:
         # faust-streaming 0.15.3: a second worker waited for reference data forever, and a
         # GlobalTable on a custom changelog topic hangs the assignor.)
         self.reference: dict[bytes, Any] = {}
-        self.reference_consumer = Consumer({
-            "bootstrap.servers": bootstrap, "group.id": f"{settings.app_id}-reference",
+        self.reference_consumer = Consumer(client_config("consumer", bootstrap, {
+            "group.id": f"{settings.app_id}-reference",
             "enable.auto.commit": False, "log_level": 3,
-        })
+        }, settings=settings, component="worker"))
         self.view = ReferenceView(self.reference)
         self.engine = Engine(rules=self.rules, reference=self.view)
         self.writer = OutputWriter(settings, bootstrap, metrics, self.rules)
         self.drift = _DriftLog()
-        self.ticker = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True,
-                                "acks": "all", "log_level": 3})
-        self.consumer = Consumer({
-            "bootstrap.servers": bootstrap,
+        self.ticker = Producer(client_config("producer", bootstrap, {
+            "enable.idempotence": True, "acks": "all", "log_level": 3,
+        }, settings=settings, component="worker"))
+        self.consumer = Consumer(client_config("consumer", bootstrap, {
             # Offsets are committed for lag tooling only; the worker resumes from its own
             # next-offset records, which are durable together with its state.
             "group.id": f"{settings.app_id}-input",
@@ -229,7 +231,7 @@ class Worker:
             "auto.offset.reset": "earliest",
             "isolation.level": "read_committed",
             "log_level": 3,
-        })
+        }, settings=settings, component="worker"))
         self.assigned: set[int] = set()
         self.next_offset: dict[int, int] = {}
         self._lock: asyncio.Lock | None = None

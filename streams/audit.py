@@ -57,6 +57,7 @@ from processors.audit_chain import (
 )
 from revline.auditlog import AuditFact
 from revline.errors import ConfigurationError, InfrastructureError
+from revline.kafka_config import client_config
 from revline.settings import Settings
 from revline.watchdog import Watchdog
 from schemas import outcome_codec
@@ -134,13 +135,12 @@ class CommittedReader:
                  *, timeout: float = 300.0, committed_only: bool = True) -> None:
         self.topic = topic
         self._timeout = timeout
-        self._consumer = Consumer({
-            "bootstrap.servers": bootstrap,
+        self._consumer = Consumer(client_config("consumer", bootstrap, {
             "group.id": f"revline-audit-reader-{uuid.uuid4().hex[:8]}",
             "enable.auto.commit": False,
             "enable.partition.eof": True,
             "isolation.level": "read_committed" if committed_only else "read_uncommitted",
-        })
+        }))
         try:
             metadata = self._consumer.list_topics(topic, timeout=10)
         except KafkaException as exc:
@@ -217,7 +217,8 @@ def ensure_audit_topics(bootstrap: str, settings: Settings) -> None:
 
     ensure_topics(bootstrap, {settings.outcomes_topic: settings.input_partitions})
     ensure_operations_topics(bootstrap, settings)
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
+    admin = AdminClient(client_config("admin", bootstrap, {"log_level": 3}, settings=settings,
+                                      component="auditor"))
     names = [settings.outcomes_topic, settings.audit_facts_topic, settings.audit_topic,
              settings.audit_heads_topic]
     metadata = admin.list_topics(timeout=30).topics
@@ -263,13 +264,13 @@ class Chainer:
         self.sources = (settings.outcomes_topic, settings.audit_facts_topic)
         self.heads: dict[int, dict[str, ChainHead]] = {}
         self._outcome = outcome_codec()
-        consumer_config = settings.consumer_config(bootstrap, self.group_id)
+        consumer_config = settings.consumer_config(bootstrap, self.group_id, component="auditor")
         consumer_config.update({
             "partition.assignment.strategy": "range",  # partition p of both sources together
             "session.timeout.ms": int(settings.session_timeout_s * 1000),
         })
         self.consumer = Consumer(consumer_config)
-        producer_config = settings.producer_config(bootstrap)
+        producer_config = settings.producer_config(bootstrap, component="auditor")
         producer_config.update({
             # Stable per instance: a restart fences its predecessor and aborts its open
             # transaction at once instead of after the transaction timeout.

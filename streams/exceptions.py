@@ -70,6 +70,7 @@ from processors.ownership import ExceptionFacts, Ownership, event_amount
 from processors.reference import OWNERS, SEVERITIES
 from revline.auditlog import AuditFact, AuditLog
 from revline.errors import ConfigurationError, InfrastructureError
+from revline.kafka_config import client_config
 from revline.metrics import ExceptionMetrics
 from revline.readback import read_compacted_json, watermarks
 from revline.settings import Settings
@@ -114,8 +115,9 @@ class ExceptionManager:
         self.deserializer = deserializer or EventDeserializer()
         self.codec = exception_codec()
         # The default callback also reports the audit facts' deliveries (AuditLog passes none).
-        self.producer = producer or Producer({**settings.producer_config(bootstrap),
-                                              "on_delivery": self._on_delivery})
+        self.producer = producer or Producer({
+            **settings.producer_config(bootstrap, component=COMPONENT),
+            "on_delivery": self._on_delivery})
         self.audit = AuditLog(self.producer, settings.audit_facts_topic, track_delivery=False)
         self.states: dict[str, State] = {}
         # Lifecycle events read before their exception (the two topics are read
@@ -334,7 +336,7 @@ class ExceptionManager:
                     "checking SLAs every %.1fs", count, s.exception_state_topic,
                     self.ownership.version, s.exception_check_interval_s)
         consumer = Consumer({
-            **s.consumer_config(self.bootstrap, group),
+            **s.consumer_config(self.bootstrap, group, component=COMPONENT),
             **membership_config(s.session_timeout_s, COMPONENT, self.instance),
             "log_level": 3,
         })
@@ -416,8 +418,9 @@ def _refuse_second_manager(bootstrap: str, group: str, instance_id: str | None =
     """
     from revline.replay import live_members
 
-    members = live_members(AdminClient({"bootstrap.servers": bootstrap, "log_level": 3}), group,
-                           except_instance=instance_id)
+    admin = AdminClient(client_config("admin", bootstrap, {"log_level": 3},
+                                      component=COMPONENT))
+    members = live_members(admin, group, except_instance=instance_id)
     if members:
         raise ConfigurationError(
             f"an exception manager is already running (group {group}: {', '.join(members)}); "
@@ -450,13 +453,12 @@ def _caught_up(consumer: Consumer) -> bool:
 
 # -- helpers shared with the CLI -------------------------------------------------------------
 def _reader(bootstrap: str) -> Consumer:
-    return Consumer({
-        "bootstrap.servers": bootstrap,
+    return Consumer(client_config("consumer", bootstrap, {
         "group.id": f"revline-exceptions-read-{uuid.uuid4().hex[:8]}",
         "enable.auto.commit": False,
         "enable.partition.eof": True,
         "log_level": 3,
-    })
+    }))
 
 
 def _partitions(consumer: Consumer, topic: str) -> list[int]:
@@ -531,6 +533,7 @@ def run_manager(settings: Settings, bootstrap: str, stop: threading.Event, *,
     Start-up waits out a cold cluster (``REVLINE_STARTUP_TIMEOUT_S``)."""
     from processors.ownership import load_ownership
     from revline.admin import ensure_operations_topics, ensure_topics
+    from revline.kafka_config import registry_config
     from schemas import registry_client
 
     ownership = load_ownership(settings.ownership_file)
@@ -544,7 +547,8 @@ def run_manager(settings: Settings, bootstrap: str, stop: threading.Event, *,
     metrics = ExceptionMetrics()
     port = metrics.serve(settings.exceptions_metrics_port, settings.metrics_host)
     log.warning("metrics on http://127.0.0.1:%d/metrics", port)
-    deserializer = (EventDeserializer(registry=registry_client(settings.schema_registry_url))
-                    if settings.schema_registry_url else EventDeserializer())
+    registry = registry_config(settings)
+    deserializer = (EventDeserializer(registry=registry_client(registry))
+                    if registry is not None else EventDeserializer())
     ExceptionManager(settings, bootstrap, ownership, metrics, deserializer=deserializer,
                      instance=instance).run(stop)

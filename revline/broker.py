@@ -359,6 +359,8 @@ class LocalBroker:
     def _wait_ready(self, addr: str, deadline: float) -> None:
         from confluent_kafka.admin import AdminClient  # heavy import; only needed here
 
+        from revline.kafka_config import client_config
+
         started = False
         while time.monotonic() < deadline:
             assert self._proc is not None
@@ -374,7 +376,8 @@ class LocalBroker:
                 try:
                     # The log line says the server is up; a metadata round-trip
                     # proves a real client can use it.
-                    admin = AdminClient({"bootstrap.servers": addr})
+                    # This PLAINTEXT broker's own listener, not the settings' security.
+                    admin = AdminClient(client_config("admin", addr, own_security={}))
                     admin.list_topics(timeout=left)
                     return
                 except Exception:  # KafkaException on timeout; retry until deadline

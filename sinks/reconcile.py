@@ -203,7 +203,10 @@ class Expected:
     occurred_at: datetime
     position: int  # order on the topic (per order it is the processing order)
     ledger_minor: int | None = None  # a "post" rule's journal total; None: no journal
-    reverses: tuple[str, ...] = ()  # a cancellation: keys whose journals/invoices it reverses
+    reverses: tuple[str, ...] = ()  # a cancellation: keys whose journals it reverses
+    # A cancellation: keys of the invoices the ERP credits: every invoice, a zero one
+    # too (the ERP posts a zero invoice and credits it; the ledger posts nothing for it).
+    credits: tuple[str, ...] = ()
     sale_minor: int | None = None  # booking/amendment: the sale's untaxed amount
     source: Source | None = None
 
@@ -290,6 +293,7 @@ def expected_from_events(
     view = StreamView()
     seen: dict[Effect, Expected] = {}
     open_journals: dict[str, list[str]] = defaultdict(list)  # order -> reversible event keys
+    open_invoices: dict[str, list[str]] = defaultdict(list)  # order -> invoices not credited
     for position, (event, source) in enumerate(events):
         env = event["envelope"]
         key = str(env["idempotency_key"])
@@ -301,6 +305,7 @@ def expected_from_events(
         ledger_minor: int | None = None
         amount: int | None = None
         reverses: tuple[str, ...] = ()
+        credits: tuple[str, ...] = ()
         if rule is not None and rule.action == "post":
             debits = [_int(event.get(line.amount)) for line in rule.lines if line.side == "debit"]
             ledger_minor = sum(d or 0 for d in debits) or None
@@ -323,16 +328,19 @@ def expected_from_events(
             reverses = tuple(targets)
             amount = sum(mine[k].ledger_minor or 0 for k in targets) or None
             currency = next((mine[k].currency for k in targets), currency)
+            credits = tuple(open_invoices.pop(order_id, []))
         expected = Expected(
             key=key, order_id=order_id, event_type=etype, currency=currency,
             amount_minor=amount, occurred_at=env["occurred_at"], position=position,
-            ledger_minor=ledger_minor, reverses=reverses,
+            ledger_minor=ledger_minor, reverses=reverses, credits=credits,
             sale_minor=_net(event.get("lines")) if etype in _SHAPING else None,
             source=source,
         )  # fmt: skip
         seen[order_id, key] = expected
         if ledger_minor:
             open_journals[order_id].append(key)
+        if etype == "invoice_issued":
+            open_invoices[order_id].append(key)
         view.records.append(expected)
     view._index()
     return view
@@ -696,7 +704,8 @@ def _erp_expectation(
         want[m.CREDIT_NOTE] = (1, amount)
         want[m.REFUND_PAYMENT] = (1, amount)
     elif e.event_type == "order_cancelled":
-        credited = _reversed(e, stream, refused)
+        credited = [stream.by_effect[e.order_id, k] for k in e.credits
+                    if (e.order_id, k) not in refused]
         if credited:
             want[m.CREDIT_NOTE] = (len(credited), -sum(t.amount_minor or 0 for t in credited))
     elif shaping.get(e.order_id) == e.key:
@@ -920,9 +929,11 @@ def _expected_money(
     """(currency, minor units, effects) a system must hold for ``e``: one per currency."""
     if e.event_type == "order_cancelled":
         out: dict[str, list[int]] = {}
-        for t in _reversed(e, stream, refused):
+        targets = _reversed(e, stream, refused) if ledger else [
+            stream.by_effect[e.order_id, k] for k in e.credits if (e.order_id, k) not in refused]
+        for t in targets:
             row = out.setdefault(t.currency, [0, 0])
-            row[0] += t.ledger_minor or 0
+            row[0] += (t.ledger_minor if ledger else t.amount_minor) or 0
             row[1] += 1
         return [(cur, amount, count) for cur, (amount, count) in out.items()]
     if e.event_type not in PRIMARY_STEP or e.amount_minor is None:

@@ -49,7 +49,7 @@ class Outcome:
 
 
 def _bad_id(value: Any) -> bool:
-    return isinstance(value, str) and (len(value) > 256 or any(
+    return isinstance(value, str) and (len(value) > 512 or any(
         unicodedata.category(c) in ("Cc", "Cs") for c in value))
 
 

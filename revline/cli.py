@@ -61,8 +61,10 @@ def stop_on_signals(*, log_setup: bool = True) -> threading.Event:
 
 def bootstrap_for(settings: Settings, *, start_if_missing: bool) -> str:
     from revline.broker import resolve_bootstrap
+    from revline.kafka_config import check_credentials
 
     address, started = resolve_bootstrap(settings.broker_home, start_if_missing=start_if_missing)
+    check_credentials(address, settings=settings)  # refused credentials: one error, at once
     if started:
         err_console.print(
             f"[dim]Started a local Kafka broker at {address} "

@@ -392,3 +392,42 @@ def registry_config(settings: Settings | None = None,
     if ca is not None:
         config["ssl.ca.location"] = _existing(ca, "SCHEMA_REGISTRY_SSL_CA_LOCATION")
     return config
+
+
+# -- fail fast on refused credentials -----------------------------------------------------
+def check_credentials(bootstrap: str, *, settings: Settings | None = None,
+                      timeout_s: float = 15.0) -> None:
+    """On a secured cluster: fail within seconds, naming the settings, when the brokers
+    refuse the credentials or the TLS handshake (librdkafka would retry them forever and
+    start-up would wait out REVLINE_STARTUP_TIMEOUT_S for a "transport failure").
+
+    Returns once a metadata request succeeds, or after ``timeout_s`` without an answer
+    (an unreachable cluster is start-up's retry to wait out, not an error here)."""
+    import time
+
+    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    settings = settings if settings is not None else _environment_settings()
+    if security(settings).get("security.protocol", "PLAINTEXT").upper() == "PLAINTEXT":
+        return
+    errors: list[KafkaError] = []
+    admin = AdminClient(client_config("admin", bootstrap, {"error_cb": errors.append},
+                                      settings=settings))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            admin.list_topics(timeout=1.0)
+            return
+        except KafkaException:
+            admin.poll(0.1)
+        for error in errors:
+            if error.code() == KafkaError._AUTHENTICATION:
+                raise ConfigurationError(
+                    f"Kafka at {bootstrap} refused the credentials ({error.str()}): check "
+                    f"KAFKA_SASL_USERNAME, {_PASSWORD_VARS} and KAFKA_SASL_MECHANISM")
+            if error.code() == KafkaError._SSL:
+                raise ConfigurationError(
+                    f"TLS with Kafka at {bootstrap} failed ({error.str()}): check "
+                    "KAFKA_SSL_CA_LOCATION (the CA that signed the brokers' certificates) "
+                    "and the client certificate settings")

@@ -13,7 +13,8 @@ balances, and no sink refuses a validated event.
 
 CI runs 2,000 examples in total (derandomized, so reproducible). A long run::
 
-    REVLINE_DIFFERENTIAL_EXAMPLES=100000 .venv/bin/python -m pytest tests/test_differential.py
+    REVLINE_DIFFERENTIAL_EXAMPLES=100000 .venv/bin/python -m pytest tests/test_differential.py \
+        --timeout=0 -p no:cacheprovider
 """
 
 from __future__ import annotations

@@ -749,6 +749,8 @@ def settings_error(exc: Exception) -> ConfigurationError:
 def load_settings() -> Settings:
     try:
         return Settings()
+    except RevlineError:
+        raise  # already one clear line naming the variable
     except Exception as exc:  # pydantic ValidationError, or a bad .env / dotenv value
         raise settings_error(exc) from exc
 

@@ -8,6 +8,7 @@ local ``trytond`` on a copy of the prepared template), else the in-memory ERP.
 from __future__ import annotations
 
 import contextlib
+import logging
 import subprocess
 import sys
 import time
@@ -90,6 +91,12 @@ def run_demo(options: DemoOptions, settings: Settings, bootstrap: str, console: 
     run_id = time.strftime("d%H%M%S")
     run_dir = (settings.state_dir / "demo" / run_id).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
+    # Revline's own log lines, librdkafka's included ("coordinator load in progress" while
+    # a fresh broker warms up), go to the run's log, not between the demo's tables.
+    revline_log = logging.getLogger("revline")
+    revline_log.addHandler(logging.FileHandler(run_dir / "demo.log"))
+    revline_log.setLevel(logging.INFO)
+    revline_log.propagate = False
     rules = yaml.safe_load(settings.rules_file.read_text())
     rules["hold_timeout_seconds"] = options.hold_timeout
     (run_dir / "rules.yaml").write_text(yaml.safe_dump(rules))

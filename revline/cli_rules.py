@@ -271,49 +271,29 @@ def read_window(bootstrap: str, topic: str, ranges: Ranges, stats: ReadStats,
                 timeout: float = 600.0) -> Iterator[tuple[InputRecord, bool]]:
     """(record, counted) for every input in ``ranges``, each partition in offset order: a
     record is counted from the window's first offset on, whatever later timestamps say."""
-    from confluent_kafka import KafkaError, TopicPartition
 
     from processors import InputRecord
 
     stats.partitions = {p: {"from_offset": b, "counted_from_offset": c, "end_offset": e}
                         for p, (b, c, e) in ranges.items()}
-    todo = {p: e for p, (b, _, e) in ranges.items() if e > b}
+    todo = {p: (b, e) for p, (b, _, e) in ranges.items() if e > b}
     if not todo:
         return
-    total = sum(e - ranges[p][0] for p, e in todo.items())
-    consumer = _consumer(bootstrap)
-    try:
-        consumer.assign([TopicPartition(topic, p, ranges[p][0]) for p in sorted(todo)])
-        deadline = time.monotonic() + timeout
-        done = 0
-        while todo:
-            if time.monotonic() > deadline:
-                raise InfrastructureError(f"timed out reading {topic}: partitions {sorted(todo)}")
-            for msg in consumer.consume(1000, 1.0):
-                p = msg.partition() or 0
-                error = msg.error()
-                if error is not None:
-                    if error.code() == KafkaError._PARTITION_EOF:
-                        todo.pop(p, None)
-                        continue
-                    raise InfrastructureError(f"reading {topic}: {error}")
-                offset = msg.offset() or 0
-                if p not in todo or offset >= todo[p]:
-                    continue
-                done += 1
-                stats.read += 1
-                value = msg.value()
-                yield InputRecord(
-                    topic=topic, partition=p, offset=offset, key=msg.key(),
-                    value=value if value is not None else b"", headers=_headers(msg.headers()),
-                    timestamp_ms=msg.timestamp()[1],
-                ), offset >= ranges[p][1]
-                if offset + 1 >= todo[p]:
-                    del todo[p]
-            if progress is not None:
-                progress(done, total)
-    finally:
-        consumer.close()
+    total = sum(e - b for b, e in todo.values())
+    from revline.readback import read_topic
+
+    def counted(done: int, _offsets: int) -> None:
+        stats.read = done
+        if progress is not None:
+            progress(done, total)
+
+    for msg in read_topic(bootstrap, topic, ranges=todo, timeout=timeout, progress=counted):
+        p, offset, value = msg.partition() or 0, msg.offset() or 0, msg.value()
+        yield InputRecord(
+            topic=topic, partition=p, offset=offset, key=msg.key(),
+            value=value if value is not None else b"", headers=_headers(msg.headers()),
+            timestamp_ms=msg.timestamp()[1],
+        ), offset >= ranges[p][1]
 
 
 def _headers(raw: Any) -> tuple[tuple[str, bytes], ...]:

@@ -25,8 +25,10 @@ def read_topic(
     batch: int = 1000,
     missing_ok: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    ranges: Mapping[int, tuple[int, int]] | None = None,
 ) -> Iterator[Message]:
-    """Every record of ``topic`` from the beginning to the end offsets seen at the start.
+    """Every record of ``topic`` from the beginning to the end offsets seen at the start
+    (``ranges``: partition -> [from, to) offsets to read instead).
 
     A partition also ends at its EOF event: compacted-away records and transaction
     markers take offsets that no record carries, so "the last record's offset" may
@@ -52,7 +54,8 @@ def read_topic(
         end: dict[int, int] = {}
         start: list[TopicPartition] = []
         for p in sorted(metadata.topics[topic].partitions):
-            low, high = watermarks(consumer, topic, p)
+            low, high = watermarks(consumer, topic, p) if ranges is None else \
+                ranges.get(p, (0, 0))
             if high > low:
                 end[p] = high
                 start.append(TopicPartition(topic, p, low))

@@ -33,6 +33,7 @@ from processors import (
 from revline.errors import InfrastructureError
 from revline.metrics import Metrics
 from revline.settings import Settings
+from revline.startup import TRANSIENT_CODES
 from schemas import exception_codec, outcome_codec
 
 SOURCE_LINE_HEADER = "revline-source-line"
@@ -46,16 +47,9 @@ log = logging.getLogger("revline.worker.outputs")
 # Too large for the client (message.max.bytes) or for the topic (the broker's
 # RECORD_TOO_LARGE / MESSAGE_TOO_LARGE, which librdkafka reports as MSG_SIZE_TOO_LARGE).
 TOO_LARGE = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE})
-# Retriable whatever librdkafka's retriable() says: transient broker or network states.
-RETRIABLE = frozenset({
-    KafkaError._MSG_TIMED_OUT, KafkaError._TIMED_OUT, KafkaError._TRANSPORT,
-    KafkaError._ALL_BROKERS_DOWN, KafkaError._QUEUE_FULL, KafkaError.REQUEST_TIMED_OUT,
-    KafkaError.NOT_ENOUGH_REPLICAS, KafkaError.NOT_ENOUGH_REPLICAS_AFTER_APPEND,
-    KafkaError.LEADER_NOT_AVAILABLE, KafkaError.NOT_LEADER_FOR_PARTITION,
-    KafkaError.NETWORK_EXCEPTION, KafkaError.KAFKA_STORAGE_ERROR,
-    KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.NOT_COORDINATOR,
-    KafkaError._UNKNOWN_PARTITION, KafkaError.UNKNOWN_TOPIC_OR_PART,
-})
+# Retriable whatever librdkafka's retriable() says: the transient broker states start-up
+# waits out too (one list, revline.startup), and a full local queue.
+RETRIABLE = TRANSIENT_CODES | {KafkaError._QUEUE_FULL}
 MAX_ATTEMPTS = 6  # per record, for retriable errors; then the batch fails (crash-only)
 MAX_TEXT = 2048  # characters of any one text kept in a shrunk record
 MAX_KEY = 1024  # bytes of a key kept in a shrunk record

@@ -43,7 +43,8 @@ def _progress() -> Progress:
 def cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
     from revline.broker import broker_command
 
-    return broker_command(args.action, settings.broker_home, fresh=args.fresh, yes=args.yes)
+    return broker_command(args.action, settings.broker_home, fresh=args.fresh, yes=args.yes,
+                          nodes=args.nodes, secure=args.secure)
 
 
 def stop_on_signals(*, log_setup: bool = True) -> threading.Event:
@@ -569,12 +570,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="on an error, show the traceback too (or set REVLINE_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("broker", help="start, stop or inspect the local single-node Kafka broker")
+    p = sub.add_parser("broker", help="start, stop or inspect the local Kafka broker (or cluster)")
     p.add_argument("action", choices=["start", "stop", "status", "restart", "reset"],
                    help="stop/start/restart keep topics, records and offsets; reset deletes them")
     p.add_argument("--fresh", action="store_true",
                    help="with start/restart: delete every topic first and pick new ports")
     p.add_argument("--yes", action="store_true", help="with reset: do not ask for confirmation")
+    p.add_argument("--nodes", type=POSITIVE, default=None, metavar="N",
+                   help="a local cluster of N combined controller+broker nodes "
+                        "(replication factor 3 and min.insync.replicas 2 from 3 nodes)")
+    p.add_argument("--secure", action="store_true",
+                   help="the cluster with SASL_SSL (SCRAM-SHA-512), TLS and ACLs; its client "
+                        "settings are written to a client.env to source")
     p.set_defaults(func=cmd_broker)
 
     p = sub.add_parser(

@@ -53,6 +53,7 @@ PRICE_DECIMALS = 4
 _MARKER = re.compile(r"\[revline step=(?P<step>[a-z_]+) key=(?P<key>[^\]\n]+)\]")
 _ESCAPE = {"%": "%25", "[": "%5B", "]": "%5D"}
 _UNESCAPE = re.compile(r"%(25|5B|5D)")
+_LEGACY = re.compile(r"%(?!25|5B|5D)")
 
 
 def currency_digits(code: str) -> int:
@@ -95,6 +96,44 @@ def like_pattern(key: str) -> str:
     return f"%key={like_escape(escape_key(key))}]%"
 
 
+def _legacy(key: str) -> bool:
+    """Whether ``key``, stored raw, is told apart from every escaped key: it holds a ``%``
+    that starts no escape (``%25``, ``%5B``, ``%5D``), which an escaped key never does."""
+    return _LEGACY.search(key) is not None
+
+
+def like_patterns(key: str) -> list[str]:
+    """LIKE patterns matching every form a marker of this key may have been stored in:
+    the escaped one, and the raw one markers had before the escaping (``%`` unescaped)
+    where that raw form cannot be another key's escaped form (see ``marker_steps``)."""
+    patterns = [like_pattern(key)]
+    if _legacy(key):
+        patterns.append(f"%key={like_escape(key)}]%")
+    return patterns
+
+
+def marker_steps(text: str | None, key: str) -> list[str]:
+    """Steps of the markers in ``text`` that carry ``key``.
+
+    A key is stored escaped. Before the escaping, ``%`` was stored raw: such a legacy
+    marker is recognised when its raw text holds a ``%`` that starts no escape (e.g.
+    ``50%off``), so an upgrade never applies its effect twice. A legacy key whose every
+    ``%`` happens to read as an escape (``a%25``) is indistinguishable from the escaped
+    key ``a%`` and is read as that: an escaped spelling is never another key.
+    """
+    escaped = escape_key(key)
+    legacy = key if _legacy(key) else None
+    return [
+        mt["step"]
+        for mt in _MARKER.finditer(text or "")
+        if mt["key"] == escaped or mt["key"] == legacy
+    ]
+
+
+def has_marker(text: str | None, step: str, key: str) -> bool:
+    return step in marker_steps(text, key)
+
+
 def marker_end(text: str, step: str) -> list[tuple[str, str]]:
     """(key, the text after the marker) of each ``step`` marker in ``text``."""
     return [
@@ -106,7 +145,7 @@ def marker_end(text: str, step: str) -> list[tuple[str, str]]:
 
 def add_marker(text: str | None, step: str, key: str) -> str:
     line = marker(step, key)
-    if (step, key) in markers(text):
+    if has_marker(text, step, key):
         return text or ""
     return f"{text}\n{line}" if text else line
 

@@ -40,10 +40,11 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import threading
 import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -53,6 +54,7 @@ from sinks._protocols import (
     EffectResult,
     ErpDocument,
     Event,
+    PartialWriteError,
     PermanentSinkError,
     TransientSinkError,
 )
@@ -260,6 +262,29 @@ def _unstored(value: Any) -> str:
     return urllib.parse.unquote(text[1:]) if text.startswith("%") else text
 
 
+def _no_sale(order_id: str, etype: str) -> PermanentSinkError:
+    return PermanentSinkError(
+        f"{etype} for order {order_id}: Tryton has no sale with reference {order_id} "
+        "(the booking has not been applied)"
+    )
+
+
+def _booked_twice(order_id: str, other: Mapping[str, Any]) -> PermanentSinkError:
+    return PermanentSinkError(
+        f"order {order_id} is already sale {other['id']} in Tryton, booked under "
+        f"another key ({m.markers(other['comment'])[:1]}); not booking it twice"
+    )
+
+
+def _live_sale(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The order's sale among its sales (by id): a cancelled booking may have been booked
+    again; the live one is the order."""
+    if not rows:
+        return None
+    live = [r for r in rows if r["state"] != "cancelled"]
+    return (live or list(rows))[-1]
+
+
 def _origin_id(origin: Any, model: str) -> int | None:
     """The id in a Reference value ``"model,id"`` when it points at ``model``."""
     if isinstance(origin, str) and origin.startswith(f"{model},"):
@@ -344,7 +369,12 @@ class TrytonErp:
         model: str,
         record: int,
         drive: Callable[[Callable[[dict[str, Any], str], dict[str, Any]], dict[str, Any]], None],
+        *,
+        read_start: bool = True,
     ) -> None:
+        """Run wizard ``name`` on one record; ``drive(execute, first)`` fills its states.
+        Without ``read_start`` the start state is not executed (``first`` is empty): for a
+        caller that knows the start view's values already."""
         ctx = {"active_model": model, "active_id": record, "active_ids": [record]}
         session, start, _end = self._rpc.call(f"wizard.{name}.create", context=ctx)
 
@@ -353,7 +383,7 @@ class TrytonErp:
             return dict(out or {})
 
         try:
-            first = execute({}, start)
+            first = execute({}, start) if read_start else {}
             drive(execute, first)
         finally:
             # Best effort: Tryton garbage-collects abandoned wizard sessions anyway.
@@ -419,6 +449,17 @@ class TrytonErp:
         return self._currencies[code]
 
     def _product_map(self, skus: Sequence[str]) -> dict[str, tuple[int, int, int]]:
+        self._load_products(skus)
+        unknown = sorted(set(skus) - self._products.keys())
+        if unknown:
+            raise PermanentSinkError(
+                f"unknown SKU(s) in Tryton (no salable product with a revenue account): {unknown}"
+            )
+        return {s: self._products[s] for s in skus}
+
+    def _load_products(self, skus: Iterable[str]) -> None:
+        """Products by SKU into the cache (products, their unit and revenue account do not
+        change under a running sink; an unknown SKU is asked again each time)."""
         wanted = sorted(set(skus) - self._products.keys())
         if wanted:
             rows = self._m(
@@ -436,12 +477,6 @@ class TrytonErp:
                 )
                 if account:
                     self._products[r["code"]] = (int(r["id"]), int(r["default_uom"]), int(account))
-        unknown = sorted(set(skus) - self._products.keys())
-        if unknown:
-            raise PermanentSinkError(
-                f"unknown SKU(s) in Tryton (no salable product with a revenue account): {unknown}"
-            )
-        return {s: self._products[s] for s in skus}
 
     # -- lookup --------------------------------------------------------------------------
     # Every lookup is scoped to one order, as the effect identity is (order, key):
@@ -456,14 +491,19 @@ class TrytonErp:
     ) -> list[tuple[str, int]]:
         """(step, id) of the order's documents of ``model`` carrying a marker of exactly
         ``key``; with ``states``, only documents past draft (their step completed)."""
-        domain: list[Any] = [[field, "like", m.like_pattern(key)]]
+        patterns = m.like_patterns(key)
+        domain: list[Any] = (
+            [[field, "like", patterns[0]]]
+            if len(patterns) == 1
+            else [["OR", *[[field, "like", p] for p in patterns]]]
+        )
         if model == "sale.sale":
             domain.append(["reference", "=", _stored(order_id)])
         fields = [field, "state"] if states else [field]
         if model == "account.move":
             fields.append("origin")
         rows = self._m(model, "search_read", domain, 0, None, [["id", "ASC"]], fields)
-        rows = [r for r in rows if any(k == key for _s, k in m.markers(r.get(field)))]
+        rows = [r for r in rows if m.marker_steps(r.get(field), key)]
         if rows and model == "account.invoice":
             mine = self._order_invoices(order_id)
             rows = [r for r in rows if int(r["id"]) in mine]
@@ -474,8 +514,7 @@ class TrytonErp:
             (step, int(r["id"]))
             for r in rows
             if not states or r.get("state") != "draft"
-            for step, k in m.markers(r.get(field))
-            if k == key
+            for step in m.marker_steps(r.get(field), key)
         ]
 
     def _sale_invoices(self, order_id: str) -> list[int]:
@@ -661,37 +700,80 @@ class TrytonErp:
     def apply(self, event: Event) -> EffectResult:
         return m.dispatch(self, event)
 
+    def apply_many(self, events: Sequence[Event]) -> list[EffectResult | Exception]:
+        """Apply a batch: one outcome per event, in order, each what ``apply`` would give
+        (an ``EffectResult``, or the ``PermanentSinkError``/``PartialWriteError`` it would
+        raise, returned in its place so one refused document never fails the others).
+
+        The batch is cut in waves, the n-th event of every order in the n-th wave, so an
+        order's events keep their order and a wave holds one event per order. A wave
+        reads what its orders have in Tryton with one call per model, then applies each
+        event type with one call per step for all its documents (create sales with their
+        lines, quote, confirm, create invoices, post...). An event whose effect is
+        already (partly) in Tryton, a rare type (cancellation, refund), or a document
+        of a batched call Tryton refused, goes through ``apply``'s path on its own,
+        which finds what exists by its marker and completes the rest.
+
+        A ``TransientSinkError`` (Tryton unreachable, a lock) is raised for the whole
+        batch: what was written is found by its marker when the batch is applied again.
+        """
+        out: list[EffectResult | Exception | None] = [None] * len(events)
+        waves: list[list[int]] = []
+        seen: dict[str, int] = {}
+        for i, event in enumerate(events):
+            try:
+                order = str(m.envelope(event)["order_id"])
+            except (PermanentSinkError, KeyError) as exc:
+                out[i] = exc if isinstance(exc, PermanentSinkError) else PermanentSinkError(
+                    f"event without {exc}")
+                continue
+            n = seen.get(order, 0)
+            seen[order] = n + 1
+            if n == len(waves):
+                waves.append([])
+            waves[n].append(i)
+        for wave in waves:
+            _Wave(self, [(i, events[i]) for i in wave], out).run()
+        assert all(r is not None for r in out)
+        return [r for r in out if r is not None]
+
+    def _apply_one(self, event: Event) -> EffectResult | Exception:
+        """``apply`` for one event of a batch: its refusal is its outcome; a transient
+        failure (also after a finished step) stops the batch."""
+        try:
+            return m.dispatch(self, event)
+        except PartialWriteError as exc:
+            if isinstance(exc.cause, TransientSinkError):
+                raise exc.cause from exc
+            return exc
+        except PermanentSinkError as exc:
+            return exc
+
     # -- shared pieces -------------------------------------------------------------------
+    _SALE_FIELDS = (
+        "state",
+        "party",
+        "currency",
+        "comment",
+        "lines",
+        "invoices",
+        "invoice_address",
+        "untaxed_amount",
+        "invoice_method",
+        "reference",
+    )
+
     def _sale_for_order(self, order_id: str) -> dict[str, Any] | None:
-        ids = self._search("sale.sale", [["reference", "=", _stored(order_id)]])
-        if not ids:
-            return None
-        rows = self._read(
-            "sale.sale",
-            ids,
-            [
-                "state",
-                "party",
-                "currency",
-                "comment",
-                "lines",
-                "invoices",
-                "invoice_address",
-                "untaxed_amount",
-                "invoice_method",
-            ],
-        )
-        # A cancelled booking may have been booked again; the live one is the order.
-        live = [r for r in rows if r["state"] != "cancelled"]
-        return (live or rows)[-1]
+        rows = self._m(
+            "sale.sale", "search_read", [["reference", "=", _stored(order_id)]], 0, None,
+            [["id", "ASC"]], list(self._SALE_FIELDS),
+        )  # fmt: skip
+        return _live_sale(rows)
 
     def _require_sale(self, order_id: str, etype: str) -> dict[str, Any]:
         sale = self._sale_for_order(order_id)
         if sale is None:
-            raise PermanentSinkError(
-                f"{etype} for order {order_id}: Tryton has no sale with reference {order_id} "
-                "(the booking has not been applied)"
-            )
+            raise _no_sale(order_id, etype)
         return sale
 
     def _party(self, customer_id: str) -> tuple[int, int]:
@@ -760,47 +842,54 @@ class TrytonErp:
             return
         other = self._sale_for_order(order_id)
         if other is not None and other["state"] != "cancelled":
-            raise PermanentSinkError(
-                f"order {order_id} is already sale {other['id']} in Tryton, booked under "
-                f"another key ({m.markers(other['comment'])[:1]}); not booking it twice"
-            )
+            raise _booked_twice(order_id, other)
         currency_id, digits = self._currency(str(event["currency"]))
         lines = self._sale_lines(m.price_lines(event["lines"], digits))
         party, address = self._party(str(event["customer_id"]))
         p.ref(m.PARTY, party)
-        cfg = self._cfg()
         (sale_id,) = self._m(
             "sale.sale",
             "create",
-            [
-                {
-                    "party": party,
-                    "invoice_address": address,
-                    "shipment_address": address,
-                    "currency": currency_id,
-                    "reference": _stored(order_id),
-                    "description": f"{event.get('booking_kind', 'booking')} {order_id}",
-                    "comment": m.marker(m.SALE, key),
-                    "sale_date": m.event_day(env["occurred_at"]),
-                    "payment_term": cfg["payment_term"],
-                    # Revline creates each invoice itself (split billing): Tryton must not
-                    # draft one of the whole sale when it is confirmed.
-                    "invoice_method": "manual",
-                    "lines": [["create", lines]],
-                }
-            ],
+            [self._sale_values(event, env, key, party, address, currency_id, lines)],
         )
         p.wrote = True
         p.ref(m.SALE, sale_id)
         self._button("sale.sale", "quote", [sale_id])
         p.complete(m.SALE, sale_id)
 
+    def _sale_values(
+        self,
+        event: Event,
+        env: Mapping[str, Any],
+        key: str,
+        party: int,
+        address: int,
+        currency_id: int,
+        lines: list[dict[str, Any]],
+    ) -> dict[str, Any]:
+        order_id = str(env["order_id"])
+        return {
+            "party": party,
+            "invoice_address": address,
+            "shipment_address": address,
+            "currency": currency_id,
+            "reference": _stored(order_id),
+            "description": f"{event.get('booking_kind', 'booking')} {order_id}",
+            "comment": m.marker(m.SALE, key),
+            "sale_date": m.event_day(env["occurred_at"]),
+            "payment_term": self._cfg()["payment_term"],
+            # Revline creates each invoice itself (split billing): Tryton must not
+            # draft one of the whole sale when it is confirmed.
+            "invoice_method": "manual",
+            "lines": [["create", lines]],
+        }
+
     # -- order_amended ---------------------------------------------------------------------
     def _amend(self, event: Event, env: Mapping[str, Any], key: str, p: m.Progress) -> None:
         sale = self._require_sale(str(env["order_id"]), "order_amended")
         sale_id = int(sale["id"])
         p.ref(m.PARTY, sale["party"])
-        if (m.SALE, key) in m.markers(sale["comment"]):
+        if m.has_marker(sale["comment"], m.SALE, key):
             if sale["state"] == "draft":
                 self._button("sale.sale", "quote", [sale_id])
                 p.wrote = True
@@ -851,7 +940,7 @@ class TrytonErp:
                 # The refs name the first credit note (as lookup does: lowest id first).
                 if credit is not None and m.CREDIT_NOTE not in p.done:
                     p.complete(m.CREDIT_NOTE, credit)
-        if (m.SALE, key) not in m.markers(sale["comment"]):
+        if not m.has_marker(sale["comment"], m.SALE, key):
             self._m(
                 "sale.sale",
                 "write",
@@ -872,7 +961,7 @@ class TrytonErp:
             0, None, [["id", "ASC"]], ["comment", "state"],
         )  # fmt: skip
         # First: the invoice is cancelled once credited with refund, so look before judging it.
-        mine = [int(c["id"]) for c in credits if (m.CREDIT_NOTE, key) in m.markers(c["comment"])]
+        mine = [int(c["id"]) for c in credits if m.has_marker(c["comment"], m.CREDIT_NOTE, key)]
         if mine:
             return mine[0]
         if invoice["state"] == "draft":
@@ -987,7 +1076,7 @@ class TrytonErp:
         if sale["state"] in ("draft", "quotation"):
             self._button("sale.sale", "confirm", [sale_id])
             p.wrote = True
-        if (m.SALE, key) not in m.markers(sale["comment"]):
+        if not m.has_marker(sale["comment"], m.SALE, key):
             self._m(
                 "sale.sale",
                 "write",
@@ -1029,17 +1118,35 @@ class TrytonErp:
         currency_id: int,
         digits: int,
     ) -> int:
+        sale_lines = self._read("sale.line", [int(i) for i in sale["lines"]], ["type", "product"])
+        values = self._invoice_values(
+            event, env, key, sale, priced, currency_id, digits, sale_lines,
+            self._dates(m.event_day(env["occurred_at"])),
+        )  # fmt: skip
+        (inv_id,) = self._m("account.invoice", "create", [values])
+        return int(inv_id)
+
+    def _invoice_values(
+        self,
+        event: Event,
+        env: Mapping[str, Any],
+        key: str,
+        sale: Mapping[str, Any],
+        priced: Sequence[m.PricedLine],
+        currency_id: int,
+        digits: int,
+        sale_lines: Sequence[Mapping[str, Any]],
+        dates: Mapping[str, dt.date],
+    ) -> dict[str, Any]:
+        """An invoice of the event's lines, created whole (lines, tax, marker) in one call;
+        ``sale_lines``: the sale's lines read with ``type`` and ``product``."""
         cfg = self._cfg()
         order_id = str(env["order_id"])
         invoice_ref = str(env.get("invoice_id") or key)
         products = self._product_map([ln.sku for ln in priced])
         # Each line's origin is the sale's line of the same product (else its first line):
         # Tryton's own link from an invoice to its sale, which scopes lookups to the order.
-        sale_lines = [
-            r
-            for r in self._read("sale.line", [int(i) for i in sale["lines"]], ["type", "product"])
-            if r["type"] == "line"
-        ]
+        sale_lines = [r for r in sale_lines if r["type"] == "line"]
         if not sale_lines:
             raise PermanentSinkError(f"sale {sale['id']} for order {order_id} has no lines")
         by_product: dict[int, int] = {}
@@ -1070,7 +1177,7 @@ class TrytonErp:
             "journal": cfg["journal"],
             "currency": currency_id,
             "payment_term": cfg["payment_term"],
-            **self._dates(m.event_day(env["occurred_at"])),
+            **dates,
             "reference": _stored(invoice_ref),
             "description": f"{invoice_ref} for order {order_id}",
             "comment": m.marker(m.INVOICE, key),
@@ -1096,8 +1203,7 @@ class TrytonErp:
                     ],
                 ]
             ]
-        (inv_id,) = self._m("account.invoice", "create", [values])
-        return int(inv_id)
+        return values
 
     def _dates(self, day: dt.date) -> dict[str, dt.date]:
         """invoice_date/accounting_date for a document the source dated ``day``.
@@ -1117,8 +1223,25 @@ class TrytonErp:
             return {"invoice_date": day, "accounting_date": day}
         return {"invoice_date": later[0]["invoice_date"], "accounting_date": day}
 
+    def _confirm_post_warnings(self, invoices: Sequence[int]) -> None:
+        """Confirm beforehand the "payment term date in the past" warning posting each
+        invoice raises (a back-dated invoice always does): one call for all, instead of
+        each post being refused, confirmed and run again. The key is Tryton's own
+        (``res.user.warning.format``: md5 of "account.invoice,<id>", then the name); if
+        it ever changes, ``_Rpc.call`` still confirms the warnings one by one."""
+        if not invoices:
+            return
+        self._cfg()  # logged in: the user id is known
+        self._m("res.user.warning", "create", [
+            {"user": self._rpc.user_id, "always": False,
+             "name": f"{hashlib.md5(f'account.invoice,{i}'.encode()).hexdigest()}"
+                     ".invoice_payment_term"}
+            for i in invoices
+        ])  # fmt: skip
+
     def _post(self, invoice: int) -> None:
         try:
+            self._confirm_post_warnings([invoice])
             self._button("account.invoice", "post", [invoice])
         except PermanentSinkError as exc:
             # Another worker numbered a later invoice between our date check and this
@@ -1142,13 +1265,34 @@ class TrytonErp:
         ]
         return moves[0] if moves else None
 
-    def _pay(self, invoice: int, amount: Decimal, day: dt.date, description: str) -> None:
+    _PAY_FIELDS = ("party", "currency", "company", "account", "alternative_payees")
+
+    def _pay(
+        self,
+        invoice: int,
+        amount: Decimal,
+        day: dt.date,
+        description: str,
+        row: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Pay ``invoice`` through Tryton's own wizard. The start view's defaults are what
+        ``account.invoice.pay`` computes from the invoice (payee: its party, its currency,
+        company and account), so they are taken from ``row`` (read if not given) instead
+        of executing the start state; an invoice with alternative payees reads them."""
         cfg = self._cfg()
+        if row is None or any(f not in row for f in self._PAY_FIELDS):
+            row = self._read1("account.invoice", invoice, self._PAY_FIELDS)
+        known = not row.get("alternative_payees")
 
         def drive(
             execute: Callable[[dict[str, Any], str], dict[str, Any]], first: dict[str, Any]
         ) -> None:
-            defaults = first["view"]["defaults"]
+            assert row is not None
+            defaults = (
+                {"payee": row["party"], "currency": row["currency"],
+                 "company": row["company"], "invoice_account": row["account"]}
+                if known else first["view"]["defaults"]
+            )  # fmt: skip
             data: dict[str, Any] = {
                 "start": {
                     "payee": defaults["payee"],
@@ -1182,7 +1326,7 @@ class TrytonErp:
                 data["ask"]["type"] = "partial"
                 execute(data, "pay")
 
-        self._wizard("account.invoice.pay", "account.invoice", invoice, drive)
+        self._wizard("account.invoice.pay", "account.invoice", invoice, drive, read_start=not known)
 
     def _invoice_by_ref(self, order_id: str, invoice_ref: str) -> dict[str, Any] | None:
         """The order's invoice (not a credit note) whose reference is ``invoice_ref``."""
@@ -1348,3 +1492,468 @@ class TrytonErp:
                     paid = _origin_id(mv["origin"], "account.invoice") or paid
         lines = self._read1("account.invoice", paid, ["lines"])["lines"]
         return min(int(i) for i in lines) if lines else None
+
+
+class _Item:
+    """One event of a wave, and the progress of its effect."""
+
+    def __init__(self, index: int, event: Event) -> None:
+        self.index = index
+        self.event = event
+        self.env = m.envelope(event)
+        self.order = str(self.env["order_id"])
+        self.key = str(self.env["idempotency_key"])
+        self.etype = str(self.env["event_type"])
+        self.p = m.Progress()
+
+
+class _Wave:
+    """Events of distinct orders, applied together (see ``TrytonErp.apply_many``).
+
+    What each order has in Tryton is read once for the wave: its sales (by reference),
+    their invoices, and for payments the moves of those invoices. An event is applied
+    here only when that read proves its effect absent (no document of its order carries
+    its key's marker); otherwise, or when a batched call is refused, ``apply``'s own
+    path takes it."""
+
+    _INVOICE_FIELDS = (
+        "comment", "reference", "type", "state", "total_amount", "number", "currency",
+        "amount_to_pay", "party", "company", "account", "alternative_payees",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        erp: TrytonErp,
+        events: Sequence[tuple[int, Event]],
+        out: list[EffectResult | Exception | None],
+    ) -> None:
+        self.erp = erp
+        self.out = out
+        self.items: list[_Item] = []
+        for index, event in events:
+            try:
+                self.items.append(_Item(index, event))
+            except (PermanentSinkError, KeyError) as exc:
+                out[index] = (
+                    exc if isinstance(exc, PermanentSinkError)
+                    else PermanentSinkError(f"event without {exc}")
+                )  # fmt: skip
+        self.sales: dict[str, list[dict[str, Any]]] = {}
+        self.invoices: dict[str, list[dict[str, Any]]] = {}
+        self.moves: dict[str, list[dict[str, Any]]] = {}
+
+    # -- outcomes ------------------------------------------------------------------------
+    def _done(self, it: _Item) -> None:
+        self.out[it.index] = m.result(it.order, it.key, it.p.wrote, it.p.refs)
+
+    def _fail(self, it: _Item, exc: PermanentSinkError) -> None:
+        self.out[it.index] = m.partial(it.p.done, exc, it.etype) if it.p.done else exc
+
+    def _single(self, it: _Item) -> None:
+        self.out[it.index] = self.erp._apply_one(it.event)
+
+    def _fallback(self, items: Iterable[_Item]) -> None:
+        """A batched call was refused: each document on its own (it finds what the
+        batch did by its marker), so the refusal is only its document's."""
+        for it in items:
+            if self.out[it.index] is None:
+                self._single(it)
+
+    # -- reads ---------------------------------------------------------------------------
+    def _read_sales(self, orders: Iterable[str]) -> None:
+        refs = sorted({_stored(o) for o in orders})
+        rows = self.erp._m(
+            "sale.sale", "search_read", [["reference", "in", refs]], 0, None, [["id", "ASC"]],
+            list(TrytonErp._SALE_FIELDS),
+        )  # fmt: skip
+        for r in rows:
+            self.sales.setdefault(_unstored(r["reference"]), []).append(r)
+
+    def _read_invoices(self, orders: Iterable[str]) -> None:
+        """The invoices of the orders' sales (an order's are by id)."""
+        owner: dict[int, str] = {}
+        for order in orders:
+            for sale in self.sales.get(order, []):
+                for inv in sale["invoices"]:
+                    owner[int(inv)] = order
+        for r in self.erp._read("account.invoice", sorted(owner), self._INVOICE_FIELDS):
+            self.invoices.setdefault(owner[int(r["id"])], []).append(r)
+
+    def _read_moves(self, orders: Iterable[str]) -> None:
+        owner = {
+            f"account.invoice,{r['id']}": order
+            for order in orders
+            for r in self.invoices.get(order, [])
+        }
+        if not owner:
+            return
+        rows = self.erp._m(
+            "account.move", "search_read", [["origin", "in", sorted(owner)]], 0, None,
+            [["id", "ASC"]], ["description", "origin"],
+        )  # fmt: skip
+        for r in rows:
+            self.moves.setdefault(owner[str(r["origin"])], []).append(r)
+
+    # -- the wave ------------------------------------------------------------------------
+    def run(self) -> None:
+        groups: dict[str, list[_Item]] = {}
+        for it in self.items:
+            if it.etype in m.HANDLERS:
+                groups.setdefault(it.etype, []).append(it)
+            else:
+                self.out[it.index] = m.not_applicable(it.order, it.key, it.etype)
+        if not groups:
+            return
+        self.erp._cfg()
+        self._read_sales(it.order for group in groups.values() for it in group)
+        money = [*groups.get("invoice_issued", []), *groups.get("payment_captured", [])]
+        if money:
+            self._read_invoices(it.order for it in money)
+        if "payment_captured" in groups:
+            self._read_moves(it.order for it in groups["payment_captured"])
+        self._book(groups.get("order_booked", []))
+        self._amend(groups.get("order_amended", []))
+        self._invoice(groups.get("invoice_issued", []))
+        self._payment(groups.get("payment_captured", []))
+        # Rare, and each touching several documents of its order: one at a time.
+        for it in [*groups.get("order_cancelled", []), *groups.get("refund_issued", [])]:
+            self._single(it)
+
+    # -- order_booked --------------------------------------------------------------------
+    def _book(self, group: list[_Item]) -> None:
+        erp = self.erp
+        fresh: list[tuple[_Item, int, list[dict[str, Any]]]] = []
+        erp._load_products(ln["sku"] for it in group for ln in it.event.get("lines") or ())
+        for it in group:
+            rows = self.sales.get(it.order, [])
+            if any(m.has_marker(r["comment"], m.SALE, it.key) for r in rows):
+                self._single(it)  # created before (perhaps interrupted before its quote)
+                continue
+            other = _live_sale(rows)
+            if other is not None and other["state"] != "cancelled":
+                self._fail(it, _booked_twice(it.order, other))
+                continue
+            try:
+                currency_id, digits = erp._currency(str(it.event["currency"]))
+                lines = erp._sale_lines(m.price_lines(it.event["lines"], digits))
+            except PermanentSinkError as exc:
+                self._fail(it, exc)
+                continue
+            fresh.append((it, currency_id, lines))
+        if not fresh:
+            return
+        try:
+            parties = self._parties({str(it.event["customer_id"]) for it, _, _ in fresh})
+            values = []
+            for it, currency_id, lines in fresh:
+                party, address = parties[str(it.event["customer_id"])]
+                it.p.ref(m.PARTY, party)
+                values.append(
+                    erp._sale_values(it.event, it.env, it.key, party, address, currency_id, lines)
+                )
+            ids = [int(i) for i in erp._m("sale.sale", "create", values)]
+            for (it, _, _), sale_id in zip(fresh, ids, strict=True):
+                it.p.wrote = True
+                it.p.ref(m.SALE, sale_id)
+            erp._button("sale.sale", "quote", ids)
+        except PermanentSinkError:
+            self._fallback(it for it, _, _ in fresh)
+            return
+        for it, _, _ in fresh:
+            it.p.complete(m.SALE, it.p.refs[m.SALE])
+            self._done(it)
+
+    def _parties(self, customers: set[str]) -> dict[str, tuple[int, int]]:
+        """customer id -> (party, its first address), creating the missing parties in one
+        call (a code another worker created meanwhile: the call is refused, and the
+        bookings go one at a time, which finds it)."""
+        erp = self.erp
+        codes = {c: _stored(c) for c in customers}
+
+        def read(wanted: Iterable[str]) -> dict[str, dict[str, Any]]:
+            rows = erp._m(
+                "party.party", "search_read", [["code", "in", sorted(set(wanted))]], 0, None,
+                [["id", "ASC"]], ["code", "addresses"],
+            )  # fmt: skip
+            found: dict[str, dict[str, Any]] = {}
+            for r in rows:
+                found.setdefault(str(r["code"]), r)
+            return found
+
+        found = read(codes.values())
+        missing = sorted(c for c in customers if codes[c] not in found)
+        if missing:
+            erp._m("party.party", "create", [
+                {"name": c, "code": codes[c], "addresses": [["create", [{}]]]} for c in missing
+            ])  # fmt: skip
+            found.update(read(codes[c] for c in missing))
+        out: dict[str, tuple[int, int]] = {}
+        for c in customers:
+            row = found.get(codes[c])
+            if row is None or not row["addresses"]:
+                out[c] = erp._party(c)  # vanished meanwhile, or has no address: the slow way
+            else:
+                out[c] = (int(row["id"]), int(row["addresses"][0]))
+        return out
+
+    # -- order_amended -------------------------------------------------------------------
+    def _amend(self, group: list[_Item]) -> None:
+        erp = self.erp
+        fresh: list[tuple[_Item, dict[str, Any], list[dict[str, Any]]]] = []
+        erp._load_products(ln["sku"] for it in group for ln in it.event.get("lines") or ())
+        for it in group:
+            sale = _live_sale(self.sales.get(it.order, []))
+            if sale is None:
+                self._fail(it, _no_sale(it.order, "order_amended"))
+                continue
+            it.p.ref(m.PARTY, sale["party"])
+            if m.has_marker(sale["comment"], m.SALE, it.key):
+                self._single(it)
+                continue
+            if sale["state"] not in ("draft", "quotation"):
+                self._fail(it, PermanentSinkError(
+                    f"sale {sale['id']} for order {it.order} is {sale['state']}: Tryton does "
+                    "not change the lines of a confirmed sale; amendment "
+                    f"{it.env.get('amendment_number')} needs a credit note and a new order"
+                ))  # fmt: skip
+                continue
+            try:
+                digits = erp._check_currency(sale, str(it.event["currency"]), f"sale {sale['id']}")
+                lines = erp._sale_lines(m.price_lines(it.event["lines"], digits))
+            except PermanentSinkError as exc:
+                self._fail(it, exc)
+                continue
+            fresh.append((it, sale, lines))
+        if not fresh:
+            return
+        try:
+            quotations = [int(sale["id"]) for _, sale, _ in fresh if sale["state"] == "quotation"]
+            if quotations:
+                erp._button("sale.sale", "draft", quotations)
+            writes: list[Any] = []
+            for it, sale, lines in fresh:
+                # Lines and marker in one write: the amendment is all there or not at all.
+                writes += [[int(sale["id"])], {
+                    "lines": [["delete", list(sale["lines"])], ["create", lines]],
+                    "comment": m.add_marker(sale["comment"], m.SALE, it.key),
+                }]  # fmt: skip
+            erp._m("sale.sale", "write", *writes)
+            for it, _, _ in fresh:
+                it.p.wrote = True
+            erp._button("sale.sale", "quote", [int(sale["id"]) for _, sale, _ in fresh])
+        except PermanentSinkError:
+            self._fallback(it for it, _, _ in fresh)
+            return
+        for it, sale, _ in fresh:
+            it.p.complete(m.SALE, sale["id"])
+            self._done(it)
+
+    # -- invoice_issued ------------------------------------------------------------------
+    def _invoice(self, group: list[_Item]) -> None:
+        erp = self.erp
+        fresh: list[tuple[_Item, dict[str, Any], list[m.PricedLine], int, int]] = []
+        erp._load_products(ln["sku"] for it in group for ln in it.event.get("lines") or ())
+        for it in group:
+            sale = _live_sale(self.sales.get(it.order, []))
+            if sale is None:
+                self._fail(it, _no_sale(it.order, "invoice_issued"))
+                continue
+            it.p.ref(m.PARTY, sale["party"])
+            invoices = self.invoices.get(it.order, [])
+            invoice_ref = str(it.env.get("invoice_id") or it.key)
+            try:
+                currency = str(it.event["currency"])
+                currency_id, digits = erp._currency(currency)
+                erp._check_currency(sale, currency, f"sale {sale['id']}")
+                if any(m.has_marker(r["comment"], m.INVOICE, it.key) for r in invoices):
+                    self._single(it)  # created before: posted, or a draft to post
+                    continue
+                priced = m.price_lines(it.event["lines"], digits)
+                erp._product_map([ln.sku for ln in priced])
+                if sum(ln.amount_minor for ln in priced) != int(it.event["subtotal_minor"]):
+                    raise PermanentSinkError(
+                        f"invoice {invoice_ref}: lines sum to "
+                        f"{sum(ln.amount_minor for ln in priced)} but subtotal_minor is "
+                        f"{it.event['subtotal_minor']}"
+                    )
+                if _by_ref(invoices, invoice_ref) is not None:
+                    raise PermanentSinkError(
+                        f"order {it.order} already has an invoice {invoice_ref} in Tryton, "
+                        "issued under another key"
+                    )
+                if sale["state"] == "cancelled":
+                    raise PermanentSinkError(
+                        f"sale {sale['id']} for order {it.order} is cancelled"
+                    )
+            except PermanentSinkError as exc:
+                self._fail(it, exc)
+                continue
+            if sale["state"] in ("draft", "quotation") and sale.get("invoice_method") != "manual":
+                self._single(it)  # booked before split billing: switched on its own
+                continue
+            fresh.append((it, sale, priced, currency_id, digits))
+        if not fresh:
+            return
+        # Step "sale": confirmed (manual invoicing: Tryton drafts no invoice of its own).
+        try:
+            drafts = [int(s["id"]) for _, s, _, _, _ in fresh if s["state"] == "draft"]
+            if drafts:
+                erp._button("sale.sale", "quote", drafts)
+            quoted = [int(s["id"]) for _, s, _, _, _ in fresh
+                      if s["state"] in ("draft", "quotation")]  # fmt: skip
+            if quoted:
+                erp._button("sale.sale", "confirm", quoted)
+            writes: list[Any] = []
+            for it, sale, _, _, _ in fresh:
+                if int(sale["id"]) in quoted:
+                    it.p.wrote = True
+                if not m.has_marker(sale["comment"], m.SALE, it.key):
+                    writes += [[int(sale["id"])],
+                               {"comment": m.add_marker(sale["comment"], m.SALE, it.key)}]
+            if writes:
+                erp._m("sale.sale", "write", *writes)
+        except PermanentSinkError:
+            self._fallback(it for it, _, _, _, _ in fresh)
+            return
+        for it, sale, _, _, _ in fresh:
+            if not m.has_marker(sale["comment"], m.SALE, it.key):
+                it.p.wrote = True
+            it.p.complete(m.SALE, sale["id"])
+
+        # Step "invoice": created whole, all in one call, then posted together.
+        lines = {
+            int(r["id"]): r
+            for r in erp._read(
+                "sale.line",
+                sorted({int(i) for _, s, _, _, _ in fresh for i in s["lines"]}),
+                ["type", "product"],
+            )
+        }
+        later = erp._m(
+            "account.invoice", "search_read",
+            [["type", "=", "out"], ["number", "!=", None]],
+            0, 1, [["invoice_date", "DESC"]], ["invoice_date"],
+        )  # fmt: skip
+        latest: dt.date | None = later[0]["invoice_date"] if later else None
+        made: list[tuple[_Item, dict[str, Any], int]] = []
+        values: list[dict[str, Any]] = []
+        for it, sale, priced, currency_id, digits in fresh:
+            day = m.event_day(it.env["occurred_at"])
+            # As _dates: the invoice date moves forward to the latest one numbered.
+            dates = {"invoice_date": latest if latest is not None and latest > day else day,
+                     "accounting_date": day}  # fmt: skip
+            try:
+                values.append(erp._invoice_values(
+                    it.event, it.env, it.key, sale, priced, currency_id, digits,
+                    [lines[int(i)] for i in sale["lines"] if int(i) in lines], dates,
+                ))  # fmt: skip
+            except PermanentSinkError as exc:
+                self._fail(it, exc)
+                continue
+            made.append((it, sale, digits))
+        if not made:
+            return
+        try:
+            ids = [int(i) for i in erp._m("account.invoice", "create", values)]
+        except PermanentSinkError:
+            self._fallback(it for it, _, _ in made)
+            return
+        rows = {int(r["id"]): r
+                for r in erp._read("account.invoice", ids, ["state", "total_amount"])}  # fmt: skip
+        to_post: list[tuple[_Item, int]] = []
+        for (it, _, digits), inv_id in zip(made, ids, strict=True):
+            it.p.wrote = True
+            it.p.ref(m.INVOICE, inv_id)
+            total = m.to_minor(Decimal(rows[inv_id]["total_amount"]), digits)
+            if total != int(it.event["total_minor"]):
+                self._fail(it, PermanentSinkError(
+                    f"invoice {inv_id} totals {total} in Tryton "
+                    f"but the event says {it.event['total_minor']}"
+                ))  # fmt: skip
+                continue
+            to_post.append((it, inv_id))
+        if not to_post:
+            return
+        try:
+            erp._confirm_post_warnings([inv for _, inv in to_post])
+            erp._button("account.invoice", "post", [inv for _, inv in to_post])
+        except PermanentSinkError:
+            self._fallback(it for it, _ in to_post)  # each draft found by its marker, posted
+            return
+        for it, inv_id in to_post:
+            it.p.complete(m.INVOICE, inv_id)
+            self._done(it)
+
+    # -- payment_captured ----------------------------------------------------------------
+    def _payment(self, group: list[_Item]) -> None:
+        erp = self.erp
+        paid: list[_Item] = []
+        for it in group:
+            invoice_ref = str(it.env.get("invoice_id") or "")
+            invoice = _by_ref(self.invoices.get(it.order, []), invoice_ref)
+            if invoice is None:
+                self._fail(it, PermanentSinkError(
+                    f"payment {it.env.get('payment_id')}: Tryton has no invoice {invoice_ref} "
+                    f"for order {it.order}"
+                ))  # fmt: skip
+                continue
+            inv_id = int(invoice["id"])
+            it.p.ref(m.INVOICE, inv_id)
+            if any(m.has_marker(r["description"], m.PAYMENT, it.key)
+                   for r in self.moves.get(it.order, [])):  # fmt: skip
+                self._single(it)  # taken before
+                continue
+            try:
+                digits = erp._check_currency(
+                    invoice, str(it.event["currency"]), f"invoice {inv_id}"
+                )
+                amount = m.to_major(int(it.event["amount_minor"]), digits)
+                if invoice["state"] != "posted":
+                    raise PermanentSinkError(
+                        f"invoice {inv_id} ({invoice_ref}) is {invoice['state']}: cannot take a "
+                        "payment"
+                    )
+                if amount <= 0 or amount > Decimal(invoice["amount_to_pay"]):
+                    raise PermanentSinkError(
+                        f"payment of {amount} {it.event['currency']} does not fit invoice "
+                        f"{invoice_ref}'s open balance {invoice['amount_to_pay']}"
+                    )
+                description = (
+                    f"{m.marker(m.PAYMENT, it.key)} {it.env.get('payment_id')} "
+                    f"{it.event.get('method', '')} {it.event.get('processor_ref', '')}"
+                ).strip()
+                # One wizard per payment: Tryton's pay wizard takes one invoice.
+                erp._pay(inv_id, amount, m.event_day(it.env["occurred_at"]), description,
+                         row=invoice)  # fmt: skip
+            except PermanentSinkError as exc:
+                self._fail(it, exc)
+                continue
+            it.p.wrote = True
+            paid.append(it)
+        if not paid:
+            return
+        self.moves.clear()
+        self._read_moves(it.order for it in paid)
+        for it in paid:
+            move = next(
+                (int(r["id"]) for r in self.moves.get(it.order, [])
+                 if m.has_marker(r["description"], m.PAYMENT, it.key)), None,
+            )  # fmt: skip
+            if move is None:
+                self._fail(it, PermanentSinkError(
+                    f"Tryton took payment {it.key} but its move is not findable"
+                ))  # fmt: skip
+                continue
+            it.p.complete(m.PAYMENT, move)
+            self._done(it)
+
+
+def _by_ref(invoices: Sequence[Mapping[str, Any]], invoice_ref: str) -> Mapping[str, Any] | None:
+    """As ``TrytonErp._invoice_by_ref``, among an order's invoices read by id."""
+    stored = _stored(invoice_ref)
+    return next(
+        (r for r in invoices
+         if r["reference"] == stored and r["type"] == "out"
+         and "[revline step=invoice " in str(r["comment"] or "")),
+        None,
+    )  # fmt: skip

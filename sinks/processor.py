@@ -511,13 +511,35 @@ class SinkProcessor:
     # -- ERP -----------------------------------------------------------------------------
     def _to_erp(self, items: list[_Item], done: Mapping[EffectId, SideEffect]) -> None:
         name = self.erp.name
+        todo = []
         for item in items:
             existing = done.get(item.effect)
             if existing is not None and existing.status in _DONE:
                 self._count(name, "skipped")
                 self._audit_again(item, existing)
                 continue
-            self._apply_erp(item)
+            todo.append(item)
+        many = getattr(self.erp, "apply_many", None)
+        if many is None or len(todo) < 2:
+            for item in todo:
+                self._apply_erp(item)
+            return
+        # A batch-capable ERP (Tryton) applies the batch with a bounded number of calls
+        # per step. An event it could not settle in the batch (a refusal, a partial
+        # write) goes through the one-at-a-time path, which owns refusals and partials.
+        events = [item.event for item in todo]
+        outcomes, attempts = self._call(name, lambda: many(events))
+        for item, outcome in zip(todo, outcomes, strict=True):
+            if not isinstance(outcome, EffectResult):
+                self._apply_erp(item)
+                continue
+            self._maybe_crash(outcome)
+            if outcome.status == "not_applicable":
+                continue
+            self._record(item, name, outcome.external_refs, outcome.status, attempts,
+                         outcome.detail)
+            self._count(name, outcome.status)
+            self._audit(name, item, outcome.external_refs, attempts, outcome.status)
 
     def _apply_erp(self, item: _Item) -> None:
         name = self.erp.name

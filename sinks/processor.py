@@ -40,7 +40,9 @@ another one with the same instance id fenced stops with a message saying so.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 import random
 import signal
@@ -129,6 +131,14 @@ class _Item:
         return (self.order_id, self.key)
 
 
+class _ConsumerFailed(InfrastructureError):
+    """librdkafka marked the consumer failed (fatal); it cannot be used again."""
+
+    def __init__(self, message: str, error: KafkaError | None = None) -> None:
+        super().__init__(message)
+        self.error = error if error is not None else KafkaError(KafkaError._FATAL, message)
+
+
 class _Suspend(Exception):
     """An adapter's breaker is open: stop the batch, keep it, commit nothing."""
 
@@ -203,6 +213,8 @@ class SinkProcessor:
             "on_commit": self._on_commit,
         }, component=component)
         config.update(consumer_config or {})
+        self._consumer_config = config
+        self._rebuilt_at = -math.inf
         self.consumer = Consumer(config)
         self.producer = Producer(client_config("producer", bootstrap, {
             "enable.idempotence": True,
@@ -214,7 +226,7 @@ class SinkProcessor:
         }, component=component))
         self.audit = AuditLog(self.producer, audit_topic) if audit_topic else None
         self.consumer.subscribe([validated_topic], on_assign=self._on_assign,
-                                on_revoke=self._on_revoke)
+                                on_revoke=self._on_revoke, on_lost=self._on_lost)
 
     # -- lifecycle ---------------------------------------------------------------------
     def stop(self) -> None:
@@ -236,7 +248,11 @@ class SinkProcessor:
         idle_since = time.monotonic()
         try:
             while not stop.is_set() and not self._stop.is_set():
-                done = self.step()
+                try:
+                    done = self.step()
+                except _ConsumerFailed as exc:
+                    self._rebuild_consumer(exc)
+                    continue
                 self.watchdog.progress()  # a batch done, or none waiting
                 if done:
                     idle_since = time.monotonic()
@@ -445,6 +461,16 @@ class SinkProcessor:
         self._pending = [i for i in self._pending
                          if (i.msg.topic(), i.msg.partition()) not in lost]
         self._commit_now({tp: o for tp, o in self.stats.committed.items() if tp in lost})
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # The session expired (a broker restart longer than the session timeout): the
+        # group has moved on, a commit now is refused (and fenced a static member for good
+        # once). Drop what was held back; the next owner, or we after rejoining, redo it.
+        lost = {(p.topic, p.partition) for p in partitions}
+        self._pending = [i for i in self._pending
+                         if (i.msg.topic(), i.msg.partition()) not in lost]
+        log.warning("%s: partitions %s lost (session expired); rejoining", self.component,
+                    sorted(p for _, p in lost))
 
     # -- ledger --------------------------------------------------------------------------
     def _to_ledger(self, items: list[_Item], done: Mapping[EffectId, SideEffect]) -> None:
@@ -721,17 +747,36 @@ class SinkProcessor:
         err = msg.error()
         if err is None:
             return False
-        if err.fatal():
-            # E.g. fenced: another process joined with this one's group.instance.id.
+        if err.fatal() or err.code() == KafkaError._FATAL:
+            # E.g. fenced: another process joined with this one's group.instance.id -- or
+            # this one, rejoining after its broker came back from a restart longer than the
+            # session timeout (its old member id is fenced by its own new one).
             fenced = "FENCED" in err.str().upper() or err.code() == KafkaError.FENCED_INSTANCE_ID
-            raise InfrastructureError(
+            raise _ConsumerFailed(
                 f"{self.component} consumer: {err.str()}"
                 + ("; another process runs with this instance's group.instance.id: give "
                    "each its own --instance or REVLINE_INSTANCE_ID" if fenced else
-                   "; restart to resume from the committed offsets"))
+                   "; restart to resume from the committed offsets"), err)
         if err.code() != KafkaError._PARTITION_EOF:
             log.warning("consumer error: %s", err)
         return True
+
+    def _rebuild_consumer(self, failure: _ConsumerFailed) -> None:
+        """A consumer librdkafka gave up on is replaced once; failing again within a minute
+        means another process holds this instance's id: stop, saying so."""
+        if time.monotonic() - self._rebuilt_at < 60:
+            raise InfrastructureError(str(failure)) from failure
+        self._rebuilt_at = time.monotonic()
+        log.warning("%s consumer failed (%s); replacing it, resuming from the committed "
+                    "offsets", self.component, failure.error.str())
+        self._pending = []  # redone from the committed offsets; every effect is idempotent
+        self._effects = []
+        with contextlib.suppress(Exception), self.watchdog.deadline(
+                "failed consumer close", _SYNC_COMMIT_S + CALL_GRACE_S):
+            self.consumer.close()
+        self.consumer = Consumer(self._consumer_config)
+        self.consumer.subscribe([self.validated_topic], on_assign=self._on_assign,
+                                on_revoke=self._on_revoke, on_lost=self._on_lost)
 
     def _decode(self, msg: Message) -> _Item:
         try:

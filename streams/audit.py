@@ -74,6 +74,12 @@ TRANSACTION_TIMEOUT_MS = 60_000
 # librdkafka does not always honour the timeout of transactional calls (a broker restart
 # left send_offsets_to_transaction blocked for good, with nothing logged).
 CALL_GRACE_S = 30.0
+# The transactional calls get short timeouts and grace of their own: after a broker
+# restart librdkafka's send_offsets_to_transaction may never return (fault test: the
+# auditor resumed only when the watchdog ended it, 95 s after the restart). 15 s is
+# ample for a healthy commit; a wedged one ends the process within 25 s.
+TXN_TIMEOUT_S = 15.0
+TXN_GRACE_S = 10.0
 LAG_EVERY_S = 10.0
 _ASSIGN_BUDGET_S = 2 * (60.0 + STABLE_OFFSETS_TIMEOUT_S)
 
@@ -385,9 +391,9 @@ class Chainer:
             self._produce(self.settings.audit_heads_topic, partition, chain, head.encode())
         offsets = [TopicPartition(topic, partition, offset)
                    for (topic, partition), offset in next_offsets.items()]
-        with self.watchdog.deadline("send_offsets_to_transaction", 60 + CALL_GRACE_S):
+        with self.watchdog.deadline("send_offsets_to_transaction", TXN_TIMEOUT_S + TXN_GRACE_S):
             self.producer.send_offsets_to_transaction(
-                offsets, self.consumer.consumer_group_metadata(), 60)
+                offsets, self.consumer.consumer_group_metadata(), TXN_TIMEOUT_S)
         self._batches += 1
         if self._batches == self._kill_before_commit:
             self.producer.flush(30)  # the records reach the log, uncommitted
@@ -395,8 +401,9 @@ class Chainer:
             os.kill(os.getpid(), signal.SIGKILL)
         for attempt in range(3):
             try:
-                with self.watchdog.deadline("commit_transaction", 60 + CALL_GRACE_S):
-                    self.producer.commit_transaction(60)
+                with self.watchdog.deadline("commit_transaction",
+                                            TXN_TIMEOUT_S + TXN_GRACE_S):
+                    self.producer.commit_transaction(TXN_TIMEOUT_S)
                 return
             except KafkaException as exc:
                 error: KafkaError = exc.args[0]

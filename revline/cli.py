@@ -310,33 +310,61 @@ def _supervise(commands: Sequence[tuple[tuple[str, ...], dict[str, str]]],
                bootstrap: str) -> int:
     """Run ``revline COMMAND`` processes until SIGTERM/SIGINT, which is passed on to all.
 
-    If one exits on its own, the others are stopped too: a half-running pipeline
-    (a worker without its sink, say) is worse than a stopped one a supervisor restarts.
+    A component that dies (kill -9, a watchdog exit 75, a batch that could not be made
+    durable, 70) is restarted, as a supervisor would: every component resumes from what
+    is durable. More than ``_RESTARTS`` deaths of one component within ``_RESTART_WINDOW_S``,
+    or an exit that a restart cannot mend (0, or 2: configuration), stop them all: a
+    half-running pipeline (a worker without its sink, say) is worse than a stopped one.
     """
     import os
     import signal
     import subprocess
 
-    procs = []
-    for args, extra in commands:
+    def launch(args: tuple[str, ...], extra: dict[str, str]) -> subprocess.Popen[bytes]:
         env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, **extra}
-        procs.append(subprocess.Popen([sys.executable, "-m", "revline.cli", *args], env=env))
+        return subprocess.Popen([sys.executable, "-m", "revline.cli", *args], env=env)
+
+    procs = [launch(args, extra) for args, extra in commands]
+    deaths: list[list[float]] = [[] for _ in commands]
+    stopping = False
 
     def stop(signum: int = signal.SIGTERM, _frame: object = None) -> None:
+        nonlocal stopping
+        stopping = True
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    while all(proc.poll() is None for proc in procs):
+    final: dict[int, int] = {}
+    while not stopping:
         time.sleep(0.5)
-    stop()
-    codes = [proc.wait() for proc in procs]
+        for n, proc in enumerate(procs):
+            code = proc.poll()
+            if code is None or stopping:
+                continue
+            args = commands[n][0]
+            now = time.monotonic()
+            deaths[n] = [t for t in deaths[n] if now - t < _RESTART_WINDOW_S] + [now]
+            if code in (0, 2) or len(deaths[n]) > _RESTARTS:
+                final[n] = code
+                stop()
+                break
+            err_console.print(f"revline {' '.join(args)} exited with {code}; restarting it "
+                              f"({len(deaths[n])} of {_RESTARTS} in "
+                              f"{_RESTART_WINDOW_S / 60:.0f} min)", markup=False)
+            time.sleep(min(5.0, 0.5 * len(deaths[n])))
+            procs[n] = launch(*commands[n])
+    codes = [final.get(n, proc.wait()) for n, proc in enumerate(procs)]
     for (args, _), code in zip(commands, codes, strict=True):
         if code not in (0, -signal.SIGTERM):
             err_console.print(f"[red]revline {' '.join(args)} exited with {code}[/red]")
     return max((c for c in codes if c > 0), default=0)
+
+
+_RESTARTS = 5
+_RESTART_WINDOW_S = 600.0
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:

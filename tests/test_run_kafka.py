@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -60,8 +61,33 @@ def test_the_whole_pipeline_runs_and_every_part_does_its_work(
             assert time.monotonic() < deadline, (verify.stdout + verify.stderr
                                                  + listed.stdout + listed.stderr)
             time.sleep(2)
+        # A component that dies is restarted by `revline run`, as a supervisor would.
+        sink = _child(proc.pid, "sink")
+        os.kill(sink, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while _child(proc.pid, "sink", missing_ok=True) in (None, sink):
+            assert proc.poll() is None, "revline run stopped instead of restarting the sink"
+            assert time.monotonic() < deadline, "the sink was not restarted"
+            time.sleep(0.5)
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)
         pipeline.stop_all()
     assert code == 0, f"revline run exited with {code}; see {tmp_path}/run-*.log"
+
+
+def _child(parent: int, command: str, *, missing_ok: bool = False) -> int | None:
+    """The pid of ``revline COMMAND`` started by ``parent`` (from /proc)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ppid = int(stat.rpartition(")")[2].split()[1])
+        if ppid == parent and b"revline.cli" in argv and command.encode() in argv:
+            return int(entry.name)
+    assert missing_ok, f"no revline {command} under {parent}"
+    return None

@@ -738,6 +738,7 @@ _COMMAND_MODULES = (
     "revline.cli_reconcile",  # reconcile, shadow parity
     "revline.cli_report",  # report
     "revline.cli_rules",  # rules backtest|validate
+    "revline.cli_index",  # index rebuild|status (the operators' read model)
 )
 
 

@@ -49,6 +49,9 @@ def register(sub: Any) -> None:
     p.add_argument("--json", metavar="FILE", help="timeline: also export the records as JSON")
     p.add_argument("--csv", metavar="FILE", help="timeline: also export the records as CSV")
     p.add_argument("--order", metavar="ORDER_ID", help="verify: only this order's chain")
+    p.add_argument("--from-topic", action="store_true",
+                   help="timeline: read the audit topic in full instead of the read model "
+                        "(the forensic path; `audit verify` always reads the topic)")
     p.set_defaults(func=cmd_audit)
 
 
@@ -82,7 +85,47 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
     for flag, given in (("--json", args.json), ("--csv", args.csv)):
         if given:
             writable_file(Path(given), flag)
-    return _timeline(args.target, settings, json_path=args.json, csv_path=args.csv)
+    return _timeline(args.target, settings, json_path=args.json, csv_path=args.csv,
+                     from_topic=args.from_topic)
+
+
+def _from_read_model(order: str, settings: Settings,
+                     ) -> tuple[VerifyReport, list[dict[str, Any]]] | None:
+    """The chain's records from the read model, verified from the rows; None when the
+    read model cannot answer (missing or empty tables: the caller reads the topic)."""
+    from processors.audit_chain import ChainVerifier, parse_record
+    from revline.cli import err_console
+    from revline.read_model import ReadModel, ReadModelUnavailable
+    from sinks.ledger._schema import audit_records
+
+    try:
+        model = ReadModel.for_query(settings)
+    except ReadModelUnavailable as exc:
+        err_console.print(f"[yellow]read model unavailable[/yellow] ({exc}); reading "
+                          f"{settings.audit_topic} in full (run `revline index rebuild`).",
+                          markup=True, highlight=False)
+        return None
+    try:
+        rows = model.chain_records(order)
+        if not rows and not model.has_rows(audit_records):
+            err_console.print(f"[yellow]the read model holds no audit records yet[/yellow]; "
+                              f"reading {settings.audit_topic} in full (run `revline index "
+                              "rebuild` once).", highlight=False)
+            return None
+        heads = {chain: (head.seq, head.hash)
+                 for chain, (_, head) in model.heads_for([order]).items()}
+    finally:
+        model.close()
+    verifier = ChainVerifier(heads, only_chain=order)
+    kept: list[dict[str, Any]] = []
+    for raw, where in rows:
+        value = raw.encode()
+        record, _ = parse_record(value)
+        partition = int(where.rsplit("/", 2)[-2]) if where.count("/") >= 2 else 0
+        verifier.add(value, order.encode(), partition, where)
+        if record is not None:
+            kept.append({**record, "_where": where})
+    return verifier.report(), kept
 
 
 def _read(settings: Settings, only_chain: str | None, description: str,
@@ -172,17 +215,25 @@ def _count(n: int, noun: str) -> str:
 
 
 def _timeline(order: str, settings: Settings, *, json_path: str | None,
-              csv_path: str | None) -> int:
+              csv_path: str | None, from_topic: bool = False) -> int:
     from rich.markup import escape
     from rich.table import Table
 
     from revline.cli import console, err_console, write_output
 
-    report, records = _read(settings, order, f"reading {escape(settings.audit_topic)}",
-                            keep=True)
+    found = None if from_topic else _from_read_model(order, settings)
+    source = f"{settings.audit_topic} (read in full)"
+    if found is None:
+        report, records = _read(settings, order, f"reading {escape(settings.audit_topic)}",
+                                keep=True)
+    else:
+        report, records = found
+        source = "the read model"
     if not records:
-        err_console.print(f"No audit records for order {escape(order)} in "
-                          f"{escape(settings.audit_topic)}.")
+        hint = ("" if found is None else "; if it was chained just now or the read model "
+                "lags, `--from-topic` reads the topic")
+        err_console.print(f"No audit records for order {escape(order)} in {escape(source)}"
+                          f"{escape(hint)}.")
         return 1
     records.sort(key=lambda r: r["seq"])
     broken_at = {link.where for link in report.broken}
@@ -203,6 +254,10 @@ def _timeline(order: str, settings: Settings, *, json_path: str | None,
     else:
         for link in report.broken:
             err_console.print(f"[red]chain NOT verified[/red]: {escape(str(link))}")
+        if found is not None:
+            err_console.print("(verified from the read model's rows; `revline audit verify "
+                              f"--order {escape(order)}` checks the topic itself, and "
+                              "`revline index rebuild` re-reads it into the read model)")
     if json_path:
         write_output(Path(json_path), "--json",
                      lambda path: _export_json(path, order, records, report))

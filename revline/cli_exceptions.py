@@ -199,6 +199,42 @@ def _states(settings: Settings) -> tuple[str, dict[str, dict[str, Any]]]:
     return bootstrap, read_states(bootstrap, settings.exception_state_topic)
 
 
+def _read_model(settings: Settings) -> Any:
+    """The read model, or None (said in one line) when it cannot answer: the caller
+    reads the exception-state topic instead."""
+    from revline.cli import err_console
+    from revline.read_model import ReadModel, ReadModelUnavailable
+    from sinks.ledger._schema import exception_states
+
+    try:
+        model = ReadModel.for_query(settings)
+    except ReadModelUnavailable as exc:
+        err_console.print(f"[yellow]read model unavailable[/yellow] ({escape(str(exc))}); reading "
+                          f"{escape(settings.exception_state_topic)} (run `revline index "
+                          "rebuild`).", highlight=False)
+        return None
+    if not model.has_rows(exception_states):
+        model.close()
+        err_console.print("[yellow]the read model holds no exception states yet[/yellow]; "
+                          f"reading {escape(settings.exception_state_topic)}.", highlight=False)
+        return None
+    return model
+
+
+def _one_state(settings: Settings, exception_id: str) -> tuple[str | None, dict[str, Any]]:
+    """(bootstrap if the topic was read, the state) of one exception; refused if unknown."""
+    model = _read_model(settings)
+    if model is not None:
+        try:
+            state = model.state(exception_id)
+        finally:
+            model.close()
+        if state is not None:
+            return None, state
+    bootstrap, states = _states(settings)
+    return bootstrap, _lookup(states, exception_id, settings)
+
+
 def _statuses(chosen: list[str] | None) -> tuple[str, ...]:
     from processors.exception_lifecycle import ACTIVE, CLOSED, STATUSES
 
@@ -214,14 +250,26 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
 
     min_age_ms = (parse_duration_ms(args.older_than, flag="--older-than")
                   if args.older_than else None)  # before reading: a typo costs no wait
-    _, states = _states(settings)
     now = _now_ms()
-    rows = select(
-        states.values(), now_ms=now, owner=args.owner, severity=args.severity,
-        statuses=_statuses(args.status), check=args.check, order_id=args.order,
-        min_age_ms=min_age_ms,
-    )
-    if not states:
+    model = _read_model(settings)
+    rows: list[Any]
+    if model is not None:  # indexed: the cost is the page shown, not the history
+        try:
+            rows, matched, total = model.select_states(
+                now_ms=now, owner=args.owner, severity=args.severity,
+                statuses=_statuses(args.status), check=args.check, order_id=args.order,
+                min_age_ms=min_age_ms, limit=args.limit)
+        finally:
+            model.close()
+    else:
+        _, states = _states(settings)
+        rows = select(
+            states.values(), now_ms=now, owner=args.owner, severity=args.severity,
+            statuses=_statuses(args.status), check=args.check, order_id=args.order,
+            min_age_ms=min_age_ms,
+        )
+        matched, total = len(rows), len(states)
+    if not total:
         err_console.print(f"No exceptions in {escape(settings.exception_state_topic)} yet (is "
                           "`revline exceptions run` running?).")
     if args.json:
@@ -238,12 +286,12 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
                       _age(s["opened_at_ms"], now), sla, s["check_id"], s["order_id"] or "—",
                       s["reason"]))
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]) - 1)]
-    console.print(f"Exceptions: {len(rows)} of {len(states)} match", style="bold")
+    console.print(f"Exceptions: {matched} of {total} match", style="bold")
     for line in lines:
         console.print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=False))
                       + "  " + line[-1], soft_wrap=True, markup=False, highlight=False)
-    if len(rows) > args.limit:
-        err_console.print(f"[dim]{len(rows) - args.limit} more; raise --limit or filter[/dim]")
+    if matched > args.limit:
+        err_console.print(f"[dim]{matched - args.limit} more; raise --limit or filter[/dim]")
     return 0
 
 
@@ -265,8 +313,7 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
 
     from revline.cli import console
 
-    _, states = _states(settings)
-    s = _lookup(states, args.exception_id, settings)
+    _, s = _one_state(settings, args.exception_id)
     if args.json:
         print(json.dumps(s, indent=2, sort_keys=True))
         return 0
@@ -320,12 +367,12 @@ def cmd_transition(args: argparse.Namespace, settings: Settings) -> int:
         lifecycle_event,
         transition_error,
     )
-    from revline.cli import console, err_console
+    from revline.cli import bootstrap_for, console, err_console
     from streams.exceptions import end_offsets, send_lifecycle_events, wait_for_state
 
     kind = args.kind
-    bootstrap, states = _states(settings)
-    state = _lookup(states, args.exception_id, settings)
+    read, state = _one_state(settings, args.exception_id)
+    bootstrap = read or bootstrap_for(settings, start_if_missing=False)
     problem = transition_error(state, kind)
     if problem is not None:
         raise CommandRefusedError(f"{problem}; nothing sent (see `revline exceptions show "

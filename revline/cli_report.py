@@ -32,9 +32,7 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
         _progress,
         bootstrap_for,
         console,
-        err_console,
         writable_file,
-        write_output,
     )
     from revline.errors import ConfigurationError
     from revline.report import ReportTopics, collect, parse_since
@@ -58,6 +56,11 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
                 raise ConfigurationError(f"--html {html}: cannot create {html.parent} "
                                          f"({exc.strerror or exc})") from exc
         writable_file(html, "--html")
+    report = _from_read_model(settings, since_ms=since_ms, now_ms=now_ms)
+    if report is not None:
+        print_report(report, console)
+        _write_html(report, html)
+        return 0
     bootstrap = bootstrap_for(settings, start_if_missing=False)
     with _progress() as progress:
         tasks: dict[str, Any] = {}
@@ -70,6 +73,13 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
                          now_ms=now_ms, deserializer=_deserializer(settings),
                          check_specs=_check_specs(settings), progress=track)
     print_report(report, console)
+    _write_html(report, html)
+    return 0
+
+
+def _write_html(report: OperationsReport, html: Path | None) -> None:
+    from revline.cli import err_console, write_output
+
     if html is not None:
         from revline.report_html import render_html
 
@@ -77,7 +87,31 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
         write_output(html, "--html", lambda p: p.write_text(page, encoding="utf-8"))
         err_console.print(f"HTML report written to {html} (open it in any browser)",
                           markup=False)
-    return 0
+
+
+def _from_read_model(settings: Settings, *, since_ms: int, now_ms: int,
+                     ) -> OperationsReport | None:
+    """The report from the read model, or None (said in one line) to read the topics."""
+    from revline.cli import err_console
+    from revline.read_model import ReadModel, ReadModelUnavailable
+    from revline.report import collect_from_read_model
+    from sinks.ledger._schema import outcomes_counted
+
+    try:
+        model = ReadModel.for_query(settings)
+    except ReadModelUnavailable as exc:
+        err_console.print(f"read model unavailable ({exc}); reading the topics in full (run "
+                          "`revline index rebuild`).", markup=False)
+        return None
+    try:
+        if not model.has_rows(outcomes_counted):
+            err_console.print("the read model holds no outcomes yet; reading the topics in "
+                              "full (run `revline index rebuild` once).", markup=False)
+            return None
+        return collect_from_read_model(model, since_ms=since_ms, now_ms=now_ms,
+                                       check_specs=_check_specs(settings))
+    finally:
+        model.close()
 
 
 def _deserializer(settings: Settings) -> Any:

@@ -748,6 +748,164 @@ def collect(bootstrap: str, topics: ReportTopics, *, since_ms: int, now_ms: int 
     return build_report(inputs, now_ms=now, since_ms=since_ms)
 
 
+# -- the read model (``revline.read_model``): counts per hour instead of the topics -----------
+def _bucket_percentile(counts: Sequence[tuple[int, int]], q: float, cap: int | None) -> int | None:
+    """Nearest-rank percentile over (latency bucket, count), as the bucket's upper bound."""
+    from revline.read_model import bucket_value
+
+    total = sum(n for _, n in counts)
+    if not total:
+        return None
+    rank = max(1, math.ceil(q / 100.0 * total))
+    seen = 0
+    for bucket, n in sorted(counts):
+        seen += n
+        if seen >= rank:
+            value = bucket_value(bucket)
+            return min(value, cap) if cap is not None else value
+    return cap
+
+
+def summaries_from_counts(rows: Sequence[Mapping[str, Any]],
+                          check_specs: Mapping[str, tuple[str, str]] | None = None,
+                          ) -> tuple[FlowSummary, list[QaRow], int, DuplicatesSummary,
+                                     LatencySummary, int]:
+    """What ``build_report`` computes from final outcomes, from ``outcome_hours`` rows:
+    (flow, QA rows, judged, duplicates, latency, overrides refused at the door)."""
+    from revline.read_model import LATENCY_EDGES
+
+    kinds: Counter[str] = Counter()
+    stages: Counter[str] = Counter()
+    failures: Counter[str] = Counter()
+    warnings: Counter[str] = Counter()
+    dupes: Counter[str] = Counter()
+    spec: dict[str, tuple[str, str]] = dict(check_specs or {})
+    held = refused = conflicts = invoices = 0
+    latency: dict[str, Counter[int]] = {}
+    max_ms: dict[str, int] = {}
+    for r in rows:
+        n = int(r["count"])
+        kind = r["kind"]
+        if r["row_type"] == "warning":
+            warnings[r["check_id"]] += n
+            continue
+        kinds[kind] += n
+        held += n if r["held"] else 0
+        if kind == "dead_letter":
+            stages[r["stage"] or "unknown"] += n
+            refused += n if r["refused_override"] else 0
+        elif kind == "exception" and r["check_id"]:
+            failures[r["check_id"]] += n
+            if r["severity"] and r["owner"]:
+                spec[r["check_id"]] = (r["severity"], r["owner"])
+            if r["check_id"] == "dedup.conflict":
+                conflicts += n
+        elif kind == "duplicate":
+            dupes[r["event_type"] or "unknown"] += n
+        elif kind == "validated" and r["event_type"] == "invoice_issued":
+            invoices += n
+        if r["latency_bucket"] >= 0:
+            latency.setdefault(kind, Counter())[r["latency_bucket"]] += n
+            if r["max_latency_ms"] is not None:
+                max_ms[kind] = max(max_ms.get(kind, 0), int(r["max_latency_ms"]))
+    inputs = sum(kinds.values())
+    flow = FlowSummary(
+        inputs=inputs, validated=kinds["validated"], exceptions=kinds["exception"],
+        duplicates=kinds["duplicate"], dead_letters=kinds["dead_letter"], held=held,
+        dead_letters_by_stage=tuple(stages.most_common()))
+    judged = kinds["validated"] + kinds["exception"]
+    qa = [QaRow(check_id=c, severity=spec.get(c, ("—", "—"))[0],
+                owner=spec.get(c, ("—", "—"))[1], failures=failures[c], warnings=warnings[c],
+                rate_pct=100.0 * failures[c] / judged if judged else 0.0)
+          for c in set(failures) | set(warnings)]
+    qa.sort(key=lambda q: (-q.failures, -q.warnings, q.check_id))
+    duplicates = DuplicatesSummary(
+        prevented=sum(dupes.values()), by_event_type=tuple(dupes.most_common()),
+        conflicts=conflicts, invoices=invoices, invoice_duplicates=dupes["invoice_issued"])
+    every: Counter[int] = Counter()
+    for per_kind in latency.values():
+        every.update(per_kind)
+    top = max(max_ms.values(), default=None)
+    pairs = list(every.items())
+    hist = [0] * len(LATENCY_BUCKETS)
+    for bucket, n in pairs:
+        lower = LATENCY_EDGES[bucket - 1] if bucket > 0 else 0
+        hist[_bucket(lower, LATENCY_BUCKETS)] += n
+    by_kind = []
+    for kind in ("validated", "exception", "duplicate"):
+        mine = list(latency.get(kind, Counter()).items())
+        if mine:
+            by_kind.append((kind, sum(n for _, n in mine),
+                            _bucket_percentile(mine, 50, max_ms.get(kind)),
+                            _bucket_percentile(mine, 95, max_ms.get(kind))))
+    clean = latency.get("validated", Counter())
+    clean_n = sum(clean.values())
+    in_time = sum(n for b, n in clean.items()
+                  if b < len(LATENCY_EDGES) and LATENCY_EDGES[b] <= LATENCY_TARGET_MS)
+    lat = LatencySummary(
+        count=sum(every.values()), p50_ms=_bucket_percentile(pairs, 50, top),
+        p90_ms=_bucket_percentile(pairs, 90, top), p95_ms=_bucket_percentile(pairs, 95, top),
+        p99_ms=_bucket_percentile(pairs, 99, top), max_ms=top,
+        within_target_pct=100.0 * in_time / clean_n if clean_n else None,
+        histogram=tuple((label, hist[i]) for i, (_, label) in enumerate(LATENCY_BUCKETS)),
+        by_kind=tuple(by_kind))
+    return flow, qa, judged, duplicates, lat, refused
+
+
+def override_from_fact(record: Mapping[str, Any]) -> OverrideItem:
+    """An ``override`` audit record (chained from the fact ``revline override`` sends)."""
+    d: Mapping[str, Any] = record.get("detail") or {}
+    expires = d.get("expires_at")
+    try:
+        expires_ms = (int(datetime.fromisoformat(str(expires).replace("Z", "+00:00"))
+                          .timestamp() * 1000) if expires else 0)
+    except ValueError:
+        expires_ms = 0
+    return OverrideItem(
+        override_id=str(d.get("override_id") or record.get("fact_id")),
+        order_id=str(record.get("chain")), check_id=str(d.get("check_id") or ""),
+        target_idempotency_key=str(d.get("target_idempotency_key") or ""),
+        reason_code=str(d.get("reason_code") or ""), actor=str(record.get("actor") or ""),
+        occurred_at_ms=int(record["at_ms"]), expires_at_ms=expires_ms, note=d.get("note"))
+
+
+def collect_from_read_model(model: Any, *, since_ms: int, now_ms: int,
+                            check_specs: Mapping[str, tuple[str, str]] | None = None,
+                            ) -> OperationsReport:
+    """The report from the read model: outcomes per hour over the period, exceptions from
+    the state table, overrides and the latest reconciliation from the audit records."""
+    from dataclasses import replace
+
+    rows = model.outcome_rows(since_ms)
+    flow, qa, judged, duplicates, latency, refused = summaries_from_counts(rows, check_specs)
+    notes: list[str] = []
+    exceptions = []
+    for state in model.report_states(since_ms):
+        try:
+            exceptions.append(exception_from_state(state))
+        except RevlineError:
+            notes.append("an exception state in the read model could not be read")
+    facts = model.facts(["override", "reconcile"])
+    overrides = [override_from_fact(f) for f in facts if f["kind"] == "override"]
+    runs = [f for f in facts if f["kind"] == "reconcile"]
+    reconcile = None
+    if runs:
+        last = max(runs, key=lambda f: int(f["at_ms"]))
+        reconcile = reconcile_from_fact(int(last["at_ms"]), str(last.get("actor", "")),
+                                        last.get("detail") or {})
+    summary = summarise_overrides(overrides, [], exceptions, now_ms, since_ms)
+    notes.append(f"from the read model: flow figures count whole hours from "
+                 f"{fmt_time(since_ms - since_ms % 3_600_000)}; latency percentiles are bucket "
+                 "upper bounds (1-2-5 steps); overrides are those `revline override` made")
+    return OperationsReport(
+        generated_at_ms=now_ms, since_ms=since_ms, flow=flow,
+        open_exceptions=summarise_open(exceptions, now_ms),
+        sla=tuple(sla_compliance(exceptions, now_ms, since_ms)), qa=tuple(qa), judged=judged,
+        overrides=replace(summary, refused=refused), duplicates=duplicates, latency=latency,
+        reconciliation=reconcile, exceptions_source="exception states in the read model",
+        notes=tuple(notes))
+
+
 # -- formatting shared by the terminal and the HTML report -------------------------------
 def fmt_money(minor: int, currency: str) -> str:
     return format_money(minor, currency)

@@ -45,6 +45,7 @@ failed start says why instead of faust/mode exiting 1 silently.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import os
 import time
@@ -88,6 +89,50 @@ TICK_EXPIRE = b"expire"
 _IDLE_SLEEP_MIN_S = 0.001
 TICK_EVICT = b"evict"
 _HELD_MARK = b'"held":[{'  # orjson writes no spaces: a cheap test before parsing
+
+
+class LastSeenIndex:
+    """Orders by last-seen time: a heap with lazy deletion over order -> (time, partition).
+
+    ``touch`` and ``remove`` are O(log n); ``oldest`` pops only what it returns (and stale
+    heap entries), then puts the returned ones back: they stay indexed until evicted."""
+
+    def __init__(self) -> None:
+        self.at: dict[bytes, tuple[int, int]] = {}
+        self._heap: list[tuple[int, bytes]] = []
+
+    def __len__(self) -> int:
+        return len(self.at)
+
+    def touch(self, key: bytes, last_seen_ms: int, partition: int) -> None:
+        if self.at.get(key) == (last_seen_ms, partition):
+            return
+        self.at[key] = (last_seen_ms, partition)
+        heapq.heappush(self._heap, (last_seen_ms, key))
+        if len(self._heap) > 2 * len(self.at) + 1024:  # mostly stale: compact
+            self._heap = [(ms, k) for k, (ms, _) in self.at.items()]
+            heapq.heapify(self._heap)
+
+    def remove(self, key: bytes) -> None:
+        self.at.pop(key, None)
+
+    def oldest(self, count: int, before_ms: int) -> list[tuple[int, bytes, int]]:
+        """The ``count`` oldest orders, and all others last seen before ``before_ms``."""
+        out: list[tuple[int, bytes, int]] = []
+        heap = self._heap
+        while heap:
+            ms, key = heap[0]
+            current = self.at.get(key)
+            if current is None or current[0] != ms:
+                heapq.heappop(heap)  # stale: touched again since, or evicted
+                continue
+            if len(out) >= count and ms >= before_ms:
+                break
+            heapq.heappop(heap)
+            out.append((ms, key, current[1]))
+        for ms, key, _ in out:
+            heapq.heappush(heap, (ms, key))
+        return out
 COMPONENT = "worker"
 # A Kafka call may take its own timeout plus this before the watchdog ends the process.
 CALL_GRACE_S = 30.0
@@ -248,6 +293,9 @@ class Worker:
         # The holds index is kept per batch; a full scan only after partitions arrive
         # (their orders were recovered from the changelog behind the index's back).
         self._scan_due = True
+        # Orders by last-seen time, kept as orders are touched and evicted (rebuilt from
+        # the table with the holds index): eviction reads its oldest, never every order.
+        self.last_seen = LastSeenIndex()
         self._frozen = False
         self._last_retention_ms = _now_ms()
         self._register()
@@ -470,8 +518,11 @@ class Worker:
                     self.orders.data[key] = value
         for order_id, (partition, state) in touched.items():
             self._index_holds(order_id, partition, state)
+        for order_id, (partition, state) in touched.items():
+            self.last_seen.touch(order_id, state.data.get("last_seen_ms", now), partition)
         for order_id in evicted:
             self.holding.pop(order_id, None)
+            self.last_seen.remove(order_id)
         self.next_offset.update(positions)
         if positions:
             with self.watchdog.deadline("input commit", CALL_GRACE_S):
@@ -622,15 +673,11 @@ class Worker:
         self._observe_lag()
 
     def _evict_old_orders(self, now: int, retention_ms: int) -> int:
-        """Dedup state is bounded in time (retention) and size (max_orders, oldest first)."""
-        seen: list[tuple[int, bytes, int]] = []
-        for key, raw in list(self.orders.data.items()):
-            if raw and not key.startswith(b"__position__"):
-                data = orjson.loads(raw)
-                seen.append((data.get("last_seen_ms", now), key, data["partition"]))
-        seen.sort()
-        excess = max(0, len(seen) - self.settings.max_orders)
-        evict = [s for i, s in enumerate(seen) if i < excess or now - s[0] > retention_ms]
+        """Dedup state is bounded in time (retention) and size (max_orders, oldest first).
+
+        The oldest orders come from the last-seen index: the cost is the evicted orders'."""
+        excess = max(0, len(self.last_seen) - self.settings.max_orders)
+        evict = self.last_seen.oldest(excess, now - retention_ms)
         for _, key, partition in evict:
             self._send_tick(key, partition, TICK_EVICT)
         if evict:
@@ -643,15 +690,22 @@ class Worker:
                             partition=partition)
 
     def _scan_holds(self) -> None:
-        """Rebuild the holds index from the table (after a restart it starts empty)."""
+        """Rebuild the holds and last-seen indexes from the table (after a restart or an
+        assignment they start empty)."""
         holding: dict[bytes, tuple[int, int, int]] = {}
+        last_seen = LastSeenIndex()
         for key, raw in list(self.orders.items()):
+            if raw and not key.startswith(b"__position__"):
+                # Once per assignment (not hourly): the index is kept per batch after it.
+                data = orjson.loads(raw)
+                last_seen.touch(key, int(data.get("last_seen_ms", 0)), int(data["partition"]))
             if raw and _HELD_MARK in raw:
                 state = OrderState(orjson.loads(raw))
                 oldest = self.engine.oldest_hold_ms(state)
                 if oldest is not None:
                     holding[key] = (state.data["partition"], oldest, len(state.held))
         self.holding = holding
+        self.last_seen = last_seen
 
     def _end_offset(self, partition: int) -> int | None:
         """The input partition's end offset now, or None when the broker cannot say."""

@@ -14,8 +14,17 @@ Exactly once, no gap, under kill -9 and restarts:
 * audit records and chain heads are written to partition p of the audit and
   heads topics, in one Kafka transaction with the consumed offsets; a crash
   aborts all of it, and everything committed is mutually consistent;
-* on assignment the heads of the new partitions are read (read_committed) from
-  the compacted heads topic after the group's offsets are stable;
+* on assignment the heads of the new partitions are paged in from the read model
+  (``audit_heads`` in the ledger's database, through a bounded LRU cache) when the
+  offsets it recorded equal the group's stable committed offsets; otherwise (first
+  start, a crash between the table write and the Kafka commit, an aborted
+  transaction) that partition's heads are reloaded from the compacted heads topic
+  (read_committed) into the table first;
+* the batch's audit records, chain heads, outcome counts and source offsets are
+  written to the read model after the records are acknowledged and before the Kafka
+  transaction commits, so the tables are never behind what Kafka committed; rows of a
+  batch that is then aborted are overwritten when it is redone (upserts by chain and
+  seq, outcomes counted once per input);
 * source records come again after crashes and replays (the worker re-emits
   outcomes after kill -9, the sink re-sends facts); an entry whose fact id is
   among its chain's recent ids is skipped.
@@ -34,6 +43,7 @@ from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any, TypeVar
 
+import orjson
 from confluent_kafka import (
     OFFSET_BEGINNING,
     Consumer,
@@ -58,6 +68,14 @@ from processors.audit_chain import (
 from revline.auditlog import AuditFact
 from revline.errors import ConfigurationError, InfrastructureError
 from revline.kafka_config import client_config
+from revline.read_model import (
+    AUDITOR,
+    HeadCache,
+    ReadModel,
+    head_row,
+    record_row,
+    reload_heads,
+)
 from revline.settings import Settings
 from revline.watchdog import Watchdog
 from schemas import outcome_codec
@@ -82,6 +100,7 @@ TXN_TIMEOUT_S = 15.0
 TXN_GRACE_S = 10.0
 LAG_EVERY_S = 10.0
 _ASSIGN_BUDGET_S = 2 * (60.0 + STABLE_OFFSETS_TIMEOUT_S)
+HEAD_CACHE_SIZE = 20_000  # chain heads kept in memory; the rest are paged from the read model
 
 
 def _retrying(fn: Callable[[], T], what: str, timeout_s: float = 60.0) -> T:
@@ -256,7 +275,8 @@ class Chainer:
 
     def __init__(self, settings: Settings, bootstrap: str, *, instance: str = "0",
                  batch_size: int = 500, metrics: AuditMetrics | None = None,
-                 kill_before_commit: int | None = None) -> None:
+                 kill_before_commit: int | None = None, read_model: ReadModel | None = None,
+                 head_cache_size: int = HEAD_CACHE_SIZE) -> None:
         self.settings = settings
         self.bootstrap = bootstrap
         self.batch_size = batch_size
@@ -268,7 +288,8 @@ class Chainer:
         self.group_id = f"{settings.app_id}-auditor"
         self.transactional_id = f"{settings.app_id}-auditor-{instance}"
         self.sources = (settings.outcomes_topic, settings.audit_facts_topic)
-        self.heads: dict[int, dict[str, ChainHead]] = {}
+        self.read_model = read_model or ReadModel.for_settings(settings)
+        self.heads = HeadCache(self.read_model, head_cache_size)
         self._outcome = outcome_codec()
         consumer_config = settings.consumer_config(bootstrap, self.group_id, component="auditor")
         consumer_config.update({
@@ -325,18 +346,36 @@ class Chainer:
         if not partitions:
             return
         # Waits until a previous owner's pending transaction is resolved (KIP-447).
-        _retrying(lambda: consumer.committed(partitions, timeout=STABLE_OFFSETS_TIMEOUT_S),
-                  "waiting for stable offsets")
+        committed = _retrying(
+            lambda: consumer.committed(partitions, timeout=STABLE_OFFSETS_TIMEOUT_S),
+            "waiting for stable offsets")
         wanted = by_topic[self.sources[0]]
-        self.heads.update(_retrying(
-            lambda: load_heads(self.bootstrap, self.settings.audit_heads_topic, wanted),
-            "loading chain heads"))
-        log.info("auditor %s: partitions %s assigned, %d chain heads loaded",
-                 self.transactional_id, sorted(wanted), sum(len(self.heads[p]) for p in wanted))
+        self._sync_heads(wanted, committed)
+
+    def _sync_heads(self, wanted: set[int], committed: list[TopicPartition]) -> None:
+        """Trust the table's heads of ``wanted`` where it recorded the committed offsets;
+        reload the others from the heads topic."""
+        at = {(tp.topic, tp.partition): max(0, tp.offset) for tp in committed}
+        recorded = self.read_model.offsets(AUDITOR)
+        stale = sorted(p for p in wanted
+                       if any(at.get((t, p), 0) != recorded.get((t, p), 0)
+                              for t in self.sources))
+        self.heads.forget(wanted)
+        if stale:
+            loaded = _retrying(
+                lambda: reload_heads(self.read_model, self.bootstrap,
+                                     self.settings.audit_heads_topic, stale,
+                                     {k: v for k, v in at.items() if k[1] in stale}),
+                "loading chain heads")
+            log.warning("auditor %s: the read model did not match Kafka for partitions %s "
+                        "(first start with it, a crash mid-commit or an abort): %d chain heads "
+                        "reloaded from %s", self.transactional_id, stale, loaded,
+                        self.settings.audit_heads_topic)
+        log.info("auditor %s: partitions %s assigned (heads paged from the read model)",
+                 self.transactional_id, sorted(wanted))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        for tp in partitions:
-            self.heads.pop(tp.partition, None)
+        self.heads.forget({tp.partition for tp in partitions})
 
     # -- one batch = one transaction ---------------------------------------------------
     def _chain_batch(self, messages: list[Message]) -> None:
@@ -344,7 +383,11 @@ class Chainer:
         records: list[tuple[int, str, bytes]] = []
         touched: dict[tuple[int, str], ChainHead] = {}
         kinds: CountOf[str] = CountOf()
+        outcomes: list[dict[str, Any]] = []
         skipped = 0
+        good = [m for m in messages if m.error() is None]
+        self.heads.prefetch({chain_for(m.key(), m.partition() or 0) for m in good})
+        batch_heads: dict[str, ChainHead] = {}  # the batch's own, whatever the cache drops
         for msg in messages:
             error = msg.error()
             if error is not None:
@@ -354,11 +397,13 @@ class Chainer:
                 continue
             topic, partition = msg.topic() or "", msg.partition() or 0
             chain = chain_for(msg.key(), partition)
-            heads = self.heads.setdefault(partition, {})
-            head = heads.get(chain)
+            head = batch_heads.get(chain)
             if head is None:
-                head = heads[chain] = ChainHead(chain)
-            for entry in self._entries(msg):
+                head = batch_heads[chain] = self.heads.get(partition, chain)
+            entries, outcome = self._decoded(msg)
+            if outcome is not None:
+                outcomes.append(outcome)
+            for entry in entries:
                 if head.has(entry.fact_id):
                     skipped += 1
                     continue
@@ -370,23 +415,36 @@ class Chainer:
         if not next_offsets:
             return
         try:
-            self._commit(records, touched, next_offsets)
+            self._commit(records, touched, next_offsets, outcomes)
         except KafkaException as exc:
             self._recover(exc)
             return
+        self.heads.trim()
         for kind, count in kinds.items():
             self.metrics.chained.labels(kind).inc(count)
         self.metrics.skipped.inc(skipped)
 
-    def _entries(self, msg: Message) -> list[Entry]:
-        return source_entries(msg, self.settings.outcomes_topic, self._outcome)
+    def _decoded(self, msg: Message) -> tuple[list[Entry], dict[str, Any] | None]:
+        return decoded_source(msg, self.settings.outcomes_topic, self._outcome)
 
     def _commit(self, records: list[tuple[int, str, bytes]],
                 touched: dict[tuple[int, str], ChainHead],
-                next_offsets: dict[tuple[str, int], int]) -> None:
+                next_offsets: dict[tuple[str, int], int],
+                outcomes: list[dict[str, Any]] | None = None) -> None:
         self.producer.begin_transaction()
-        for partition, chain, value in records:
-            self._produce(self.settings.audit_topic, partition, chain, value)
+        where: list[str | None] = [None] * len(records)
+        failed: list[KafkaError] = []
+
+        def delivered(i: int) -> Callable[[KafkaError | None, Message], None]:
+            def report(err: KafkaError | None, msg: Message) -> None:
+                if err is not None:
+                    failed.append(err)
+                else:
+                    where[i] = f"{msg.topic()}/{msg.partition()}/{msg.offset()}"
+            return report
+
+        for i, (partition, chain, value) in enumerate(records):
+            self._produce(self.settings.audit_topic, partition, chain, value, delivered(i))
         for (partition, chain), head in touched.items():
             self._produce(self.settings.audit_heads_topic, partition, chain, head.encode())
         offsets = [TopicPartition(topic, partition, offset)
@@ -394,6 +452,15 @@ class Chainer:
         with self.watchdog.deadline("send_offsets_to_transaction", TXN_TIMEOUT_S + TXN_GRACE_S):
             self.producer.send_offsets_to_transaction(
                 offsets, self.consumer.consumer_group_metadata(), TXN_TIMEOUT_S)
+        # The records' places are known once acknowledged; the read model gets the batch
+        # before the commit, so it is never behind what Kafka committed.
+        with self.watchdog.deadline("flush", 60 + CALL_GRACE_S):
+            remaining = self.producer.flush(60)
+        if remaining or failed or any(w is None for w in where):
+            raise KafkaException(failed[0] if failed else KafkaError(
+                KafkaError._TIMED_OUT, "audit records not acknowledged before the commit",
+                txn_requires_abort=True))
+        self._write_read_model(records, where, touched, next_offsets, outcomes or [])
         self._batches += 1
         if self._batches == self._kill_before_commit:
             self.producer.flush(30)  # the records reach the log, uncommitted
@@ -412,10 +479,33 @@ class Chainer:
                     raise
                 log.warning("auditor: commit failed (%s); retrying", error)
 
-    def _produce(self, topic: str, partition: int, chain: str, value: bytes) -> None:
+    def _write_read_model(self, records: list[tuple[int, str, bytes]], where: list[str | None],
+                          touched: dict[tuple[int, str], ChainHead],
+                          next_offsets: dict[tuple[str, int], int],
+                          outcomes: list[dict[str, Any]]) -> None:
+        rows = [record_row(partition, orjson.loads(value), value, str(at))
+                for (partition, _, value), at in zip(records, where, strict=True)]
+        heads = [head_row(partition, head) for (partition, _), head in touched.items()]
+        try:
+            with self.watchdog.deadline("read model write", 120 + CALL_GRACE_S), \
+                    self.read_model.write() as conn:
+                self.read_model.write_audit_batch(conn, rows, heads, next_offsets, outcomes)
+        except Exception as exc:  # nothing is committed to Kafka: the batch comes again
+            raise InfrastructureError(
+                f"auditor cannot write the read model ({type(exc).__name__}: {exc}); nothing "
+                "was committed, restart to resume once the ledger database is back") from exc
+
+    def _produce(self, topic: str, partition: int, chain: str, value: bytes,
+                 on_delivery: Callable[[KafkaError | None, Message], None] | None = None,
+                 ) -> None:
         while True:
             try:
-                self.producer.produce(topic, value=value, key=chain.encode(), partition=partition)
+                if on_delivery is None:
+                    self.producer.produce(topic, value=value, key=chain.encode(),
+                                          partition=partition)
+                else:
+                    self.producer.produce(topic, value=value, key=chain.encode(),
+                                          partition=partition, on_delivery=on_delivery)
                 return
             except BufferError:
                 self.producer.poll(0.05)
@@ -437,8 +527,9 @@ class Chainer:
             for tp in committed:
                 offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
                 self.consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
-            partitions = {tp.partition for tp in assignment}
-            self.heads = load_heads(self.bootstrap, self.settings.audit_heads_topic, partitions)
+            # The read model may hold the aborted batch: its heads come from the topic.
+            self.read_model.forget_offsets(AUDITOR, {tp.partition for tp in assignment})
+            self._sync_heads({tp.partition for tp in assignment}, committed)
         except KafkaException as again:
             raise InfrastructureError(f"auditor could not recover from {error}: {again}") from again
 
@@ -463,17 +554,24 @@ class Chainer:
 
 def source_entries(msg: Message, outcomes_topic: str, codec: Any) -> list[Entry]:
     """The audit entries one source record (an outcome or an audit fact) stands for."""
+    return decoded_source(msg, outcomes_topic, codec)[0]
+
+
+def decoded_source(msg: Message, outcomes_topic: str, codec: Any,
+                   ) -> tuple[list[Entry], dict[str, Any] | None]:
+    """``source_entries``, and the decoded outcome when the record is one."""
     coords = f"{msg.topic()}/{msg.partition()}/{msg.offset()}"
     try:
         if msg.topic() == outcomes_topic:
-            return entries_from_outcome(codec.decode(msg.value() or b""))
+            outcome: dict[str, Any] = codec.decode(msg.value() or b"")
+            return entries_from_outcome(outcome), outcome
         fact = AuditFact.decode(msg.value() or b"")
         return [entry_from_fact(fact_id=fact.fact_id, kind=fact.kind, actor=fact.actor,
-                                at_ms=fact.at_ms, detail=fact.detail)]
+                                at_ms=fact.at_ms, detail=fact.detail)], None
     except Exception as exc:  # bad bytes are data: chained as unreadable, never dropped
         _, timestamp_ms = msg.timestamp()
         return [unreadable_entry(coords, timestamp_ms or int(time.time() * 1000),
-                                 f"{type(exc).__name__}: {exc}")]
+                                 f"{type(exc).__name__}: {exc}")], None
 
 
 def expected_fact_ids(bootstrap: str, settings: Settings,

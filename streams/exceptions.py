@@ -12,7 +12,11 @@
   state write, which they then repair);
 
 and writes each exception's current state, keyed by exception id, to the
-compacted exception-state topic, from which it rebuilds itself on start. A
+compacted exception-state topic and, once Kafka has acknowledged it, to the read
+model (``exception_states`` in the ledger's database, ``revline.read_model``). States
+are paged from that table through a bounded LRU cache, not all held in memory; on
+start the table is caught up from the state topic where it lags (the tail it has not
+seen, by the offsets it recorded), and the timers query it by deadline. A
 timer (``exception_check_interval_s``) escalates exceptions still open at
 their SLA deadline, once, to the backup owner, and expires those neither
 resolved nor waived by their expiry age. Every transition is an audit fact.
@@ -45,6 +49,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import orjson
+import sqlalchemy as sa
 from confluent_kafka import (
     Consumer,
     KafkaError,
@@ -72,6 +77,7 @@ from revline.auditlog import AuditFact, AuditLog
 from revline.errors import ConfigurationError, InfrastructureError
 from revline.kafka_config import client_config
 from revline.metrics import ExceptionMetrics
+from revline.read_model import PagedStates, ReadModel, state_row
 from revline.readback import read_compacted_json, watermarks
 from revline.settings import Settings
 from revline.startup import (
@@ -84,6 +90,7 @@ from revline.startup import (
 )
 from revline.watchdog import Watchdog
 from schemas import DecodeError, EventDeserializer, exception_codec
+from sinks.ledger._schema import exception_states
 
 log = logging.getLogger("revline.exceptions")
 
@@ -104,7 +111,8 @@ class ExceptionManager:
     def __init__(self, settings: Settings, bootstrap: str, ownership: Ownership,
                  metrics: ExceptionMetrics, *, clock: Callable[[], int] = _now_ms,
                  deserializer: EventDeserializer | None = None,
-                 producer: Producer | None = None, instance: str | None = None) -> None:
+                 producer: Producer | None = None, instance: str | None = None,
+                 read_model: ReadModel | None = None) -> None:
         self.settings = settings
         self.instance = instance
         self.watchdog = Watchdog(COMPONENT, metrics.registry)
@@ -119,7 +127,12 @@ class ExceptionManager:
             **settings.producer_config(bootstrap, component=COMPONENT),
             "on_delivery": self._on_delivery})
         self.audit = AuditLog(self.producer, settings.audit_facts_topic, track_delivery=False)
-        self.states: dict[str, State] = {}
+        # Paged from the read model when one is given; all in memory otherwise (tests).
+        self.read_model = read_model
+        self.states: MemoryStates | PagedStates = (
+            PagedStates(read_model, STATE_CACHE_SIZE) if read_model is not None
+            else MemoryStates())
+        self._state_offsets: dict[tuple[str, int], int] = {}
         # Lifecycle events read before their exception (the two topics are read
         # independently): applied as soon as it opens.
         self.early: dict[str, list[Mapping[str, Any]]] = {}
@@ -147,7 +160,6 @@ class ExceptionManager:
             amount_minor=amount, currency=currency,
         ))
         state = open_exception(record, assignment, amount_minor=amount, currency=currency)
-        self.states[exception_id] = state
         self._write_state(state)
         self.metrics.transitions.labels(OPEN).inc()
         log.info("opened %s %s %s owner=%s backup=%s (rule %s)", exception_id,
@@ -183,34 +195,34 @@ class ExceptionManager:
             level = logging.DEBUG if event.get("actor") == MANAGER else logging.WARNING
             log.log(level, "lifecycle event %s ignored: %s", event.get("event_id"), result)
             return None
-        self.states[exception_id] = result.state
         self._write_state(result.state)
         self._record(result, event)
         return result
 
     # -- the clock ---------------------------------------------------------------------------
-    def tick(self, now_ms: int | None = None) -> list[Change]:
-        """Raise and apply due escalations and expiries; returns what changed."""
+    def tick(self, now_ms: int | None = None, *, observe: bool = True) -> list[Change]:
+        """Raise and apply due escalations and expiries; returns what changed.
+
+        The due ones are queried by deadline (the read model's index), not scanned."""
         now = self.clock() if now_ms is None else now_ms
-        active = [s for s in self.states.values() if s["status"] in ACTIVE]
         changes = []
-        for event in due_events(active, now):
+        for event in due_events(self.states.due(now), now):
             change = self.apply(event)
             if change is not None:
                 self._produce(self.settings.exception_events_topic, event["exception_id"],
                               orjson.dumps(event))
                 changes.append(change)
-        self.observe(now)
+        if observe:
+            self.observe(now)
         return changes
 
     def observe(self, now_ms: int) -> None:
+        """Open counts and oldest ages per owner and severity (after a flush when paged)."""
         counts = {(o, s): 0 for o in OWNERS for s in SEVERITIES}
         oldest: dict[tuple[str, str], int] = {}
-        for s in self.states.values():
-            if s["status"] in ACTIVE:
-                key = (s["owner"], s["severity"])
-                counts[key] = counts.get(key, 0) + 1
-                oldest[key] = min(oldest.get(key, now_ms), s["opened_at_ms"])
+        for key, (count, first) in self.states.active_summary().items():
+            counts[key] = count
+            oldest[key] = min(now_ms, first)
         for (owner, severity), count in counts.items():
             self.metrics.open.labels(owner, severity).set(count)
             age = (now_ms - oldest[(owner, severity)]) / 1000 if (owner, severity) in oldest else 0
@@ -246,6 +258,7 @@ class ExceptionManager:
                  f" → {state['backup_owner']}" if change.transition == ESCALATED else "")
 
     def _write_state(self, state: State) -> None:
+        self.states[state["exception_id"]] = state
         self._produce(self.settings.exception_state_topic, state["exception_id"],
                       orjson.dumps(state))
 
@@ -271,6 +284,9 @@ class ExceptionManager:
     def _on_delivery(self, err: KafkaError | None, msg: Message, attempt: int = 0) -> None:
         if err is not None:
             self._failed.append((err, msg.topic() or "", msg.key(), msg.value(), attempt))
+        elif msg.topic() == self.settings.exception_state_topic:
+            at = (msg.topic() or "", msg.partition() or 0)
+            self._state_offsets[at] = max(self._state_offsets.get(at, 0), (msg.offset() or 0) + 1)
 
     def _recover(self) -> None:
         """Failed records: retriable ones again, too large ones shrunk (long texts cut),
@@ -300,7 +316,21 @@ class ExceptionManager:
                 self.producer.flush(30)
 
     def flush(self, timeout: float = 30.0) -> None:
-        """Everything produced is acknowledged, or InfrastructureError (nothing is committed)."""
+        """Everything produced is acknowledged, or InfrastructureError (nothing is committed);
+        then the acknowledged states go to the read model."""
+        self._flush_kafka(timeout)
+        if self._state_offsets or self.states.pending:
+            offsets, self._state_offsets = self._state_offsets, {}
+            try:
+                with self.watchdog.deadline("read model write", 120 + CALL_GRACE_S):
+                    self.states.flush(offsets)
+            except Exception as exc:  # offsets are not committed: the batch comes again
+                raise InfrastructureError(
+                    f"exception manager cannot write the read model ({type(exc).__name__}: "
+                    f"{exc}); restart the manager once the ledger database is back, it "
+                    "resumes from its last committed offsets") from exc
+
+    def _flush_kafka(self, timeout: float) -> None:
         if not self._dirty:
             return
         with self.watchdog.deadline("flush", timeout + CALL_GRACE_S):
@@ -318,10 +348,23 @@ class ExceptionManager:
 
     # -- the loop ----------------------------------------------------------------------------
     def rebuild(self) -> int:
-        self.states = retry_startup(
-            lambda: read_states(self.bootstrap, self.settings.exception_state_topic),
-            f"the exception state on {self.settings.exception_state_topic}",
-            timeout_s=self.settings.startup_timeout_s, component=COMPONENT)
+        topic = self.settings.exception_state_topic
+        if self.read_model is None:
+            states = retry_startup(lambda: read_states(self.bootstrap, topic),
+                                   f"the exception state on {topic}",
+                                   timeout_s=self.settings.startup_timeout_s,
+                                   component=COMPONENT)
+            self.states = MemoryStates(states)
+            return len(states)
+        model = self.read_model
+        caught_up = retry_startup(lambda: catch_up_states(model, self.bootstrap, topic),
+                                  f"the exception state on {topic}",
+                                  timeout_s=self.settings.startup_timeout_s,
+                                  component=COMPONENT)
+        if caught_up:
+            log.warning("exception manager: %d state records of %s were not in the read model "
+                        "yet; caught up", caught_up, topic)
+        self.states.forget()
         return len(self.states)
 
     def run(self, stop: threading.Event) -> None:
@@ -372,10 +415,13 @@ class ExceptionManager:
                     with self.watchdog.deadline("catch-up check", _CAUGHT_UP_BUDGET_S):
                         caught_up = _caught_up(consumer)
                 now = self.clock()
-                if caught_up and now - last_tick >= interval_ms:
-                    self.tick(now)
+                ticked = caught_up and now - last_tick >= interval_ms
+                if ticked:
+                    self.tick(now, observe=False)
                     last_tick = now
                 self.flush()
+                if ticked:
+                    self.observe(now)  # from the table, now that the batch is in it
                 if consumed:
                     try:
                         with self.watchdog.deadline("commit", 60 + CALL_GRACE_S):
@@ -449,6 +495,83 @@ def _caught_up(consumer: Consumer) -> bool:
     except KafkaException:
         return False
     return True
+
+
+# -- where the states are ------------------------------------------------------------------
+STATE_CACHE_SIZE = 20_000  # states kept in memory; the rest are paged from the read model
+
+
+class MemoryStates(dict[str, State]):
+    """Every state in memory (no read model: unit tests, tools); PagedStates' interface."""
+
+    @property
+    def pending(self) -> dict[str, State]:
+        return {}
+
+    def due(self, now_ms: int) -> list[State]:
+        return [s for s in self.values() if s["status"] in ACTIVE]
+
+    def active_summary(self) -> dict[tuple[str, str], tuple[int, int]]:
+        out: dict[tuple[str, str], tuple[int, int]] = {}
+        for s in self.values():
+            if s["status"] in ACTIVE:
+                key = (s["owner"], s["severity"])
+                count, first = out.get(key, (0, s["opened_at_ms"]))
+                out[key] = (count + 1, min(first, s["opened_at_ms"]))
+        return out
+
+    def flush(self, offsets: Mapping[tuple[str, int], int] | None = None) -> None:
+        return None
+
+    def forget(self) -> None:
+        return None
+
+
+def catch_up_states(model: ReadModel, bootstrap: str, topic: str) -> int:
+    """Bring ``exception_states`` up to the state topic's end: only the records after the
+    offsets it recorded (all of them for a new table); returns how many were read."""
+    from revline.read_model import EXCEPTIONS
+    from revline.readback import read_topic
+
+    consumer = _reader(bootstrap)
+    try:
+        marks = {p: watermarks(consumer, topic, p) for p in _partitions(consumer, topic)}
+    finally:
+        consumer.close()
+    recorded = model.offsets(EXCEPTIONS)
+    if any(recorded.get((topic, p), 0) > high for p, (_, high) in marks.items()):
+        # The table is ahead of the topic (a recreated topic?): start it again.
+        log.warning("the read model is ahead of %s: rebuilding its exception states", topic)
+        with model.write() as conn:
+            conn.execute(sa.delete(exception_states))
+        recorded = {}
+    ranges = {p: (max(low, recorded.get((topic, p), 0)), high)
+              for p, (low, high) in marks.items()
+              if max(low, recorded.get((topic, p), 0)) < high}
+    if not ranges:
+        return 0
+    read = 0
+    batch: dict[str, bytes | None] = {}
+
+    def write() -> None:
+        gone = [k for k, v in batch.items() if v is None]
+        rows = [state_row(orjson.loads(v), v) for v in batch.values() if v is not None]
+        with model.write() as conn:
+            if gone:
+                model.delete_states(conn, gone)
+            model.write_states(conn, rows)
+        batch.clear()
+
+    for msg in read_topic(bootstrap, topic, ranges=ranges, timeout=3600):
+        read += 1
+        if msg.key() is not None:
+            batch[(msg.key() or b"").decode("utf-8", "replace")] = msg.value()
+        if len(batch) >= 5_000:
+            write()
+    write()
+    with model.write() as conn:
+        model.set_offsets(conn, EXCEPTIONS, {(topic, p): high for p, (_, high) in marks.items()})
+    return read
 
 
 # -- helpers shared with the CLI -------------------------------------------------------------
@@ -551,4 +674,4 @@ def run_manager(settings: Settings, bootstrap: str, stop: threading.Event, *,
     deserializer = (EventDeserializer(registry=registry_client(registry))
                     if registry is not None else EventDeserializer())
     ExceptionManager(settings, bootstrap, ownership, metrics, deserializer=deserializer,
-                     instance=instance).run(stop)
+                     instance=instance, read_model=ReadModel.for_settings(settings)).run(stop)

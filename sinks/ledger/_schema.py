@@ -325,3 +325,106 @@ def drop_sqlite_triggers(conn: Connection) -> list[str]:
     for name in names:
         conn.exec_driver_sql(f'DROP TRIGGER "{name}"')
     return names
+
+
+# -- the operators' read model (revision 0003_read_model) --------------------------------
+# Indexed copies of what the audit, outcome and exception-state topics hold, so that an
+# operator's query costs what its answer holds, not the topic's history. The topics stay
+# the source of truth: ``revline index rebuild`` recreates all of this from them. Written
+# by the components that own the data (see ``revline.read_model``); not append-only.
+
+# One row per chained audit record: (chain, seq) is the record's place in its chain, and
+# a batch the auditor redoes after an aborted transaction upserts the same rows.
+audit_records = sa.Table(
+    "audit_records",
+    metadata,
+    sa.Column("chain", sa.Text, primary_key=True),
+    sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("kafka_partition", sa.Integer, nullable=False),
+    sa.Column("at_ms", sa.BigInteger, nullable=False),
+    sa.Column("kind", sa.String(64), nullable=False),
+    sa.Column("fact_id", sa.Text, nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+    sa.Column("record", sa.Text, nullable=False),  # the canonical JSON, exactly as chained
+    sa.Column("location", sa.Text, nullable=False),  # audit topic/partition/offset
+    sa.Index("ix_audit_records_kind_at", "kind", "at_ms"),
+)
+
+# The auditor's chain heads (what it appends to next), paged in through a bounded cache.
+audit_heads = sa.Table(
+    "audit_heads",
+    metadata,
+    sa.Column("chain", sa.Text, primary_key=True),
+    sa.Column("kafka_partition", sa.Integer, nullable=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+    sa.Column("recent", sa.Text, nullable=False),  # JSON list of recent fact digests
+    sa.Index("ix_audit_heads_partition", "kafka_partition"),
+)
+
+# Up to where each writer's source partitions are reflected in the tables: how a
+# component tells, on start, whether the tables agree with Kafka or need catching up.
+read_model_offsets = sa.Table(
+    "read_model_offsets",
+    metadata,
+    sa.Column("owner", sa.String(64), primary_key=True),
+    sa.Column("topic", sa.Text, primary_key=True),
+    sa.Column("kafka_partition", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("next_offset", sa.BigInteger, nullable=False),
+)
+
+# Every exception's current state (the compacted exception-state topic, queryable).
+exception_states = sa.Table(
+    "exception_states",
+    metadata,
+    sa.Column("exception_id", sa.Text, primary_key=True),
+    sa.Column("order_id", sa.Text, nullable=True),
+    sa.Column("check_id", sa.Text, nullable=False),
+    sa.Column("severity", sa.String(16), nullable=False),
+    sa.Column("owner", sa.String(64), nullable=False),
+    sa.Column("backup_owner", sa.String(64), nullable=True),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("escalated", sa.Boolean, nullable=False),
+    sa.Column("opened_at_ms", sa.BigInteger, nullable=False),
+    sa.Column("sla_deadline_ms", sa.BigInteger, nullable=False),
+    sa.Column("expires_at_ms", sa.BigInteger, nullable=True),
+    sa.Column("state", sa.Text, nullable=False),  # the state value as on the topic (JSON)
+    sa.Index("ix_exception_states_status_owner", "status", "owner", "opened_at_ms"),
+    sa.Index("ix_exception_states_status_backup", "status", "backup_owner", "opened_at_ms"),
+    sa.Index("ix_exception_states_status_deadline", "status", "sla_deadline_ms"),
+    sa.Index("ix_exception_states_status_expiry", "status", "expires_at_ms"),
+    sa.Index("ix_exception_states_status_opened", "status", "opened_at_ms"),
+    sa.Index("ix_exception_states_opened", "opened_at_ms"),
+    sa.Index("ix_exception_states_order", "order_id"),
+)
+
+# Final outcomes counted per hour, for the report; ``outcomes_counted`` makes the counts
+# idempotent per outcome (an input's final outcome is counted once however often it is
+# re-emitted or re-read). Dimensions are '' (never NULL) so they can be part of the key.
+outcomes_counted = sa.Table(
+    "outcomes_counted",
+    metadata,
+    sa.Column("input", sa.Text, primary_key=True),  # input topic/partition/offset
+    sa.Column("hour_ms", sa.BigInteger, nullable=False),
+)
+
+outcome_hours = sa.Table(
+    "outcome_hours",
+    metadata,
+    sa.Column("hour_ms", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("row_type", sa.String(8), primary_key=True),  # outcome | warning
+    sa.Column("kind", sa.String(32), primary_key=True),
+    sa.Column("event_type", sa.String(64), primary_key=True),
+    sa.Column("check_id", sa.String(128), primary_key=True),
+    sa.Column("severity", sa.String(16), primary_key=True),
+    sa.Column("owner", sa.String(64), primary_key=True),
+    sa.Column("stage", sa.String(32), primary_key=True),
+    sa.Column("held", sa.Boolean, primary_key=True),
+    sa.Column("refused_override", sa.Boolean, primary_key=True),
+    sa.Column("latency_bucket", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("count", sa.BigInteger, nullable=False),
+    sa.Column("max_latency_ms", sa.BigInteger, nullable=True),
+)
+
+READ_MODEL_TABLES = (audit_records, audit_heads, read_model_offsets, exception_states,
+                     outcomes_counted, outcome_hours)

@@ -43,7 +43,7 @@ except ImportError:
         payment,
     )
 
-HEAD = "0002_order_identity"
+HEAD = "0003_read_model"
 LEGACY_NS = uuid.UUID("5b0f6f43-3c59-4d0e-9d55-2f6f0b7f3e11")  # the old code's journal ids
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 SQLITE_TRIGGERS = {

@@ -298,7 +298,7 @@ def test_facts_are_chained_once_and_verify_names_a_tampered_record(
         locations[chain] = f"{topic}/{partition}/{offsets[-1]}"
     verify = revline(pipeline, "audit", "verify")
     one = revline(pipeline, "audit", "verify", "--order", "SO-T3")
-    timeline = revline(pipeline, "audit", "SO-T1")
+    timeline = revline(pipeline, "audit", "SO-T1", "--from-topic")  # the topic was forged
 
     output = verify.stdout + verify.stderr
     assert verify.returncode == 1, output

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from fastavro import schemaless_reader, schemaless_writer
 
-from revline.errors import RevlineError
+from revline.errors import InfrastructureError, RevlineError
 from schemas._catalog import SchemaCatalog, SchemaEntry, crc64_fingerprint, default_catalog
 
 if TYPE_CHECKING:
@@ -44,6 +44,18 @@ class DecodeError(RevlineError):
     def __init__(self, message: str, *, schema_ref: str = "") -> None:
         super().__init__(message)
         self.schema_ref = schema_ref
+
+
+class RegistryUnavailableError(InfrastructureError):
+    """The schema registry refused us or did not answer: not the record's fault, so never
+    a dead letter (the caller fails, and retries once the registry answers)."""
+
+
+def registry_failure(exc: Exception, doing: str) -> RegistryUnavailableError:
+    status = getattr(exc, "http_status_code", None)
+    hint = (" (HTTP 401/403: check SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO)"
+            if status in (401, 403) else "")
+    return RegistryUnavailableError(f"the schema registry failed {doing}{hint}: {exc}")
 
 
 class UnknownSchemaError(DecodeError):
@@ -149,9 +161,14 @@ class EventSerializer:
             else:
                 from confluent_kafka.schema_registry import Schema
 
-                schema_id = self.registry.register_schema(
-                    subject_for(entry), Schema(entry.schema_str, "AVRO")
-                )
+                try:
+                    schema_id = self.registry.register_schema(
+                        subject_for(entry), Schema(entry.schema_str, "AVRO")
+                    )
+                except Exception as exc:  # the client's own error types
+                    if getattr(exc, "http_status_code", None) in (409, 422):
+                        raise  # the registry's compatibility gate refused this schema
+                    raise registry_failure(exc, f"to register {subject_for(entry)}") from exc
                 header = CONFLUENT_MAGIC + int(schema_id).to_bytes(4, "big")
             self._headers[key] = header
         return header
@@ -237,6 +254,8 @@ class EventDeserializer:
         try:
             registered = self.registry.get_schema(schema_id)
         except Exception as exc:  # the client raises its own error types
+            if getattr(exc, "http_status_code", None) != 404:
+                raise registry_failure(exc, f"to look up schema id {schema_id}") from exc
             raise UnknownSchemaError(
                 f"schema id {schema_id} is not in the schema registry: {exc}", schema_ref=ref
             ) from exc

@@ -76,10 +76,12 @@ from processors import (
     load_yaml,
 )
 from revline._gc import freeze_long_lived
-from revline.kafka_config import client_config, faust_broker_credentials
+from revline.errors import InfrastructureError
+from revline.kafka_config import client_config, faust_broker_credentials, registry_config
 from revline.metrics import Metrics
 from revline.settings import Settings
 from revline.watchdog import Watchdog
+from schemas import EventDeserializer, registry_client
 from streams._outputs import NULL_VALUE_CLASS, OutputWriter
 from streams._reference import ReferenceView
 
@@ -262,7 +264,8 @@ class Worker:
             "enable.auto.commit": False, "log_level": 3,
         }, settings=settings, component="worker"))
         self.view = ReferenceView(self.reference)
-        self.engine = Engine(rules=self.rules, reference=self.view)
+        self.engine = Engine(rules=self.rules, reference=self.view,
+                             deserializer=_deserializer(settings))
         self.writer = OutputWriter(settings, bootstrap, metrics, self.rules)
         self.drift = _DriftLog()
         self.ticker = Producer(client_config("producer", bootstrap, {
@@ -535,6 +538,8 @@ class Worker:
     def _decide(self, record: InputRecord, touched: Touched, now: int) -> list[Decision]:
         try:
             decoded, dead = self.engine.decode(record, now)
+        except InfrastructureError:
+            raise  # the schema registry is away or refuses us: not the record's fault
         except Exception as exc:  # a decoder bug: route the record, never crash-loop on it
             log.exception("decoding failed on %s", record.coords)
             decoded, dead = None, Decision(
@@ -740,6 +745,14 @@ class Worker:
             except Exception:  # no statistics yet
                 continue
             self.metrics.consumer_lag.labels(str(partition)).set(max(0, high - done))
+
+
+def _deserializer(settings: Settings) -> EventDeserializer:
+    """The decoder, with the schema registry when one is configured (Confluent framing)."""
+    registry = registry_config(settings)
+    if registry is None:
+        return EventDeserializer()
+    return EventDeserializer(registry=registry_client(registry))
 
 
 def build_worker(settings: Settings, bootstrap: str, metrics: Metrics | None = None) -> Worker:

@@ -242,10 +242,6 @@ def test_basic_auth_from_the_settings_and_a_wrong_password_is_a_clear_error(
     assert len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "not yet: the CLI shows confluent-kafka's 'SchemaRegistryError: Unknown Schema Registry "
-    "Error: b'' (HTTP status code 401, SR code -1)' without naming the setting to fix "
-    "(revline/cli.py serializer_for / schemas/_codec.py)"))
 @pytest.mark.kafka
 def test_a_refused_registry_password_names_the_setting(
     registry_env: dict[str, str], kafka_bootstrap: str, new_topic: Any, tmp_path: Path,
@@ -260,11 +256,6 @@ def test_a_refused_registry_password_names_the_setting(
     assert "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "not yet: schemas/_codec.py EventDeserializer._resolve_schema_id turns any registry "
-    "error, a 401 included, into UnknownSchemaError ('schema id N is not in the schema "
-    "registry'), so a worker with a wrong password would dead-letter good records as "
-    "schema drift instead of failing"))
 def test_a_decoder_with_a_wrong_password_does_not_dead_letter_good_records(
     local_registry: LocalRegistry,
 ) -> None:
@@ -276,10 +267,6 @@ def test_a_decoder_with_a_wrong_password_does_not_dead_letter_good_records(
     assert not isinstance(failed.value, DecodeError), failed.value
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "not yet: streams/app.py Worker builds Engine(rules=..., reference=...) with the default "
-    "EventDeserializer() (no registry client), so with SCHEMA_REGISTRY_URL set the worker "
-    "dead-letters every Confluent-framed record ('no schema registry is configured')"))
 @pytest.mark.kafka
 def test_the_worker_decodes_confluent_framed_records_with_the_registry(
     registry_env: dict[str, str], local_registry: LocalRegistry, kafka_bootstrap: str,

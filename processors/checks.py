@@ -184,7 +184,7 @@ def lifecycle(event: Event, state: OrderState, ctx: CheckContext) -> Iterable[Fi
 
 
 def _version_label(amendment: int | None) -> str:
-    return f"amendment {amendment}" if amendment else "the booking"
+    return "the booking" if amendment is None else f"amendment {amendment}"
 
 
 # -- policy ------------------------------------------------------------------------------

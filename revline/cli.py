@@ -739,6 +739,7 @@ _COMMAND_MODULES = (
     "revline.cli_report",  # report
     "revline.cli_rules",  # rules backtest|validate
     "revline.cli_index",  # index rebuild|status (the operators' read model)
+    "revline.cli_chaos",  # chaos (faults on the 3-node cluster, checked and measured)
 )
 
 

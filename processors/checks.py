@@ -118,7 +118,8 @@ def completeness(event: Event, state: OrderState, ctx: CheckContext) -> Iterable
 # refuses or the books cannot hold. Reference data (an unknown SKU the ERP knows),
 # policy and attribution remain a person's call.
 NOT_WAIVABLE_PREFIXES = ("lifecycle.", "reconciliation.", "dedup.", "dependency.", "hold.")
-NOT_WAIVABLE = frozenset({"completeness.amounts", "completeness.currency", "completeness.lines"})
+NOT_WAIVABLE = frozenset({"completeness.amounts", "completeness.currency", "completeness.lines",
+                          "completeness.source_ref"})  # the ledger needs the source
 
 
 def waivable(check_id: str) -> bool:

@@ -350,10 +350,15 @@ class Engine:
                                    released_by=trigger))
         return out
 
-    def expire_holds(self, state: OrderState, now_ms: int) -> list[Decision]:
-        """Holds older than the timeout become exceptions; their dependents are blocked."""
+    def expire_holds(self, state: OrderState, now_ms: int,
+                     held_since_ms: int | None = None) -> list[Decision]:
+        """Holds older than the timeout become exceptions; their dependents are blocked.
+
+        ``held_since_ms``: only holds held at or before then (the caller checked that what
+        was on the topic when those came due has been read; younger ones wait)."""
         timeout_ms = int(self.rules.hold_timeout_seconds * 1000)
-        expired = [h for h in state.held if now_ms - h["since_ms"] >= timeout_ms]
+        expired = [h for h in state.held if now_ms - h["since_ms"] >= timeout_ms
+                   and (held_since_ms is None or h["since_ms"] <= held_since_ms)]
         out: list[Decision] = []
         for entry in expired:
             state.held.remove(entry)

@@ -23,8 +23,10 @@ REQUIRED_REFS: dict[str, tuple[str, ...]] = {
 _NON_EMPTY = ("event_id", "idempotency_key", "order_id")
 
 # Identifiers (docs/lifecycle.md, "Identifiers"): any Unicode except control characters,
-# at most MAX_ID_LENGTH. The adapters store every other character as it is.
+# at most MAX_ID_LENGTH characters and MAX_ID_BYTES in UTF-8. The adapters store every
+# other character as it is.
 MAX_ID_LENGTH = 512
+MAX_ID_BYTES = 1024
 _ENVELOPE_IDS = ("event_id", "idempotency_key", "order_id", "source_system",
                  "source_record_id", "invoice_id", "payment_id")
 _EVENT_IDS = ("refund_id", "approval_id", "fulfilment_id", "override_id", "customer_id",
@@ -38,6 +40,11 @@ _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 def _id_problem(value: str) -> str | None:
     if len(value) > MAX_ID_LENGTH:
         return f"is {len(value)} characters long (at most {MAX_ID_LENGTH})"
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if size > MAX_ID_BYTES:
+        # Database indexes hold an order id and a key together (PostgreSQL: 2,704 bytes
+        # an index row); 512 CJK characters are 1,536 bytes.
+        return f"is {size} bytes in UTF-8 (at most {MAX_ID_BYTES})"
     found = _CONTROL.search(value)
     if found:
         return f"holds the control character U+{ord(found.group()):04X}"

@@ -265,6 +265,14 @@ class SinkProcessor:
         """One loop iteration; True if a batch was completed."""
         if self._pending:
             return self._retry_pending()
+        if self._paused:
+            # Paused by an open breaker, but the held batch went (its partitions were
+            # revoked or lost, or the consumer was replaced): nothing is left to retry, so
+            # resume, or the sink would stay paused for good with its heartbeat advancing.
+            log.info("no held batch left; resuming consumption")
+            self._paused = False
+            self.consumer.resume(self.consumer.assignment())
+            self._observe_breakers()
         msgs = self._fetch()
         items = [self._decode(m) for m in msgs if not self._is_error(m)]
         if not items:

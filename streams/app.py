@@ -471,9 +471,13 @@ class Worker:
         for partition, order_id, command in commands:
             if command == TICK_EVICT and order_id not in touched:
                 evicted[order_id] = partition
-            else:
+            elif command.startswith(TICK_EXPIRE):
+                # "expire:<ms>": only holds held by then, the ones whose end offset was
+                # read up to; a younger hold came due later and waits for its own check.
+                _, _, since = command.partition(b":")
                 decisions.extend(self.engine.expire_holds(
-                    self._state(partition, order_id, touched), now))
+                    self._state(partition, order_id, touched), now,
+                    held_since_ms=int(since) if since.isdigit() else None))
         for msg in messages:
             partition, offset = msg.partition() or 0, msg.offset() or 0
             value = msg.value()
@@ -659,7 +663,7 @@ class Worker:
                 known = self.due_end[order_id] = (oldest, end)
             if self._read_up_to(partition) < known[1]:
                 continue  # the releasing event may be in the backlog still to read
-            self._send_tick(order_id, partition, TICK_EXPIRE)
+            self._send_tick(order_id, partition, TICK_EXPIRE + b":%d" % known[0])
             self.tick_sent[order_id] = now
             ticks += 1
         for order_id in [o for o in self.due_end if o not in self.holding]:

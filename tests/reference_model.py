@@ -49,8 +49,9 @@ class Outcome:
 
 
 def _bad_id(value: Any) -> bool:
-    return isinstance(value, str) and (len(value) > 512 or any(
-        unicodedata.category(c) in ("Cc", "Cs") for c in value))
+    return isinstance(value, str) and (
+        len(value) > 512 or len(value.encode("utf-8", "surrogatepass")) > 1024
+        or any(unicodedata.category(c) in ("Cc", "Cs") for c in value))
 
 
 def structurally_broken(event: dict[str, Any]) -> bool:

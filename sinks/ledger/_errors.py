@@ -39,6 +39,11 @@ def sqlstate(exc: BaseException) -> str | None:
     return None
 
 
+# Program limits exceeded (SQLSTATE class 54: an index row or a statement too large):
+# the row itself is refused, whatever the database's state, so it is never retried.
+_REFUSED_SQLSTATE_PREFIXES = ("54",)
+
+
 def db_message(exc: sa_exc.DBAPIError) -> str:
     """The database's own text, without SQLAlchemy's statement and parameter dump."""
     orig = exc.orig
@@ -53,6 +58,8 @@ def is_transient(exc: BaseException) -> bool:
         state = sqlstate(exc)
         if state is not None and state.startswith(_TRANSIENT_SQLSTATE_PREFIXES):
             return True
+        if state is not None and state.startswith(_REFUSED_SQLSTATE_PREFIXES):
+            return False  # this very row can never be written: retrying would stall the sink
         return isinstance(exc, sa_exc.OperationalError)
     # Pool exhausted (TimeoutError) or a connection found dead by the pool.
     return isinstance(exc, sa_exc.TimeoutError | sa_exc.DisconnectionError)
@@ -63,7 +70,10 @@ def translate(exc: BaseException) -> BaseException:
     if is_transient(exc):
         detail = db_message(exc) if isinstance(exc, sa_exc.DBAPIError) else str(exc)
         return TransientSinkError(f"ledger database unavailable: {detail}")
-    if isinstance(exc, sa_exc.IntegrityError | sa_exc.DataError):
+    if isinstance(exc, sa_exc.DBAPIError) and (
+        isinstance(exc, sa_exc.IntegrityError | sa_exc.DataError)
+        or (sqlstate(exc) or "").startswith(_REFUSED_SQLSTATE_PREFIXES)
+    ):
         return PermanentSinkError(f"ledger database refused the write: {db_message(exc)}")
     return exc
 

@@ -253,3 +253,26 @@ def test_an_event_too_large_to_hold_is_an_exception_not_an_unwritable_state() ->
     [d] = ENGINE.process(state, record, decoded or {}, NOW_MS)
     assert d.kind == EXCEPTION and d.check_id == "hold.oversized"
     assert len(state.held) == 2
+
+
+def test_a_hold_expires_only_if_held_by_the_checked_cutoff() -> None:
+    state = OrderState()
+    held = []
+    for n, (event, at) in enumerate([(pay("P1", "I1", 1), 0), (pay("P2", "I2", 1), 60_000)]):
+        record = InputRecord("in", 0, n, ORDER.encode(), ENCODE(event))
+        decoded, _ = ENGINE.decode(record, at)
+        held += ENGINE.process(state, record, decoded or {}, at)
+    assert [d.kind for d in held] == [HELD, HELD]
+    late = 10**9  # both are past the timeout by now
+    # The worker read up to what was on the topic when P1 came due, not yet P2's.
+    [expired] = ENGINE.expire_holds(state, late, held_since_ms=0)
+    assert expired.check_id == "hold.timeout" and expired.input.offset == 0
+    assert [h["offset"] for h in state.held] == [1]
+
+
+def test_ids_are_bounded_in_utf8_bytes_too() -> None:
+    event = book()
+    event["envelope"]["idempotency_key"] = "注" * 512  # 512 characters, 1,536 bytes
+    record = InputRecord("in", 0, 0, ORDER.encode(), ENCODE(event))
+    _, dead = ENGINE.decode(record, NOW_MS)
+    assert dead is not None and "bytes" in dead.reason

@@ -60,13 +60,14 @@ def upgrade() -> None:
     )
 
     # The order of each side effect whose key a journal names. Exactly one order per
-    # key under the old schema (its key was unique); the HAVING guards that anyway.
+    # key under the old schema (its key was unique); the CASE guards that anyway (no
+    # HAVING without GROUP BY: SQLite before 3.39 refuses it).
     op.execute(
         """
         UPDATE side_effects SET order_id = (
-          SELECT min(j.order_id) FROM journals j
+          SELECT CASE WHEN count(DISTINCT j.order_id) = 1 THEN min(j.order_id) END
+            FROM journals j
            WHERE j.event_key = side_effects.idempotency_key
-          HAVING count(DISTINCT j.order_id) = 1
         )
         WHERE order_id IS NULL
         """

@@ -312,8 +312,9 @@ def _supervise(commands: Sequence[tuple[tuple[str, ...], dict[str, str]]],
 
     A component that dies (kill -9, a watchdog exit 75, a batch that could not be made
     durable, 70) is restarted, as a supervisor would: every component resumes from what
-    is durable. More than ``_RESTARTS`` deaths of one component within ``_RESTART_WINDOW_S``,
-    or an exit that a restart cannot mend (0, or 2: configuration), stop them all: a
+    is durable; so is one that exited 2 (its one-line error may be a broker that was away).
+    More than ``_RESTARTS`` deaths of one component within ``_RESTART_WINDOW_S`` (a
+    configuration error dies at once, every time), or a clean exit 0, stop them all: a
     half-running pipeline (a worker without its sink, say) is worse than a stopped one.
     """
     import os
@@ -347,7 +348,7 @@ def _supervise(commands: Sequence[tuple[tuple[str, ...], dict[str, str]]],
             args = commands[n][0]
             now = time.monotonic()
             deaths[n] = [t for t in deaths[n] if now - t < _RESTART_WINDOW_S] + [now]
-            if code in (0, 2) or len(deaths[n]) > _RESTARTS:
+            if code == 0 or len(deaths[n]) > _RESTARTS:
                 final[n] = code
                 stop()
                 break

@@ -513,7 +513,9 @@ class Chainer:
     def _recover(self, exc: KafkaException) -> None:
         """Abort, then start again from what is committed: offsets and heads."""
         error: KafkaError = exc.args[0]
-        if error.fatal() or not error.txn_requires_abort():
+        # A retriable failure (the broker away for a moment: _TRANSPORT while adding the
+        # offsets) is aborted and redone like an abortable one, not a reason to exit.
+        if error.fatal() or not (error.txn_requires_abort() or error.retriable()):
             raise InfrastructureError(
                 f"auditor transaction failed ({error}); nothing uncommitted was kept, restart "
                 f"to resume (if fenced: another auditor runs as {self.transactional_id!r})"

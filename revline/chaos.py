@@ -190,17 +190,38 @@ def _finals(run: Run) -> int:
                 if s.final})
 
 
-def _drain(run: Run, total: int, wait_s: float) -> None:
-    """Every input decided, every consumer caught up, the audit complete; then stop."""
+def _drain(run: Run, total: int, wait_s: float, stall_s: float) -> None:
+    """Every input decided, every consumer caught up, the audit complete; then stop.
+
+    A consumer that is behind and commits nothing for ``stall_s`` is stalled: it is noted
+    (a failed check) and kill -9ed and restarted, as an operator would, so the run ends."""
     p, sup = run.pipeline, run.supervisor
     app = p.env["REVLINE_APP_ID"]
     run.drained = wait_until(lambda: _finals(run) >= total, wait_s,
                              f"{run.name}: a final outcome for all {total} inputs",
                              every=0.5, check=sup.check)
-    for group, topic in ((f"{app}-sink", "validated"), (f"{app}-exceptions", "exceptions")):
-        wait_until(lambda g=group, t=topic: group_caught_up(p.bootstrap, g, [p.topic(t)]),
-                   wait_s, f"{run.name}: {group} to commit all of {topic}", every=1.0,
-                   check=sup.check)
+    for role, group, topic in (("sink", f"{app}-sink", p.topic("validated")),
+                               ("exceptions", f"{app}-exceptions", p.topic("exceptions"))):
+        deadline = time.monotonic() + wait_s
+        last, since = _committed(p.bootstrap, group, topic), time.monotonic()
+        while not group_caught_up(p.bootstrap, group, [topic]):
+            sup.check()
+            now_at = _committed(p.bootstrap, group, topic)
+            if now_at != last:
+                last, since = now_at, time.monotonic()
+            elif time.monotonic() - since > stall_s:
+                log = sup.log_tail(role)
+                run.stalls.append({"fault": "drain", "component": role,
+                                   "no_commit_for_s": round(time.monotonic() - since, 1),
+                                   "log": log})
+                print(f"[chaos] {run.name}: {role} STALLED (no commit for {stall_s:.0f}s while "
+                      "behind); kill -9 and restart. Log ends:\n  " + "\n  ".join(log),
+                      file=sys.stderr, flush=True)
+                sup.kill9_and_restart(role)
+                since = time.monotonic()
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{run.name}: {group} never committed all of {topic}")
+            time.sleep(1.0)
     sup.stop([r for r in sup.procs if r != "auditor"])
     wait_until(lambda: audit_verify(p).returncode == 0, wait_s,
                f"{run.name}: `revline audit verify` to pass", every=3.0)
@@ -278,6 +299,17 @@ def _grows(count: Callable[[], int]) -> Callable[[], float | None]:
     return when
 
 
+def _commits_or_idle(bootstrap: str, group: str, topic: str) -> Callable[[], float | None]:
+    """A watcher: now, once the group commits more, or has nothing left to do (no exception
+    came since: not stuck as far as anyone can tell)."""
+    grew = _grows(lambda: _committed(bootstrap, group, topic))
+
+    def when() -> float | None:
+        return grew() or (time.time() if group_caught_up(bootstrap, group, [topic]) else None)
+
+    return when
+
+
 def _watchers(run: Run, since: float, roles: list[str]) -> dict[str, Callable[[], float | None]]:
     p = run.pipeline
     app = p.env["REVLINE_APP_ID"]
@@ -290,8 +322,8 @@ def _watchers(run: Run, since: float, roles: list[str]) -> dict[str, Callable[[]
         elif role == "sink":
             out[role] = _grows(lambda: _effect_rows(run.dsn))  # the killed sink writes no more
         elif role == "exceptions":
-            out[role] = _grows(lambda: _committed(p.bootstrap, f"{app}-exceptions",
-                                                  p.topic("exceptions")))
+            out[role] = _commits_or_idle(p.bootstrap, f"{app}-exceptions",
+                                         p.topic("exceptions"))
     return out
 
 
@@ -326,7 +358,7 @@ def _inject(kind: str, run: Run, cluster: LocalCluster, o: ChaosOptions,
     time.sleep(o.broker_down_s)
     cluster.start_node(node)
     return at, f"kill -9 broker {node} (leader of events[{partition}]), restart", \
-        ["worker", "sink", "auditor"]
+        ["worker", "sink", "auditor", "exceptions"]
 
 
 def _chaos_run(bootstrap: str, cluster: LocalCluster, o: ChaosOptions, workload: Workload,
@@ -359,7 +391,7 @@ def _chaos_run(bootstrap: str, cluster: LocalCluster, o: ChaosOptions, workload:
         if publisher.error is not None or publisher.failures or publisher.delivered != total:
             raise AssertionError(f"publishing: {publisher.error!r} {publisher.failures[:3]} "
                                  f"delivered {publisher.delivered}/{total}")
-        _drain(run, total, o.wait_s)
+        _drain(run, total, o.wait_s, o.stall_s)
     finally:
         publisher.release()
         run.pipeline.stop_all()
@@ -371,7 +403,7 @@ def _clean_run(bootstrap: str, o: ChaosOptions, workload: Workload, rules: Path)
     try:
         run.started = time.time()
         run.pipeline.publish(workload)
-        _drain(run, len(workload.records), o.wait_s)
+        _drain(run, len(workload.records), o.wait_s, o.stall_s)
     finally:
         run.pipeline.stop_all()
     return run

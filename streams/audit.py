@@ -391,7 +391,7 @@ class Chainer:
         for msg in messages:
             error = msg.error()
             if error is not None:
-                if error.fatal():
+                if error.fatal() or error.code() == KafkaError._FATAL:
                     raise InfrastructureError(f"auditor consumer: {error}")
                 log.warning("auditor consumer: %s", error)
                 continue

@@ -399,7 +399,11 @@ class ExceptionManager:
                     if error is not None:
                         if error.code() == KafkaError.FENCED_INSTANCE_ID:
                             raise InfrastructureError(fenced_message(COMPONENT, instance_id))
-                        if error.fatal():
+                        if error.fatal() or error.code() == KafkaError._FATAL:
+                            # The consumer is dead (e.g. its static membership fenced by its
+                            # own rejoin after a broker restart): exit, the supervisor
+                            # restarts it from the committed state (chaos run: it kept
+                            # polling a dead consumer).
                             raise InfrastructureError(f"exception manager consumer: {error}")
                         log.warning("consumer: %s", error)
                         continue

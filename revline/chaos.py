@@ -48,6 +48,7 @@ from confluent_kafka import Consumer, TopicPartition
 from revline.admin import ensure_topics
 from revline.broker import LocalCluster, cluster_home, default_home
 from revline.isolated import IsolatedPipeline
+from revline.kafka_config import client_config
 from revline.readback import read_topic
 from revline.settings import DATA_DIR
 from revline.verify import compare_with_manifest, finals_by_input, read_outcomes
@@ -173,8 +174,8 @@ def _effect_rows(dsn: str) -> int:
 
 
 def _committed(bootstrap: str, group: str, topic: str) -> int:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
-                         "enable.auto.commit": False, "log_level": 0})
+    consumer = Consumer(client_config("consumer", bootstrap, {
+        "group.id": group, "enable.auto.commit": False, "log_level": 0}, component="chaos"))
     try:
         parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         got = consumer.committed([TopicPartition(topic, p) for p in parts], timeout=10)
@@ -247,8 +248,8 @@ def _schedule(o: ChaosOptions) -> list[str]:
 
 
 def _busiest_partition(bootstrap: str, topic: str) -> int:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "revline-chaos-probe",
-                         "log_level": 0})
+    consumer = Consumer(client_config("consumer", bootstrap, {
+        "group.id": "revline-chaos-probe", "log_level": 0}, component="chaos"))
     try:
         parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         ends: dict[int, int] = {

@@ -202,20 +202,10 @@ class SinkProcessor:
         self._pending: list[_Item] = []  # a batch held back by an open breaker
         self._effects: list[EffectRow] = []  # this batch's side-effect rows, written together
         self._paused = False
-        config: dict[str, Any] = client_config("consumer", bootstrap, {
-            "group.id": group_id,
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-            "enable.partition.eof": False,
-            # A batch against a slow ERP (Tryton: a few events/s) may take minutes; past this
-            # the group would hand the partitions to another member mid-batch.
-            "max.poll.interval.ms": 900_000,
-            "on_commit": self._on_commit,
-        }, component=component)
-        config.update(consumer_config or {})
-        self._consumer_config = config
+        self._bootstrap, self._group_id = bootstrap, group_id
+        self._extra_consumer_config = dict(consumer_config or {})
         self._rebuilt_at = -math.inf
-        self.consumer = Consumer(config)
+        self.consumer = self._new_consumer()
         self.producer = Producer(client_config("producer", bootstrap, {
             "enable.idempotence": True,
             "acks": "all",
@@ -769,6 +759,20 @@ class SinkProcessor:
             log.warning("consumer error: %s", err)
         return True
 
+    def _new_consumer(self) -> Consumer:
+        config: dict[str, Any] = client_config("consumer", self._bootstrap, {
+            "group.id": self._group_id,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "enable.partition.eof": False,
+            # A batch against a slow ERP (Tryton: a few events/s) may take minutes; past this
+            # the group would hand the partitions to another member mid-batch.
+            "max.poll.interval.ms": 900_000,
+            "on_commit": self._on_commit,
+        }, component=self.component)
+        config.update(self._extra_consumer_config)
+        return Consumer(config)
+
     def _rebuild_consumer(self, failure: _ConsumerFailed) -> None:
         """A consumer librdkafka gave up on is replaced once; failing again within a minute
         means another process holds this instance's id: stop, saying so."""
@@ -782,7 +786,7 @@ class SinkProcessor:
         with contextlib.suppress(Exception), self.watchdog.deadline(
                 "failed consumer close", _SYNC_COMMIT_S + CALL_GRACE_S):
             self.consumer.close()
-        self.consumer = Consumer(self._consumer_config)
+        self.consumer = self._new_consumer()
         self.consumer.subscribe([self.validated_topic], on_assign=self._on_assign,
                                 on_revoke=self._on_revoke, on_lost=self._on_lost)
 

@@ -151,6 +151,8 @@ def readable_file(path: Path, what: str, flag: str = "") -> Path:
 
 def writable_file(path: Path, flag: str) -> Path:
     """Checked before any work, so a typo in an output path does not waste a long read."""
+    if "\x00" in str(path):
+        raise ConfigurationError(f"{flag} {str(path)!r}: a path cannot hold a NUL character")
     if path.is_dir():
         raise ConfigurationError(f"{flag} {path} is a directory: give a file name")
     parent = path.parent if str(path.parent) else Path(".")

@@ -49,6 +49,9 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigurationError(f"--since {args.since!r} is in the future")
     html = Path(args.html) if args.html else None
     if html is not None:
+        if "\x00" in str(html):
+            raise ConfigurationError(f"--html {str(html)!r}: a path cannot hold a NUL "
+                                     "character")
         if html.parent and not html.parent.exists():
             try:
                 html.parent.mkdir(parents=True, exist_ok=True)

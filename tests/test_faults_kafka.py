@@ -71,6 +71,9 @@ FAULTS = ("worker", "broker", "sink", "auditor")  # in this order, each once
 if os.environ.get("REVLINE_FAULT_TEST_FAULTS"):
     FAULTS = tuple(f.strip() for f in os.environ["REVLINE_FAULT_TEST_FAULTS"].split(","))
 RECOVERY_BOUND_S = 60.0
+# A broker restart takes 10-20 s here before the components can even reconnect, and the
+# auditor's transaction may then wait out its 15 s call timeout (+10 s watchdog grace).
+BROKER_RECOVERY_BOUND_S = 90.0
 # Longer than any outage here: a hold released by a line already sent must never time out
 # (none of this workload's holds is meant to; it has no orphans).
 HOLD_TIMEOUT_S = 120
@@ -528,11 +531,12 @@ def test_faults_mid_stream_change_nothing_against_a_clean_run(
 
     # Recovery: last, so that a slow one never hides a wrong outcome or wrong money.
     slow = [f"{r['fault']}: {r['first_output_s']}" for r in fault.recoveries
-            if r["recovery_s"] > RECOVERY_BOUND_S]
+            if r["recovery_s"] > _bound(r["fault"])]
     if not slow and not fault.stalls:
         return
     known = known_problems(fault)
-    report = (f"recovery past {RECOVERY_BOUND_S:.0f}s: {slow}; stalled (restarted by the "
+    report = (f"recovery past {RECOVERY_BOUND_S:.0f}s ({BROKER_RECOVERY_BOUND_S:.0f}s for a "
+              f"broker restart): {slow}; stalled (restarted by the "
               f"test): {[(x['fault'], x['component']) for x in fault.stalls]}")
     if known and set(_slow_components(fault)) <= set(known):
         pytest.xfail(f"known product problems (outcomes, ledger and audit were still "
@@ -562,5 +566,9 @@ def known_problems(run: Run) -> dict[str, str]:
 def _slow_components(run: Run) -> list[str]:
     """The components that recovered late or stalled, one per entry."""
     late = [role for r in run.recoveries for role, s in r["first_output_s"].items()
-            if s > RECOVERY_BOUND_S]
+            if s > _bound(r["fault"])]
     return late + [s["component"] for s in run.stalls]
+
+
+def _bound(fault: str) -> float:
+    return BROKER_RECOVERY_BOUND_S if fault.startswith("broker") else RECOVERY_BOUND_S

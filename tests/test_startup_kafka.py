@@ -33,7 +33,7 @@ ROUNDS = int(os.environ.get("REVLINE_COLD_START_ROUNDS", "6"))
 READY = {
     "worker": "worker ready",
     "sink": "sink: partitions",
-    "auditor": "chain heads loaded",
+    "auditor": "assigned (heads paged from the read model)",
     "exception manager": "exception manager ready",
 }
 

@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -241,23 +241,9 @@ class LocalBroker:
         pid = self._live_pid()
         if pid is None:
             return False
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        if not self._wait_exit(pid, timeout):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            if not self._wait_exit(pid, 10):
-                raise InfrastructureError(f"Kafka broker pid {pid} survived SIGKILL")
+        terminate(pid, self._alive, timeout, "Kafka broker")
         self._cleanup_run_files()
         return True
-
-    def _wait_exit(self, pid: int, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self._alive(pid):
-                return True
-            time.sleep(0.1)
-        return not self._alive(pid)
 
     def _alive(self, pid: int) -> bool:
         # Reap our own child through Popen so it knows the JVM ended.
@@ -686,7 +672,7 @@ class LocalCluster:
             raise InfrastructureError(f"Kafka node {node_id} is not running")
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        if not node._wait_exit(pid, 10):
+        if not wait_exit(pid, node._alive, 10):
             raise InfrastructureError(f"Kafka node {node_id} (pid {pid}) survived SIGKILL")
         node._cleanup_run_files()
 
@@ -715,10 +701,10 @@ class LocalCluster:
             pid = pids[n.node_id]
             if pid is None:
                 continue
-            if not n._wait_exit(pid, max(0.1, deadline - time.monotonic())):
+            if not wait_exit(pid, n._alive, max(0.1, deadline - time.monotonic())):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                if not n._wait_exit(pid, 10):
+                if not wait_exit(pid, n._alive, 10):
                     raise InfrastructureError(f"Kafka node {n.node_id} pid {pid} survived SIGKILL")
             n._cleanup_run_files()
         return any(pid is not None for pid in pids.values())
@@ -1264,6 +1250,26 @@ def _single_command(action: str, home: Path, *, fresh: bool = False, yes: bool =
 
 
 # --------------------------------------------------------------------- helpers
+
+
+def terminate(pid: int, alive: Callable[[int], bool], timeout: float, what: str) -> None:
+    """SIGTERM (a controlled shutdown), SIGKILL after ``timeout``; gone, or an error."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    if not wait_exit(pid, alive, timeout):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        if not wait_exit(pid, alive, 10):
+            raise InfrastructureError(f"{what} pid {pid} survived SIGKILL")
+
+
+def wait_exit(pid: int, alive: Callable[[int], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive(pid):
+            return True
+        time.sleep(0.1)
+    return not alive(pid)
 
 
 def _require_tool(name: str, hint: str) -> str:

@@ -27,7 +27,6 @@ follows (``schemas/_compat.py``), instead of Apicurio's default NONE.
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import json
 import os
@@ -35,7 +34,6 @@ import re
 import secrets
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
@@ -56,6 +54,7 @@ from revline.broker import (
     _strip_ansi,
     _tail_text,
     _write_private,
+    terminate,
 )
 from revline.broker import default_home as _kafka_home
 from revline.errors import InfrastructureError
@@ -314,24 +313,10 @@ class LocalRegistry:
         pid = self._live_pid()
         if pid is None:
             return False
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        if not self._wait_exit(pid, timeout):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            if not self._wait_exit(pid, 10):
-                raise InfrastructureError(f"Schema registry pid {pid} survived SIGKILL")
+        terminate(pid, self._alive, timeout, "Schema registry")
         self.pid_file.unlink(missing_ok=True)
         self._proc = None
         return True
-
-    def _wait_exit(self, pid: int, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self._alive(pid):
-                return True
-            time.sleep(0.1)
-        return not self._alive(pid)
 
     def _alive(self, pid: int) -> bool:
         # Reap our own child through Popen so it knows the JVM ended (no zombie).

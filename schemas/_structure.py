@@ -40,7 +40,8 @@ _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 def _id_problem(value: str) -> str | None:
     if len(value) > MAX_ID_LENGTH:
         return f"is {len(value)} characters long (at most {MAX_ID_LENGTH})"
-    size = len(value.encode("utf-8", "surrogatepass"))
+    # At most 4 bytes a character: only a long id can pass the byte bound (hot path).
+    size = len(value.encode("utf-8", "surrogatepass")) if len(value) * 4 > MAX_ID_BYTES else 0
     if size > MAX_ID_BYTES:
         # Database indexes hold an order id and a key together (PostgreSQL: 2,704 bytes
         # an index row); 512 CJK characters are 1,536 bytes.

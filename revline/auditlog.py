@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 from confluent_kafka import Producer
 
+from revline.kafka_config import producer_config
 from revline.settings import Settings
 
 OPS_CHAIN = "_operations"
@@ -88,7 +89,7 @@ class AuditLog:
 
     @classmethod
     def from_settings(cls, settings: Settings, bootstrap: str) -> AuditLog:
-        return cls(Producer(settings.producer_config(bootstrap)), settings.audit_facts_topic)
+        return cls(Producer(producer_config(settings, bootstrap)), settings.audit_facts_topic)
 
     def record(self, fact: AuditFact) -> None:
         def delivered(err: Any, _msg: Any, fact_id: str = fact.fact_id) -> None:

@@ -76,7 +76,7 @@ from confluent_kafka.admin import AdminClient
 
 from revline._gc import freeze_long_lived
 from revline.errors import RevlineError
-from revline.kafka_config import client_config
+from revline.kafka_config import client_config, consumer_config, producer_config
 from revline.settings import Settings
 
 if TYPE_CHECKING:
@@ -775,7 +775,7 @@ class _Run:
 
             return report
 
-        producer = Producer(self.settings.producer_config(self.bootstrap) | UNCOMPRESSED)
+        producer = Producer(producer_config(self.settings, self.bootstrap) | UNCOMPRESSED)
         # Without the topic's metadata (and producer id) ready, the first events
         # wait ~0.5 s in the producer and that would be charged to the contender.
         producer.list_topics(topic, timeout=10)
@@ -1105,7 +1105,7 @@ class _Run:
         warmup = self._generate(E2E_WARMUP_EVENTS, f"{tag}w", self.seed + 500)
         self.step("end to end: generating the burst", 0, options.e2e_events)
         burst = self._generate(options.e2e_events, f"{tag}e", self.seed + 1000)
-        producer = Producer(self.settings.producer_config(self.bootstrap) | UNCOMPRESSED)
+        producer = Producer(producer_config(self.settings, self.bootstrap) | UNCOMPRESSED)
         producer.list_topics(source, timeout=10)
         sink = _SinkChild(self, url, validated, env["REVLINE_EXCEPTIONS_TOPIC"], audit, options)
         worker = _Proc("revline worker (end to end)", [*_CLI, "worker"], env, self.tmp)
@@ -1735,8 +1735,8 @@ def raw_loop(
 
     signal.signal(signal.SIGTERM, stop)
     settings = Settings()
-    consumer = Consumer(settings.consumer_config(bootstrap, group) | {"log_level": 3})
-    producer = Producer(settings.producer_config(bootstrap))
+    consumer = Consumer(consumer_config(settings, bootstrap, group) | {"log_level": 3})
+    producer = Producer(producer_config(settings, bootstrap))
     decode = EventDeserializer().decode
     encode = EventSerializer()
     acked = failures = consumed = 0

@@ -787,8 +787,12 @@ def settings_error(exc: Exception) -> ConfigurationError:
 
 
 def load_settings() -> Settings:
+    from revline.kafka_config import validate
+
     try:
-        return Settings()
+        settings = Settings()
+        validate(settings)  # the files the security settings name exist and agree
+        return settings
     except RevlineError:
         raise  # already one clear line naming the variable
     except Exception as exc:  # pydantic ValidationError, or a bad .env / dotenv value

@@ -95,8 +95,8 @@ def _from_read_model(order: str, settings: Settings,
     read model cannot answer (missing or empty tables: the caller reads the topic)."""
     from processors.audit_chain import ChainVerifier, parse_record
     from revline.cli import err_console
-    from revline.read_model import ReadModel, ReadModelUnavailable
     from sinks.ledger._schema import audit_records
+    from sinks.read_model import ReadModel, ReadModelUnavailable
 
     try:
         model = ReadModel.for_query(settings)
@@ -138,7 +138,8 @@ def _read(settings: Settings, only_chain: str | None, description: str,
     """
     from processors.audit_chain import ChainVerifier, parse_record
     from revline.cli import _progress, bootstrap_for
-    from streams.audit import CommittedReader, head_summaries
+    from revline.readback import CommittedReader
+    from streams.audit import head_summaries
 
     bootstrap = bootstrap_for(settings, start_if_missing=False)
     # Heads first: records are only ever added after them, so none can be missing.

@@ -203,8 +203,8 @@ def _read_model(settings: Settings) -> Any:
     """The read model, or None (said in one line) when it cannot answer: the caller
     reads the exception-state topic instead."""
     from revline.cli import err_console
-    from revline.read_model import ReadModel, ReadModelUnavailable
     from sinks.ledger._schema import exception_states
+    from sinks.read_model import ReadModel, ReadModelUnavailable
 
     try:
         model = ReadModel.for_query(settings)

@@ -1,4 +1,4 @@
-"""CLI commands: index rebuild|status (the operators' read model, ``revline.read_model``)."""
+"""CLI commands: index rebuild|status (the operators' read model, ``sinks.read_model``)."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def _running(settings: Settings, bootstrap: str) -> list[str]:
 def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
     from revline.cli import _progress, bootstrap_for, console
     from revline.errors import ConfigurationError
-    from revline.read_model import ReadModel, rebuild
+    from sinks.read_model import ReadModel, rebuild
 
     bootstrap = bootstrap_for(settings, start_if_missing=False)
     running = _running(settings, bootstrap)
@@ -78,8 +78,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     import sqlalchemy as sa
 
     from revline.cli import console
-    from revline.read_model import ReadModel, ReadModelUnavailable
     from sinks.ledger._schema import READ_MODEL_TABLES
+    from sinks.read_model import ReadModel, ReadModelUnavailable
 
     try:
         model = ReadModel.for_query(settings)

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from revline.kafka_config import producer_config
 from revline.settings import Settings
 
 
@@ -96,7 +97,7 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
         from confluent_kafka import Producer
 
         qa_rules = yaml.safe_load(settings.rules_file.read_text())
-        producer = Producer(settings.producer_config(bootstrap))
+        producer = Producer(producer_config(settings, bootstrap))
         open_exceptions(report, bootstrap, producer, settings.exceptions_topic,
                         sla_minutes=qa_rules.get("sla_minutes", {}),
                         rules_version=f"postings {rules.version}")  # fmt: skip

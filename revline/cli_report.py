@@ -96,9 +96,9 @@ def _from_read_model(settings: Settings, *, since_ms: int, now_ms: int,
                      ) -> OperationsReport | None:
     """The report from the read model, or None (said in one line) to read the topics."""
     from revline.cli import err_console
-    from revline.read_model import ReadModel, ReadModelUnavailable
     from revline.report import collect_from_read_model
     from sinks.ledger._schema import outcomes_counted
+    from sinks.read_model import ReadModel, ReadModelUnavailable
 
     try:
         model = ReadModel.for_query(settings)

@@ -32,17 +32,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from revline.errors import ConfigurationError
+from revline.settings import SASL_MECHANISMS, SECURITY_PROTOCOLS, Settings
 
 if TYPE_CHECKING:
     from faust.types.auth import CredentialsT
 
-    from revline.settings import Settings
-
 Role = Literal["producer", "consumer", "admin"]
 ROLES: tuple[Role, ...] = ("producer", "consumer", "admin")
 
-SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
-SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 #: Set by Revline's call sites for exactly-once and ordering; the properties file may
 #: not change them (a file's ``acks=1`` would silently void the guarantees).
@@ -280,9 +277,32 @@ def client_config(role: Role, bootstrap: str, extra: Mapping[str, Any] | None = 
 
 
 def _environment_settings() -> Settings:
-    from revline.settings import Settings
-
     return Settings()
+
+
+def producer_config(settings: Settings, bootstrap: str, *, component: str = "") -> dict[str, Any]:
+    """An idempotent, acks=all producer: retries never duplicate or reorder."""
+    return client_config("producer", bootstrap, {
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": settings.producer_linger_ms,
+        "batch.size": settings.producer_batch_size,
+        "compression.type": settings.producer_compression,
+        # Java-compatible partitioning, so every client keys an order to one partition.
+        "partitioner": "murmur2_random",
+        "log_level": 3,  # retried warnings (e.g. coordinator loading) are not news
+    }, settings=settings, component=component)
+
+
+def consumer_config(settings: Settings, bootstrap: str, group_id: str, *,
+                    component: str = "") -> dict[str, Any]:
+    """A read_committed consumer that commits only what the call site says it has done."""
+    return client_config("consumer", bootstrap, {
+        "group.id": group_id,
+        "enable.auto.commit": False,
+        "auto.offset.reset": "earliest",
+        "isolation.level": "read_committed",
+    }, settings=settings, component=component)
 
 
 def redacted(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from revline.errors import InfrastructureError
+from revline.kafka_config import producer_config
 from revline.settings import Settings
 from schemas import EncodeError, EventSerializer, EventValidationError, validate_event
 
@@ -54,7 +55,7 @@ class Publisher:
         settings = settings or Settings()
         self.topic = topic
         self.serializer = serializer or EventSerializer()
-        config = settings.producer_config(bootstrap)
+        config = producer_config(settings, bootstrap)
         config.update(extra_config or {})
         self._producer = Producer(config)
         self._delivered = 0

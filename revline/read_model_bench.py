@@ -40,7 +40,7 @@ ACTIVE_BACKLOG = 300
 def fill(url: str, records: int, outcomes: int, *, seed: int = 7) -> str:
     """Fill the read model at ``url``; returns an order id that has a chain."""
     from processors.audit_chain import ChainHead, Entry, canonical
-    from revline.read_model import ReadModel, head_row, record_row, state_row
+    from sinks.read_model import ReadModel, head_row, record_row, state_row
 
     rng = random.Random(seed)
     model = ReadModel(url)

@@ -5,11 +5,19 @@ from __future__ import annotations
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
 
 from revline.errors import InfrastructureError
 from revline.kafka_config import client_config
@@ -209,3 +217,65 @@ def check_against_manifest(
         report.matched += 1
     report.missing = sorted(set(inputs) - seen)
     return report
+
+
+class CommittedReader:
+    """Every committed record of ``topic`` (or some partitions), from the start to its end.
+
+    read_committed, so aborted transactions are never seen; the end is where the
+    partition reports EOF, because a transaction's last offset is a commit marker
+    that no consumer ever receives. (``committed_only=False`` shows aborted records
+    too: for tests and forensics.)
+    """
+
+    def __init__(self, bootstrap: str, topic: str, partitions: Iterable[int] | None = None,
+                 *, timeout: float = 300.0, committed_only: bool = True) -> None:
+        self.topic = topic
+        self._timeout = timeout
+        self._consumer = Consumer(client_config("consumer", bootstrap, {
+            "group.id": f"revline-audit-reader-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "isolation.level": "read_committed" if committed_only else "read_uncommitted",
+        }))
+        try:
+            metadata = self._consumer.list_topics(topic, timeout=10)
+        except KafkaException as exc:
+            self._consumer.close()
+            raise InfrastructureError(f"cannot reach Kafka at {bootstrap}: {exc}") from exc
+        if topic not in metadata.topics or metadata.topics[topic].error is not None:
+            self._consumer.close()
+            raise InfrastructureError(f"topic {topic} does not exist on {bootstrap}")
+        wanted = sorted(metadata.topics[topic].partitions if partitions is None else partitions)
+        self.total = 0  # approximate (includes markers and aborted records): for progress only
+        self._pending: set[int] = set()
+        for p in wanted:
+            low, high = self._consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            if high > low:
+                self.total += high - low
+                self._pending.add(p)
+        self._consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING)
+                               for p in sorted(self._pending)])
+
+    def __enter__(self) -> CommittedReader:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._consumer.close()
+
+    def __iter__(self) -> Iterator[Message]:
+        deadline = time.monotonic() + self._timeout
+        while self._pending:
+            if time.monotonic() > deadline:
+                raise InfrastructureError(
+                    f"timed out reading {self.topic}: partitions {sorted(self._pending)} "
+                    "never reached their end")
+            for msg in self._consumer.consume(1000, 1.0):
+                error = msg.error()
+                if error is None:
+                    yield msg
+                elif error.code() == KafkaError._PARTITION_EOF:
+                    self._pending.discard(msg.partition() or 0)
+                else:
+                    raise InfrastructureError(f"reading {self.topic}: {error}")

@@ -34,7 +34,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from processors import REDRIVE_COUNT_HEADER, REENTRY_HEADER
 from revline.auditlog import AuditFact, AuditLog
 from revline.errors import InfrastructureError
-from revline.kafka_config import client_config
+from revline.kafka_config import client_config, producer_config
 from revline.readback import read_compacted_json, read_topic
 from revline.replay import OperationRefusedError
 from revline.settings import Settings
@@ -357,7 +357,7 @@ def redrive(
         # (a reason it cannot print, say) must not leave records sent but unaudited.
         prepare(result)
     _ensure_topics(settings, bootstrap)
-    producer = Producer(settings.producer_config(bootstrap))
+    producer = Producer(producer_config(settings, bootstrap))
     if not dry_run and selected:
         _send(producer, settings, result, rate, progress)
     _audit(producer, settings, result, filters)

@@ -748,10 +748,10 @@ def collect(bootstrap: str, topics: ReportTopics, *, since_ms: int, now_ms: int 
     return build_report(inputs, now_ms=now, since_ms=since_ms)
 
 
-# -- the read model (``revline.read_model``): counts per hour instead of the topics -----------
+# -- the read model (``sinks.read_model``): counts per hour instead of the topics -----------
 def _bucket_percentile(counts: Sequence[tuple[int, int]], q: float, cap: int | None) -> int | None:
     """Nearest-rank percentile over (latency bucket, count), as the bucket's upper bound."""
-    from revline.read_model import bucket_value
+    from sinks.read_model import bucket_value
 
     total = sum(n for _, n in counts)
     if not total:
@@ -772,7 +772,7 @@ def summaries_from_counts(rows: Sequence[Mapping[str, Any]],
                                      LatencySummary, int]:
     """What ``build_report`` computes from final outcomes, from ``outcome_hours`` rows:
     (flow, QA rows, judged, duplicates, latency, overrides refused at the door)."""
-    from revline.read_model import LATENCY_EDGES
+    from sinks.read_model import LATENCY_EDGES
 
     kinds: Counter[str] = Counter()
     stages: Counter[str] = Counter()

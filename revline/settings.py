@@ -10,7 +10,6 @@ except those conventional across Kafka tooling: ``KAFKA_BOOTSTRAP_SERVERS``,
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from pydantic import (
     AliasChoices,
@@ -23,6 +22,9 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DATA_DIR = Path(__file__).parent / "data"
+
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 
 def _env(name: str) -> AliasChoices:
@@ -204,37 +206,10 @@ class Settings(BaseSettings):
     def ledger_url(self) -> str:
         return self.ledger_dsn or f"sqlite:///{(self.state_dir / 'ledger.db').absolute()}"
 
-    def producer_config(self, bootstrap: str, *, component: str = "") -> dict[str, Any]:
-        """An idempotent, acks=all producer: retries never duplicate or reorder."""
-        from revline.kafka_config import client_config
-
-        return client_config("producer", bootstrap, {
-            "enable.idempotence": True,
-            "acks": "all",
-            "linger.ms": self.producer_linger_ms,
-            "batch.size": self.producer_batch_size,
-            "compression.type": self.producer_compression,
-            # Java-compatible partitioning, so every client keys an order to one partition.
-            "partitioner": "murmur2_random",
-            "log_level": 3,  # retried warnings (e.g. coordinator loading) are not news
-        }, settings=self, component=component)
-
-    def consumer_config(self, bootstrap: str, group_id: str, *,
-                        component: str = "") -> dict[str, Any]:
-        from revline.kafka_config import client_config
-
-        return client_config("consumer", bootstrap, {
-            "group.id": group_id,
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-            "isolation.level": "read_committed",
-        }, settings=self, component=component)
-
     @field_validator("kafka_security_protocol", "kafka_sasl_mechanism", mode="after")
     @classmethod
     def _upper_choice(cls, value: str | None, info: ValidationInfo) -> str | None:
         from revline.errors import ConfigurationError
-        from revline.kafka_config import SASL_MECHANISMS, SECURITY_PROTOCOLS
 
         if value is None or not value.strip():
             return None
@@ -251,12 +226,13 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _kafka_security(self) -> Settings:
         from revline.errors import ConfigurationError
-        from revline.kafka_config import validate
 
         if self.kafka_sasl_password is not None and self.kafka_sasl_password_file is not None:
             raise ConfigurationError(
                 "KAFKA_SASL_PASSWORD and KAFKA_SASL_PASSWORD_FILE are both set: keep one")
-        validate(self)
+        # The files it names (properties, password, certificates) are checked by
+        # revline.kafka_config.validate, which the command line calls once it has read the
+        # settings, and every client build checks again: settings stay plain data.
         return self
 
     # Exception lifecycle (`revline exceptions run`).

@@ -94,6 +94,9 @@ MODULE_MOVES: dict[str, str] = {
     "revline.isolated": "revline.tools.isolated",
     "sinks.ledger._bench": "revline.tools.ledger_bench",
     "sinks.erp._tryton_bench": "revline.tools.tryton_bench",
+    "revline.read_model_bench": "revline.tools.read_model_bench",
+    "revline.registry_server": "revline.tools.registry_server",
+    "revline.chaos": "revline.tools.chaos",
     # top floor: the command line and the demo
     "revline.cli_audit": "revline.cli.audit",
     "revline.cli_exceptions": "revline.cli.exceptions",
@@ -101,6 +104,8 @@ MODULE_MOVES: dict[str, str] = {
     "revline.cli_replay": "revline.cli.replay",
     "revline.cli_report": "revline.cli.report",
     "revline.cli_rules": "revline.cli.rules",
+    "revline.cli_chaos": "revline.cli.chaos",
+    "revline.cli_index": "revline.cli.index",
     "revline.demo": "revline.cli.demo",
 }
 # Modules whose file moves but whose dotted name does not.

@@ -31,6 +31,7 @@ from processors import (
     Rules,
 )
 from revline.errors import InfrastructureError
+from revline.kafka_config import producer_config
 from revline.metrics import Metrics
 from revline.settings import Settings
 from revline.startup import TRANSIENT_CODES
@@ -105,7 +106,7 @@ def _ms(value: Any) -> int | None:
 
 class OutputWriter:
     def __init__(self, settings: Settings, bootstrap: str, metrics: Metrics, rules: Rules) -> None:
-        config = settings.producer_config(bootstrap, component="worker")
+        config = producer_config(settings, bootstrap, component="worker")
         config["linger.ms"] = 2  # the batch is flushed anyway; linger only adds latency
         # Only failures need a Python callback; one per record would cost more than encoding.
         config["delivery.report.only.error"] = True

@@ -37,10 +37,8 @@ import os
 import signal
 import threading
 import time
-import uuid
 from collections import Counter as CountOf
-from collections.abc import Callable, Iterable, Iterator
-from types import TracebackType
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import orjson
@@ -67,8 +65,12 @@ from processors.audit_chain import (
 )
 from revline.auditlog import AuditFact
 from revline.errors import ConfigurationError, InfrastructureError
-from revline.kafka_config import client_config
-from revline.read_model import (
+from revline.kafka_config import client_config, consumer_config, producer_config
+from revline.readback import CommittedReader
+from revline.settings import Settings
+from revline.watchdog import Watchdog
+from schemas import outcome_codec
+from sinks.read_model import (
     AUDITOR,
     HeadCache,
     ReadModel,
@@ -76,9 +78,6 @@ from revline.read_model import (
     record_row,
     reload_heads,
 )
-from revline.settings import Settings
-from revline.watchdog import Watchdog
-from schemas import outcome_codec
 
 T = TypeVar("T")
 
@@ -147,66 +146,6 @@ class AuditMetrics:
 
 
 # -- reading committed records ---------------------------------------------------------
-class CommittedReader:
-    """Every committed record of ``topic`` (or some partitions), from the start to its end.
-
-    read_committed, so aborted transactions are never seen; the end is where the
-    partition reports EOF, because a transaction's last offset is a commit marker
-    that no consumer ever receives. (``committed_only=False`` shows aborted records
-    too: for tests and forensics.)
-    """
-
-    def __init__(self, bootstrap: str, topic: str, partitions: Iterable[int] | None = None,
-                 *, timeout: float = 300.0, committed_only: bool = True) -> None:
-        self.topic = topic
-        self._timeout = timeout
-        self._consumer = Consumer(client_config("consumer", bootstrap, {
-            "group.id": f"revline-audit-reader-{uuid.uuid4().hex[:8]}",
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-            "isolation.level": "read_committed" if committed_only else "read_uncommitted",
-        }))
-        try:
-            metadata = self._consumer.list_topics(topic, timeout=10)
-        except KafkaException as exc:
-            self._consumer.close()
-            raise InfrastructureError(f"cannot reach Kafka at {bootstrap}: {exc}") from exc
-        if topic not in metadata.topics or metadata.topics[topic].error is not None:
-            self._consumer.close()
-            raise InfrastructureError(f"topic {topic} does not exist on {bootstrap}")
-        wanted = sorted(metadata.topics[topic].partitions if partitions is None else partitions)
-        self.total = 0  # approximate (includes markers and aborted records): for progress only
-        self._pending: set[int] = set()
-        for p in wanted:
-            low, high = self._consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            if high > low:
-                self.total += high - low
-                self._pending.add(p)
-        self._consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING)
-                               for p in sorted(self._pending)])
-
-    def __enter__(self) -> CommittedReader:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self._consumer.close()
-
-    def __iter__(self) -> Iterator[Message]:
-        deadline = time.monotonic() + self._timeout
-        while self._pending:
-            if time.monotonic() > deadline:
-                raise InfrastructureError(
-                    f"timed out reading {self.topic}: partitions {sorted(self._pending)} "
-                    "never reached their end")
-            for msg in self._consumer.consume(1000, 1.0):
-                error = msg.error()
-                if error is None:
-                    yield msg
-                elif error.code() == KafkaError._PARTITION_EOF:
-                    self._pending.discard(msg.partition() or 0)
-                else:
-                    raise InfrastructureError(f"reading {self.topic}: {error}")
 
 
 def load_heads(bootstrap: str, topic: str,
@@ -291,20 +230,20 @@ class Chainer:
         self.read_model = read_model or ReadModel.for_settings(settings)
         self.heads = HeadCache(self.read_model, head_cache_size)
         self._outcome = outcome_codec()
-        consumer_config = settings.consumer_config(bootstrap, self.group_id, component="auditor")
-        consumer_config.update({
+        consumer_conf = consumer_config(settings, bootstrap, self.group_id, component="auditor")
+        consumer_conf.update({
             "partition.assignment.strategy": "range",  # partition p of both sources together
             "session.timeout.ms": int(settings.session_timeout_s * 1000),
         })
-        self.consumer = Consumer(consumer_config)
-        producer_config = settings.producer_config(bootstrap, component="auditor")
-        producer_config.update({
+        self.consumer = Consumer(consumer_conf)
+        producer_conf = producer_config(settings, bootstrap, component="auditor")
+        producer_conf.update({
             # Stable per instance: a restart fences its predecessor and aborts its open
             # transaction at once instead of after the transaction timeout.
             "transactional.id": self.transactional_id,
             "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS,
         })
-        self.producer = Producer(producer_config)
+        self.producer = Producer(producer_conf)
 
     # -- lifecycle ---------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:

@@ -13,7 +13,7 @@
 
 and writes each exception's current state, keyed by exception id, to the
 compacted exception-state topic and, once Kafka has acknowledged it, to the read
-model (``exception_states`` in the ledger's database, ``revline.read_model``). States
+model (``exception_states`` in the ledger's database, ``sinks.read_model``). States
 are paged from that table through a bounded LRU cache, not all held in memory; on
 start the table is caught up from the state topic where it lags (the tail it has not
 seen, by the offsets it recorded), and the timers query it by deadline. A
@@ -75,9 +75,8 @@ from processors.ownership import ExceptionFacts, Ownership, event_amount
 from processors.reference import OWNERS, SEVERITIES
 from revline.auditlog import AuditFact, AuditLog
 from revline.errors import ConfigurationError, InfrastructureError
-from revline.kafka_config import client_config
+from revline.kafka_config import client_config, consumer_config, producer_config
 from revline.metrics import ExceptionMetrics
-from revline.read_model import PagedStates, ReadModel, state_row
 from revline.readback import read_compacted_json, watermarks
 from revline.settings import Settings
 from revline.startup import (
@@ -91,6 +90,7 @@ from revline.startup import (
 from revline.watchdog import Watchdog
 from schemas import DecodeError, EventDeserializer, exception_codec
 from sinks.ledger._schema import exception_states
+from sinks.read_model import PagedStates, ReadModel, state_row
 
 log = logging.getLogger("revline.exceptions")
 
@@ -124,7 +124,7 @@ class ExceptionManager:
         self.codec = exception_codec()
         # The default callback also reports the audit facts' deliveries (AuditLog passes none).
         self.producer = producer or Producer({
-            **settings.producer_config(bootstrap, component=COMPONENT),
+            **producer_config(settings, bootstrap, component=COMPONENT),
             "on_delivery": self._on_delivery})
         self.audit = AuditLog(self.producer, settings.audit_facts_topic, track_delivery=False)
         # Paged from the read model when one is given; all in memory otherwise (tests).
@@ -379,7 +379,7 @@ class ExceptionManager:
                     "checking SLAs every %.1fs", count, s.exception_state_topic,
                     self.ownership.version, s.exception_check_interval_s)
         consumer = Consumer({
-            **s.consumer_config(self.bootstrap, group, component=COMPONENT),
+            **consumer_config(s, self.bootstrap, group, component=COMPONENT),
             **membership_config(s.session_timeout_s, COMPONENT, self.instance),
             "log_level": 3,
         })
@@ -534,8 +534,8 @@ class MemoryStates(dict[str, State]):
 def catch_up_states(model: ReadModel, bootstrap: str, topic: str) -> int:
     """Bring ``exception_states`` up to the state topic's end: only the records after the
     offsets it recorded (all of them for a new table); returns how many were read."""
-    from revline.read_model import EXCEPTIONS
     from revline.readback import read_topic
+    from sinks.read_model import EXCEPTIONS
 
     consumer = _reader(bootstrap)
     try:
@@ -636,7 +636,7 @@ def wait_for_state(bootstrap: str, topic: str, exception_id: str, start: list[To
 def send_lifecycle_events(settings: Settings, bootstrap: str,
                           events: Iterable[Mapping[str, Any]]) -> None:
     """Publish lifecycle events (keyed by exception id: one exception's events stay ordered)."""
-    producer = Producer(settings.producer_config(bootstrap))
+    producer = Producer(producer_config(settings, bootstrap))
     failures: list[str] = []
 
     def delivered(err: KafkaError | None, _msg: Message) -> None:

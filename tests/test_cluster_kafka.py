@@ -34,12 +34,11 @@ from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from revline.broker import LocalCluster, cluster_home
 from revline.isolated import IsolatedPipeline
-from revline.readback import read_topic
+from revline.readback import CommittedReader, read_topic
 from revline.settings import DATA_DIR
 from revline.verify import finals_by_input
 from revline.workload import WorkloadOptions, generate
 from schemas import exception_codec
-from streams.audit import CommittedReader
 from tests._procs import owner_alive
 from tests.conftest import SHARED_JARS, STATE_DIR
 

@@ -18,10 +18,13 @@ import pytest
 from revline.errors import ConfigurationError
 from revline.kafka_config import (
     client_config,
+    consumer_config,
     faust_broker_credentials,
+    producer_config,
     redacted,
     registry_config,
     ssl_context,
+    validate,
 )
 from revline.settings import Settings
 
@@ -49,7 +52,9 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def settings(monkeypatch: pytest.MonkeyPatch, **env: str | Path) -> Settings:
     for name, value in env.items():
         monkeypatch.setenv(name, str(value))
-    return Settings()
+    s = Settings()
+    validate(s)  # as the command line does once it has read the settings
+    return s
 
 
 # -- a private CA and certificates (PEM), as a self-managed cluster has ----------------
@@ -138,8 +143,8 @@ def test_settings_presets_carry_the_security_too(monkeypatch: pytest.MonkeyPatch
     s = settings(monkeypatch, KAFKA_SECURITY_PROTOCOL="SASL_PLAINTEXT",
                  KAFKA_SASL_MECHANISM="PLAIN", KAFKA_SASL_USERNAME="u",
                  KAFKA_SASL_PASSWORD=PASSWORD)
-    producer = s.producer_config("b:1", component="worker")
-    consumer = s.consumer_config("b:1", "grp")
+    producer = producer_config(s, "b:1", component="worker")
+    consumer = consumer_config(s, "b:1", "grp")
     for config in (producer, consumer):
         assert config["sasl.password"] == PASSWORD
         assert config["security.protocol"] == "SASL_PLAINTEXT"
@@ -187,7 +192,7 @@ def test_properties_file_is_merged_under_the_variables(monkeypatch: pytest.Monke
     s = settings(monkeypatch, REVLINE_KAFKA_CONFIG_FILE=props,
                  KAFKA_BOOTSTRAP_SERVERS="pkc-1.example:9092",
                  SCHEMA_REGISTRY_URL="https://sr.example", KAFKA_SASL_USERNAME="env-user")
-    producer = s.producer_config("pkc-1.example:9092")
+    producer = producer_config(s, "pkc-1.example:9092")
     consumer = client_config("consumer", "pkc-1.example:9092", {"group.id": "g"}, settings=s)
     for config in (producer, consumer):
         assert config["security.protocol"] == "SASL_SSL"
@@ -506,10 +511,10 @@ def test_the_scan_catches_a_client_built_by_hand() -> None:
         "    a = Producer({'bootstrap.servers': bootstrap})\n"
         "    config = {'bootstrap.servers': bootstrap}\n"
         "    b = Consumer(config)\n"
-        "    good = settings.producer_config(bootstrap)\n"
+        "    good = producer_config(settings, bootstrap)\n"
         "    good.update({'linger.ms': 1})\n"
         "    c = Producer(good)\n"
-        "    d = Consumer({**settings.consumer_config(bootstrap, 'g'), 'x': 1})\n"
+        "    d = Consumer({**consumer_config(settings, bootstrap, 'g'), 'x': 1})\n"
         "    e = AdminClient(client_config('admin', bootstrap) | {'log_level': 3})\n")
     scope = tree.body[0]
     calls = [n for n in ast.walk(scope) if isinstance(n, ast.Call) and _name(n.func) in CLIENTS]

@@ -13,7 +13,9 @@ from confluent_kafka import Producer
 from processors.audit_chain import ChainHead, Entry, canonical
 from processors.exception_lifecycle import due_events, select
 from revline.metrics import ExceptionMetrics
-from revline.read_model import (
+from revline.report import ReportInputs, build_report, collect_from_read_model, final_outcomes
+from revline.settings import Settings
+from sinks.read_model import (
     HeadCache,
     PagedStates,
     ReadModel,
@@ -21,8 +23,6 @@ from revline.read_model import (
     record_row,
     state_row,
 )
-from revline.report import ReportInputs, build_report, collect_from_read_model, final_outcomes
-from revline.settings import Settings
 from streams.app import LastSeenIndex
 from streams.exceptions import ExceptionManager
 
@@ -223,7 +223,7 @@ def test_operator_commands_cost_about_the_same_at_ten_times_the_history(
 
 def test_commands_say_so_and_read_the_topic_when_there_is_no_read_model(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from revline.read_model import ReadModelUnavailable
+    from sinks.read_model import ReadModelUnavailable
 
     settings = Settings(_env_file=None, state_dir=tmp_path)  # type: ignore[call-arg]
     with pytest.raises(ReadModelUnavailable, match="no ledger database"):

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from revline.isolated import IsolatedPipeline
-from revline.read_model import ReadModel
 from revline.verify import finals_by_input
 from revline.workload import WorkloadOptions, generate
+from sinks.read_model import ReadModel
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

@@ -5,11 +5,13 @@ Floors, lowest first; a module may import its own floor and the floors below it:
     0 core        revline.core: settings, errors, Kafka admin/readback, metrics, helpers
     1 schemas     revline.schemas (the root folder schemas/)
     2 processors  revline.processors
-    3 streams     revline.streams   | peers: neither imports the other
-      sinks       revline.sinks     |
-    4 operations  revline.operations: publish, replay, re-drive, report, verify
-    5 tools       revline.tools: benchmark, workload generator, local broker
-    6 cli         revline.cli: the command line and the demo; nothing else imports it
+    3 sinks       revline.sinks: the stores and adapters effects are applied to (ledger, ERP,
+                  the operators' read model), and the sink processor
+    4 streams     revline.streams: the worker, the auditor and the exception manager (the
+                  last two maintain the read model, a store of the floor below)
+    5 operations  revline.operations: publish, replay, re-drive, report, verify
+    6 tools       revline.tools: benchmark, workload generator, local broker, chaos
+    7 cli         revline.cli: the command line and the demo; nothing else imports it
 
 Also: no cycle between packages or between modules (static imports), and no module is
 importable under two names (``schemas`` and ``revline.schemas``) in one process.
@@ -31,7 +33,8 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("core",),
     ("schemas",),
     ("processors",),
-    ("streams", "sinks"),
+    ("sinks",),
+    ("streams",),
     ("operations",),
     ("tools",),
     ("cli",),

@@ -22,12 +22,12 @@ from processors.audit_chain import canonical, entries_from_outcome, record_hash
 from revline.auditlog import OPS_CHAIN, AuditFact, AuditLog
 from revline.errors import InfrastructureError
 from revline.isolated import IsolatedPipeline as Pipeline
-from revline.readback import read_topic
+from revline.kafka_config import producer_config
+from revline.readback import CommittedReader, read_topic
 from revline.settings import DATA_DIR, Settings
 from revline.verify import finals_by_input
 from revline.workload import WorkloadOptions, generate
 from schemas import outcome_codec
-from streams.audit import CommittedReader
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -102,7 +102,7 @@ def assert_exactly_once_and_gapless(records: list[tuple[dict[str, Any], int, int
 
 
 def audit_log(bootstrap: str, pipeline: Pipeline) -> AuditLog:
-    return AuditLog(Producer(Settings().producer_config(bootstrap)), pipeline.topic("audit-facts"))
+    return AuditLog(Producer(producer_config(Settings(), bootstrap)), pipeline.topic("audit-facts"))
 
 
 def test_every_outcome_and_fact_is_chained_exactly_once_across_kill_9(
@@ -150,7 +150,7 @@ def test_every_outcome_and_fact_is_chained_exactly_once_across_kill_9(
         pipeline.wait_for(lambda o: len(finals_by_input(o)) >= total, 240,
                           "a final outcome for every input")
         # What a worker does after kill -9: identical outcome records at new offsets.
-        reemit = Producer(Settings().producer_config(kafka_bootstrap))
+        reemit = Producer(producer_config(Settings(), kafka_bootstrap))
         for msg in list(read_topic(kafka_bootstrap, pipeline.topic("outcomes")))[::10]:
             reemit.produce(pipeline.topic("outcomes"), key=msg.key(), value=msg.value())
         assert reemit.flush(30) == 0

@@ -2,7 +2,7 @@
 
 New tables only (nothing of the ledger changes): indexed copies of the audit, outcome
 and exception-state topics that the auditor and the exception manager maintain and the
-operator commands query (``revline.read_model``). They start empty; ``revline index
+operator commands query (``sinks.read_model``). They start empty; ``revline index
 rebuild`` fills them from the topics.
 
 Revision ID: 0003_read_model

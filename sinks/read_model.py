@@ -602,7 +602,7 @@ def reload_heads(model: ReadModel, bootstrap: str, topic: str, partitions: Seque
     """Replace the heads of ``partitions`` by the committed ones of the heads topic (streamed
     in chunks: memory stays bounded), then record ``offsets``; returns how many heads."""
     from processors.audit_chain import ChainHead
-    from streams.audit import CommittedReader
+    from revline.readback import CommittedReader
 
     parts = sorted(set(partitions))
     with model.write() as conn:
@@ -664,9 +664,8 @@ def rebuild(model: ReadModel, bootstrap: str, settings: Settings, *,
 
     from processors.audit_chain import ChainHead, parse_record
     from revline.kafka_config import client_config
-    from revline.readback import read_topic, watermarks
+    from revline.readback import CommittedReader, read_topic, watermarks
     from schemas import DecodeError, outcome_codec
-    from streams.audit import CommittedReader
 
     counts = RebuildCounts()
     # Where the auditor and the state topic are *before* reading: the auditor and the

@@ -18,14 +18,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from revline.report import (
+from revline.operations.report import (
     ExceptionItem,
     OverrideItem,
     ReportInputs,
     build_report,
     reconcile_from_fact,
 )
-from revline.report_html import render_html
+from revline.operations.report_html import render_html
 
 HERE = Path(__file__).parent
 NOW = int(datetime(2026, 11, 23, 8, 0, tzinfo=UTC).timestamp() * 1000)  # a Monday morning

@@ -1,7 +1,7 @@
 """Pure decision logic: no Kafka, no Faust. Testable with plain values."""
 
-from processors.checks import CheckContext, Finding, run_checks
-from processors.engine import (
+from revline.processors.checks import CheckContext, Finding, run_checks
+from revline.processors.engine import (
     DEAD_LETTER,
     DUPLICATE,
     EXCEPTION,
@@ -17,8 +17,8 @@ from processors.engine import (
     body_hash,
     exception_id_for,
 )
-from processors.order_state import OrderState, depends_on, provides
-from processors.reference import CheckSpec, Product, ReferenceData, Rules, load_yaml
+from revline.processors.order_state import OrderState, depends_on, provides
+from revline.processors.reference import CheckSpec, Product, ReferenceData, Rules, load_yaml
 
 __all__ = [
     "DEAD_LETTER",

@@ -34,7 +34,8 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from processors.engine import (
+from revline.core.money import format_money, to_major
+from revline.processors.engine import (
     DEAD_LETTER,
     EXCEPTION,
     HELD,
@@ -44,11 +45,10 @@ from processors.engine import (
     Engine,
     InputRecord,
 )
-from processors.order_state import OrderState
-from processors.ownership import ExceptionFacts, Ownership, event_amount
-from processors.reference import OWNERS, SEVERITIES, ReferenceData, Rules
-from revline.money import format_money, to_major
-from schemas import EventDeserializer
+from revline.processors.order_state import OrderState
+from revline.processors.ownership import ExceptionFacts, Ownership, event_amount
+from revline.processors.reference import OWNERS, SEVERITIES, ReferenceData, Rules
+from revline.schemas import EventDeserializer
 
 PENDING = "held"  # still held when the window ends: no final decision yet
 

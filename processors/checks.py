@@ -11,10 +11,10 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from processors.currencies import ISO_4217
-from processors.lifecycle import latest_amendment, refusal, stage_of
-from processors.order_state import OrderState, provides
-from processors.reference import ReferenceData, Rules
+from revline.processors.currencies import ISO_4217
+from revline.processors.lifecycle import latest_amendment, refusal, stage_of
+from revline.processors.order_state import OrderState, provides
+from revline.processors.reference import ReferenceData, Rules
 
 Event = Mapping[str, Any]
 
@@ -154,7 +154,7 @@ _REUSABLE_PREFIXES = ("booked", "cancelled")  # their refusals are the lifecycle
 
 
 def lifecycle(event: Event, state: OrderState, ctx: CheckContext) -> Iterable[Finding]:
-    """Is the event acceptable where the order stands (processors.lifecycle)?"""
+    """Is the event acceptable where the order stands (revline.processors.lifecycle)?"""
     env = event["envelope"]
     kind = env["event_type"]
     d = state.data

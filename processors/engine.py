@@ -22,10 +22,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from processors.checks import CheckContext, Finding, primary, run_checks, waivable
-from processors.order_state import OrderState, depends_on, provides
-from processors.reference import ReferenceData, Rules
-from schemas import DecodeError, EventDeserializer, structural_error
+from revline.processors.checks import CheckContext, Finding, primary, run_checks, waivable
+from revline.processors.order_state import OrderState, depends_on, provides
+from revline.processors.reference import ReferenceData, Rules
+from revline.schemas import DecodeError, EventDeserializer, structural_error
 
 # Decision kinds. "held" is interim (the final decision follows at release or
 # timeout); "replayed" means the input was already decided and emits nothing.

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
 
-from processors.ownership import Assignment
+from revline.processors.ownership import Assignment
 
 OPEN = "open"
 ACKNOWLEDGED = "acknowledged"
@@ -260,5 +260,5 @@ def select(states: Iterable[Mapping[str, Any]], *, now_ms: int, owner: str | Non
 
 
 def audit_kind(transition: str) -> str:
-    """The audit-fact kind of a transition (see ``revline.auditlog.LIFECYCLE``)."""
+    """The audit-fact kind of a transition (see ``revline.core.auditlog.LIFECYCLE``)."""
     return f"exception_{transition}"

@@ -1,7 +1,7 @@
 """The order lifecycle, stated once: the states an order passes through and what each accepts.
 
 docs/lifecycle.md is the prose of this table. The QA check ``lifecycle`` (in
-``processors.checks``) enforces it, so an event the ERP or the ledger would refuse
+``revline.processors.checks``) enforces it, so an event the ERP or the ledger would refuse
 because of where the order stands fails QA with its own check id, owner and severity
 instead of reaching a sink. A state is derived from the facts ``OrderState`` keeps
 about accepted events; an event that ended in an exception never moves an order.

@@ -16,8 +16,8 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-from processors.reference import OWNERS, SEVERITIES, load_yaml
-from revline.errors import ConfigurationError
+from revline.core.errors import ConfigurationError
+from revline.processors.reference import OWNERS, SEVERITIES, load_yaml
 
 # Default SLAs (time to acknowledge, minutes) and expiry ages, when the file omits them.
 DEFAULT_SLA_MINUTES = {"P1": 15.0, "P2": 120.0, "P3": 2880.0}

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from revline.errors import ConfigurationError
+from revline.core.errors import ConfigurationError
 
 SEVERITIES = ("P1", "P2", "P3")
 OWNERS = ("revenue_ops", "finance", "integrations")

@@ -1,6 +1,6 @@
 """The wire contract: versioned Avro canonical events, their catalog and codecs."""
 
-from schemas._catalog import (
+from revline.schemas._catalog import (
     EVENT_TYPES,
     RECORD_NAMES,
     SchemaCatalog,
@@ -8,7 +8,7 @@ from schemas._catalog import (
     crc64_fingerprint,
     default_catalog,
 )
-from schemas._codec import (
+from revline.schemas._codec import (
     DecodeError,
     EncodeError,
     EventDeserializer,
@@ -19,9 +19,9 @@ from schemas._codec import (
     WireFormat,
     registry_client,
 )
-from schemas._models import EVENT_MODELS, EventValidationError, validate_event
-from schemas._records import RecordCodec, exception_codec, outcome_codec
-from schemas._structure import REQUIRED_REFS, structural_error
+from revline.schemas._models import EVENT_MODELS, EventValidationError, validate_event
+from revline.schemas._records import RecordCodec, exception_codec, outcome_codec
+from revline.schemas._structure import REQUIRED_REFS, structural_error
 
 __all__ = [
     "EVENT_MODELS",

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 from fastavro import schemaless_reader, schemaless_writer
 
-from revline.errors import InfrastructureError, RevlineError
-from schemas._catalog import SchemaCatalog, SchemaEntry, crc64_fingerprint, default_catalog
+from revline.core.errors import InfrastructureError, RevlineError
+from revline.schemas._catalog import SchemaCatalog, SchemaEntry, crc64_fingerprint, default_catalog
 
 if TYPE_CHECKING:
     from confluent_kafka.schema_registry import SchemaRegistryClient

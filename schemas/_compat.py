@@ -14,7 +14,7 @@ from typing import Any
 
 from fastavro import schemaless_reader, schemaless_writer
 
-from schemas._catalog import SchemaCatalog, SchemaEntry
+from revline.schemas._catalog import SchemaCatalog, SchemaEntry
 
 _EXAMPLE_TIME = datetime(2026, 11, 2, 9, 30, tzinfo=UTC)
 

@@ -23,8 +23,8 @@ from pydantic import (
     ValidationError,
 )
 
-from schemas._catalog import default_catalog
-from schemas._structure import structural_error
+from revline.schemas._catalog import default_catalog
+from revline.schemas._structure import structural_error
 
 
 def _to_datetime(value: Any) -> Any:

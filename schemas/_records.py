@@ -15,9 +15,9 @@ from typing import Any, cast
 from fastavro import schemaless_reader, schemaless_writer
 from fastavro.schema import parse_schema
 
-from schemas._catalog import crc64_fingerprint
-from schemas._codec import SINGLE_OBJECT_MAGIC, MalformedRecordError
-from schemas._fastwrite import compile_encoder
+from revline.schemas._catalog import crc64_fingerprint
+from revline.schemas._codec import SINGLE_OBJECT_MAGIC, MalformedRecordError
+from revline.schemas._fastwrite import compile_encoder
 
 PIPELINE_ROOT = Path(__file__).parent / "avro" / "pipeline"
 

@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from schemas._catalog import RECORD_NAMES
+from revline.schemas._catalog import RECORD_NAMES
 
 # Envelope references each event type must carry.
 REQUIRED_REFS: dict[str, tuple[str, ...]] = {

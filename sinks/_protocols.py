@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import date
 from typing import Any, Protocol, runtime_checkable
 
-from revline.errors import InfrastructureError, RevlineError
+from revline.core.errors import InfrastructureError, RevlineError
 
 Event = Mapping[str, Any]  # a decoded canonical event
 

@@ -56,15 +56,15 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
-from processors import exception_id_for
-from revline.auditlog import AuditFact, AuditLog
-from revline.errors import InfrastructureError
-from revline.kafka_config import client_config
-from revline.metrics import SinkMetrics
-from revline.watchdog import Watchdog
-from schemas import EventDeserializer, exception_codec
-from sinks._breaker import CircuitBreaker
-from sinks._protocols import (
+from revline.core.auditlog import AuditFact, AuditLog
+from revline.core.errors import InfrastructureError
+from revline.core.kafka_config import client_config
+from revline.core.metrics import SinkMetrics
+from revline.core.watchdog import Watchdog
+from revline.processors import exception_id_for
+from revline.schemas import EventDeserializer, exception_codec
+from revline.sinks._breaker import CircuitBreaker
+from revline.sinks._protocols import (
     EffectResult,
     ErpAdapter,
     Event,
@@ -72,7 +72,7 @@ from sinks._protocols import (
     PermanentSinkError,
     TransientSinkError,
 )
-from sinks.ledger import EffectId, EffectRow, RefusedEventError, SideEffect, SqlLedger
+from revline.sinks.ledger import EffectId, EffectRow, RefusedEventError, SideEffect, SqlLedger
 
 log = logging.getLogger("revline.sinks")
 

@@ -35,7 +35,7 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from sinks.ledger._schema import (
+from revline.sinks.ledger._schema import (
     READ_MODEL_TABLES,
     audit_heads,
     audit_records,
@@ -46,8 +46,8 @@ from sinks.ledger._schema import (
 )
 
 if TYPE_CHECKING:
-    from processors.audit_chain import ChainHead
-    from revline.settings import Settings
+    from revline.core.settings import Settings
+    from revline.processors.audit_chain import ChainHead
 
 log = logging.getLogger("revline.read_model")
 
@@ -150,7 +150,7 @@ def head_row(partition: int, head: ChainHead) -> dict[str, Any]:
 def head_from_row(row: Mapping[str, Any]) -> ChainHead:
     from collections import deque
 
-    from processors.audit_chain import RECENT_FACT_IDS, ChainHead
+    from revline.processors.audit_chain import RECENT_FACT_IDS, ChainHead
 
     return ChainHead(chain=row["chain"], seq=int(row["seq"]), hash=row["hash"],
                      recent=deque(orjson.loads(row["recent"]), maxlen=RECENT_FACT_IDS))
@@ -170,7 +170,7 @@ class ReadModel:
     """
 
     def __init__(self, url: str, *, migrate: bool = True) -> None:
-        from sinks.ledger._ledger import _create_engine, migrating, upgrade_to_head
+        from revline.sinks.ledger._ledger import _create_engine, migrating, upgrade_to_head
 
         self.url = url
         self.engine: Engine = _create_engine(url)
@@ -491,7 +491,7 @@ class HeadCache:
         self._trim()
 
     def get(self, partition: int, chain: str) -> ChainHead:
-        from processors.audit_chain import ChainHead
+        from revline.processors.audit_chain import ChainHead
 
         found = self._lru.get(chain)
         if found is None:
@@ -566,7 +566,7 @@ class PagedStates:
 
     def due(self, now_ms: int) -> list[State]:
         """Active states due for the clock: the table's, with this batch's changes on top."""
-        from processors.exception_lifecycle import breached, overdue
+        from revline.processors.exception_lifecycle import breached, overdue
 
         found = {s["exception_id"]: s for s in self.model.due_states(now_ms)}
         for exception_id, state in self.pending.items():
@@ -601,8 +601,8 @@ def reload_heads(model: ReadModel, bootstrap: str, topic: str, partitions: Seque
                  offsets: Mapping[tuple[str, int], int]) -> int:
     """Replace the heads of ``partitions`` by the committed ones of the heads topic (streamed
     in chunks: memory stays bounded), then record ``offsets``; returns how many heads."""
-    from processors.audit_chain import ChainHead
-    from revline.readback import CommittedReader
+    from revline.core.readback import CommittedReader
+    from revline.processors.audit_chain import ChainHead
 
     parts = sorted(set(partitions))
     with model.write() as conn:
@@ -624,7 +624,7 @@ def reload_heads(model: ReadModel, bootstrap: str, topic: str, partitions: Seque
             try:
                 head = ChainHead.decode(msg.value() or b"")
             except Exception as exc:  # a forked chain would be worse than stopping
-                from revline.errors import InfrastructureError
+                from revline.core.errors import InfrastructureError
 
                 raise InfrastructureError(
                     f"{topic}/{msg.partition()}/{msg.offset()} is not a chain head ({exc}); "
@@ -662,10 +662,10 @@ def rebuild(model: ReadModel, bootstrap: str, settings: Settings, *,
     """Empty the tables and fill them again from the topics, in bounded chunks."""
     from confluent_kafka import Consumer, TopicPartition
 
-    from processors.audit_chain import ChainHead, parse_record
-    from revline.kafka_config import client_config
-    from revline.readback import CommittedReader, read_topic, watermarks
-    from schemas import DecodeError, outcome_codec
+    from revline.core.kafka_config import client_config
+    from revline.core.readback import CommittedReader, read_topic, watermarks
+    from revline.processors.audit_chain import ChainHead, parse_record
+    from revline.schemas import DecodeError, outcome_codec
 
     counts = RebuildCounts()
     # Where the auditor and the state topic are *before* reading: the auditor and the

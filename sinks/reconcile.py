@@ -52,16 +52,16 @@ from typing import Any
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from processors import exception_id_for
-from revline.auditlog import AuditFact
-from revline.errors import ConfigurationError, InfrastructureError
-from revline.kafka_config import client_config
-from revline.money import format_money
-from revline.readback import header, read_topic
-from schemas import DecodeError, EventDeserializer, exception_codec
-from sinks._protocols import ErpDocument, ErpInventory, Event
-from sinks.erp import _mapping as m
-from sinks.ledger import JournalSummary, PostingRules, SideEffect, SqlLedger
+from revline.core.auditlog import AuditFact
+from revline.core.errors import ConfigurationError, InfrastructureError
+from revline.core.kafka_config import client_config
+from revline.core.money import format_money
+from revline.core.readback import header, read_topic
+from revline.processors import exception_id_for
+from revline.schemas import DecodeError, EventDeserializer, exception_codec
+from revline.sinks._protocols import ErpDocument, ErpInventory, Event
+from revline.sinks.erp import _mapping as m
+from revline.sinks.ledger import JournalSummary, PostingRules, SideEffect, SqlLedger
 
 LEDGER = "ledger"
 ERP = "erp"

@@ -32,13 +32,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from revline.errors import ConfigurationError
-from revline.metrics import SinkMetrics
-from revline.redact import redact_url
-from revline.settings import Settings
-from schemas import EventDeserializer
-from sinks._protocols import ErpAdapter
-from sinks.ledger import (
+from revline.core.errors import ConfigurationError
+from revline.core.metrics import SinkMetrics
+from revline.core.redact import redact_url
+from revline.core.settings import Settings
+from revline.schemas import EventDeserializer
+from revline.sinks._protocols import ErpAdapter
+from revline.sinks.ledger import (
     EffectId,
     JournalSummary,
     PostingRules,
@@ -46,8 +46,8 @@ from sinks.ledger import (
     SqlLedger,
     normalize_url,
 )
-from sinks.processor import SinkProcessor
-from sinks.reconcile import ALL_TIME, ERP_STEPS, StreamView, Window, drift_pct, period_of
+from revline.sinks.processor import SinkProcessor
+from revline.sinks.reconcile import ALL_TIME, ERP_STEPS, StreamView, Window, drift_pct, period_of
 
 
 @dataclass(frozen=True)
@@ -265,7 +265,7 @@ def shadow_processor(
                 "it its own (REVLINE_SHADOW_LEDGER_DSN, REVLINE_SHADOW_GROUP, "
                 "REVLINE_SHADOW_EXCEPTIONS_TOPIC)"
             )
-    from revline.startup import (
+    from revline.core.startup import (
         claim_instance,
         group_instance_id,
         membership_config,

@@ -20,7 +20,12 @@ from typing import Any
 import orjson
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from processors import (
+from revline.core.errors import InfrastructureError
+from revline.core.kafka_config import producer_config
+from revline.core.metrics import Metrics
+from revline.core.settings import Settings
+from revline.core.startup import TRANSIENT_CODES
+from revline.processors import (
     DEAD_LETTER,
     EXCEPTION,
     HELD,
@@ -30,12 +35,7 @@ from processors import (
     Decision,
     Rules,
 )
-from revline.errors import InfrastructureError
-from revline.kafka_config import producer_config
-from revline.metrics import Metrics
-from revline.settings import Settings
-from revline.startup import TRANSIENT_CODES
-from schemas import exception_codec, outcome_codec
+from revline.schemas import exception_codec, outcome_codec
 
 SOURCE_LINE_HEADER = "revline-source-line"
 ERROR_HEADER_PREFIX = "revline.errors."

@@ -15,10 +15,10 @@ from typing import Any
 
 from confluent_kafka import Producer
 
-from processors import ReferenceData
-from revline.admin import ensure_topics
-from revline.errors import InfrastructureError
-from revline.kafka_config import client_config
+from revline.core.admin import ensure_topics
+from revline.core.errors import InfrastructureError
+from revline.core.kafka_config import client_config
+from revline.processors import ReferenceData
 
 META_KEY = b"__meta__"
 

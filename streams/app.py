@@ -61,7 +61,13 @@ import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
 from faust.streams import _current_event
 
-from processors import (
+from revline.core._gc import freeze_long_lived
+from revline.core.errors import InfrastructureError
+from revline.core.kafka_config import client_config, faust_broker_credentials, registry_config
+from revline.core.metrics import Metrics
+from revline.core.settings import Settings
+from revline.core.watchdog import Watchdog
+from revline.processors import (
     DEAD_LETTER,
     DUPLICATE,
     EXCEPTION,
@@ -75,15 +81,9 @@ from processors import (
     Rules,
     load_yaml,
 )
-from revline._gc import freeze_long_lived
-from revline.errors import InfrastructureError
-from revline.kafka_config import client_config, faust_broker_credentials, registry_config
-from revline.metrics import Metrics
-from revline.settings import Settings
-from revline.watchdog import Watchdog
-from schemas import EventDeserializer, registry_client
-from streams._outputs import NULL_VALUE_CLASS, OutputWriter
-from streams._reference import ReferenceView
+from revline.schemas import EventDeserializer, registry_client
+from revline.streams._outputs import NULL_VALUE_CLASS, OutputWriter
+from revline.streams._reference import ReferenceView
 
 log = logging.getLogger("revline.worker")
 
@@ -783,8 +783,8 @@ _FIRST_START_ENV = "REVLINE_WORKER_FIRST_START"
 
 def run(settings: Settings, bootstrap: str) -> None:
     """Run one worker process until SIGTERM/SIGINT (Faust handles both gracefully)."""
-    from revline.admin import check_partition_counts, ensure_operations_topics, ensure_topics
-    from revline.startup import wait_for_group_coordinator
+    from revline.core.admin import check_partition_counts, ensure_operations_topics, ensure_topics
+    from revline.core.startup import wait_for_group_coordinator
 
     first_start = _first_start()
     timeout = max(1.0, settings.startup_timeout_s - (time.time() - first_start))
@@ -828,7 +828,7 @@ def _after_faust_failure(settings: Settings, cause: BaseException | None, first_
     """Log why Faust stopped; re-run the process on a transient start-up failure."""
     import sys
 
-    from revline.startup import is_transient
+    from revline.core.startup import is_transient
 
     what = (f"{type(cause).__name__}: {cause}" if cause is not None and str(cause)
             else type(cause).__name__ if cause is not None else "no reason given by faust")

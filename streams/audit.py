@@ -3,7 +3,7 @@
 Reads the worker's outcome records and the audit facts of other components
 (sink, exception manager, operators) and appends one audit record per entry to
 the chain of its order on the audit topic, each carrying the hash of the
-previous one (``processors.audit_chain``).
+previous one (``revline.processors.audit_chain``).
 
 Exactly once, no gap, under kill -9 and restarts:
 
@@ -54,7 +54,13 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient, ConfigResource  # type: ignore[attr-defined]
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from processors.audit_chain import (
+from revline.core.auditlog import AuditFact
+from revline.core.errors import ConfigurationError, InfrastructureError
+from revline.core.kafka_config import client_config, consumer_config, producer_config
+from revline.core.readback import CommittedReader
+from revline.core.settings import Settings
+from revline.core.watchdog import Watchdog
+from revline.processors.audit_chain import (
     ChainHead,
     Entry,
     canonical,
@@ -63,14 +69,8 @@ from processors.audit_chain import (
     entry_from_fact,
     unreadable_entry,
 )
-from revline.auditlog import AuditFact
-from revline.errors import ConfigurationError, InfrastructureError
-from revline.kafka_config import client_config, consumer_config, producer_config
-from revline.readback import CommittedReader
-from revline.settings import Settings
-from revline.watchdog import Watchdog
-from schemas import outcome_codec
-from sinks.read_model import (
+from revline.schemas import outcome_codec
+from revline.sinks.read_model import (
     AUDITOR,
     HeadCache,
     ReadModel,
@@ -177,7 +177,7 @@ def head_summaries(bootstrap: str, topic: str) -> dict[str, tuple[int, str]]:
 # -- topics ------------------------------------------------------------------------------
 def ensure_audit_topics(bootstrap: str, settings: Settings) -> None:
     """Create what is missing and insist the four topics are co-partitioned."""
-    from revline.admin import ensure_operations_topics, ensure_topics
+    from revline.core.admin import ensure_operations_topics, ensure_topics
 
     ensure_topics(bootstrap, {settings.outcomes_topic: settings.input_partitions})
     ensure_operations_topics(bootstrap, settings)

@@ -13,7 +13,7 @@
 
 and writes each exception's current state, keyed by exception id, to the
 compacted exception-state topic and, once Kafka has acknowledged it, to the read
-model (``exception_states`` in the ledger's database, ``sinks.read_model``). States
+model (``exception_states`` in the ledger's database, ``revline.sinks.read_model``). States
 are paged from that table through a bounded LRU cache, not all held in memory; on
 start the table is caught up from the state topic where it lags (the tail it has not
 seen, by the offsets it recorded), and the timers query it by deadline. A
@@ -60,7 +60,22 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient
 
-from processors.exception_lifecycle import (
+from revline.core.auditlog import AuditFact, AuditLog
+from revline.core.errors import ConfigurationError, InfrastructureError
+from revline.core.kafka_config import client_config, consumer_config, producer_config
+from revline.core.metrics import ExceptionMetrics
+from revline.core.readback import read_compacted_json, watermarks
+from revline.core.settings import Settings
+from revline.core.startup import (
+    claim_instance,
+    fenced_message,
+    group_instance_id,
+    membership_config,
+    retry_startup,
+    wait_for_group_coordinator,
+)
+from revline.core.watchdog import Watchdog
+from revline.processors.exception_lifecycle import (
     ACTIVE,
     ESCALATED,
     MANAGER,
@@ -71,26 +86,11 @@ from processors.exception_lifecycle import (
     due_events,
     open_exception,
 )
-from processors.ownership import ExceptionFacts, Ownership, event_amount
-from processors.reference import OWNERS, SEVERITIES
-from revline.auditlog import AuditFact, AuditLog
-from revline.errors import ConfigurationError, InfrastructureError
-from revline.kafka_config import client_config, consumer_config, producer_config
-from revline.metrics import ExceptionMetrics
-from revline.readback import read_compacted_json, watermarks
-from revline.settings import Settings
-from revline.startup import (
-    claim_instance,
-    fenced_message,
-    group_instance_id,
-    membership_config,
-    retry_startup,
-    wait_for_group_coordinator,
-)
-from revline.watchdog import Watchdog
-from schemas import DecodeError, EventDeserializer, exception_codec
-from sinks.ledger._schema import exception_states
-from sinks.read_model import PagedStates, ReadModel, state_row
+from revline.processors.ownership import ExceptionFacts, Ownership, event_amount
+from revline.processors.reference import OWNERS, SEVERITIES
+from revline.schemas import DecodeError, EventDeserializer, exception_codec
+from revline.sinks.ledger._schema import exception_states
+from revline.sinks.read_model import PagedStates, ReadModel, state_row
 
 log = logging.getLogger("revline.exceptions")
 
@@ -291,7 +291,7 @@ class ExceptionManager:
     def _recover(self) -> None:
         """Failed records: retriable ones again, too large ones shrunk (long texts cut),
         anything else an InfrastructureError as before (nothing is committed)."""
-        from streams._outputs import MAX_ATTEMPTS, RETRIABLE, TOO_LARGE
+        from revline.streams._outputs import MAX_ATTEMPTS, RETRIABLE, TOO_LARGE
 
         while self._failed:
             failed, self._failed = self._failed, []
@@ -466,7 +466,7 @@ def _refuse_second_manager(bootstrap: str, group: str, instance_id: str | None =
     The static member ``instance_id`` is this manager's own predecessor (killed, its
     session not yet expired): it is not a second manager, and joining replaces it.
     """
-    from revline.replay import live_members
+    from revline.core.admin import live_members
 
     admin = AdminClient(client_config("admin", bootstrap, {"log_level": 3},
                                       component=COMPONENT))
@@ -534,8 +534,8 @@ class MemoryStates(dict[str, State]):
 def catch_up_states(model: ReadModel, bootstrap: str, topic: str) -> int:
     """Bring ``exception_states`` up to the state topic's end: only the records after the
     offsets it recorded (all of them for a new table); returns how many were read."""
-    from revline.readback import read_topic
-    from sinks.read_model import EXCEPTIONS
+    from revline.core.readback import read_topic
+    from revline.sinks.read_model import EXCEPTIONS
 
     consumer = _reader(bootstrap)
     try:
@@ -658,10 +658,10 @@ def run_manager(settings: Settings, bootstrap: str, stop: threading.Event, *,
     """``revline exceptions run``: topics, metrics, then the manager until ``stop``.
 
     Start-up waits out a cold cluster (``REVLINE_STARTUP_TIMEOUT_S``)."""
-    from processors.ownership import load_ownership
-    from revline.admin import ensure_operations_topics, ensure_topics
-    from revline.kafka_config import registry_config
-    from schemas import registry_client
+    from revline.core.admin import ensure_operations_topics, ensure_topics
+    from revline.core.kafka_config import registry_config
+    from revline.processors.ownership import load_ownership
+    from revline.schemas import registry_client
 
     ownership = load_ownership(settings.ownership_file)
     claim_instance(settings.state_dir, group_instance_id(COMPONENT, instance))

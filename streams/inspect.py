@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from revline.readback import read_topic
-from revline.settings import Settings
+from revline.core.readback import read_topic
+from revline.core.settings import Settings
 
 
 def changelog_topic(settings: Settings) -> str:

@@ -30,11 +30,11 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from revline.isolated import IsolatedPipeline
-from revline.publisher import SOURCE_LINE_HEADER, Publisher
-from revline.settings import Settings
-from revline.workload import WorkloadRecord
-from schemas import outcome_codec
+from revline.core.settings import Settings
+from revline.operations.publisher import SOURCE_LINE_HEADER, Publisher
+from revline.schemas import outcome_codec
+from revline.tools.isolated import IsolatedPipeline
+from revline.tools.workload import WorkloadRecord
 
 # librdkafka's lines while the broker is away: expected, and no evidence of anything.
 _NOISE = ("Connection refused", "not found in cache", "Connect call failed",

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from revline.broker import LocalBroker
+from revline.tools.broker import LocalBroker
 from tests._procs import owner_alive
 
 REPO = Path(__file__).resolve().parent.parent

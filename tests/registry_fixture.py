@@ -1,6 +1,6 @@
 """A real Schema Registry for the tests: one local Apicurio Registry per session.
 
-Started like the test broker (``revline.registry_server.LocalRegistry``: Maven-fetched
+Started like the test broker (``revline.tools.registry_server.LocalRegistry``: Maven-fetched
 distribution, system ``java`` 17) under ``.revline/test-registry-<pid>``, with basic auth
 on. Skipped only when ``java`` or ``mvn`` is missing (CI installs both); any other
 failure to start fails the tests.
@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from revline.registry_server import LocalRegistry
+from revline.tools.registry_server import LocalRegistry
 from tests._procs import owner_alive
 
 REPO = Path(__file__).resolve().parent.parent
 STATE_DIR = REPO / ".revline"
-# Shared with `python -m revline.registry_server` and .ci/run, so a session never re-runs Maven.
+# Shared with `python -m revline.tools.registry_server` and .ci/run, so a session never
+# re-runs Maven.
 SHARED_REGISTRY_JARS = STATE_DIR / "registry" / "lib"
 
 

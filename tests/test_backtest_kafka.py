@@ -20,12 +20,12 @@ from typing import Any
 import pytest
 import yaml
 
-from revline.isolated import IsolatedPipeline
-from revline.money import to_major
-from revline.replay import format_ms
-from revline.settings import DATA_DIR
-from revline.verify import finals_by_input
-from revline.workload import WorkloadOptions, generate
+from revline.core.money import to_major
+from revline.core.settings import DATA_DIR
+from revline.operations.replay import format_ms
+from revline.operations.verify import finals_by_input
+from revline.tools.isolated import IsolatedPipeline
+from revline.tools.workload import WorkloadOptions, generate
 from tests.processors.test_backtest import new_discount_faults, oracle
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]

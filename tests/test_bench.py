@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from rich.console import Console
 
-from revline.bench import (
+from revline.tools.bench import (
     E2E_P99_TARGET_MS,
     LEDGER_TARGET_LINES_PER_S,
     BenchReport,
@@ -141,8 +141,8 @@ def test_paced_events_follow_where_the_run_continues() -> None:
     """Paced events cached before ``continue_from`` occurred too early: they are dropped."""
     from datetime import UTC, datetime, timedelta
 
-    from revline.bench import _Input, _Run
-    from schemas import EventDeserializer
+    from revline.schemas import EventDeserializer
+    from revline.tools.bench import _Input, _Run
 
     run = _Run.__new__(_Run)  # no broker: only the generator's timeline
     run.start = datetime(2026, 1, 1, tzinfo=UTC)

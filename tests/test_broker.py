@@ -15,7 +15,7 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
-from revline.broker import LocalBroker
+from revline.tools.broker import LocalBroker
 
 pytestmark = pytest.mark.kafka
 

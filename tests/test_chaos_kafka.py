@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from revline.chaos import ChaosOptions, run_chaos, table
+from revline.tools.chaos import ChaosOptions, run_chaos, table
 from tests.conftest import STATE_DIR
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]

@@ -32,13 +32,13 @@ import yaml
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
-from revline.broker import LocalCluster, cluster_home
-from revline.isolated import IsolatedPipeline
-from revline.readback import CommittedReader, read_topic
-from revline.settings import DATA_DIR
-from revline.verify import finals_by_input
-from revline.workload import WorkloadOptions, generate
-from schemas import exception_codec
+from revline.core.readback import CommittedReader, read_topic
+from revline.core.settings import DATA_DIR
+from revline.operations.verify import finals_by_input
+from revline.schemas import exception_codec
+from revline.tools.broker import LocalCluster, cluster_home
+from revline.tools.isolated import IsolatedPipeline
+from revline.tools.workload import WorkloadOptions, generate
 from tests._procs import owner_alive
 from tests.conftest import SHARED_JARS, STATE_DIR
 
@@ -388,8 +388,8 @@ class TestSingleInstanceComponents:
     def test_auditor_standby_takes_over_after_kill_9_and_fences_a_twin_without_a_fork(
         self, plain: LocalCluster, tmp_path: Path
     ) -> None:
-        from processors.audit_chain import entries_from_outcome
-        from schemas import outcome_codec
+        from revline.processors.audit_chain import entries_from_outcome
+        from revline.schemas import outcome_codec
 
         assert plain.bootstrap is not None
         a = IsolatedPipeline(plain.bootstrap, tmp_path / "host-a",
@@ -474,7 +474,7 @@ class TestSingleInstanceComponents:
                     for m in read_topic(a.bootstrap, a.topic("exceptions"), missing_ok=True)}
 
         def states() -> dict[str, dict[str, Any]]:
-            from streams.exceptions import read_states
+            from revline.streams.exceptions import read_states
             try:
                 return read_states(a.bootstrap, a.topic("exception-state"))
             except Exception:  # not created yet

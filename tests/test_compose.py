@@ -132,7 +132,7 @@ def test_metrics_ports_are_the_ones_each_service_reads(
     services: dict[str, dict[str, Any]],
 ) -> None:
     """Each service serves /metrics on the port its own setting names, and exposes it."""
-    from revline.settings import Settings
+    from revline.core.settings import Settings
 
     fields = Settings.model_fields
     for name, variable in (("revline-worker", "REVLINE_METRICS_PORT"),

@@ -32,7 +32,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from processors import (
+from revline.processors import (
     FINAL_KINDS,
     VALIDATED,
     Engine,
@@ -42,19 +42,19 @@ from processors import (
     Rules,
     load_yaml,
 )
-from schemas import EventDeserializer, EventSerializer
-from sinks.erp import InMemoryErp
-from sinks.ledger import SqlLedger, load_posting_rules
-from sinks.reconcile import ALL_TIME, compare, expected_from_events
+from revline.schemas import EventDeserializer, EventSerializer
+from revline.sinks.erp import InMemoryErp
+from revline.sinks.ledger import SqlLedger, load_posting_rules
+from revline.sinks.reconcile import ALL_TIME, compare, expected_from_events
 from tests import reference_model as model
 
-DATA = Path(__file__).resolve().parent.parent / "revline" / "data"
+DATA = Path(__file__).resolve().parent.parent / "revline" / "core" / "data"
 MAX = 2**63 - 1
 BASE_MS = 1_795_000_000_000  # 2026-11-18
 TOTAL_EXAMPLES = int(os.environ.get("REVLINE_DIFFERENTIAL_EXAMPLES", "2000"))
 PREFIX_LEN = 9
 DAY_MS = 86_400_000  # each example's events occur on a day of their own
-# Reconciliation over each example (sinks.reconcile.compare) must find 0 drift.
+# Reconciliation over each example (revline.sinks.reconcile.compare) must find 0 drift.
 RECONCILE = True
 # Open product bugs the property tests step around, each pinned by a strict xfail
 # regression at the end of this file: drop the step-around when that one passes.

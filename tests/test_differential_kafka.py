@@ -22,10 +22,10 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from hypothesis import HealthCheck, Phase, given, settings
 
-from revline.isolated import IsolatedPipeline
-from revline.readback import read_topic
-from revline.verify import finals_by_input
-from sinks.ledger import SqlLedger
+from revline.core.readback import read_topic
+from revline.operations.verify import finals_by_input
+from revline.sinks.ledger import SqlLedger
+from revline.tools.isolated import IsolatedPipeline
 from tests import reference_model as model
 from tests.streams.test_worker_kafka import rules_with
 from tests.test_differential import (

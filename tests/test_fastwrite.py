@@ -9,7 +9,7 @@ from fastavro import schemaless_writer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from schemas import exception_codec, outcome_codec
+from revline.schemas import exception_codec, outcome_codec
 
 text = st.text(max_size=40)
 opt_text = st.none() | text

@@ -38,14 +38,14 @@ from typing import Any
 import pytest
 import yaml
 
-from revline.admin import ensure_topics
-from revline.broker import LocalBroker
-from revline.isolated import IsolatedPipeline
-from revline.settings import DATA_DIR
-from revline.verify import compare_with_manifest, finals_by_input, read_outcomes
-from revline.workload import Workload, WorkloadOptions, generate
-from sinks.ledger import SqlLedger
-from streams.audit import ensure_audit_topics
+from revline.core.admin import ensure_topics
+from revline.core.settings import DATA_DIR
+from revline.operations.verify import compare_with_manifest, finals_by_input, read_outcomes
+from revline.sinks.ledger import SqlLedger
+from revline.streams.audit import ensure_audit_topics
+from revline.tools.broker import LocalBroker
+from revline.tools.isolated import IsolatedPipeline
+from revline.tools.workload import Workload, WorkloadOptions, generate
 from tests._faults import (
     COMMANDS,
     Exit,

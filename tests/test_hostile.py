@@ -21,14 +21,14 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from revline.cli import build_parser, main
-from revline.isolated import IsolatedPipeline
-from revline.publisher import SOURCE_LINE_HEADER, Publisher
-from revline.readback import header, read_topic
-from revline.redact import csv_safe, redact_url
-from revline.settings import DATA_DIR
-from revline.verify import compare_with_manifest, finals_by_input
-from revline.workload import WorkloadOptions, generate
-from schemas import EventSerializer, validate_event
+from revline.core.readback import header, read_topic
+from revline.core.redact import csv_safe, redact_url
+from revline.core.settings import DATA_DIR
+from revline.operations.publisher import SOURCE_LINE_HEADER, Publisher
+from revline.operations.verify import compare_with_manifest, finals_by_input
+from revline.schemas import EventSerializer, validate_event
+from revline.tools.isolated import IsolatedPipeline
+from revline.tools.workload import WorkloadOptions, generate
 
 CORPUS = json.loads((Path(__file__).parent / "data" / "hostile.json").read_text())
 
@@ -70,7 +70,7 @@ def _one_error_line(err: str) -> None:
 
 # -- unit: the helpers ---------------------------------------------------------------------
 def test_every_publish_case_is_refused_with_its_field_or_published_literally() -> None:
-    from revline.publisher import parse_line
+    from revline.operations.publisher import parse_line
 
     for case in CORPUS["publish"]:
         line = _bad_line(case)
@@ -94,7 +94,7 @@ def test_every_publish_case_is_refused_with_its_field_or_published_literally() -
 
 
 def test_a_bom_at_the_start_is_accepted() -> None:
-    from revline.publisher import parse_line
+    from revline.operations.publisher import parse_line
 
     assert parse_line(b"\xef\xbb\xbf" + json.dumps(GOOD).encode(), 1)["currency"] == "EUR"
     assert parse_line("\ufeff" + json.dumps(GOOD), 1)["currency"] == "EUR"
@@ -123,7 +123,7 @@ def test_csv_cells_that_a_spreadsheet_would_evaluate_are_neutralised(cell: str) 
 
 
 def test_drift_labels_do_not_come_from_input_bytes() -> None:
-    from streams.app import UNKNOWN_SCHEMA_LABEL, _DriftLog
+    from revline.streams.app import UNKNOWN_SCHEMA_LABEL, _DriftLog
 
     drift = _DriftLog(interval_s=3600)
     labels = {drift.label(f"fingerprint:{i:016x}", "unknown schema fingerprint")
@@ -390,7 +390,7 @@ def test_no_hostile_record_stops_the_worker_or_a_good_record_around_it(
 def test_an_oversized_json_record_of_the_exception_manager_is_shrunk_not_fatal() -> None:
     import orjson
 
-    from streams.exceptions import shrink_json
+    from revline.streams.exceptions import shrink_json
 
     big = orjson.dumps({"reason": "X" * 2_000_000, "history": [{"note": "y" * 10}] * 500})
     small = shrink_json(big)

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from revline.errors import ConfigurationError
-from revline.kafka_config import (
+from revline.core.errors import ConfigurationError
+from revline.core.kafka_config import (
     client_config,
     consumer_config,
     faust_broker_credentials,
@@ -26,7 +26,7 @@ from revline.kafka_config import (
     ssl_context,
     validate,
 )
-from revline.settings import Settings
+from revline.core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 PASSWORD = "pa55-W0rd-never-shown"
@@ -371,8 +371,8 @@ def test_ssl_context_follows_librdkafka_switches(pki: dict[str, Path]) -> None:
 def test_the_worker_app_is_built_with_the_credentials(monkeypatch: pytest.MonkeyPatch,
                                                       tmp_path: Path,
                                                       pki: dict[str, Path]) -> None:
-    from revline.metrics import Metrics
-    from streams.app import Worker
+    from revline.core.metrics import Metrics
+    from revline.streams.app import Worker
 
     s = settings(monkeypatch, KAFKA_SECURITY_PROTOCOL="SASL_SSL",
                  KAFKA_SASL_MECHANISM="SCRAM-SHA-512", KAFKA_SASL_USERNAME="revline",
@@ -386,7 +386,7 @@ def test_the_worker_app_is_built_with_the_credentials(monkeypatch: pytest.Monkey
 # -- Schema Registry -------------------------------------------------------------------
 def test_registry_config_and_client(monkeypatch: pytest.MonkeyPatch,
                                     pki: dict[str, Path]) -> None:
-    from schemas import registry_client
+    from revline.schemas import registry_client
 
     assert registry_config(settings(monkeypatch)) is None
     s = settings(monkeypatch, SCHEMA_REGISTRY_URL="https://sr.example:8081",

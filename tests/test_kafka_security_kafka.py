@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from revline.broker import LocalCluster, cluster_home, read_env_file
-from revline.isolated import IsolatedPipeline
-from revline.settings import DATA_DIR
-from revline.verify import compare_with_manifest, finals_by_input
-from revline.workload import WorkloadOptions, generate
+from revline.core.settings import DATA_DIR
+from revline.operations.verify import compare_with_manifest, finals_by_input
+from revline.tools.broker import LocalCluster, cluster_home, read_env_file
+from revline.tools.isolated import IsolatedPipeline
+from revline.tools.workload import WorkloadOptions, generate
 from tests.conftest import SHARED_JARS, STATE_DIR
 from tests.test_replay_kafka import ledger_url  # noqa: F401 - the ledger fixture (PostgreSQL)
 

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from schemas import EventValidationError, validate_event
+from revline.schemas import EventValidationError, validate_event
 
 BOOKED = {
     "envelope": {

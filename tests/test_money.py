@@ -7,7 +7,7 @@ from decimal import Decimal
 from hypothesis import given
 from hypothesis import strategies as st
 
-from revline.money import digits, format_money, to_major
+from revline.core.money import digits, format_money, to_major
 
 
 def test_each_currency_shows_its_own_decimals() -> None:

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from revline.demo import money_report
-from revline.money import format_money
-from sinks.ledger import SqlLedger
+from revline.cli.demo import money_report
+from revline.core.money import format_money
+from revline.sinks.ledger import SqlLedger
 
 AMOUNTS = {"EUR": 3_813_034_567_890, "JPY": 9_876_543_210, "KWD": 1_234_567_890_123,
            "USD": 5, "GBP": 645_208_812}

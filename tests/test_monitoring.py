@@ -188,7 +188,7 @@ def test_promtool(args: list[str]) -> None:
 
 
 def test_sink_exports_refusals_of_validated_events_per_fixed_adapter() -> None:
-    from revline.metrics import SinkMetrics
+    from revline.core.metrics import SinkMetrics
 
     metrics = SinkMetrics()
     registry = metrics.registry
@@ -211,14 +211,14 @@ def _heartbeat(registry: Any, component: str) -> float:
 def test_every_component_exports_its_heartbeat_in_its_own_registry(tmp_path: Path) -> None:
     import time
 
-    from processors.ownership import load_ownership
-    from revline.metrics import ExceptionMetrics, Metrics, SinkMetrics
-    from revline.settings import Settings
-    from sinks.erp import InMemoryErp
-    from sinks.ledger import SqlLedger
-    from sinks.processor import SinkProcessor
-    from streams.app import build_worker
-    from streams.exceptions import ExceptionManager
+    from revline.core.metrics import ExceptionMetrics, Metrics, SinkMetrics
+    from revline.core.settings import Settings
+    from revline.processors.ownership import load_ownership
+    from revline.sinks.erp import InMemoryErp
+    from revline.sinks.ledger import SqlLedger
+    from revline.sinks.processor import SinkProcessor
+    from revline.streams.app import build_worker
+    from revline.streams.exceptions import ExceptionManager
 
     nowhere = "127.0.0.1:1"  # clients are built, never used
     settings = Settings(_env_file=None, kafka_bootstrap_servers=nowhere,  # type: ignore[call-arg]

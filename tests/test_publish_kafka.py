@@ -8,9 +8,15 @@ from pathlib import Path
 import pytest
 
 from revline.cli import main
-from revline.publisher import SOURCE_LINE_HEADER, Publisher, publish_lines, publish_records
-from revline.readback import check_against_manifest, header, read_topic
-from revline.workload import WorkloadOptions, generate
+from revline.core.readback import header, read_topic
+from revline.operations.publisher import (
+    SOURCE_LINE_HEADER,
+    Publisher,
+    publish_lines,
+    publish_records,
+)
+from revline.operations.verify import check_against_manifest
+from revline.tools.workload import WorkloadOptions, generate
 
 pytestmark = pytest.mark.kafka
 

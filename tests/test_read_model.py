@@ -10,12 +10,17 @@ from typing import Any
 import pytest
 from confluent_kafka import Producer
 
-from processors.audit_chain import ChainHead, Entry, canonical
-from processors.exception_lifecycle import due_events, select
-from revline.metrics import ExceptionMetrics
-from revline.report import ReportInputs, build_report, collect_from_read_model, final_outcomes
-from revline.settings import Settings
-from sinks.read_model import (
+from revline.core.metrics import ExceptionMetrics
+from revline.core.settings import Settings
+from revline.operations.report import (
+    ReportInputs,
+    build_report,
+    collect_from_read_model,
+    final_outcomes,
+)
+from revline.processors.audit_chain import ChainHead, Entry, canonical
+from revline.processors.exception_lifecycle import due_events, select
+from revline.sinks.read_model import (
     HeadCache,
     PagedStates,
     ReadModel,
@@ -23,8 +28,8 @@ from sinks.read_model import (
     record_row,
     state_row,
 )
-from streams.app import LastSeenIndex
-from streams.exceptions import ExceptionManager
+from revline.streams.app import LastSeenIndex
+from revline.streams.exceptions import ExceptionManager
 
 T0 = 1_790_000_000_000
 
@@ -83,7 +88,7 @@ def test_head_cache_is_bounded_and_pages_heads_back_in(model: ReadModel) -> None
 
 
 def model_table(name: str) -> Any:
-    from sinks.ledger import _schema
+    from revline.sinks.ledger import _schema
 
     return getattr(_schema, name)
 
@@ -211,7 +216,7 @@ def test_last_seen_index_evicts_what_the_full_scan_did() -> None:
 def test_operator_commands_cost_about_the_same_at_ten_times_the_history(
         tmp_path: Path) -> None:
     """CI-sized: 10k and 100k audit records and outcomes (docs/performance.md has 1M)."""
-    from revline.read_model_bench import measure
+    from revline.tools.read_model_bench import measure
 
     timings = measure([10_000, 100_000], 5, cli=False, workdir=tmp_path, log=lambda _: None)
     by = {(t.command.split()[0], t.size): statistics.median(t.runs_ms) for t in timings}
@@ -223,7 +228,7 @@ def test_operator_commands_cost_about_the_same_at_ten_times_the_history(
 
 def test_commands_say_so_and_read_the_topic_when_there_is_no_read_model(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from sinks.read_model import ReadModelUnavailable
+    from revline.sinks.read_model import ReadModelUnavailable
 
     settings = Settings(_env_file=None, state_dir=tmp_path)  # type: ignore[call-arg]
     with pytest.raises(ReadModelUnavailable, match="no ledger database"):

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from revline.isolated import IsolatedPipeline
-from revline.verify import finals_by_input
-from revline.workload import WorkloadOptions, generate
-from sinks.read_model import ReadModel
+from revline.operations.verify import finals_by_input
+from revline.sinks.read_model import ReadModel
+from revline.tools.isolated import IsolatedPipeline
+from revline.tools.workload import WorkloadOptions, generate
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

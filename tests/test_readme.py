@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from revline.cli import build_parser
-from revline.settings import Settings
-from schemas import EVENT_MODELS, EventDeserializer, EventSerializer, validate_event
+from revline.core.settings import Settings
+from revline.schemas import EVENT_MODELS, EventDeserializer, EventSerializer, validate_event
 
 ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text()

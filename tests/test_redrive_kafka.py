@@ -18,17 +18,17 @@ import yaml
 from confluent_kafka import Consumer, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from processors import REDRIVE_COUNT_HEADER, REENTRY_HEADER
 from revline import cli
-from revline.admin import ensure_topics
-from revline.auditlog import AuditFact
-from revline.isolated import IsolatedPipeline
-from revline.publisher import SOURCE_LINE_HEADER, Publisher
-from revline.readback import header, read_topic
-from revline.redrive import RedriveFilter, redrive
-from revline.replay import OperationRefusedError
-from revline.settings import DATA_DIR, Settings
-from schemas import EventSerializer, exception_codec, validate_event
+from revline.core.admin import ensure_topics
+from revline.core.auditlog import AuditFact
+from revline.core.readback import header, read_topic
+from revline.core.settings import DATA_DIR, Settings
+from revline.operations.publisher import SOURCE_LINE_HEADER, Publisher
+from revline.operations.redrive import RedriveFilter, redrive
+from revline.operations.replay import OperationRefusedError
+from revline.processors import REDRIVE_COUNT_HEADER, REENTRY_HEADER
+from revline.schemas import EventSerializer, exception_codec, validate_event
+from revline.tools.isolated import IsolatedPipeline
 from tests.conftest import TopicFactory
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -421,6 +421,6 @@ def test_filters_settled_exceptions_and_rate_without_a_worker(
 
     # No filter at all needs --all on the command line.
     with pytest.raises(OperationRefusedError, match="--all"):
-        from revline.cli_replay import cmd_redrive
+        from revline.cli.replay import cmd_redrive
 
         cmd_redrive(cli.build_parser().parse_args(["redrive", "--source", dl]), settings)

@@ -15,21 +15,21 @@ from confluent_kafka.schema_registry import Schema
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 
 from revline.cli import deserializer_for, main
-from revline.kafka_config import registry_config
-from revline.readback import read_topic
-from revline.registry_server import LocalRegistry
-from revline.settings import Settings
-from revline.workload import WorkloadOptions, generate
-from schemas import (
+from revline.core.kafka_config import registry_config
+from revline.core.readback import read_topic
+from revline.core.settings import Settings
+from revline.schemas import (
     DecodeError,
     EventDeserializer,
     EventSerializer,
     SchemaCatalog,
     default_catalog,
 )
-from schemas import registry_client as make_client
-from schemas._catalog import AVRO_ROOT
-from schemas._compat import compatibility_problems, example_value
+from revline.schemas import registry_client as make_client
+from revline.schemas._catalog import AVRO_ROOT
+from revline.schemas._compat import compatibility_problems, example_value
+from revline.tools.registry_server import LocalRegistry
+from revline.tools.workload import WorkloadOptions, generate
 from tests.registry_fixture import local_registry
 
 __all__ = ["local_registry"]  # the session fixture, imported to be found here
@@ -273,8 +273,8 @@ def test_the_worker_decodes_confluent_framed_records_with_the_registry(
 ) -> None:
     from confluent_kafka import Consumer
 
-    from revline.metrics import Metrics
-    from streams.app import Worker
+    from revline.core.metrics import Metrics
+    from revline.streams.app import Worker
 
     event = _event(default_catalog(), "invoice_issued")
     data = EventSerializer(registry=_client(local_registry))(event)

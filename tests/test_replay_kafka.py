@@ -19,10 +19,11 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from revline import cli
-from revline.auditlog import AuditFact
-from revline.publisher import Publisher, publish_records
-from revline.readback import read_topic
-from revline.replay import (
+from revline.core.auditlog import AuditFact
+from revline.core.readback import read_topic
+from revline.core.settings import Settings
+from revline.operations.publisher import Publisher, publish_records
+from revline.operations.replay import (
     GroupActiveError,
     OperationRefusedError,
     ReplayTarget,
@@ -30,12 +31,11 @@ from revline.replay import (
     format_ms,
     replay,
 )
-from revline.settings import Settings
-from revline.workload import WorkloadOptions, generate
-from sinks.erp import InMemoryErp
-from sinks.ledger import SqlLedger, normalize_url
-from sinks.ledger._schema import journal_lines, journals, side_effects
-from sinks.processor import SinkProcessor
+from revline.sinks.erp import InMemoryErp
+from revline.sinks.ledger import SqlLedger, normalize_url
+from revline.sinks.ledger._schema import journal_lines, journals, side_effects
+from revline.sinks.processor import SinkProcessor
+from revline.tools.workload import WorkloadOptions, generate
 from tests.conftest import TopicFactory
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]

@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 import pytest
 
-from revline.report import (
+from revline.operations.report import (
     AGE_BUCKETS,
     ExceptionItem,
     OperationsReport,
@@ -45,7 +45,7 @@ from revline.report import (
     summarise_open,
     summarise_overrides,
 )
-from revline.report_html import render_html
+from revline.operations.report_html import render_html
 
 NOW = int(datetime(2026, 11, 23, 8, 0, tzinfo=UTC).timestamp() * 1000)  # a Monday morning
 WEEK = 7 * 86_400_000
@@ -244,7 +244,7 @@ def test_parse_since() -> None:
     assert parse_since("90m", NOW) == NOW - 90 * MIN
     assert parse_since("2026-11-16", NOW) == NOW - WEEK - 8 * HOUR
     assert parse_since("2026-11-16T08:00Z", NOW) == NOW - WEEK
-    from revline.errors import RevlineError
+    from revline.core.errors import RevlineError
 
     with pytest.raises(RevlineError, match="--since 'last week'"):
         parse_since("last week", NOW)
@@ -259,7 +259,7 @@ def test_parsing_state_records_and_reconcile_facts() -> None:
         "something_new": True,
     })
     assert item.is_open and item.amount_minor == 1500 and item.backup_owner == "finance"
-    from revline.errors import RevlineError
+    from revline.core.errors import RevlineError
 
     with pytest.raises(RevlineError):
         exception_from_state({"exception_id": "E2"})
@@ -407,7 +407,7 @@ def _produce(bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes
 
 
 def _override_event(oid: str, reason: str, made_ms: int, expires_ms: int) -> dict[str, Any]:
-    from schemas import validate_event
+    from revline.schemas import validate_event
 
     return validate_event({
         "envelope": {"event_type": "manual_override", "idempotency_key": f"SO-7:override:{oid}",
@@ -433,7 +433,7 @@ def _chromium(*args: str, tmp: Path) -> subprocess.CompletedProcess[str]:
 @pytest.mark.kafka
 def test_report_from_kafka_renders_in_chromium(kafka_bootstrap: str, new_topic: Any,
                                                tmp_path: Path) -> None:
-    from schemas import EventSerializer, outcome_codec
+    from revline.schemas import EventSerializer, outcome_codec
 
     week = sample_week()
     # The report reads "now" from the clock: move the sample week to now.
@@ -531,7 +531,7 @@ def test_report_from_kafka_renders_in_chromium(kafka_bootstrap: str, new_topic: 
 @pytest.mark.kafka
 def test_report_falls_back_to_exception_records_and_says_so(kafka_bootstrap: str,
                                                             new_topic: Any) -> None:
-    from schemas import exception_codec
+    from revline.schemas import exception_codec
 
     now = int(time.time() * 1000)
     topics = ReportTopics(outcomes=new_topic("report-o"), exception_state=new_topic("report-s"),

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from revline.isolated import IsolatedPipeline
-from revline.settings import DATA_DIR
-from revline.verify import compare_with_manifest, finals_by_input
-from revline.workload import WorkloadOptions, generate
-from sinks.ledger import SqlLedger
+from revline.core.settings import DATA_DIR
+from revline.operations.verify import compare_with_manifest, finals_by_input
+from revline.sinks.ledger import SqlLedger
+from revline.tools.isolated import IsolatedPipeline
+from revline.tools.workload import WorkloadOptions, generate
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from fastavro import schemaless_writer
 
-from schemas import (
+from revline.schemas import (
     EVENT_TYPES,
     EventDeserializer,
     EventSerializer,
@@ -21,8 +21,8 @@ from schemas import (
     registry_client,
     structural_error,
 )
-from schemas._catalog import AVRO_ROOT
-from schemas._compat import compatibility_problems, example_value
+from revline.schemas._catalog import AVRO_ROOT
+from revline.schemas._compat import compatibility_problems, example_value
 
 
 def example_event(event_type: str) -> dict:

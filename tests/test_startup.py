@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
-from revline import startup
-from revline.errors import ConfigurationError, InfrastructureError
-from revline.startup import StartupTimeoutError, is_transient, retry_startup
+from revline.core import startup
+from revline.core.errors import ConfigurationError, InfrastructureError
+from revline.core.startup import StartupTimeoutError, is_transient, retry_startup
 
 
 class FakeClock:
@@ -110,8 +110,8 @@ def test_the_second_manager_check_retries_what_the_issue_saw(
     monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A client-side timeout, then NOT_COORDINATOR, then the answer (issues 16 and 17)."""
-    import revline.replay
-    from streams.exceptions import _refuse_second_manager
+    import revline.core.admin
+    from revline.streams.exceptions import _refuse_second_manager
 
     answers: list[Any] = [wrapped(concurrent.futures.TimeoutError()),
                           wrapped(kafka(KafkaError.NOT_COORDINATOR)), []]
@@ -124,7 +124,7 @@ def test_the_second_manager_check_retries_what_the_issue_saw(
             raise answer
         return answer
 
-    monkeypatch.setattr(revline.replay, "live_members", live_members)
+    monkeypatch.setattr(revline.core.admin, "live_members", live_members)
     clock = FakeClock()
     retry_startup(lambda: _refuse_second_manager("127.0.0.1:1", "g", "host-exceptions"),
                   "group g", timeout_s=60, sleep=clock.sleep, clock=clock)
@@ -149,7 +149,8 @@ def test_instance_ids_are_stable_and_one_live_process_holds_each(
     import subprocess
     import sys
 
-    code = ("import sys; from pathlib import Path; from revline.startup import claim_instance\n"
+    code = ("import sys; from pathlib import Path\n"
+            "from revline.core.startup import claim_instance\n"
             "try:\n claim_instance(Path(sys.argv[1]), 'g-eu-1-sink')\n"
             "except Exception as e:\n print(e); sys.exit(3)\n")
     other = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
@@ -165,16 +166,16 @@ def test_a_worker_that_faust_stops_says_why(caplog: pytest.LogCaptureFixture,
     and re-runs itself only for a transient one within the start-up deadline."""
     import time
 
-    from revline.settings import Settings
-    from streams import app
+    from revline.core.settings import Settings
+    from revline.streams import app
 
     settings = Settings(_env_file=None, startup_timeout_s=60)  # type: ignore[call-arg]
     with caplog.at_level(logging.INFO, "revline.worker"):
         app._after_faust_failure(settings, RuntimeError("assignor blew up"), time.time(), 1)
     assert "worker stopped (exit 1): RuntimeError: assignor blew up" in caplog.text
     execs: list[list[str]] = []
-    monkeypatch.setattr("streams.app.os.execve", lambda path, argv, env: execs.append(argv))
-    monkeypatch.setattr("streams.app.time.sleep", lambda s: None)
+    monkeypatch.setattr("revline.streams.app.os.execve", lambda path, argv, env: execs.append(argv))
+    monkeypatch.setattr("revline.streams.app.time.sleep", lambda s: None)
     transient = kafka(KafkaError.COORDINATOR_LOAD_IN_PROGRESS)
     app._after_faust_failure(settings, transient, time.time(), 1)
     assert len(execs) == 1  # started again

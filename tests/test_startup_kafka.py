@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from revline.broker import LocalBroker
-from revline.isolated import IsolatedPipeline
-from revline.verify import compare_with_manifest, finals_by_input
-from revline.workload import WorkloadOptions, generate
+from revline.operations.verify import compare_with_manifest, finals_by_input
+from revline.tools.broker import LocalBroker
+from revline.tools.isolated import IsolatedPipeline
+from revline.tools.workload import WorkloadOptions, generate
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

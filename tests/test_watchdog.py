@@ -9,7 +9,7 @@ import time
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from revline.watchdog import EXIT_STALLED, Watchdog
+from revline.core.watchdog import EXIT_STALLED, Watchdog
 
 
 def test_a_call_within_its_deadline_passes_and_progress_is_a_metric() -> None:
@@ -40,7 +40,7 @@ def test_a_stalled_process_exits_with_one_critical_line() -> None:
     code = (
         "import logging, time\n"
         "logging.basicConfig(format='%(levelname)s %(name)s: %(message)s')\n"
-        "from revline.watchdog import Watchdog\n"
+        "from revline.core.watchdog import Watchdog\n"
         "dog = Watchdog('sink', poll_s=0.05)\n"
         "with dog.deadline('consume', 0.2):\n"
         "    time.sleep(30)\n"

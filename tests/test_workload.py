@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from revline.workload import WorkloadOptions, generate
-from schemas import EventDeserializer, EventSerializer, validate_event
+from revline.schemas import EventDeserializer, EventSerializer, validate_event
+from revline.tools.workload import WorkloadOptions, generate
 
 OPTIONS = WorkloadOptions(orders=400, seed=11, orphans=2, poison=0.01)
 

@@ -5,8 +5,8 @@
 ``InMemoryErp`` is what the embedded demo uses when Tryton is not installed.
 """
 
-from sinks.erp._factory import erp_from_settings
-from sinks.erp._mapping import (
+from revline.sinks.erp._factory import erp_from_settings
+from revline.sinks.erp._mapping import (
     CREDIT_NOTE,
     INVOICE,
     PARTY,
@@ -16,9 +16,9 @@ from sinks.erp._mapping import (
     marker,
     markers,
 )
-from sinks.erp._memory import InMemoryErp, MemoryErpStore
-from sinks.erp._tryton import TrytonErp
-from sinks.erp._tryton_setup import (
+from revline.sinks.erp._memory import InMemoryErp, MemoryErpStore
+from revline.sinks.erp._tryton import TrytonErp
+from revline.sinks.erp._tryton_setup import (
     TrytonDatabase,
     TrytonServer,
     prepare_database,

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from revline.errors import ConfigurationError
-from revline.settings import Settings
-from sinks._protocols import ErpAdapter
-from sinks.erp._memory import InMemoryErp
-from sinks.erp._tryton import TrytonErp
+from revline.core.errors import ConfigurationError
+from revline.core.settings import Settings
+from revline.sinks._protocols import ErpAdapter
+from revline.sinks.erp._memory import InMemoryErp
+from revline.sinks.erp._tryton import TrytonErp
 
 
 def erp_from_settings(settings: Settings) -> ErpAdapter:
@@ -20,7 +20,8 @@ def erp_from_settings(settings: Settings) -> ErpAdapter:
         if not settings.tryton_url:
             raise ConfigurationError(
                 "REVLINE_ERP=tryton needs REVLINE_TRYTON_URL, e.g. http://127.0.0.1:8000 "
-                "(a local one: `python -m sinks.erp prepare DIR && python -m sinks.erp serve DIR`)"
+                "(a local one: `python -m revline.sinks.erp prepare DIR && "
+                "python -m revline.sinks.erp serve DIR`)"
             )
         return TrytonErp(settings.tryton_url, settings.tryton_database, settings.tryton_user,
                          settings.tryton_password)

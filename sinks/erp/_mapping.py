@@ -14,8 +14,8 @@ from datetime import UTC, date, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
-from revline import money
-from sinks._protocols import (
+from revline.core import money
+from revline.sinks._protocols import (
     EffectResult,
     Event,
     PartialWriteError,

@@ -20,22 +20,22 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sinks._protocols import (
+from revline.sinks._protocols import (
     EffectResult,
     ErpDocument,
     Event,
     PermanentSinkError,
     TransientSinkError,
 )
-from sinks.erp import _mapping as m
-from sinks.erp._tryton_setup import REFUND_SKU
+from revline.sinks.erp import _mapping as m
+from revline.sinks.erp._tryton_setup import REFUND_SKU
 
 
 def _default_skus() -> frozenset[str]:
     import yaml
 
-    from processors.reference import ReferenceData
-    from sinks.erp._tryton_setup import REFERENCE_FILE
+    from revline.processors.reference import ReferenceData
+    from revline.sinks.erp._tryton_setup import REFERENCE_FILE
 
     data = yaml.safe_load(REFERENCE_FILE.read_text(encoding="utf-8"))
     return frozenset(ReferenceData.from_mapping(data).products) | {REFUND_SKU}

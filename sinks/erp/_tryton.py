@@ -50,7 +50,7 @@ from typing import Any
 
 import httpx
 
-from sinks._protocols import (
+from revline.sinks._protocols import (
     EffectResult,
     ErpDocument,
     Event,
@@ -58,8 +58,8 @@ from sinks._protocols import (
     PermanentSinkError,
     TransientSinkError,
 )
-from sinks.erp import _mapping as m
-from sinks.erp._tryton_setup import PAYMENT_METHOD, REFUND_SKU, TAX_NAME
+from revline.sinks.erp import _mapping as m
+from revline.sinks.erp._tryton_setup import PAYMENT_METHOD, REFUND_SKU, TAX_NAME
 
 _MAX_WARNINGS = 5  # per call; each is one confirmation of the same kind the GUI asks for
 
@@ -429,7 +429,7 @@ class TrytonErp:
             raise PermanentSinkError(
                 "the Tryton database is not set up for Revline (missing "
                 + ", ".join(missing)
-                + "): prepare it with `python -m sinks.erp prepare DIR`"
+                + "): prepare it with `python -m revline.sinks.erp prepare DIR`"
             )
         self._setup = {
             "company": self._rpc.context.get("company"),

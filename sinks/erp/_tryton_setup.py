@@ -14,7 +14,7 @@ installed trytond version and this file's setup revision); later calls copy it.
 ``start_server(database)`` runs ``trytond`` on a free 127.0.0.1 port as a
 subprocess, waits until its JSON-RPC answers and returns a handle that stops it.
 
-CLI: ``python -m sinks.erp prepare DIR`` and ``python -m sinks.erp serve DIR``.
+CLI: ``python -m revline.sinks.erp prepare DIR`` and ``python -m revline.sinks.erp serve DIR``.
 
 The parts that import trytond/proteus run in a child process: trytond keeps its
 configuration and database pools in process-wide globals, and the caller (the
@@ -42,8 +42,8 @@ from typing import Any
 
 import httpx
 
-from revline.errors import ConfigurationError, InfrastructureError
-from revline.settings import DATA_DIR, Settings
+from revline.core.errors import ConfigurationError, InfrastructureError
+from revline.core.settings import DATA_DIR, Settings
 
 MODULES = ("sale", "account_invoice")
 DEFAULT_DATABASE = "revline"
@@ -179,7 +179,7 @@ def build_template(target: Path, password: str = DEFAULT_PASSWORD) -> TrytonData
     finally:
         os.unlink(passfile.name)
     _run(
-        [sys.executable, "-m", "sinks.erp", "_configure", str(conf), db.name],
+        [sys.executable, "-m", "revline.sinks.erp", "_configure", str(conf), db.name],
         env,
         "company/chart/products setup",
         900,
@@ -350,7 +350,7 @@ def _configure(config_file: str, database: str) -> None:  # pragma: no cover - c
     from trytond.modules.account_invoice.tests.tools import set_fiscalyear_invoice_sequences
     from trytond.modules.company.tests.tools import create_company
 
-    from processors.reference import ReferenceData
+    from revline.processors.reference import ReferenceData
 
     # The test tools below are Tryton's own scenario helpers (shipped in the wheels):
     # they drive the same wizards a user would, so the setup stays version-proof.
@@ -462,7 +462,7 @@ def _configure(config_file: str, database: str) -> None:  # pragma: no cover - c
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sinks.erp")
+    parser = argparse.ArgumentParser(prog="python -m revline.sinks.erp")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_prep = sub.add_parser("prepare", help="prepare a database directory (copies the template)")
     p_prep.add_argument("directory", type=Path)

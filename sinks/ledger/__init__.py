@@ -5,8 +5,8 @@ and PostgreSQL (``postgresql://...``, driven by psycopg 3). The chart of account
 the posting rule per event type live in ``postings.yaml`` next to this file.
 """
 
-from sinks.ledger._errors import RefusedEventError
-from sinks.ledger._ledger import (
+from revline.sinks.ledger._errors import RefusedEventError
+from revline.sinks.ledger._ledger import (
     DEFAULT_URL,
     EffectId,
     EffectRow,
@@ -18,7 +18,7 @@ from sinks.ledger._ledger import (
     TrialBalance,
     normalize_url,
 )
-from sinks.ledger._rules import (
+from revline.sinks.ledger._rules import (
     DEFAULT_RULES_FILE,
     Account,
     LineRule,

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 import sqlalchemy.exc as sa_exc
 
-from sinks._protocols import PermanentSinkError, TransientSinkError
+from revline.sinks._protocols import PermanentSinkError, TransientSinkError
 
 # SQLSTATEs that mean "try again": serialization failure, deadlock, connection
 # exceptions (class 08), too many connections / out of resources (class 53),

@@ -21,11 +21,11 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.pool import StaticPool
 
-from revline.errors import ConfigurationError
-from sinks._protocols import EffectResult, Event, PermanentSinkError, TransientSinkError
-from sinks.ledger._errors import RefusedEventError, db_errors, db_message, translate
-from sinks.ledger._rules import PostingRule, PostingRules, load_posting_rules
-from sinks.ledger._schema import (
+from revline.core.errors import ConfigurationError
+from revline.sinks._protocols import EffectResult, Event, PermanentSinkError, TransientSinkError
+from revline.sinks.ledger._errors import RefusedEventError, db_errors, db_message, translate
+from revline.sinks.ledger._rules import PostingRule, PostingRules, load_posting_rules
+from revline.sinks.ledger._schema import (
     accounts,
     journal_lines,
     journals,
@@ -892,7 +892,7 @@ def upgrade_to_head(conn: Connection) -> None:
     from alembic.config import Config
     from alembic.script import ScriptDirectory
 
-    from sinks.ledger.migrations import BASELINE, MIGRATIONS_DIR
+    from revline.sinks.ledger.migrations import BASELINE, MIGRATIONS_DIR
 
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))

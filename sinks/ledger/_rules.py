@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
-from revline.errors import ConfigurationError
+from revline.core.errors import ConfigurationError
 
 DEFAULT_RULES_FILE = Path(__file__).with_name("postings.yaml")
 

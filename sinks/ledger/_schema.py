@@ -331,7 +331,7 @@ def drop_sqlite_triggers(conn: Connection) -> list[str]:
 # Indexed copies of what the audit, outcome and exception-state topics hold, so that an
 # operator's query costs what its answer holds, not the topic's history. The topics stay
 # the source of truth: ``revline index rebuild`` recreates all of this from them. Written
-# by the components that own the data (see ``sinks.read_model``); not append-only.
+# by the components that own the data (see ``revline.sinks.read_model``); not append-only.
 
 # One row per chained audit record: (chain, seq) is the record's place in its chain, and
 # a batch the auditor redoes after an aborted transaction upserts the same rows.

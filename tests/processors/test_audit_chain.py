@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
-from processors.audit_chain import (
+from revline.processors.audit_chain import (
     GENESIS_HASH,
     RECENT_FACT_IDS,
     ChainHead,
@@ -20,7 +20,7 @@ from processors.audit_chain import (
     record_hash,
     verify_records,
 )
-from schemas import outcome_codec
+from revline.schemas import outcome_codec
 
 Row = tuple[bytes | None, bytes | None, int, str]
 
@@ -244,7 +244,7 @@ def test_only_the_first_broken_link_of_a_chain_is_reported_and_others_still_veri
 
 
 def test_a_huge_detail_is_cut_so_the_record_fits_its_topic() -> None:
-    from processors.audit_chain import MAX_DETAIL_BYTES, ChainHead, Entry, canonical
+    from revline.processors.audit_chain import MAX_DETAIL_BYTES, ChainHead, Entry, canonical
 
     head = ChainHead("SO-1")
     entry = Entry(fact_id="f-1", kind="exception_opened", actor="worker", at_ms=1,

@@ -1,4 +1,4 @@
-"""`processors.backtest`, pure: the same inputs through two engines, compared exactly.
+"""`revline.processors.backtest`, pure: the same inputs through two engines, compared exactly.
 
 A hand-built week whose changes are worked out by hand, and a generated workload
 against an oracle written here from the workload's own dependency tokens (not the
@@ -19,8 +19,10 @@ from typing import Any
 import pytest
 import yaml
 
-from processors import InputRecord, ReferenceData, Rules, load_yaml
-from processors.backtest import (
+from revline import cli
+from revline.core.settings import DATA_DIR
+from revline.processors import InputRecord, ReferenceData, Rules, load_yaml
+from revline.processors.backtest import (
     Backtest,
     BacktestReport,
     ReferenceTimeline,
@@ -30,11 +32,9 @@ from processors.backtest import (
     reference_timeline,
     rules_differences,
 )
-from processors.ownership import Ownership, load_ownership
-from revline import cli
-from revline.settings import DATA_DIR
-from revline.workload import Workload, WorkloadOptions, WorkloadRecord, generate
-from schemas import EventSerializer, validate_event
+from revline.processors.ownership import Ownership, load_ownership
+from revline.schemas import EventSerializer, validate_event
+from revline.tools.workload import Workload, WorkloadOptions, WorkloadRecord, generate
 
 T0 = int(datetime(2026, 11, 16, 8, 0, tzinfo=UTC).timestamp() * 1000)
 S = 1000  # one second in ms
@@ -434,7 +434,7 @@ def test_replay_speed_is_the_engines() -> None:
     the same process, best of three, so a busy machine mostly cancels out)."""
     import time
 
-    from processors import Engine, OrderState
+    from revline.processors import Engine, OrderState
 
     workload = generate(WorkloadOptions(orders=400, seed=5))
     records = workload_records(workload)

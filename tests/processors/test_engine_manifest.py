@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from processors import (
+from revline.core.settings import DATA_DIR
+from revline.processors import (
     FINAL_KINDS,
     HELD,
     Engine,
@@ -14,9 +15,8 @@ from processors import (
     Rules,
     load_yaml,
 )
-from revline.settings import DATA_DIR
-from revline.workload import WorkloadOptions, generate
-from schemas import EventSerializer
+from revline.schemas import EventSerializer
+from revline.tools.workload import WorkloadOptions, generate
 
 
 def make_engine() -> Engine:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from processors import VALIDATED, InputRecord, OrderState, depends_on, provides
-from revline.workload import WorkloadOptions, generate
-from schemas import EventSerializer
+from revline.processors import VALIDATED, InputRecord, OrderState, depends_on, provides
+from revline.schemas import EventSerializer
+from revline.tools.workload import WorkloadOptions, generate
 
 from .test_engine_manifest import make_engine
 

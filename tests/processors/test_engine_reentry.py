@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-from processors import EXCEPTION, REENTRY_HEADER, REPLAYED, VALIDATED, InputRecord, OrderState
-from revline.workload import WorkloadOptions, generate
-from schemas import EventSerializer
+from revline.processors import (
+    EXCEPTION,
+    REENTRY_HEADER,
+    REPLAYED,
+    VALIDATED,
+    InputRecord,
+    OrderState,
+)
+from revline.schemas import EventSerializer
+from revline.tools.workload import WorkloadOptions, generate
 from tests.processors.test_engine_manifest import make_engine
 
 

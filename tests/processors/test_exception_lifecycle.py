@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from processors.exception_lifecycle import (
+from revline.core.auditlog import LIFECYCLE
+from revline.processors.exception_lifecycle import (
     ACK,
     ESCALATED,
     EXPIRED,
@@ -23,8 +24,7 @@ from processors.exception_lifecycle import (
     select,
     transition_error,
 )
-from processors.ownership import ExceptionFacts, Ownership
-from revline.auditlog import LIFECYCLE
+from revline.processors.ownership import ExceptionFacts, Ownership
 
 OWNERSHIP = Ownership.from_mapping({
     "version": "test-1",

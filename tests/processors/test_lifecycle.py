@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from processors import EXCEPTION, HELD, VALIDATED, Decision, InputRecord, OrderState
-from processors.lifecycle import ACCEPTS, REFUSED, Stage, refusal, stage_of
-from schemas import EventSerializer, validate_event
+from revline.processors import EXCEPTION, HELD, VALIDATED, Decision, InputRecord, OrderState
+from revline.processors.lifecycle import ACCEPTS, REFUSED, Stage, refusal, stage_of
+from revline.schemas import EventSerializer, validate_event
 from tests.processors.test_engine_manifest import make_engine
 
 ENGINE = make_engine()
@@ -235,7 +235,7 @@ def test_ids_with_odd_printable_characters_are_accepted(odd: str) -> None:
 
 
 def test_an_event_too_large_to_hold_is_an_exception_not_an_unwritable_state() -> None:
-    from processors.engine import HELD_BYTES_PER_ORDER
+    from revline.processors.engine import HELD_BYTES_PER_ORDER
 
     state = OrderState()
     payment = pay("P1", "I1", PRICE)

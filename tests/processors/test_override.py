@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from processors import (
+from revline.processors import (
     DEAD_LETTER,
     EXCEPTION,
     HELD,
@@ -16,8 +16,8 @@ from processors import (
     InputRecord,
     OrderState,
 )
-from processors.engine import OVERRIDE_APPLIED
-from schemas import EventSerializer, validate_event
+from revline.processors.engine import OVERRIDE_APPLIED
+from revline.schemas import EventSerializer, validate_event
 from tests.processors.test_engine_manifest import make_engine
 
 ENGINE = make_engine()

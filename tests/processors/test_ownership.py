@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 
-from processors.ownership import ExceptionFacts, Ownership, event_amount, load_ownership
-from processors.reference import OWNERS, Rules, load_yaml
-from revline.errors import ConfigurationError
-from revline.settings import DATA_DIR, Settings
+from revline.core.errors import ConfigurationError
+from revline.core.settings import DATA_DIR, Settings
+from revline.processors.ownership import ExceptionFacts, Ownership, event_amount, load_ownership
+from revline.processors.reference import OWNERS, Rules, load_yaml
 
 BUNDLED = load_ownership(DATA_DIR / "ownership.yaml")
 

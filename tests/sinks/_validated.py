@@ -11,15 +11,15 @@ from pathlib import Path
 import yaml
 from confluent_kafka import Consumer, TopicPartition
 
-from revline.isolated import IsolatedPipeline
-from revline.readback import read_topic
-from revline.settings import DATA_DIR
-from revline.verify import finals_by_input
-from revline.workload import Workload, WorkloadOptions, generate
-from schemas import EventDeserializer, exception_codec
-from sinks._protocols import ErpAdapter
-from sinks.ledger import SqlLedger
-from sinks.processor import SinkProcessor
+from revline.core.readback import read_topic
+from revline.core.settings import DATA_DIR
+from revline.operations.verify import finals_by_input
+from revline.schemas import EventDeserializer, exception_codec
+from revline.sinks._protocols import ErpAdapter
+from revline.sinks.ledger import SqlLedger
+from revline.sinks.processor import SinkProcessor
+from revline.tools.isolated import IsolatedPipeline
+from revline.tools.workload import Workload, WorkloadOptions, generate
 
 MONEY = ("invoice_issued", "payment_captured", "refund_issued")
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from sinks.ledger import normalize_url
+from revline.sinks.ledger import normalize_url
 from tests._procs import owner_alive
 
 PG_ENV = "REVLINE_TEST_POSTGRES_DSN"

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from sinks._protocols import (
+from revline.sinks._protocols import (
     EffectResult,
     ErpAdapter,
     ErpDocument,
@@ -32,7 +32,7 @@ from sinks._protocols import (
     PermanentSinkError,
     TransientSinkError,
 )
-from sinks.erp._mapping import add_marker, marker, markers
+from revline.sinks.erp._mapping import add_marker, marker, markers
 
 DAY = datetime(2026, 11, 24, 9, 0, tzinfo=UTC)
 # Only the partial-write test uses this month, so a backend may break it (close it).

@@ -18,9 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from sinks.erp import TrytonErp, TrytonServer, prepare_database, start_server, tryton_available
+from revline.sinks.erp import (
+    TrytonErp,
+    TrytonServer,
+    prepare_database,
+    start_server,
+    tryton_available,
+)
 
-# Shared with `python -m sinks.erp prepare`, so the template is built once per machine.
+# Shared with `python -m revline.sinks.erp prepare`, so the template is built once per machine.
 STATE_DIR = Path(__file__).resolve().parents[2] / ".revline"
 
 

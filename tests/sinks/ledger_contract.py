@@ -21,9 +21,9 @@ import pytest
 import sqlalchemy as sa
 import sqlalchemy.exc as sa_exc
 
-from revline.workload import WorkloadOptions, generate
-from sinks._protocols import LedgerAdapter, PermanentSinkError
-from sinks.ledger import EffectRow, RefusedEventError, SqlLedger
+from revline.sinks._protocols import LedgerAdapter, PermanentSinkError
+from revline.sinks.ledger import EffectRow, RefusedEventError, SqlLedger
+from revline.tools.workload import WorkloadOptions, generate
 
 T0 = datetime(2026, 11, 24, 9, 0, tzinfo=UTC)
 MONEY_EVENTS = ("invoice_issued", "payment_captured", "refund_issued", "order_cancelled")
@@ -329,7 +329,7 @@ class LedgerContract:
     ) -> None:
         # Ids are stored, never recomputed: a journal posted by a release that hashed
         # the key alone (this literal is what it gave) is found, and not posted again.
-        from sinks.ledger import _ledger
+        from revline.sinks.ledger import _ledger
 
         legacy_id = "01a20ccd-2260-8cf7-ace4-3d0a20e1812d"
         with monkeypatch.context() as m:
@@ -628,7 +628,7 @@ class LedgerContract:
     ) -> None:
         # Lines naming an account the chart does not have: the FK refuses them, and
         # re-planning yields the same plan, so it is refused data, not a lost race.
-        from sinks.ledger import _ledger
+        from revline.sinks.ledger import _ledger
 
         real = _ledger.SqlLedger._plan
 

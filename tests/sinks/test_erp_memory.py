@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from sinks._protocols import ErpAdapter, PermanentSinkError
-from sinks.erp import InMemoryErp
+from revline.sinks._protocols import ErpAdapter, PermanentSinkError
+from revline.sinks.erp import InMemoryErp
 from tests.sinks.erp_contract import ErpContract, booked, line, new_order
 
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from sinks._protocols import ErpAdapter, PartialWriteError, PermanentSinkError
-from sinks.erp import TrytonErp, TrytonServer
-from sinks.erp import _mapping as m
+from revline.sinks._protocols import ErpAdapter, PartialWriteError, PermanentSinkError
+from revline.sinks.erp import TrytonErp, TrytonServer
+from revline.sinks.erp import _mapping as m
 from tests.sinks.erp_contract import (
     LINES,
     PARTIAL_DAY,

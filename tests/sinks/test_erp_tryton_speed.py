@@ -6,7 +6,7 @@ batch. Both must leave the same documents (same steps, keys, orders, amounts and
 states); the batched path must take far fewer RPCs per event and never be slower than
 a floor well under the measured rate (see docs/performance.md, "ERP (Tryton)"), so a
 loaded CI machine does not make it flaky. The full measurement:
-``python -m sinks.erp._tryton_bench``.
+``python -m revline.tools.tryton_bench``.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from sinks.erp import TrytonErp, TrytonServer, prepare_database, start_server
-from sinks.erp._tryton_bench import run, validated_events
+from revline.sinks.erp import TrytonErp, TrytonServer, prepare_database, start_server
+from revline.tools.tryton_bench import run, validated_events
 from tests.sinks.erp_fixtures import STATE_DIR
 
 EVENTS = 60

@@ -23,10 +23,10 @@ import sqlalchemy.exc as sa_exc
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from revline.errors import ConfigurationError
-from sinks.ledger import SqlLedger, load_posting_rules
-from sinks.ledger._ledger import _create_engine
-from sinks.ledger._schema import metadata as head_metadata
+from revline.core.errors import ConfigurationError
+from revline.sinks.ledger import SqlLedger, load_posting_rules
+from revline.sinks.ledger._ledger import _create_engine
+from revline.sinks.ledger._schema import metadata as head_metadata
 
 try:  # tests/sinks may or may not become a package
     from . import legacy_ledger_schema as legacy

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy.exc as sa_exc
 
-from sinks._protocols import TransientSinkError
-from sinks.ledger import SqlLedger
-from sinks.ledger._bench import Maintenance, maintenance
+from revline.sinks._protocols import TransientSinkError
+from revline.sinks.ledger import SqlLedger
+from revline.tools.ledger_bench import Maintenance, maintenance
 
 try:  # tests/sinks may or may not become a package
     from .ledger_contract import LedgerContract, invoice

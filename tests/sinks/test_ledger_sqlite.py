@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from revline.errors import ConfigurationError
-from sinks._protocols import TransientSinkError
-from sinks.ledger import DEFAULT_RULES_FILE, PostingRules, SqlLedger, load_posting_rules
+from revline.core.errors import ConfigurationError
+from revline.sinks._protocols import TransientSinkError
+from revline.sinks.ledger import DEFAULT_RULES_FILE, PostingRules, SqlLedger, load_posting_rules
 
 try:  # tests/sinks may or may not become a package
     from .ledger_contract import LedgerContract, invoice
@@ -70,7 +70,7 @@ def _rules_mapping() -> dict:  # type: ignore[type-arg]
 
 
 def test_packaged_rules_cover_every_event_type() -> None:
-    from schemas import EVENT_TYPES
+    from revline.schemas import EVENT_TYPES
 
     rules = load_posting_rules()
     assert {r.event_type for r in rules.rules} == set(EVENT_TYPES.values())
@@ -131,8 +131,8 @@ def test_bench_runs_continue_the_ledgers_timeline(tmp_path: Path) -> None:
     stream's do, so its time-ordered ids append instead of landing between earlier ones."""
     import sqlalchemy as sa
 
-    from sinks.ledger._bench import bench_ledger, ledger_extent
-    from sinks.ledger._schema import journals
+    from revline.sinks.ledger._schema import journals
+    from revline.tools.ledger_bench import bench_ledger, ledger_extent
 
     url = f"sqlite:///{tmp_path}/bench.db"
     assert ledger_extent(url) is None  # no ledger yet

@@ -17,14 +17,14 @@ from typing import Any
 
 import pytest
 
-from revline.auditlog import AuditFact
-from revline.metrics import SinkMetrics
-from revline.publisher import Publisher
-from revline.readback import read_topic
-from schemas import exception_codec
-from sinks._protocols import EffectResult, PermanentSinkError
-from sinks.ledger import EffectId, SqlLedger
-from sinks.processor import SinkProcessor
+from revline.core.auditlog import AuditFact
+from revline.core.metrics import SinkMetrics
+from revline.core.readback import read_topic
+from revline.operations.publisher import Publisher
+from revline.schemas import exception_codec
+from revline.sinks._protocols import EffectResult, PermanentSinkError
+from revline.sinks.ledger import EffectId, SqlLedger
+from revline.sinks.processor import SinkProcessor
 from tests.sinks.erp_contract import LINES, booked, invoiced
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]

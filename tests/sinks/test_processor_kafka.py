@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from confluent_kafka import TopicPartition
 
-from sinks._breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
-from sinks._protocols import EffectResult, PermanentSinkError, TransientSinkError
-from sinks.erp import InMemoryErp
-from sinks.ledger import SideEffect, SqlLedger
+from revline.sinks._breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+from revline.sinks._protocols import EffectResult, PermanentSinkError, TransientSinkError
+from revline.sinks.erp import InMemoryErp
+from revline.sinks.ledger import SideEffect, SqlLedger
 from tests.sinks._validated import (
     Validated,
     actual_balances,
@@ -185,8 +185,8 @@ class _FlakyInvoices(InMemoryErp):
 def test_partial_writes_are_recorded_completed_once_or_owned_as_exceptions(
     kafka_bootstrap: str, validated: Validated, tmp_path: Path, new_topic: object
 ) -> None:
-    from revline.readback import read_topic
-    from schemas import EventDeserializer
+    from revline.core.readback import read_topic
+    from revline.schemas import EventDeserializer
 
     decode = EventDeserializer()
     invoices: dict[str, str] = {}  # invoice key -> order id
@@ -231,8 +231,8 @@ def test_partial_writes_are_recorded_completed_once_or_owned_as_exceptions(
 
 
 def sink_exceptions_with(bootstrap: str, topic: str) -> set[str]:
-    from revline.readback import read_topic
-    from schemas import exception_codec
+    from revline.core.readback import read_topic
+    from revline.schemas import exception_codec
 
     codec = exception_codec()
     out = set()

@@ -15,15 +15,14 @@ from typing import Any
 
 import pytest
 
-from revline.errors import ConfigurationError
-from revline.workload import WorkloadOptions, generate
-from schemas import exception_codec
-from sinks._protocols import ErpDocument, PermanentSinkError
-from sinks.erp import InMemoryErp
-from sinks.erp import _mapping as m
-from sinks.ledger import JournalSummary, SideEffect, SqlLedger, load_posting_rules
-from sinks.ledger import _ledger as ledger_module
-from sinks.reconcile import (
+from revline.core.errors import ConfigurationError
+from revline.schemas import exception_codec
+from revline.sinks._protocols import ErpDocument, PermanentSinkError
+from revline.sinks.erp import InMemoryErp
+from revline.sinks.erp import _mapping as m
+from revline.sinks.ledger import JournalSummary, SideEffect, SqlLedger, load_posting_rules
+from revline.sinks.ledger import _ledger as ledger_module
+from revline.sinks.reconcile import (
     CHECK_DRIFT,
     ERP_STEPS,
     Report,
@@ -37,7 +36,8 @@ from sinks.reconcile import (
     fmt_minor,
     parse_window,
 )
-from sinks.shadow import Footprint, footprints, parity
+from revline.sinks.shadow import Footprint, footprints, parity
+from revline.tools.workload import WorkloadOptions, generate
 from tests.sinks.erp_contract import (
     DAY,
     LINES,
@@ -601,7 +601,7 @@ def test_footprints_ignore_erp_refs_but_not_statuses() -> None:
 def test_the_printed_report_never_cuts_an_amount(width: int) -> None:
     from rich.console import Console
 
-    from revline.cli_reconcile import _print_report
+    from revline.cli.reconcile import _print_report
 
     s = sunk()
     report = s.judge(journals=_wrong_amount(s)[0])

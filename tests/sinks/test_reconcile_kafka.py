@@ -27,15 +27,14 @@ import sqlalchemy as sa
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from revline import cli
-from revline.auditlog import AuditFact
-from revline.publisher import Publisher
-from revline.readback import read_topic
-from revline.workload import WorkloadOptions, generate
-from schemas import EventDeserializer, exception_codec
-from sinks.erp import InMemoryErp, TrytonServer
-from sinks.ledger import SqlLedger, load_posting_rules, normalize_url
-from sinks.processor import SinkProcessor
-from sinks.reconcile import (
+from revline.core.auditlog import AuditFact
+from revline.core.readback import read_topic
+from revline.operations.publisher import Publisher
+from revline.schemas import EventDeserializer, exception_codec
+from revline.sinks.erp import InMemoryErp, TrytonServer
+from revline.sinks.ledger import SqlLedger, load_posting_rules, normalize_url
+from revline.sinks.processor import SinkProcessor
+from revline.sinks.reconcile import (
     ALL_TIME,
     CHECK_DRIFT,
     StreamView,
@@ -45,7 +44,8 @@ from sinks.reconcile import (
     read_stream,
     reconcile,
 )
-from sinks.shadow import ledger_parity, shadow_processor
+from revline.sinks.shadow import ledger_parity, shadow_processor
+from revline.tools.workload import WorkloadOptions, generate
 from tests.conftest import TopicFactory
 from tests.sinks.erp_contract import (
     LINES,
@@ -412,8 +412,8 @@ def test_events_the_sink_has_not_reached_are_in_flight_not_drift(
     kafka_bootstrap: str, published: Published, tmp_path: Path
 ) -> None:
     """A lagging or paused sink must not open P1 'missing' exceptions for work still queued."""
-    from sinks.erp import InMemoryErp
-    from sinks.reconcile import committed_offsets, reconcile
+    from revline.sinks.erp import InMemoryErp
+    from revline.sinks.reconcile import committed_offsets, reconcile
 
     group = f"sink-{uuid.uuid4().hex[:8]}"
     assert committed_offsets(kafka_bootstrap, group, published.topic) is None

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sinks.ledger import JournalSummary, SideEffect, load_posting_rules
-from sinks.reconcile import Expected, StreamView
-from sinks.shadow import LEGACY_ORDER, Footprint, footprints, parity
+from revline.sinks.ledger import JournalSummary, SideEffect, load_posting_rules
+from revline.sinks.reconcile import Expected, StreamView
+from revline.sinks.shadow import LEGACY_ORDER, Footprint, footprints, parity
 
 AT = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
 RULES = load_posting_rules()

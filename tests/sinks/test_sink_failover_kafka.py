@@ -19,9 +19,9 @@ import pytest
 from confluent_kafka import ConsumerGroupTopicPartitions
 from confluent_kafka.admin import AdminClient
 
-from revline.isolated import IsolatedPipeline
-from revline.publisher import Publisher, publish_records
-from revline.workload import WorkloadOptions, generate
+from revline.operations.publisher import Publisher, publish_records
+from revline.tools.isolated import IsolatedPipeline
+from revline.tools.workload import WorkloadOptions, generate
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -82,7 +82,7 @@ def test_a_killed_sink_resumes_within_the_session_timeout(
                     publisher.flush(30)
                     time.sleep(0.1)
 
-    from revline.admin import ensure_topics
+    from revline.core.admin import ensure_topics
 
     ensure_topics(kafka_bootstrap, {topic: pipeline.partitions})
     feeder = threading.Thread(target=flow, daemon=True)

@@ -24,10 +24,10 @@ import pytest
 import sqlalchemy as sa
 from confluent_kafka import Consumer, TopicPartition
 
-from revline.readback import read_topic
-from schemas import EventDeserializer
-from sinks.erp import TrytonErp, TrytonServer, prepare_database, start_server
-from sinks.ledger import SqlLedger
+from revline.core.readback import read_topic
+from revline.schemas import EventDeserializer
+from revline.sinks.erp import TrytonErp, TrytonServer, prepare_database, start_server
+from revline.sinks.ledger import SqlLedger
 from tests.sinks._validated import (
     MONEY,
     Validated,

@@ -10,10 +10,10 @@ from typing import Any, ClassVar
 import pytest
 from confluent_kafka import TopicPartition
 
-import sinks.processor as sp
-from schemas import EventSerializer, validate_event
-from sinks.erp import InMemoryErp
-from sinks.ledger import SqlLedger
+import revline.sinks.processor as sp
+from revline.schemas import EventSerializer, validate_event
+from revline.sinks.erp import InMemoryErp
+from revline.sinks.ledger import SqlLedger
 
 
 class Msg:
@@ -145,8 +145,8 @@ def test_a_sink_paused_by_an_outage_resumes_after_its_partitions_were_lost(
 def test_a_row_over_a_database_limit_is_refused_not_retried_forever() -> None:
     import sqlalchemy.exc as sa_exc
 
-    from sinks._protocols import PermanentSinkError, TransientSinkError
-    from sinks.ledger._errors import translate
+    from revline.sinks._protocols import PermanentSinkError, TransientSinkError
+    from revline.sinks.ledger._errors import translate
 
     class Orig(Exception):
         sqlstate = "54000"  # index row size exceeds the btree maximum

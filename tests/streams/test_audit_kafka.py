@@ -18,16 +18,16 @@ import pytest
 import yaml
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
-from processors.audit_chain import canonical, entries_from_outcome, record_hash
-from revline.auditlog import OPS_CHAIN, AuditFact, AuditLog
-from revline.errors import InfrastructureError
-from revline.isolated import IsolatedPipeline as Pipeline
-from revline.kafka_config import producer_config
-from revline.readback import CommittedReader, read_topic
-from revline.settings import DATA_DIR, Settings
-from revline.verify import finals_by_input
-from revline.workload import WorkloadOptions, generate
-from schemas import outcome_codec
+from revline.core.auditlog import OPS_CHAIN, AuditFact, AuditLog
+from revline.core.errors import InfrastructureError
+from revline.core.kafka_config import producer_config
+from revline.core.readback import CommittedReader, read_topic
+from revline.core.settings import DATA_DIR, Settings
+from revline.operations.verify import finals_by_input
+from revline.processors.audit_chain import canonical, entries_from_outcome, record_hash
+from revline.schemas import outcome_codec
+from revline.tools.isolated import IsolatedPipeline as Pipeline
+from revline.tools.workload import WorkloadOptions, generate
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

@@ -8,12 +8,12 @@ import orjson
 from confluent_kafka import Producer
 from prometheus_client import generate_latest
 
-from processors.exception_lifecycle import ACK, lifecycle_event
-from processors.ownership import Ownership
-from revline.metrics import ExceptionMetrics
-from revline.settings import Settings
-from schemas import EventSerializer, exception_codec, validate_event
-from streams.exceptions import ExceptionManager
+from revline.core.metrics import ExceptionMetrics
+from revline.core.settings import Settings
+from revline.processors.exception_lifecycle import ACK, lifecycle_event
+from revline.processors.ownership import Ownership
+from revline.schemas import EventSerializer, exception_codec, validate_event
+from revline.streams.exceptions import ExceptionManager
 
 T0 = 1_790_000_000_000
 OWNERSHIP = Ownership.from_mapping({

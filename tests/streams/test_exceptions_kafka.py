@@ -25,18 +25,18 @@ import pytest
 import yaml
 from confluent_kafka import Consumer, TopicPartition
 
-from processors import REENTRY_HEADER
-from processors.engine import OVERRIDE_APPLIED
-from processors.ownership import ExceptionFacts, load_ownership
-from revline.auditlog import AuditFact
-from revline.isolated import IsolatedPipeline
-from revline.publisher import Publisher
-from revline.readback import read_topic
-from revline.settings import DATA_DIR
-from revline.verify import finals_by_input
-from revline.workload import WorkloadOptions, generate
-from schemas import exception_codec, validate_event
-from streams.exceptions import read_states
+from revline.core.auditlog import AuditFact
+from revline.core.readback import read_topic
+from revline.core.settings import DATA_DIR
+from revline.operations.publisher import Publisher
+from revline.operations.verify import finals_by_input
+from revline.processors import REENTRY_HEADER
+from revline.processors.engine import OVERRIDE_APPLIED
+from revline.processors.ownership import ExceptionFacts, load_ownership
+from revline.schemas import exception_codec, validate_event
+from revline.streams.exceptions import read_states
+from revline.tools.isolated import IsolatedPipeline
+from revline.tools.workload import WorkloadOptions, generate
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

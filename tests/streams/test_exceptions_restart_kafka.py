@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from revline.isolated import IsolatedPipeline
+from revline.tools.isolated import IsolatedPipeline
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

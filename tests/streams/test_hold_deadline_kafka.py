@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from revline.isolated import IsolatedPipeline as Pipeline
-from revline.verify import finals_by_input
-from revline.workload import Workload, WorkloadOptions, WorkloadRecord, generate
+from revline.operations.verify import finals_by_input
+from revline.tools.isolated import IsolatedPipeline as Pipeline
+from revline.tools.workload import Workload, WorkloadOptions, WorkloadRecord, generate
 from tests.streams.test_worker_kafka import rules_with
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from revline.isolated import IsolatedPipeline as Pipeline
-from revline.readback import header, read_topic
-from revline.settings import DATA_DIR
-from revline.verify import compare_with_manifest, finals_by_input
-from revline.workload import WorkloadOptions, generate
+from revline.core.readback import header, read_topic
+from revline.core.settings import DATA_DIR
+from revline.operations.verify import compare_with_manifest, finals_by_input
+from revline.tools.isolated import IsolatedPipeline as Pipeline
+from revline.tools.workload import WorkloadOptions, generate
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -62,7 +62,7 @@ def test_generated_workload_ends_exactly_as_the_manifest_says(
         assert header(msg, "revline.errors.stage") == (poison[seq].expect.stage or "").encode()
         assert header(msg, "revline.errors.exception.message")
         assert header(msg, "revline.errors.offset") is not None
-    from schemas import exception_codec
+    from revline.schemas import exception_codec
 
     exceptions = [exception_codec().decode(m.value() or b"")
                   for m in read_topic(kafka_bootstrap, pipeline.topic("exceptions"))]
@@ -101,7 +101,7 @@ def test_kill_9_twice_mid_stream_still_one_outcome_per_input(
     assert compare_with_manifest(workload.manifest(), outcomes) == []
     # No event was released (validated) twice from different inputs.
     inputs_per_key: dict[str, set[bytes | None]] = defaultdict(set)
-    from schemas import EventDeserializer
+    from revline.schemas import EventDeserializer
 
     decode = EventDeserializer()
     for msg in read_topic(kafka_bootstrap, pipeline.topic("validated")):
@@ -117,8 +117,8 @@ def test_out_of_order_events_are_held_visibly_then_released_and_state_survives_r
     import re
     import urllib.request
 
-    from revline.settings import Settings
-    from streams.inspect import held_events
+    from revline.core.settings import Settings
+    from revline.streams.inspect import held_events
 
     pipeline = Pipeline(kafka_bootstrap, tmp_path,
                         rules_file=rules_with(tmp_path, hold_timeout_seconds=600),
@@ -163,8 +163,8 @@ def test_out_of_order_events_are_held_visibly_then_released_and_state_survives_r
 
 
 def test_dedup_state_is_bounded(kafka_bootstrap: str, tmp_path: Path) -> None:
-    from revline.settings import Settings
-    from streams.inspect import order_states
+    from revline.core.settings import Settings
+    from revline.streams.inspect import order_states
 
     pipeline = Pipeline(kafka_bootstrap, tmp_path, extra_env={"REVLINE_MAX_ORDERS": "5"})
     workload = generate(WorkloadOptions(orders=20, seed=4, poison=0.0, out_of_order=0.0))

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from revline.admin import ensure_topics
-from revline.isolated import IsolatedPipeline
+from revline.core.admin import ensure_topics
+from revline.tools.isolated import IsolatedPipeline
 
 pytestmark = [pytest.mark.kafka]
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from sinks.ledger._ledger import _create_engine, migrating
-from sinks.ledger._schema import metadata
+from revline.sinks.ledger._ledger import _create_engine, migrating
+from revline.sinks.ledger._schema import metadata
 
 
 def _run(connection: Connection) -> None:

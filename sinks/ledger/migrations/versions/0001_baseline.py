@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from alembic import op
 
-from sinks.ledger._schema import install_triggers
-from sinks.ledger.migrations._baseline import metadata
+from revline.sinks.ledger._schema import install_triggers
+from revline.sinks.ledger.migrations._baseline import metadata
 
 revision = "0001_baseline"
 down_revision = None

@@ -8,7 +8,7 @@
   -> order_id, unambiguous while keys were unique). Rows no journal names (ERP rows
   of events that post nothing, refusals) keep NULL: "legacy, written before
   per-order identity"; a lookup for (order, key) also matches them (see
-  ``sinks.ledger._schema.side_effects``).
+  ``revline.sinks.ledger._schema.side_effects``).
 
 On SQLite both tables are rebuilt (batch mode): every ledger trigger is dropped first
 and re-created at the end, and ``SqlLedger.migrate`` runs this with foreign keys off
@@ -23,8 +23,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from sinks.ledger._schema import drop_sqlite_triggers, install_triggers
-from sinks.ledger.migrations import _baseline
+from revline.sinks.ledger._schema import drop_sqlite_triggers, install_triggers
+from revline.sinks.ledger.migrations import _baseline
 
 revision = "0002_order_identity"
 down_revision = "0001_baseline"

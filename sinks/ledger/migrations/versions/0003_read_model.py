@@ -2,7 +2,7 @@
 
 New tables only (nothing of the ledger changes): indexed copies of the audit, outcome
 and exception-state topics that the auditor and the exception manager maintain and the
-operator commands query (``sinks.read_model``). They start empty; ``revline index
+operator commands query (``revline.sinks.read_model``). They start empty; ``revline index
 rebuild`` fills them from the topics.
 
 Revision ID: 0003_read_model
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from alembic import op
 
-from sinks.ledger._schema import READ_MODEL_TABLES
+from revline.sinks.ledger._schema import READ_MODEL_TABLES
 
 revision = "0003_read_model"
 down_revision = "0002_order_identity"

@@ -1,0 +1,823 @@
+"""The ``revline`` command line. Errors say what to do; long jobs show progress."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+import typing
+from collections.abc import Iterator, Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from revline.cli._tables import counts_table
+from revline.core.errors import ConfigurationError, RevlineError
+from revline.core.redact import redact_url
+from revline.core.settings import Settings
+
+console = Console(stderr=False, highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    )
+
+
+# -- broker --------------------------------------------------------------------------
+def cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
+    from revline.tools.broker import broker_command
+
+    return broker_command(args.action, settings.broker_home, fresh=args.fresh, yes=args.yes,
+                          nodes=args.nodes, secure=args.secure)
+
+
+def stop_on_signals(*, log_setup: bool = True) -> threading.Event:
+    """For long-running commands: an event SIGTERM/SIGINT set, and INFO logging."""
+    import logging
+    import signal
+
+    if log_setup:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    return stop
+
+
+def bootstrap_for(settings: Settings, *, start_if_missing: bool) -> str:
+    from revline.core.kafka_config import check_credentials
+    from revline.tools.broker import resolve_bootstrap
+
+    address, started = resolve_bootstrap(settings.broker_home, start_if_missing=start_if_missing)
+    check_credentials(address, settings=settings)  # refused credentials: one error, at once
+    if started:
+        err_console.print(
+            f"[dim]Started a local Kafka broker at {address} "
+            "(stop it with `revline broker stop`).[/dim]"
+        )
+    return address
+
+
+def serializer_for(settings: Settings) -> Any:
+    from revline.core.kafka_config import registry_config
+    from revline.schemas import EventSerializer, registry_client
+
+    registry = registry_config(settings)
+    if registry is not None:
+        return EventSerializer(registry=registry_client(registry))
+    return EventSerializer()
+
+
+def deserializer_for(settings: Settings) -> Any:
+    from revline.core.kafka_config import registry_config
+    from revline.schemas import EventDeserializer, registry_client
+
+    registry = registry_config(settings)
+    if registry is not None:
+        return EventDeserializer(registry=registry_client(registry))
+    return EventDeserializer()
+
+
+# -- generate ------------------------------------------------------------------------
+def _workload_options(args: argparse.Namespace) -> Any:
+    from revline.tools.workload import WorkloadOptions
+
+    known = {f.name for f in fields(WorkloadOptions)}
+    values = {k: v for k, v in vars(args).items() if k in known and v is not None}
+    return WorkloadOptions(**values)
+
+
+def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
+    from revline.tools.workload import WorkloadGenerator
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigurationError(f"--out {out} is a file: give a directory (it is created)")
+    workload = WorkloadGenerator(_workload_options(args)).generate()
+    events_path, manifest_path = workload.write(out)
+    counts = workload.counts()
+    console.print(
+        f"Generated {len(workload.records)} inputs for {args.orders} orders "
+        f"→ {events_path} and {manifest_path}"
+    )
+    console.print(counts_table("Expected outcomes (manifest)", counts))
+    if args.publish:
+        return _publish_file(events_path, settings, topic=args.topic, allow_raw=True)
+    return 0
+
+
+# -- publish -------------------------------------------------------------------------
+def _lines(stream: BinaryIO) -> Iterator[bytes]:
+    """Raw lines: each is decoded on its own, so one bad byte costs one line, not the file."""
+    yield from stream
+
+
+def readable_file(path: Path, what: str, flag: str = "") -> Path:
+    """``path`` if it is a regular, readable file; else a one-line error naming it."""
+    name = f"{flag} {path}" if flag else str(path)
+    if not path.exists():
+        raise ConfigurationError(f"{name} does not exist (give {what})")
+    if path.is_dir():
+        raise ConfigurationError(f"{name} is a directory (give {what})")
+    if not os.access(path, os.R_OK):
+        raise ConfigurationError(f"{name} is not readable (check its permissions)")
+    return path
+
+
+def writable_file(path: Path, flag: str) -> Path:
+    """Checked before any work, so a typo in an output path does not waste a long read."""
+    if "\x00" in str(path):
+        raise ConfigurationError(f"{flag} {str(path)!r}: a path cannot hold a NUL character")
+    if path.is_dir():
+        raise ConfigurationError(f"{flag} {path} is a directory: give a file name")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise ConfigurationError(f"{flag} {path}: the directory {parent} does not exist")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ConfigurationError(f"{flag} {path} is not writable (check its permissions)")
+    if not path.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigurationError(f"{flag} {path}: cannot create files in {parent}")
+    return path
+
+
+def write_output(path: Path, flag: str, write: typing.Callable[[Path], object]) -> None:
+    """Run ``write(path)``; a file system failure is a one-line error naming the flag."""
+    try:
+        write(path)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"{flag} {path}: cannot write it ({exc.strerror or exc})") from exc
+
+
+def _publish_file(
+    path: Path | None, settings: Settings, *, topic: str | None, allow_raw: bool
+) -> int:
+    from revline.core.admin import ensure_topics
+    from revline.operations.publisher import Publisher, publish_lines
+
+    bootstrap = bootstrap_for(settings, start_if_missing=False)
+    topic = topic or settings.input_topic
+    ensure_topics(bootstrap, {topic: settings.input_partitions})
+    total = None
+    if path:
+        with path.open("rb") as counted:
+            total = sum(1 for _ in counted)
+    publisher = Publisher(bootstrap, topic, settings=settings, serializer=serializer_for(settings))
+    with _progress() as progress:
+        task = progress.add_task(f"publishing to {escape(topic)}", total=total)
+        source = path.open("rb") if path else sys.stdin.buffer
+        try:
+            report = publish_lines(
+                publisher,
+                _lines(source),
+                allow_raw=allow_raw,
+                progress=lambda n: progress.update(task, completed=n),
+            )
+        finally:
+            if path:
+                source.close()
+    for number, why in report.rejected:
+        err_console.print(Text.assemble((f"line {number}", "red"), ": ", why), soft_wrap=True)
+    for failure in report.delivery_failures:
+        err_console.print(Text.assemble(("delivery failed", "red"), ": ", failure),
+                          soft_wrap=True)
+    console.print(
+        f"Published {report.sent:,} events to {topic} on {bootstrap}; "
+        f"{len(report.rejected)} lines rejected.", markup=False, soft_wrap=True,
+    )
+    return 0 if report.ok else 1
+
+
+def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
+    path = None if args.file == "-" else Path(args.file)
+    if path is not None:
+        readable_file(path, "a JSON-lines file, or - for stdin")
+    return _publish_file(path, settings, topic=args.topic, allow_raw=args.allow_raw)
+
+
+# -- readback ------------------------------------------------------------------------
+def cmd_readback(args: argparse.Namespace, settings: Settings) -> int:
+
+    manifest = _manifest(Path(args.manifest))
+    bootstrap = bootstrap_for(settings, start_if_missing=False)
+    topic = args.topic or settings.input_topic
+    report = _readback(bootstrap, topic, manifest, settings)
+    return 0 if report.ok else 1
+
+
+def _manifest(path: Path) -> dict[str, Any]:
+    readable_file(path, "the manifest.json `revline generate` wrote", "--manifest")
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ConfigurationError(f"--manifest {path} is not JSON: {exc}") from exc
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("inputs"), list):
+        raise ConfigurationError(f"--manifest {path} is not a manifest: no \"inputs\" list "
+                                 "(give the manifest.json `revline generate` wrote)")
+    return manifest
+
+
+def _readback(bootstrap: str, topic: str, manifest: dict[str, Any], settings: Settings) -> Any:
+    from revline.core.readback import read_topic
+    from revline.operations.verify import check_against_manifest
+
+    with _progress() as progress:
+        task = progress.add_task(f"reading {escape(topic)} back", total=len(manifest["inputs"]))
+        report = check_against_manifest(
+            read_topic(bootstrap, topic),
+            manifest,
+            deserializer_for(settings),
+            progress=lambda n: progress.update(task, completed=n),
+        )
+    table = Table(title=Text(f"What landed on {topic}"))
+    table.add_column("event type / failure")
+    table.add_column("records", justify="right")
+    for name, count in sorted(report.by_type.items()):
+        table.add_row(Text(str(name)), f"{count:,}")
+    for name, count in sorted(report.decode_errors.items()):
+        table.add_row(Text(f"undecodable — {name}", style="yellow"), f"{count:,}")
+    table.add_row("[bold]total[/bold]", f"[bold]{report.records:,}[/bold]")
+    console.print(table)
+    verdict = "[green]matches[/green]" if report.ok else "[red]does NOT match[/red]"
+    console.print(
+        f"{report.matched:,} of {len(manifest['inputs']):,} manifest inputs found and decoded as "
+        f"expected; the topic {verdict} the manifest."
+    )
+    for problem in report.mismatches[:20]:
+        err_console.print(Text.assemble(("mismatch", "red"), ": ", str(problem)), soft_wrap=True)
+    if report.missing:
+        err_console.print(Text.assemble(("missing inputs", "red"), ": ",
+                                        str(report.missing[:20])), soft_wrap=True)
+    return report
+
+
+# -- demo ----------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    """Broker (if needed) → reference data → worker + sink → workload → outcomes and money."""
+    from revline.cli.demo import DemoOptions, run_demo
+
+    bootstrap = bootstrap_for(settings, start_if_missing=True)
+    options = DemoOptions(orders=args.orders, seed=args.seed, hold_timeout=args.hold_timeout,
+                          erp=args.erp)
+    return run_demo(options, settings, bootstrap, console, _progress)
+
+
+# -- worker --------------------------------------------------------------------------
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    bootstrap = bootstrap_for(settings, start_if_missing=True)
+    if args.workers <= 1:
+        from revline.streams import run
+
+        run(settings, bootstrap)
+        return 0
+    return _run_worker_processes(args.workers, settings, bootstrap)
+
+
+def _run_worker_processes(count: int, settings: Settings, bootstrap: str) -> int:
+    """N processes in one consumer group split the partitions; SIGTERM stops them all."""
+    commands = []
+    for i in range(count):
+        env = {"REVLINE_STATE_DIR": str(settings.state_dir / f"worker-{i}")}
+        if settings.metrics_port:
+            env["REVLINE_METRICS_PORT"] = str(settings.metrics_port + i)
+        commands.append((("worker",), env))
+    return _supervise(commands, bootstrap)
+
+
+def _supervise(commands: Sequence[tuple[tuple[str, ...], dict[str, str]]],
+               bootstrap: str) -> int:
+    """Run ``revline COMMAND`` processes until SIGTERM/SIGINT, which is passed on to all.
+
+    A component that dies (kill -9, a watchdog exit 75, a batch that could not be made
+    durable, 70) is restarted, as a supervisor would: every component resumes from what
+    is durable; so is one that exited 2 (its one-line error may be a broker that was away).
+    More than ``_RESTARTS`` deaths of one component within ``_RESTART_WINDOW_S`` (a
+    configuration error dies at once, every time), or a clean exit 0, stop them all: a
+    half-running pipeline (a worker without its sink, say) is worse than a stopped one.
+    """
+    import os
+    import signal
+    import subprocess
+
+    def launch(args: tuple[str, ...], extra: dict[str, str]) -> subprocess.Popen[bytes]:
+        env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, **extra}
+        return subprocess.Popen([sys.executable, "-m", "revline.cli", *args], env=env)
+
+    procs = [launch(args, extra) for args, extra in commands]
+    deaths: list[list[float]] = [[] for _ in commands]
+    stopping = False
+
+    def stop(signum: int = signal.SIGTERM, _frame: object = None) -> None:
+        nonlocal stopping
+        stopping = True
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    final: dict[int, int] = {}
+    while not stopping:
+        time.sleep(0.5)
+        for n, proc in enumerate(procs):
+            code = proc.poll()
+            if code is None or stopping:
+                continue
+            args = commands[n][0]
+            now = time.monotonic()
+            deaths[n] = [t for t in deaths[n] if now - t < _RESTART_WINDOW_S] + [now]
+            if code == 0 or len(deaths[n]) > _RESTARTS:
+                final[n] = code
+                stop()
+                break
+            err_console.print(f"revline {' '.join(args)} exited with {code}; restarting it "
+                              f"({len(deaths[n])} of {_RESTARTS} in "
+                              f"{_RESTART_WINDOW_S / 60:.0f} min)", markup=False)
+            time.sleep(min(5.0, 0.5 * len(deaths[n])))
+            procs[n] = launch(*commands[n])
+    codes = [final.get(n, proc.wait()) for n, proc in enumerate(procs)]
+    for (args, _), code in zip(commands, codes, strict=True):
+        if code not in (0, -signal.SIGTERM):
+            err_console.print(f"[red]revline {' '.join(args)} exited with {code}[/red]")
+    return max((c for c in codes if c > 0), default=0)
+
+
+_RESTARTS = 5
+_RESTART_WINDOW_S = 600.0
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    """The whole pipeline: worker(s), sink, audit chainer, exception manager."""
+    bootstrap = bootstrap_for(settings, start_if_missing=True)
+    from revline.core.admin import ensure_operations_topics
+
+    ensure_operations_topics(bootstrap, settings)  # before the auditor checks their shapes
+    # Static group membership: the sink and the exception manager of this pipeline join
+    # as <instance>-sink and <instance>-exceptions (a restarted one takes its place back).
+    named = {"REVLINE_INSTANCE_ID": args.instance} if args.instance else {}
+    commands: list[tuple[tuple[str, ...], dict[str, str]]] = [
+        (("worker", "--workers", str(args.workers)), named),
+        (("sink",), named),
+        (("auditor", "--metrics-port", str(args.auditor_metrics_port)), named),
+        (("exceptions", "run"), named),
+    ]
+    err_console.print(
+        f"Running worker x{args.workers}, sink, auditor and exception manager on {bootstrap}; "
+        "Ctrl-C (SIGTERM) stops them all."
+    )
+    return _supervise(commands, bootstrap)
+
+
+def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
+    """Validated topic → ledger and ERP until SIGTERM (or SIGINT)."""
+    from revline.core._gc import freeze_long_lived
+    from revline.core.admin import ensure_operations_topics, ensure_topics
+    from revline.core.metrics import SinkMetrics
+    from revline.core.startup import (
+        claim_instance,
+        group_instance_id,
+        membership_config,
+        wait_for_group_coordinator,
+    )
+    from revline.sinks.erp import erp_from_settings
+    from revline.sinks.ledger import SqlLedger
+    from revline.sinks.processor import SinkProcessor
+
+    stop = stop_on_signals()
+    bootstrap = bootstrap_for(settings, start_if_missing=True)
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    group = args.group or settings.sink_group_id
+    instance = args.instance or settings.instance_id
+    claim_instance(settings.state_dir, f"{group}-{group_instance_id('sink', instance)}")
+    n = settings.input_partitions
+    # Start-up waits out a cold cluster (REVLINE_STARTUP_TIMEOUT_S), saying what for.
+    ensure_topics(bootstrap, {settings.validated_topic: n, settings.exceptions_topic: n},
+                  startup_timeout_s=settings.startup_timeout_s)
+    ensure_operations_topics(bootstrap, settings)
+    wait_for_group_coordinator(bootstrap, group, component="sink",
+                               timeout_s=settings.startup_timeout_s)
+    metrics = SinkMetrics()
+    port = metrics.serve(settings.sink_metrics_port, settings.metrics_host)
+    erp = erp_from_settings(settings)
+    erp_where = (redact_url(settings.tryton_url) if settings.tryton_url
+                 else "in-memory: lives as long as this process")
+    membership = membership_config(settings.session_timeout_s, "sink", instance)
+    err_console.print(
+        f"sink: {settings.validated_topic} → ledger {redact_url(settings.ledger_url)} and ERP "
+        f"{erp.name} ({erp_where}); group {group} as {membership['group.instance.id']}; "
+        f"metrics on :{port}/metrics",
+        markup=False, soft_wrap=True,
+    )
+    with SqlLedger(settings.ledger_url) as ledger:
+        processor = SinkProcessor(
+            bootstrap, settings.validated_topic, group,
+            ledger, erp, settings.exceptions_topic, metrics,
+            batch_size=args.batch_size or settings.sink_batch_size,
+            poll_timeout_s=settings.sink_poll_timeout_s,
+            audit_topic=settings.audit_facts_topic,
+            decoder=deserializer_for(settings),
+            crash_after_erp_writes=settings.sink_crash_after_erp_writes,
+            consumer_config=membership,
+        )
+        freeze_long_lived()  # everything set up lives as long as the process
+        processor.run(stop)
+    return 0
+
+
+def cmd_reference(args: argparse.Namespace, settings: Settings) -> int:
+    from revline.processors import load_yaml
+    from revline.streams import publish_reference
+
+    bootstrap = bootstrap_for(settings, start_if_missing=False)
+    path = Path(args.file) if args.file else settings.reference_file
+    readable_file(path, "a reference YAML file", "--file")
+    data = load_yaml(path)
+    count = publish_reference(bootstrap, settings.reference_topic, data)
+    console.print(
+        f"Published {count} reference items (version {data['version']}) from {path} "
+        f"to {settings.reference_topic}."
+    )
+    return 0
+
+
+def cmd_holds(args: argparse.Namespace, settings: Settings) -> int:
+    from revline.streams.inspect import held_events
+
+    bootstrap = bootstrap_for(settings, start_if_missing=False)
+    rows = held_events(bootstrap, settings)
+    table = Table(title=f"Held events ({len(rows)})")
+    for column in ("order", "event", "waiting for", "held since", "age", "input"):
+        table.add_column(column)
+    now = time.time()
+    for row in rows[: args.limit]:
+        since = row["since_ms"] / 1000
+        try:
+            held_since = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(since)) + "Z"
+        except (OverflowError, ValueError, OSError):  # out of range: show the number
+            held_since = f"{row['since_ms']} ms"
+        table.add_row(*(Text(str(cell)) for cell in (  # data, never markup
+            row["order_id"], row["event_type"], ", ".join(map(str, row["waiting_for"])),
+            held_since, f"{(now - since) / 60:.1f} min", row["coords"],
+        )))
+    console.print(table)
+    return 0
+
+
+# -- bench ---------------------------------------------------------------------------
+def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    from revline.tools.bench import (
+        SinkBenchOptions,
+        ledger_target,
+        rich_progress_callback,
+        run_benchmark,
+    )
+
+    if args.out:
+        writable_file(Path(args.out), "--out")
+    sinks = None
+    if not args.no_sinks:
+        url, origin = ledger_target(args.ledger_dsn, settings.ledger_url)
+        given = {
+            "ledger_events": args.ledger_events,
+            "ledger_batch": args.ledger_batch,
+            "e2e_events": args.e2e_events,
+            "e2e_seconds": args.e2e_seconds,
+            "worker_batch_within_s": args.e2e_batch_within,
+            "sink_batch": args.e2e_sink_batch,
+            "sink_poll_timeout_s": args.e2e_sink_poll_timeout,
+        }
+        # Flags left out keep SinkBenchOptions' defaults (one place for them).
+        sinks = SinkBenchOptions(
+            ledger_url=url,
+            ledger_origin=origin,
+            **{k: v for k, v in given.items() if v is not None},
+        )
+    bootstrap = bootstrap_for(settings, start_if_missing=True)
+    with _progress() as progress:
+        report = run_benchmark(
+            events=args.events,
+            partitions=args.partitions,
+            bootstrap=bootstrap,
+            include_pipeline=not (args.no_pipeline or args.sinks_only),
+            progress=rich_progress_callback(progress),
+            pace_seconds=args.pace_seconds,
+            include_baselines=not args.sinks_only,
+            sinks=sinks,
+            settings=settings,
+        )
+    console.print(report.to_rich())
+    if args.out:
+        write_output(Path(args.out), "--out", lambda p: p.write_text(report.to_markdown()))
+        console.print(f"Wrote {args.out}", markup=False)
+    return 0 if report.ok else 1
+
+
+# -- parser --------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one ``error: …`` line (exit 2)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        print_error(f"{self.prog}: {_one_line(message)} (see `{self.prog} --help`)")
+        self.exit(2)
+
+
+def _bounded_int(low: int, high: int | None = None) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            span = f"from {low} to {high}" if high is not None else f"{low} or more"
+            raise argparse.ArgumentTypeError(f"{value} is out of range: give {span}")
+        return value
+
+    parse.__name__ = "whole number"  # argparse names the type in its messages
+    return parse
+
+
+def _bounded_float(low: float, high: float | None = None) -> Any:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (value >= low and (high is None or value <= high)):  # also refuses nan
+            span = f"from {low:g} to {high:g}" if high is not None else f"{low:g} or more"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: give {span}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def _instance_name(text: str) -> str:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,100}", text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: use 1 to 100 letters, digits, '.', '_' or '-'")
+    return text
+
+
+# Shared argument types: a count, a limit, a size, a share, a time span.
+COUNT = _bounded_int(0, 10**9)
+POSITIVE = _bounded_int(1, 10**9)
+PORT = _bounded_int(-1, 65535)
+SHARE = _bounded_float(0.0, 1.0)
+SECONDS = _bounded_float(0.0, 10**7)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="revline",
+        description="Revline: an auditable Kafka pipeline for revenue operations.",
+    )
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, show the traceback too (or set REVLINE_DEBUG=1)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("broker", help="start, stop or inspect the local Kafka broker (or cluster)")
+    p.add_argument("action", choices=["start", "stop", "status", "restart", "reset"],
+                   help="stop/start/restart keep topics, records and offsets; reset deletes them")
+    p.add_argument("--fresh", action="store_true",
+                   help="with start/restart: delete every topic first and pick new ports")
+    p.add_argument("--yes", action="store_true", help="with reset: do not ask for confirmation")
+    p.add_argument("--nodes", type=POSITIVE, default=None, metavar="N",
+                   help="a local cluster of N combined controller+broker nodes "
+                        "(replication factor 3 and min.insync.replicas 2 from 3 nodes)")
+    p.add_argument("--secure", action="store_true",
+                   help="the cluster with SASL_SSL (SCRAM-SHA-512), TLS and ACLs; its client "
+                        "settings are written to a client.env to source")
+    p.set_defaults(func=cmd_broker)
+
+    p = sub.add_parser(
+        "demo", help="start a broker if needed, publish a workload, show what landed"
+    )
+    p.add_argument("--orders", type=POSITIVE, default=120,
+                   help="orders to generate (default 120; Tryton applies ~3 events/s)")
+    p.add_argument("--seed", type=COUNT, default=7)
+    p.add_argument("--hold-timeout", type=SECONDS, default=5.0,
+                   help="seconds a hold may wait in the demo (default 5)")
+    p.add_argument("--erp", choices=["auto", "tryton", "memory"], default="auto",
+                   help="auto: a local Tryton when installed, else the in-memory ERP")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("generate", help="write a realistic workload and its manifest")
+    p.add_argument("--orders", type=POSITIVE, default=100)
+    p.add_argument("--seed", type=COUNT, default=1)
+    p.add_argument("--run-id", dest="run_id", help="prefix of order ids (default: r<seed>)")
+    p.add_argument("--out", default="workload", help="directory for events.jsonl, manifest.json")
+    for name, help_text in [
+        ("duplicates", "share of events re-sent with the same body"),
+        ("conflicts", "share of invoices/payments re-sent with a different body"),
+        ("out-of-order", "share of orders delivered shuffled"),
+        ("incomplete", "share of orders with an incomplete booking"),
+        ("off-policy", "share of orders with an off-policy price or discount"),
+        ("unknown-attribution", "share of orders with an unknown campaign or channel"),
+        ("amount-mismatch", "share of orders whose amounts do not reconcile"),
+        ("poison", "share of inputs that are poison bytes"),
+    ]:
+        p.add_argument(f"--{name}", dest=name.replace("-", "_"), type=SHARE, help=help_text)
+    p.add_argument("--orphans", type=COUNT, help="amendments whose booking never arrives")
+    p.add_argument("--publish", action="store_true", help="also publish to the input topic")
+    p.add_argument("--topic", help="topic to publish to (default: the input topic)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("publish", help="publish JSON lines of canonical events (FILE or -)")
+    p.add_argument("file", metavar="FILE|-")
+    p.add_argument("--topic", help="default: the input topic (REVLINE_INPUT_TOPIC)")
+    p.add_argument(
+        "--allow-raw",
+        action="store_true",
+        help='send {"__raw__": base64} lines as-is (for testing the dead-letter path)',
+    )
+    p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("worker", help="run the stream core (dedup, holds, QA, routing)")
+    p.add_argument("--workers", type=POSITIVE, default=1,
+                   help="processes sharing the partitions")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser(
+        "run", help="the whole pipeline: worker, sink, auditor, exception manager (until SIGTERM)"
+    )
+    p.add_argument("--workers", type=POSITIVE, default=1, help="worker processes")
+    p.add_argument("--auditor-metrics-port", type=PORT, default=9102)
+    p.add_argument("--instance", type=_instance_name,
+                   help="this pipeline's name in its consumer groups (static membership); "
+                        "default REVLINE_INSTANCE_ID, else the host name")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("sink", help="apply validated events to the ledger and the ERP")
+    p.add_argument("--group", help="consumer group (default: <app id>-sink)")
+    p.add_argument("--batch-size", type=POSITIVE, help="events per batch (default 300)")
+    p.add_argument("--instance", type=_instance_name,
+                   help="this sink's name in its group (static membership: a restart takes "
+                        "its partitions back at once); default REVLINE_INSTANCE_ID, else the "
+                        "host name. Give each of several sinks on one host its own")
+    p.set_defaults(func=cmd_sink)
+
+    p = sub.add_parser("reference", help="publish reference data (products, campaigns, channels)")
+    p.add_argument("action", choices=["load"])
+    p.add_argument("--file", help="YAML file (default: the bundled reference.yaml)")
+    p.set_defaults(func=cmd_reference)
+
+    p = sub.add_parser("holds", help="list held events: order, waiting for what, since when")
+    p.add_argument("--limit", type=COUNT, default=200)
+    p.set_defaults(func=cmd_holds)
+
+    p = sub.add_parser("readback", help="read a topic back and compare it with a manifest")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--topic")
+    p.set_defaults(func=cmd_readback)
+
+    p = sub.add_parser(
+        "bench", help="pipeline vs bare Faust vs raw loop; ledger lines/s; input → ledger latency"
+    )
+    p.add_argument("--events", type=POSITIVE, default=20000, help="events per contender (20000)")
+    p.add_argument("--partitions", type=POSITIVE, default=3)
+    p.add_argument("--pace-seconds", type=SECONDS, default=10.0,
+                   help="contenders' latency runs, seconds each (10)")
+    p.add_argument("--no-pipeline", action="store_true", help="skip the pipeline contender")
+    p.add_argument("--no-sinks", action="store_true", help="skip the ledger and end-to-end runs")
+    p.add_argument("--sinks-only", action="store_true", help="only the ledger and end-to-end runs")
+    p.add_argument("--ledger-dsn", metavar="DSN",
+                   help="ledger database; journals stay in it, so use a scratch one (default: "
+                        "REVLINE_LEDGER_DSN if PostgreSQL, else a temporary SQLite file)")
+    p.add_argument("--ledger-events", type=POSITIVE,
+                   help="money events posted for ledger lines/s (20000)")
+    p.add_argument("--ledger-batch", type=POSITIVE, help="events per ledger post (500)")
+    p.add_argument("--e2e-events", type=POSITIVE,
+                   help="burst measuring the end-to-end sustained maximum (5000)")
+    p.add_argument("--e2e-seconds", type=SECONDS,
+                   help="end-to-end latency run at half that maximum, seconds (15)")
+    p.add_argument("--e2e-batch-within", type=SECONDS,
+                   help="the worker's REVLINE_BATCH_WITHIN_S (longest idle wait) in the "
+                        "end-to-end run (0.05, its default)")
+    p.add_argument("--e2e-sink-batch", type=POSITIVE, help="sink batch size, end-to-end run (300)")
+    p.add_argument("--e2e-sink-poll-timeout", type=SECONDS,
+                   help="sink poll timeout (longest wait for a first record), end-to-end "
+                        "run (0.05, its default)")
+    p.add_argument("--out", metavar="FILE.md", help="also write the markdown tables here")
+    p.set_defaults(func=cmd_bench)
+
+    # Operations commands live in their own modules; each adds its parsers here.
+    import importlib
+
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+_COMMAND_MODULES = (
+    "revline.cli.audit",  # auditor, audit ORDER_ID, audit verify
+    "revline.cli.exceptions",  # exceptions run|list|show|ack|resolve|waive, override
+    "revline.cli.replay",  # replay, redrive
+    "revline.cli.reconcile",  # reconcile, shadow parity
+    "revline.cli.report",  # report
+    "revline.cli.rules",  # rules backtest|validate
+    "revline.cli.index",  # index rebuild|status (the operators' read model)
+    "revline.cli.chaos",  # chaos (faults on the 3-node cluster, checked and measured)
+)
+
+
+def _debug_requested(argv: Sequence[str]) -> bool:
+    env = os.environ.get("REVLINE_DEBUG", "").strip().lower()
+    return "--debug" in argv or env not in ("", "0", "false", "no", "off")
+
+
+def _one_line(text: str) -> str:
+    """A message as one line: a person reads it, a log greps it."""
+    return " ".join(part.strip() for part in text.splitlines() if part.strip()) or "(no message)"
+
+
+def describe_error(exc: BaseException) -> str:
+    """What went wrong, in one line, for a failure nobody raised on purpose."""
+    if isinstance(exc, RevlineError):
+        return _one_line(str(exc))
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename is not None else ""
+        return _one_line(f"{exc.strerror}{where}")
+    text = str(exc)
+    return _one_line(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+
+
+def settings_error(exc: Exception) -> ConfigurationError:
+    """A pydantic-settings failure as one line naming each environment variable."""
+    from pydantic import ValidationError
+
+    if not isinstance(exc, ValidationError):
+        return ConfigurationError(f"cannot read the settings: {describe_error(exc)}")
+    problems = []
+    for err in exc.errors():
+        name = str(err["loc"][0]) if err["loc"] else "?"
+        field_info = Settings.model_fields.get(name)
+        alias = getattr(field_info, "validation_alias", None) if field_info else None
+        choices = getattr(alias, "choices", None)
+        variable = str(choices[0]) if choices else f"REVLINE_{name.upper()}"
+        value = err.get("input")
+        shown = f"={value!r}" if isinstance(value, str | int | float) else ""
+        problems.append(f"{variable}{shown}: {err['msg']}")
+    return ConfigurationError("; ".join(problems) + " (fix or unset the environment variable)")
+
+
+def load_settings() -> Settings:
+    from revline.core.kafka_config import validate
+
+    try:
+        settings = Settings()
+        validate(settings)  # the files the security settings name exist and agree
+        return settings
+    except RevlineError:
+        raise  # already one clear line naming the variable
+    except Exception as exc:  # pydantic ValidationError, or a bad .env / dotenv value
+        raise settings_error(exc) from exc
+
+
+def print_error(message: str) -> None:
+    err_console.print(Text.assemble(("error:", "red"), " ", message), soft_wrap=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Every failure is one ``error: …`` line and exit 2 (``--debug``: the traceback too)."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    debug = _debug_requested(arguments)
+    try:
+        args = build_parser().parse_args(arguments)
+        debug = debug or bool(getattr(args, "debug", False))
+        settings = load_settings()
+        result: int = args.func(args, settings)
+        return result
+    except KeyboardInterrupt:
+        err_console.print("interrupted", soft_wrap=True, markup=False)
+        return 130
+    except SystemExit:
+        raise  # argparse (--help, a usage error) and commands that exit on purpose
+    except BaseException as exc:  # the CLI's one error boundary
+        if debug:
+            import traceback
+
+            traceback.print_exc(file=sys.stderr)
+        elif not isinstance(exc, RevlineError):
+            print_error(describe_error(exc) + " (REVLINE_DEBUG=1 or --debug shows the traceback)")
+            return 2
+        print_error(describe_error(exc))
+        return 2

@@ -6,7 +6,9 @@ What the operator commands query instead of reading whole topics:
   in the batch it commits (upserted, so a batch it redoes after an abort writes the same
   rows); ``audit_heads``: the chain heads it pages in through a bounded cache;
 * ``exception_states``: every exception's current state, upserted by the exception
-  manager on each change once Kafka has acknowledged it;
+  manager on each change once Kafka has acknowledged it; ``exception_counts``: how many
+  per status, owner, backup owner, escalation and severity, kept in the same transaction
+  (what "N of M match" reads instead of counting the table);
 * ``outcome_hours``: final outcomes counted per hour and kind, check, severity, owner,
   event type (and what the report needs besides: stage, held, latency bucket), by the
   auditor from the outcomes it reads; ``outcomes_counted`` keeps it once per outcome;
@@ -16,7 +18,8 @@ What the operator commands query instead of reading whole topics:
 The topics stay the source of truth: ``rebuild`` recreates every table from them (the
 audit, heads, outcomes and exception-state topics) with the same content the
 components write. The tables live in the ledger's database (SQLite by default,
-PostgreSQL in production) and come with its migrations (``0003_read_model``).
+PostgreSQL in production) and come with its migrations (``0003_read_model``,
+``0004_exception_counts``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from __future__ import annotations
 import bisect
 import logging
 import re
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,9 +39,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from revline.sinks.ledger._schema import (
-    READ_MODEL_TABLES,
+    READ_MODEL_ALL,
     audit_heads,
     audit_records,
+    exception_counts,
     exception_states,
     outcome_hours,
     outcomes_counted,
@@ -134,6 +138,15 @@ def state_row(state: Mapping[str, Any], raw: bytes | None = None) -> dict[str, A
     }
 
 
+_COUNT_DIMENSIONS = ("status", "owner", "backup_owner", "escalated", "severity")
+
+
+def _count_key(row: Mapping[str, Any]) -> tuple[Any, ...]:
+    """A state row's key in ``exception_counts`` ('' for no backup owner)."""
+    return (str(row["status"]), str(row["owner"]), str(row["backup_owner"] or ""),
+            bool(row["escalated"]), str(row["severity"]))
+
+
 def record_row(partition: int, record: Mapping[str, Any], raw: bytes,
                location: str) -> dict[str, Any]:
     return {"chain": record["chain"], "seq": int(record["seq"]), "kafka_partition": partition,
@@ -208,7 +221,7 @@ class ReadModel:
 
     def missing_tables(self) -> list[str]:
         names = set(sa.inspect(self.engine).get_table_names())
-        return [t.name for t in READ_MODEL_TABLES if t.name not in names]
+        return [t.name for t in READ_MODEL_ALL if t.name not in names]
 
     def has_rows(self, table: sa.Table) -> bool:
         with self.engine.connect() as conn:
@@ -329,14 +342,58 @@ class ReadModel:
 
     def write_states(self, conn: Connection, rows: Sequence[Mapping[str, Any]],
                      offsets: Mapping[tuple[str, int], int] | None = None) -> None:
-        self._upsert(conn, exception_states, rows)
+        """Upsert states (rows of ``state_row``) and keep ``exception_counts`` with them."""
+        if rows:
+            latest = {r["exception_id"]: r for r in rows}  # upserted in order: the last wins
+            delta: Counter[tuple[Any, ...]] = Counter()
+            for key in self._count_keys(conn, list(latest)).values():
+                delta[key] -= 1
+            for row in latest.values():
+                delta[_count_key(row)] += 1
+            self._upsert(conn, exception_states, rows)
+            self._add_counts(conn, delta)
         if offsets:
             self.set_offsets(conn, EXCEPTIONS, offsets)
 
     def delete_states(self, conn: Connection, ids: Sequence[str]) -> None:
+        delta: Counter[tuple[Any, ...]] = Counter()
+        for key in self._count_keys(conn, list(ids)).values():
+            delta[key] -= 1
         for start in range(0, len(ids), 500):
             conn.execute(exception_states.delete()
                          .where(exception_states.c.exception_id.in_(ids[start:start + 500])))
+        self._add_counts(conn, delta)
+
+    def clear_states(self, conn: Connection) -> None:
+        """Every exception state gone, and their counts."""
+        conn.execute(exception_states.delete())
+        conn.execute(exception_counts.delete())
+
+    def _count_keys(self, conn: Connection, ids: Sequence[str]) -> dict[str, tuple[Any, ...]]:
+        """The counted dimensions of the states of ``ids`` in the table (locked on
+        PostgreSQL until the transaction ends, so their counts move once)."""
+        t = exception_states
+        out: dict[str, tuple[Any, ...]] = {}
+        for start in range(0, len(ids), 500):
+            for row in conn.execute(
+                    sa.select(t.c.exception_id, t.c.status, t.c.owner, t.c.backup_owner,
+                              t.c.escalated, t.c.severity)
+                    .where(t.c.exception_id.in_(ids[start:start + 500]))
+                    .with_for_update()).mappings():
+                out[row["exception_id"]] = _count_key(dict(row))
+        return out
+
+    def _add_counts(self, conn: Connection, delta: Mapping[tuple[Any, ...], int]) -> None:
+        moved = [dict(zip(_COUNT_DIMENSIONS, key, strict=True), n=n)
+                 for key, n in sorted(delta.items(), key=repr) if n]  # one lock order
+        if not moved:
+            return
+        t = exception_counts
+        stmt = self._insert(t)
+        stmt = stmt.on_conflict_do_update(index_elements=list(_COUNT_DIMENSIONS),
+                                          set_={"n": t.c.n + stmt.excluded["n"]})
+        conn.execute(stmt, moved)
+        conn.execute(t.delete().where(t.c.n == 0))  # a handful of rows: as rebuilt
 
     # -- audit queries -----------------------------------------------------------------
     def chain_records(self, chain: str) -> list[tuple[str, str]]:
@@ -402,19 +459,41 @@ class ReadModel:
         if order_id is not None:
             where.append(t.c.order_id == order_id)
         cond = sa.and_(*where)
+        c = exception_counts
+        counted: list[sa.ColumnElement[bool]] = [c.c.status.in_(list(statuses))]
+        if owner is not None:
+            counted.append(sa.or_(c.c.owner == owner,
+                                  sa.and_(c.c.escalated.is_(True), c.c.backup_owner == owner)))
+        if severity is not None:
+            counted.append(c.c.severity == severity)
         with self.read() as conn:
             rows = [orjson.loads(s) for s in conn.execute(
                 sa.select(t.c.state).where(cond)
                 .order_by(t.c.severity, t.c.opened_at_ms, t.c.exception_id)
                 .limit(limit + 1)).scalars()]
-            matched = len(rows) if len(rows) <= limit else int(conn.execute(
-                sa.select(sa.func.count()).select_from(t).where(cond)).scalar_one())
-            total = int(conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one())
+            if len(rows) <= limit:
+                matched = len(rows)
+            elif check is None and min_age_ms is None and order_id is None:
+                matched = self._counted(conn, sa.and_(*counted))  # kept counts
+            else:  # a filter the counts do not keep: what the indexed part matches
+                matched = int(conn.execute(
+                    sa.select(sa.func.count()).select_from(t).where(cond)).scalar_one())
+            total = self._counted(conn, sa.true())
         if check is not None:  # LIKE is a superset of the glob on some backends (case)
             from fnmatch import fnmatchcase
 
             rows = [s for s in rows if fnmatchcase(s["check_id"], check)]
         return rows[:limit], matched, total
+
+    def state_count(self) -> int:
+        with self.read() as conn:
+            return self._counted(conn, sa.true())
+
+    @staticmethod
+    def _counted(conn: Connection, where: sa.ColumnElement[bool]) -> int:
+        c = exception_counts
+        return int(conn.execute(sa.select(sa.func.coalesce(sa.func.sum(c.c.n), 0))
+                                .where(where)).scalar_one())
 
     def due_states(self, now_ms: int) -> list[State]:
         """Active exceptions whose expiry or (unescalated, open) SLA deadline has come."""
@@ -460,7 +539,7 @@ class ReadModel:
         """Every row of every content table, sorted (tests compare written and rebuilt)."""
         out: dict[str, list[tuple[Any, ...]]] = {}
         with self.read() as conn:
-            for table in READ_MODEL_TABLES:
+            for table in READ_MODEL_ALL:
                 if table is read_model_offsets:
                     continue
                 out[table.name] = sorted(tuple(r) for r in conn.execute(sa.select(table)))
@@ -559,10 +638,7 @@ class PagedStates:
         self.pending[exception_id] = state
 
     def __len__(self) -> int:
-        with self.model.read() as conn:
-            n = int(conn.execute(sa.select(sa.func.count())
-                                 .select_from(exception_states)).scalar_one())
-        return n + sum(1 for k in self.pending if k not in self._lru)
+        return self.model.state_count() + sum(1 for k in self.pending if k not in self._lru)
 
     def due(self, now_ms: int) -> list[State]:
         """Active states due for the clock: the table's, with this batch's changes on top."""
@@ -694,7 +770,7 @@ def rebuild(model: ReadModel, bootstrap: str, settings: Settings, *,
         probe.close()
 
     with model.write() as conn:
-        for table in READ_MODEL_TABLES:
+        for table in READ_MODEL_ALL:
             conn.execute(table.delete())
 
     def chunks(rows: Iterator[dict[str, Any]], write: Callable[[Connection, list[Any]], None]
@@ -809,8 +885,7 @@ def rebuild(model: ReadModel, bootstrap: str, settings: Settings, *,
 
     chunks(state_records(), write_states)
     with model.write() as conn:
-        counts.exception_states = int(conn.execute(
-            sa.select(sa.func.count()).select_from(exception_states)).scalar_one())
+        counts.exception_states = model._counted(conn, sa.true())
         model.set_offsets(conn, EXCEPTIONS, state_end)
         model.set_offsets(conn, AUDITOR, auditor_at)
     return counts

@@ -49,7 +49,6 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import orjson
-import sqlalchemy as sa
 from confluent_kafka import (
     Consumer,
     KafkaError,
@@ -89,7 +88,6 @@ from revline.processors.exception_lifecycle import (
 from revline.processors.ownership import ExceptionFacts, Ownership, event_amount
 from revline.processors.reference import OWNERS, SEVERITIES
 from revline.schemas import DecodeError, EventDeserializer, exception_codec
-from revline.sinks.ledger._schema import exception_states
 from revline.sinks.read_model import PagedStates, ReadModel, state_row
 
 log = logging.getLogger("revline.exceptions")
@@ -547,7 +545,7 @@ def catch_up_states(model: ReadModel, bootstrap: str, topic: str) -> int:
         # The table is ahead of the topic (a recreated topic?): start it again.
         log.warning("the read model is ahead of %s: rebuilding its exception states", topic)
         with model.write() as conn:
-            conn.execute(sa.delete(exception_states))
+            model.clear_states(conn)
         recorded = {}
     ranges = {p: (max(low, recorded.get((topic, p), 0)), high)
               for p, (low, high) in marks.items()

@@ -133,6 +133,49 @@ def test_state_queries_answer_as_the_in_memory_filters_do(model: ReadModel) -> N
         assert sorted(got_ids) == sorted(want_ids)
 
 
+def recount(model: ReadModel) -> list[tuple[Any, ...]]:
+    """``exception_counts`` as a GROUP BY over ``exception_states`` would give it."""
+    import sqlalchemy as sa
+
+    t = model_table("exception_states")
+    backup = sa.func.coalesce(t.c.backup_owner, "")
+    with model.read() as conn:
+        return sorted(tuple(r) for r in conn.execute(
+            sa.select(t.c.status, t.c.owner, backup, t.c.escalated, t.c.severity,
+                      sa.func.count()).group_by(t.c.status, t.c.owner, backup, t.c.escalated,
+                                                t.c.severity)))
+
+
+def test_state_counts_are_kept_with_every_write(model: ReadModel) -> None:
+    rng = random.Random(9)
+    states = random_states(300, seed=4)
+    for s in states[:40]:
+        s["backup_owner"] = None
+    current: dict[str, dict[str, Any]] = {}
+    for batch in range(12):
+        changed = []
+        for s in rng.sample(states, 60):
+            s = {**s, "status": rng.choice(["open", "acknowledged", "resolved", "expired"]),
+                 "escalated": rng.random() < 0.3, "severity": rng.choice(["P1", "P2", "P3"])}
+            changed.append(s)
+        changed += changed[:5]  # the same state twice in one batch: the last counts
+        gone = rng.sample(sorted(current), min(len(current), 8)) if batch % 3 == 2 else []
+        with model.write() as conn:
+            model.write_states(conn, [state_row(s) for s in changed])
+            model.delete_states(conn, [*gone, "EX-never"])
+        current.update({s["exception_id"]: s for s in changed})
+        for g in gone:
+            current.pop(g)
+        assert model.snapshot()["exception_counts"] == recount(model)
+        _, matched, total = model.select_states(now_ms=T0, owner="finance", limit=3)
+        assert total == len(current) == model.state_count()
+        assert matched == len(select(current.values(), now_ms=T0, owner="finance"))
+    assert all(n > 0 for *_, n in recount(model))
+    with model.write() as conn:
+        model.clear_states(conn)
+    assert model.snapshot()["exception_counts"] == [] and model.state_count() == 0
+
+
 def test_the_manager_pages_states_and_finds_due_deadlines_in_the_table(
         tmp_path: Path, model: ReadModel) -> None:
     from tests.streams.test_exception_manager import OWNERSHIP, record

@@ -426,5 +426,27 @@ outcome_hours = sa.Table(
     sa.Column("max_latency_ms", sa.BigInteger, nullable=True),
 )
 
+# The tables revision 0003_read_model creates (its migration iterates this tuple, so a
+# table added later is not listed here but in READ_MODEL_ALL, with its own revision).
 READ_MODEL_TABLES = (audit_records, audit_heads, read_model_offsets, exception_states,
                      outcomes_counted, outcome_hours)
+
+# -- revision 0004_exception_counts ---------------------------------------------------------
+# How many exception states there are per status and the dimensions `exceptions list`
+# filters on, kept in the transaction that writes ``exception_states`` (a delta per
+# changed state, rows at zero deleted), so "N of M match" reads a few rows instead of
+# counting the table. Few rows: statuses x owners x backups x severities. backup_owner
+# is '' for none (a key column cannot be NULL).
+exception_counts = sa.Table(
+    "exception_counts",
+    metadata,
+    sa.Column("status", sa.String(16), primary_key=True),
+    sa.Column("owner", sa.String(64), primary_key=True),
+    sa.Column("backup_owner", sa.String(64), primary_key=True),
+    sa.Column("escalated", sa.Boolean, primary_key=True),
+    sa.Column("severity", sa.String(16), primary_key=True),
+    sa.Column("n", sa.BigInteger, nullable=False),
+)
+
+# Every read-model table (what rebuild empties and refills, and the commands need).
+READ_MODEL_ALL = (*READ_MODEL_TABLES, exception_counts)

@@ -43,7 +43,7 @@ except ImportError:
         payment,
     )
 
-HEAD = "0003_read_model"
+HEAD = "0004_exception_counts"
 LEGACY_NS = uuid.UUID("5b0f6f43-3c59-4d0e-9d55-2f6f0b7f3e11")  # the old code's journal ids
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 SQLITE_TRIGGERS = {
@@ -280,6 +280,40 @@ def test_a_legacy_ledger_is_upgraded_in_place(url: str) -> None:
         assert_database_still_refuses(ledger)
         ledger.migrate()
         assert version(ledger) == [HEAD]
+
+
+def test_exception_states_written_before_the_counts_are_counted(url: str) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    from revline.sinks.ledger._ledger import migrating
+    from revline.sinks.ledger._schema import exception_counts, exception_states
+    from revline.sinks.ledger.migrations import MIGRATIONS_DIR
+
+    engine = _create_engine(url)
+    with migrating(engine) as conn:  # a read model as 0003 left it, with states
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS_DIR))
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0003_read_model")
+        assert "exception_counts" not in sa.inspect(conn).get_table_names()
+        conn.execute(exception_states.insert(), [
+            {"exception_id": f"EX-{i}", "order_id": None, "check_id": "policy.a",
+             "severity": ("P1", "P2")[i % 2], "owner": "finance",
+             "backup_owner": None if i % 3 else "revenue_ops", "status": ("open", "waived")[i % 2],
+             "escalated": i % 5 == 0, "opened_at_ms": i, "sla_deadline_ms": i,
+             "expires_at_ms": None, "state": "{}"} for i in range(30)])
+    engine.dispose()
+    with SqlLedger(url) as ledger:
+        assert_schema_is_head(ledger)
+        with ledger.engine.connect() as conn:
+            counts = {tuple(r[:-1]): r[-1] for r in conn.execute(sa.select(exception_counts))}
+    want: dict[tuple[Any, ...], int] = {}
+    for i in range(30):
+        key = (("open", "waived")[i % 2], "finance", "" if i % 3 else "revenue_ops",
+               i % 5 == 0, ("P1", "P2")[i % 2])
+        want[key] = want.get(key, 0) + 1
+    assert counts == want
 
 
 def test_concurrent_starts_on_a_legacy_ledger_migrate_it_once(url: str) -> None:

@@ -159,3 +159,69 @@ def test_paced_events_follow_where_the_run_continues() -> None:
     assert min(occurred(run.fresh_inputs(40))) >= later
     run.continue_from(later - timedelta(days=60))  # never backwards
     assert run.start >= later
+
+
+# -- the sections without Kafka: read model and ERP (revline bench --only erp,read-model) ----
+def test_the_read_model_section_runs_without_a_broker_and_shows_the_targets(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """CI-sized (2k and 20k records, a few seconds); docs/performance.md has 10k and 1M."""
+    import statistics
+
+    from revline.tools import bench
+    from revline.tools.bench import ReadModelBenchOptions
+
+    def no_broker(*_: object, **__: object) -> None:
+        raise AssertionError("the read-model section needs no broker")
+
+    monkeypatch.setattr(bench, "_Run", no_broker)
+    steps: list[str] = []
+    report = run_benchmark(
+        include_pipeline=False, include_baselines=False,
+        progress=lambda step, done, total: steps.append(step) if step not in steps else None,
+        read_model=ReadModelBenchOptions(sizes=(2_000, 20_000), runs=3, cli=False))
+    rm = report.read_model
+    assert rm is not None and rm.ok and report.ok
+    assert any(s.startswith("read model: filling 20,000") for s in steps), steps
+    rows = {row[0]: row for row in rm.rows()}
+    assert set(rows) == {"audit ORDER_ID", "exceptions list --owner finance",
+                         "report --since 7d"}
+    for command in ("audit", "exceptions", "report"):
+        small = statistics.median(rm.timing(command, 2_000).runs_ms)  # type: ignore[union-attr]
+        big = statistics.median(rm.timing(command, 20_000).runs_ms)  # type: ignore[union-attr]
+        assert rm.ratio(command) == pytest.approx(big / small)
+        assert big < max(3 * small, small + 50) and big < 1000, (command, small, big)
+    text = report.to_markdown()
+    assert "| command | 2,000 records, ms | 20,000 records, ms | 20,000 / 2,000 |" in text
+    assert "≤ 2×, < 1 s" in text and "SQLite" in text
+    assert "Kafka" not in text and "Sinks not measured" not in text
+    console = Console(record=True, width=240)
+    console.print(report.to_rich())
+    assert "read model: operator commands by history size" in console.export_text()
+
+
+@pytest.mark.slow
+def test_the_erp_section_compares_per_document_and_batched_on_the_same_events() -> None:
+    pytest.importorskip("trytond")
+    from revline.tools.bench import ErpBenchOptions
+
+    report = run_benchmark(include_pipeline=False, include_baselines=False,
+                           erp=ErpBenchOptions(events=8))
+    erp = report.erp
+    assert erp is not None and erp.unavailable is None and erp.ok, erp
+    assert set(erp.runs) == {"single", "batch"} and erp.same_outcomes
+    assert erp.ratio is not None and erp.verdict() in ("met", "missed")
+    single, batched = erp.runs["single"], erp.runs["batch"]
+    assert sum(batched.rpcs.values()) < sum(single.rpcs.values())
+    text = report.to_markdown()
+    assert "| per document (`apply`) |" in text and "target ≥ 10×" in text
+
+
+def test_bench_only_names_known_sections(capsys: pytest.CaptureFixture[str]) -> None:
+    from revline.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--only", "erp,nonsense"])
+    assert exit_.value.code == 2
+    assert "choose from contenders, pipeline, sinks, erp, read-model" in capsys.readouterr().err
+    assert main(["bench", "--only", "read-model", "--erp", "tryton"]) != 0
+    assert "--only leaves out" in capsys.readouterr().err

@@ -483,6 +483,8 @@ def cmd_holds(args: argparse.Namespace, settings: Settings) -> int:
 # -- bench ---------------------------------------------------------------------------
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     from revline.tools.bench import (
+        ErpBenchOptions,
+        ReadModelBenchOptions,
         SinkBenchOptions,
         ledger_target,
         rich_progress_callback,
@@ -491,6 +493,31 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.out:
         writable_file(Path(args.out), "--out")
+    only: set[str] | None = set(args.only) if args.only else None
+    if only is not None:
+        if args.no_pipeline or args.no_sinks or args.sinks_only:
+            raise ConfigurationError("--only names the sections to run; leave out --no-pipeline, "
+                             "--no-sinks and --sinks-only")
+        args.no_pipeline = "pipeline" not in only
+        args.no_sinks = "sinks" not in only
+    erp = read_model = None
+    if args.erp or (only is not None and "erp" in only):
+        import importlib.util
+
+        if importlib.util.find_spec("trytond") is None:
+            raise ConfigurationError("--erp tryton needs trytond (the development dependencies: "
+                             "pip install -e '.[dev]')")
+        erp = ErpBenchOptions(**{k: v for k, v in {
+            "adapter": args.erp, "events": args.erp_events, "batch": args.erp_batch,
+        }.items() if v is not None})
+    if args.read_model or (only is not None and "read-model" in only):
+        read_model = ReadModelBenchOptions(**{k: v for k, v in {
+            "sizes": args.read_model, "runs": args.read_model_runs,
+        }.items() if v is not None})
+    for flag, section in (("--erp", "erp"), ("--read-model", "read-model")):
+        if only is not None and getattr(args, section.replace("-", "_")) and section not in only:
+            raise ConfigurationError(f"{flag} asks for the {section} section, which --only "
+                                     "leaves out: add it to --only")
     sinks = None
     if not args.no_sinks:
         url, origin = ledger_target(args.ledger_dsn, settings.ledger_url)
@@ -509,18 +536,23 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
             ledger_origin=origin,
             **{k: v for k, v in given.items() if v is not None},
         )
-    bootstrap = bootstrap_for(settings, start_if_missing=True)
+    include_pipeline = not (args.no_pipeline or args.sinks_only)
+    include_baselines = not args.sinks_only and (only is None or "contenders" in only)
+    kafka = include_pipeline or include_baselines or sinks is not None
+    bootstrap = bootstrap_for(settings, start_if_missing=True) if kafka else None
     with _progress() as progress:
         report = run_benchmark(
             events=args.events,
             partitions=args.partitions,
             bootstrap=bootstrap,
-            include_pipeline=not (args.no_pipeline or args.sinks_only),
+            include_pipeline=include_pipeline,
             progress=rich_progress_callback(progress),
             pace_seconds=args.pace_seconds,
-            include_baselines=not args.sinks_only,
+            include_baselines=include_baselines,
             sinks=sinks,
             settings=settings,
+            erp=erp,
+            read_model=read_model,
         )
     console.print(report.to_rich())
     if args.out:
@@ -578,6 +610,26 @@ def _instance_name(text: str) -> str:
 
 
 # Shared argument types: a count, a limit, a size, a share, a time span.
+_BENCH_SECTIONS = ("contenders", "pipeline", "sinks", "erp", "read-model")  # bench.SECTIONS
+
+
+def _bench_sections(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in _BENCH_SECTIONS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"{', '.join(unknown) or 'nothing'}: choose from {', '.join(_BENCH_SECTIONS)}")
+    return names
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    parse = _bounded_int(100, 10**8)
+    sizes = tuple(parse(n.strip()) for n in text.split(",") if n.strip())
+    if not sizes:
+        raise argparse.ArgumentTypeError("give sizes such as 10000,1000000")
+    return sizes
+
+
 COUNT = _bounded_int(0, 10**9)
 POSITIVE = _bounded_int(1, 10**9)
 PORT = _bounded_int(-1, 65535)
@@ -716,6 +768,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--e2e-sink-poll-timeout", type=SECONDS,
                    help="sink poll timeout (longest wait for a first record), end-to-end "
                         "run (0.05, its default)")
+    p.add_argument("--only", type=_bench_sections, metavar="SECTION[,SECTION…]",
+                   help="run only these: " + ", ".join(_BENCH_SECTIONS) + " (e.g. "
+                        "--only erp,read-model: no broker needed)")
+    p.add_argument("--erp", choices=["tryton"],
+                   help="also compare per-document apply with batched apply_many on this ERP "
+                        "(fresh trytond databases; target ≥ 10×)")
+    p.add_argument("--erp-events", type=POSITIVE, help="validated events applied (150)")
+    p.add_argument("--erp-batch", type=POSITIVE, help="events per apply_many call (200)")
+    p.add_argument("--read-model", type=_sizes, metavar="N,N…",
+                   help="also time audit, exceptions list and report on read models of these "
+                        "sizes (e.g. 10000,1000000; target: the largest ≤ 2× the smallest "
+                        "and < 1 s)")
+    p.add_argument("--read-model-runs", type=POSITIVE, help="timed runs per command (5)")
     p.add_argument("--out", metavar="FILE.md", help="also write the markdown tables here")
     p.set_defaults(func=cmd_bench)
 

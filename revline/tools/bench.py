@@ -38,6 +38,17 @@ temporary directory; the report says which):
 
 Every process, topic and consumer group is unique to the run and removed after
 (the ledger's journals stay: it is append-only, so point it at a scratch database).
+
+Without Kafka (``--only erp,read-model`` runs just these):
+
+* **ERP** (``--erp tryton``) — per-document ``apply`` against batched
+  ``TrytonErp.apply_many`` on the same validated events, each on a fresh trytond
+  database: events/s, RPCs per event, the ratio against ``≥ 10×``
+  (``revline/tools/tryton_bench.py``);
+* **read model** (``--read-model 10000,1000000``) — ``revline audit``,
+  ``exceptions list`` and ``report`` on read models filled to each size: ms per
+  command, the largest size against the smallest against ``≤ 2×`` and ``< 1 s``
+  (``revline/tools/read_model_bench.py``).
 """
 
 from __future__ import annotations
@@ -51,6 +62,7 @@ import platform
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -82,6 +94,8 @@ from revline.core.settings import Settings
 if TYPE_CHECKING:
     from revline.sinks._protocols import EffectResult, ErpAdapter, Event
     from revline.sinks.ledger import SqlLedger
+    from revline.tools.read_model_bench import ReadModelReport
+    from revline.tools.tryton_bench import Comparison
 
 ProgressFn = Callable[[str, int, int | None], None]
 """``progress(step, done, total)``; a new ``step`` text starts a new step."""
@@ -100,6 +114,10 @@ _FAUST_LABEL = "bare Faust passthrough agent"
 _PIPELINE_LABEL = "Revline pipeline (`revline worker`)"
 _STEP_NAMES = {"raw": "raw loop", "faust": "Faust", "pipeline": "pipeline"}
 _CLI = [sys.executable, "-m", "revline.cli"]
+
+# What `revline bench --only` selects from; Kafka runs only for the first three.
+SECTIONS = ("contenders", "pipeline", "sinks", "erp", "read-model")
+ERPS = ("tryton",)  # adapters --erp can compare per document vs batched
 
 # Sinks: the issue's targets.
 LEDGER_TARGET_LINES_PER_S = 10_000
@@ -164,6 +182,24 @@ class SinkBenchOptions:
     worker_batch_within_s: float = E2E_WORKER_BATCH_WITHIN_S
     sink_batch: int = E2E_SINK_BATCH
     sink_poll_timeout_s: float = E2E_SINK_POLL_TIMEOUT_S
+
+
+@dataclass(frozen=True)
+class ErpBenchOptions:
+    """``--erp``: per-document against batched applies on a real ERP (tryton_bench)."""
+
+    adapter: str = "tryton"
+    events: int = 150
+    batch: int = 200  # events per apply_many call (the sink's batch)
+
+
+@dataclass(frozen=True)
+class ReadModelBenchOptions:
+    """``--read-model``: operator commands at each size (read_model_bench)."""
+
+    sizes: tuple[int, ...] = (10_000, 1_000_000)
+    runs: int = 5
+    cli: bool = True  # also one CLI run per command as a new process, for context
 
 
 @dataclass
@@ -326,6 +362,8 @@ class BenchReport:
     duration_s: float
     pace_seconds: float
     sinks: SinkReport | None = None  # None: not requested (--no-sinks)
+    erp: Comparison | None = None  # None: not requested (no --erp)
+    read_model: ReadModelReport | None = None  # None: not requested (no --read-model)
 
     @property
     def contenders(self) -> list[ContenderResult]:
@@ -335,7 +373,37 @@ class BenchReport:
     def ok(self) -> bool:
         """Everything requested was measured (targets are reported, not enforced)."""
         baselines = [c for c in (self.raw, self.faust) if c is not None]
-        return all(c.ok for c in baselines) and (self.sinks is None or self.sinks.ok)
+        return (all(c.ok for c in baselines) and (self.sinks is None or self.sinks.ok)
+                and all(part.ok for part in (self.erp, self.read_model) if part is not None))
+
+    @property
+    def kafka(self) -> bool:
+        return bool(self.contenders) or self.sinks is not None
+
+    def _erp_header(self) -> list[str]:
+        return ["ERP (Tryton)", "events/s", "RPCs per event", "seconds", "outcomes"]
+
+    def _erp_ratio_line(self) -> str:
+        from revline.tools.tryton_bench import TARGET_RATIO
+
+        erp = self.erp
+        assert erp is not None
+        ratio = erp.ratio
+        if ratio is None:
+            return f"ERP (Tryton) batched / per document: not measured (target ≥ {TARGET_RATIO:g}×)"
+        single, batched = erp.runs["single"], erp.runs["batch"]
+        rpcs = (f"{sum(single.rpcs.values()) / single.events:.2f} → "
+                f"{sum(batched.rpcs.values()) / batched.events:.2f} RPCs per event")
+        return (f"ERP (Tryton) batched / per document: {ratio:.2f}× events/s ({rpcs}); "
+                f"target ≥ {TARGET_RATIO:g}×: {erp.verdict()}")
+
+    def _part_lines(self) -> list[str]:
+        out: list[str] = []
+        if self.erp is not None:
+            out += self.erp.lines()
+        if self.read_model is not None:
+            out += self.read_model.lines()
+        return out
 
     def _ratio(self, other: ContenderResult | None) -> float | None:
         mine = self.pipeline.events_per_s if self.pipeline is not None else None
@@ -381,6 +449,8 @@ class BenchReport:
         ]
 
     def _sink_lines(self) -> list[str]:
+        if self.sinks is None and not self.kafka:
+            return []  # --only without Kafka sections: nothing to say about sinks
         return (
             self.sinks.lines() if self.sinks is not None else ["Sinks not measured (--no-sinks)."]
         )
@@ -392,11 +462,19 @@ class BenchReport:
             parts += [f"{self.events:,} events", f"{self.partitions} partitions"]
         parts += [
             f"nproc {m['nproc']}",
-            f"load average {m['load']} at the start",
+            f"load average {m['load']} at the start"
+            + (f", {m['load_end']} at the end" if m.get("load_end") else ""),
             f"Python {m['python']}",
-            f"Kafka {m['kafka']}",
-            f"confluent-kafka {m['confluent_kafka']} (librdkafka {m['librdkafka']})",
         ]
+        if self.kafka:
+            parts += [
+                f"Kafka {m['kafka']}",
+                f"confluent-kafka {m['confluent_kafka']} (librdkafka {m['librdkafka']})",
+            ]
+        if self.erp is not None:
+            parts.append(f"trytond {m.get('trytond', '?')}")
+        if self.read_model is not None:
+            parts.append(f"SQLite {m.get('sqlite', '?')}")
         if self.faust is not None:
             parts.append(f"faust-streaming {m['faust']} (aiokafka {m['aiokafka']})")
         parts.append(m["platform"])
@@ -424,6 +502,16 @@ class BenchReport:
             lines += ["| " + " | ".join(row) + " |" for row in self.sinks.rows()]
             lines.append("")
         lines += [f"- {line}" for line in self._sink_lines()]
+        if self.erp is not None:
+            lines += ["", "| " + " | ".join(self._erp_header()) + " |", "|---|--:|--:|--:|---|"]
+            lines += ["| " + " | ".join(row) + " |" for row in self.erp.rows()]
+            lines += ["", f"- {self._erp_ratio_line()}"]
+        if (rm := self.read_model) is not None:
+            lines += ["", "| " + " | ".join(rm.header()) + " |",
+                      "|---|" + "--:|" * (len(rm.header()) - 2) + "---|"]
+            lines += ["| " + " | ".join(row) + " |" for row in rm.rows()]
+            lines.append("")
+        lines += [f"- {line}" for line in self._part_lines()]
         lines += ["", f"<sub>{self._machine_line()}</sub>", ""]
         return "\n".join(lines)
 
@@ -461,6 +549,26 @@ class BenchReport:
                 sinks.add_row(measure, measured, target, Text(verdict, style=style))
             parts.append(sinks)
         parts += [Text(line) for line in self._sink_lines()]
+        if self.erp is not None:
+            erp = Table(title=f"revline bench — ERP (Tryton): per document vs batched, "
+                              f"{self.erp.events} events")
+            for name in self._erp_header():
+                erp.add_column(name, justify="left" if name in ("ERP (Tryton)", "outcomes")
+                               else "right")
+            for row in self.erp.rows():
+                erp.add_row(*(Text(cell) for cell in row))
+            verdict = self.erp.verdict()
+            parts += [erp, Text(self._erp_ratio_line(),
+                                style={"met": "green", "missed": "red"}.get(verdict, ""))]
+        if (rm := self.read_model) is not None:
+            table = Table(title="revline bench — read model: operator commands by history size")
+            for i, name in enumerate(rm.header()):
+                table.add_column(name, justify="left" if i == 0 else "right")
+            for *cells, verdict in rm.rows():
+                style = {"met": "green", "missed": "red"}.get(verdict, "")
+                table.add_row(*(Text(c) for c in cells), Text(verdict, style=style))
+            parts.append(table)
+        parts += [Text(line) for line in self._part_lines()]
         parts.append(Text(self._machine_line(), style="dim"))
         return Group(*parts)
 
@@ -529,34 +637,53 @@ def run_benchmark(
     include_baselines: bool = True,
     sinks: SinkBenchOptions | None = None,
     settings: Settings | None = None,
+    erp: ErpBenchOptions | None = None,
+    read_model: ReadModelBenchOptions | None = None,
 ) -> BenchReport:
-    """Measure raw, Faust, the pipeline and (with ``sinks``) the sinks; see the module doc."""
+    """Measure raw, Faust, the pipeline and (with ``sinks``) the sinks, (with ``erp``) the
+    ERP per document vs batched, (with ``read_model``) the operator commands by history
+    size; see the module doc. Without the first four, no broker is needed."""
     if events < 2:
         raise RevlineError("the benchmark needs at least 2 events")
     settings = settings or Settings()
-    if bootstrap is None:
+    kafka = include_baselines or include_pipeline or sinks is not None
+    if bootstrap is None and kafka:
         from revline.tools.broker import resolve_bootstrap
 
         bootstrap, _ = resolve_bootstrap(settings.broker_home, start_if_missing=True)
     started_at = datetime.now(UTC)
     clock = time.monotonic()
     machine = _machine_info()  # before the run: the load average is other people's work
-    run = _Run(bootstrap, partitions, pace_seconds, seed, progress or _no_progress, settings)
+    step = progress or _no_progress
+    run = (_Run(bootstrap, partitions, pace_seconds, seed, step, settings)
+           if kafka and bootstrap is not None else None)
     raw = faust = pipeline = None
     sink_report = None
+    erp_report = read_model_report = None
     try:
-        if include_baselines or include_pipeline:
-            run.step("generating the workload", 0, events)
-            run.prepare(events)
-        if include_baselines:
-            raw = run.contender("raw", _RAW_LABEL, run.bench_raw)
-            faust = run.contender("faust", _FAUST_LABEL, run.bench_faust)
-        if include_pipeline:
-            pipeline = run.contender("pipeline", _PIPELINE_LABEL, run.bench_pipeline)
-        if sinks is not None:
-            sink_report = run.bench_sinks(sinks)
+        if run is not None:
+            if include_baselines or include_pipeline:
+                run.step("generating the workload", 0, events)
+                run.prepare(events)
+            if include_baselines:
+                raw = run.contender("raw", _RAW_LABEL, run.bench_raw)
+                faust = run.contender("faust", _FAUST_LABEL, run.bench_faust)
+            if include_pipeline:
+                pipeline = run.contender("pipeline", _PIPELINE_LABEL, run.bench_pipeline)
+            if sinks is not None:
+                sink_report = run.bench_sinks(sinks)
+        if read_model is not None:
+            from revline.tools import read_model_bench
+
+            read_model_report = read_model_bench.run(
+                read_model.sizes, read_model.runs, cli=read_model.cli, progress=step)
+        if erp is not None:
+            erp_report = bench_erp(erp, step)
     finally:
-        run.cleanup()
+        if run is not None:
+            run.cleanup()
+    with contextlib.suppress(OSError):
+        machine["load_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     return BenchReport(
         events=events,
         partitions=partitions,
@@ -568,7 +695,20 @@ def run_benchmark(
         duration_s=time.monotonic() - clock,
         pace_seconds=pace_seconds,
         sinks=sink_report,
+        erp=erp_report,
+        read_model=read_model_report,
     )
+
+
+def bench_erp(options: ErpBenchOptions, progress: ProgressFn) -> Comparison:
+    """Per document vs batched on ``options.adapter`` (Tryton, started for the run)."""
+    if options.adapter not in ERPS:
+        raise RevlineError(f"no ERP comparison for {options.adapter!r}: choose {', '.join(ERPS)}")
+    try:
+        from revline.tools import tryton_bench
+    except ImportError as exc:  # trytond is a development dependency
+        raise RevlineError(f"the Tryton comparison needs trytond installed ({exc})") from exc
+    return tryton_bench.compare(options.events, options.batch, progress=progress)
 
 
 def _no_progress(step: str, done: int, total: int | None) -> None:
@@ -1713,6 +1853,8 @@ def _machine_info() -> dict[str, str]:
         "librdkafka": confluent_kafka.libversion()[0],
         "faust": version("faust-streaming"),
         "aiokafka": version("aiokafka"),
+        "trytond": version("trytond"),
+        "sqlite": sqlite3.sqlite_version,
     }
 
 

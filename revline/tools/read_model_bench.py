@@ -9,11 +9,16 @@ year; 300 of them, opened this week, still active). Then times, in process, the 
 runs for ``revline audit ORDER_ID``, ``revline exceptions list --owner finance`` and
 ``revline report`` (7 days), output discarded; with ``--cli`` also the whole command
 as a new process (interpreter start-up included), for context.
+
+``revline bench --read-model 10000,1000000`` runs the same (``run``) and shows it
+against the issue's targets: at the largest size, within ``TARGET_RATIO`` of the
+smallest and under ``TARGET_MS``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import random
 import statistics
@@ -21,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,9 +38,19 @@ RECORDS_PER_ORDER = 10
 OWNERS = ("revenue_ops", "finance", "integrations")
 NOW_MS = 1_790_000_000_000
 ACTIVE_BACKLOG = 300
+TARGET_RATIO = 2.0  # largest size / smallest, medians
+TARGET_MS = 1000.0  # per command at the largest size
+
+Tick = Callable[[int, int], None]
+"""``tick(done, total)``: records filled so far."""
 
 
-def fill(url: str, records: int, outcomes: int, *, seed: int = 7) -> str:
+def _no_tick(_done: int, _total: int) -> None:
+    pass
+
+
+def fill(url: str, records: int, outcomes: int, *, seed: int = 7, tick: Tick = _no_tick
+         ) -> str:
     """Fill the read model at ``url``; returns an order id that has a chain."""
     from revline.processors.audit_chain import ChainHead, Entry, canonical
     from revline.sinks.read_model import ReadModel, head_row, record_row, state_row
@@ -53,6 +68,9 @@ def fill(url: str, records: int, outcomes: int, *, seed: int = 7) -> str:
             model._upsert(conn, _t("audit_heads"), heads)
         rows.clear()
         heads.clear()
+        tick(done[0], records)
+
+    done = [0]
 
     for o in range(orders):
         chain = f"SO-{o:08d}"
@@ -68,6 +86,7 @@ def fill(url: str, records: int, outcomes: int, *, seed: int = 7) -> str:
             rows.append(record_row(partition, record, canonical(record),
                                    f"audit/{partition}/{o * 10 + i}"))
         heads.append(head_row(partition, head))
+        done[0] += RECORDS_PER_ORDER
         if len(rows) >= 50_000:
             flush_audit()
     flush_audit()
@@ -192,20 +211,36 @@ def commands(order: str) -> list[tuple[str, list[str]]]:
             ("report --since 7d", ["report", "--since", "7d"])]
 
 
+ProgressFn = Callable[[str, int, int | None], None]
+"""``progress(step, done, total)``, as ``revline bench`` takes it."""
+
+
+def _no_progress(_step: str, _done: int, _total: int | None) -> None:
+    pass
+
+
 def measure(sizes: list[int], runs: int, *, cli: bool, workdir: Path,
-            log: Callable[[str], None] = print) -> list[Timing]:
+            log: Callable[[str], None] = print, progress: ProgressFn = _no_progress,
+            fill_seconds: dict[int, float] | None = None) -> list[Timing]:
     out: list[Timing] = []
     for size in sizes:
         state_dir = workdir / f"rm-{size}"
         state_dir.mkdir(parents=True, exist_ok=True)
         url = f"sqlite:///{state_dir / 'ledger.db'}"
         started = time.perf_counter()
-        order = fill(url, size, size)
+        step = f"read model: filling {size:,} records"
+        progress(step, 0, size)
+        order = fill(url, size, size, tick=functools.partial(progress, step))
+        spent = time.perf_counter() - started
+        if fill_seconds is not None:
+            fill_seconds[size] = spent
         log(f"filled {size:,} audit records, {size:,} outcomes, {max(1, size // 20):,} "
-            f"exception states in {time.perf_counter() - started:.1f} s")
+            f"exception states in {spent:.1f} s")
         env = {"REVLINE_STATE_DIR": str(state_dir), "REVLINE_LEDGER_DSN": url,
                "REVLINE_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1"}
-        for label, argv in commands(order):
+        step = f"read model: timing the commands at {size:,} records"
+        for n, (label, argv) in enumerate(commands(order)):
+            progress(step, n, len(commands(order)))
             timing = Timing(label, size, _timed_runs(argv, env, runs))
             if cli:
                 t0 = time.perf_counter()
@@ -214,7 +249,87 @@ def measure(sizes: list[int], runs: int, *, cli: bool, workdir: Path,
                 timing.cli_ms = (time.perf_counter() - t0) * 1000
             log(timing.line())
             out.append(timing)
+        progress(step, len(commands(order)), len(commands(order)))
     return out
+
+
+@dataclass
+class ReadModelReport:
+    """The commands' times at each size, and the largest size against the smallest."""
+
+    sizes: list[int]
+    runs: int
+    timings: list[Timing]
+    fill_seconds: dict[int, float]
+
+    def timing(self, command: str, size: int) -> Timing | None:
+        return next((t for t in self.timings
+                     if t.command.split()[0] == command and t.size == size), None)
+
+    @property
+    def ok(self) -> bool:
+        return len(self.timings) == 3 * len(self.sizes)
+
+    def ratio(self, command: str) -> float | None:
+        if len(self.sizes) < 2:
+            return None
+        small = self.timing(command, min(self.sizes))
+        big = self.timing(command, max(self.sizes))
+        if small is None or big is None:
+            return None
+        return statistics.median(big.runs_ms) / statistics.median(small.runs_ms)
+
+    def rows(self) -> list[tuple[str, ...]]:
+        """(command, median (range) ms per size..., largest/smallest, verdict)"""
+        out: list[tuple[str, ...]] = []
+        for command in ("audit", "exceptions", "report"):
+            cells: list[str] = []
+            label = ""
+            for size in self.sizes:
+                t = self.timing(command, size)
+                if t is None:
+                    cells.append("–")
+                    continue
+                label = label or (t.command if command != "audit" else "audit ORDER_ID")
+                cells.append(f"{statistics.median(t.runs_ms):.1f} "
+                             f"({min(t.runs_ms):.1f}–{max(t.runs_ms):.1f})")
+            ratio = self.ratio(command)
+            big = self.timing(command, max(self.sizes))
+            verdict = ""
+            if ratio is not None and big is not None:
+                met = ratio <= TARGET_RATIO and statistics.median(big.runs_ms) < TARGET_MS
+                verdict = "met" if met else "missed"
+            out.append((label or command, *cells,
+                        "–" if ratio is None else f"{ratio:.2f}×", verdict))
+        return out
+
+    def header(self) -> tuple[str, ...]:
+        big, small = max(self.sizes), min(self.sizes)
+        return ("command", *(f"{s:,} records, ms" for s in self.sizes),
+                f"{big:,} / {small:,}", f"≤ {TARGET_RATIO:g}×, < {TARGET_MS / 1000:g} s")
+
+    def lines(self) -> list[str]:
+        cli = [f"{t.command.split()[0]} {t.cli_ms / 1000:.2f} s @ {t.size:,}"
+               for t in self.timings if t.cli_ms is not None]
+        out = [f"read model: SQLite, filled directly per size (N audit records, 10 per "
+               f"order; N final outcomes over 7 days; N/20 exception states, "
+               f"{ACTIVE_BACKLOG} active); each command in process, {self.runs} runs after "
+               f"a warm-up, median (range) ms; filling took "
+               + ", ".join(f"{s:.1f} s" for _, s in sorted(self.fill_seconds.items()))]
+        if cli:
+            out.append("read model: CLI wall (a new process, start-up included): "
+                       + ", ".join(cli))
+        return out
+
+
+def run(sizes: Sequence[int], runs: int = 5, *, cli: bool = True,
+        workdir: Path | None = None, progress: ProgressFn = _no_progress) -> ReadModelReport:
+    """``measure`` in a temporary directory (or ``workdir``), as a report."""
+    fill_seconds: dict[int, float] = {}
+    with tempfile.TemporaryDirectory(prefix="revline-read-model-bench-") as tmp:
+        timings = measure(list(sizes), runs, cli=cli, workdir=workdir or Path(tmp),
+                          log=lambda _: None, progress=progress, fill_seconds=fill_seconds)
+    return ReadModelReport(list(sizes), runs, timings, fill_seconds)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,8 @@ tests start it: a copy of the prepared template, SQLite, 127.0.0.1):
 * ``batch``: ``apply_many`` on batches of B events (the sink's batch).
 
 ``both`` runs the two on the same events, each on its own fresh database, and prints
-the ratio. Every RPC is counted by method.
+the ratio. Every RPC is counted by method. ``revline bench --erp tryton`` runs the same
+(``compare``) and shows the ratio against the issue's target (``TARGET_RATIO``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,15 @@ from revline.sinks.erp._tryton_setup import (
     prepare_database,
     start_server,
 )
+
+TARGET_RATIO = 10.0  # batched events/s over per-document events/s
+
+ProgressFn = Callable[[str, int, int | None], None]
+"""``progress(step, done, total)``, as ``revline bench`` takes it."""
+
+
+def _no_progress(_step: str, _done: int, _total: int | None) -> None:
+    pass
 
 
 def validated_events(orders: int, seed: int = 7) -> list[dict[str, Any]]:
@@ -134,7 +144,8 @@ def counting(counter: Counter[str], seconds: dict[str, float] | None = None) -> 
         _Rpc._post = original  # type: ignore[method-assign]
 
 
-def apply_events(erp: TrytonErp, events: Sequence[Event], mode: str, batch: int) -> list[
+def apply_events(erp: TrytonErp, events: Sequence[Event], mode: str, batch: int,
+                 tick: Callable[[int], None] = lambda _n: None) -> list[
         EffectResult | Exception]:
     """Apply as the sink would: a refused event is that event's outcome, not the run's."""
     out: list[EffectResult | Exception] = []
@@ -144,13 +155,16 @@ def apply_events(erp: TrytonErp, events: Sequence[Event], mode: str, batch: int)
                 out.append(erp.apply(ev))
             except (PermanentSinkError, PartialWriteError) as exc:
                 out.append(exc)
+            tick(len(out))
         return out
     for start in range(0, len(events), batch):
         out.extend(erp.apply_many(events[start : start + batch]))
+        tick(len(out))
     return out
 
 
-def run(server: TrytonServer, events: Sequence[Event], mode: str, batch: int) -> Run:
+def run(server: TrytonServer, events: Sequence[Event], mode: str, batch: int,
+        tick: Callable[[int], None] = lambda _n: None) -> Run:
     db = server.database
     counter: Counter[str] = Counter()
     spent: dict[str, float] = {}
@@ -160,7 +174,7 @@ def run(server: TrytonServer, events: Sequence[Event], mode: str, batch: int) ->
         counter.clear()
         spent.clear()
         started = time.perf_counter()
-        results = apply_events(erp, events, mode, batch)
+        results = apply_events(erp, events, mode, batch, tick)
         seconds = time.perf_counter() - started
     statuses: Counter[str] = Counter(
         r.status if isinstance(r, EffectResult) else type(r).__name__ for r in results
@@ -173,6 +187,111 @@ def fresh_server(root: Path, name: str) -> TrytonServer:
     return start_server(prepare_database(root / name, state_dir=default_state_dir()))
 
 
+def events_for(n: int, seed: int = 7) -> list[dict[str, Any]]:
+    """The first ``n`` validated events of a workload large enough to have them."""
+    orders = max(10, n // 4)
+    events: list[dict[str, Any]] = []
+    while len(events) < n:
+        events = validated_events(orders, seed)
+        orders *= 2
+    return events[:n]
+
+
+_MODE_LABELS = {"single": "per document (`apply`)", "batch": "batched (`apply_many`)"}
+
+
+@dataclass
+class Comparison:
+    """Per document and batched on the same events, each on a fresh database."""
+
+    events: int
+    batch: int
+    types: Counter[str]
+    runs: dict[str, Run] = field(default_factory=dict)
+    unavailable: str | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        single, batched = self.runs.get("single"), self.runs.get("batch")
+        if single is None or batched is None or not single.rate:
+            return None
+        return batched.rate / single.rate
+
+    @property
+    def same_outcomes(self) -> bool:
+        single, batched = self.runs.get("single"), self.runs.get("batch")
+        return single is not None and batched is not None and single.statuses == batched.statuses
+
+    @property
+    def ok(self) -> bool:
+        return self.unavailable is None and self.same_outcomes
+
+    def rows(self) -> list[tuple[str, str, str, str, str]]:
+        """(mode, events/s, RPCs per event, seconds, statuses)"""
+        out = []
+        for mode in ("single", "batch"):
+            r = self.runs.get(mode)
+            if r is None:
+                continue
+            label = _MODE_LABELS[mode] + (f", batches of {self.batch}" if mode == "batch" else "")
+            out.append((label, f"{r.rate:.2f}", f"{sum(r.rpcs.values()) / r.events:.2f}",
+                        f"{r.seconds:.1f}",
+                        ", ".join(f"{k} {v}" for k, v in sorted(r.statuses.items()))))
+        return out
+
+    def verdict(self) -> str:
+        ratio = self.ratio
+        if ratio is None:
+            return ""
+        return "met" if ratio >= TARGET_RATIO else "missed"
+
+    def lines(self) -> list[str]:
+        types = ", ".join(f"{n} {t}" for t, n in self.types.most_common())
+        out = [f"ERP (Tryton): {self.events} validated events ({types}) on two fresh trytond "
+               "databases (SQLite), RPCs counted by method"]
+        if self.unavailable is not None:
+            out.append(f"ERP (Tryton): unavailable: {self.unavailable}")
+        elif self.runs and not self.same_outcomes:
+            out.append("ERP (Tryton): OUTCOMES DIFFER between the modes: "
+                       + " vs ".join(str(dict(r.statuses)) for r in self.runs.values()))
+        batched = self.runs.get("batch")
+        if batched is not None:
+            top = ", ".join(f"{m} {n / batched.events:.2f}"
+                            for m, n in batched.rpcs.most_common(5))
+            out.append(f"ERP (Tryton): batched RPCs per event, most frequent: {top}")
+        return out
+
+
+def compare(events: int = 150, batch: int = 200, seed: int = 7,
+            progress: ProgressFn = _no_progress) -> Comparison:
+    """Both modes on the same ``events``; a failure to start Tryton is reported, not raised."""
+    step = "ERP (Tryton): generating validated events"
+    progress(step, 0, None)
+    chosen = events_for(events, seed)
+    result = Comparison(len(chosen), batch,
+                        Counter(str(e["envelope"]["event_type"]) for e in chosen))
+    with tempfile.TemporaryDirectory(prefix="revline-tryton-bench-") as tmp:
+        for mode in ("single", "batch"):
+            label = _MODE_LABELS[mode]
+            progress(f"ERP (Tryton): {label}: a fresh database", 0, None)
+            try:
+                server = fresh_server(Path(tmp), mode)
+            except Exception as exc:  # reported in the table
+                result.unavailable = f"trytond did not start: {exc}"
+                return result
+            step = f"ERP (Tryton): {label}"
+            try:
+                progress(step, 0, len(chosen))
+
+                def tick(done: int, step: str = step) -> None:
+                    progress(step, done, len(chosen))
+
+                result.runs[mode] = run(server, chosen, mode, batch, tick)
+            finally:
+                server.stop()
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m revline.tools.tryton_bench",
                                      description=__doc__.split("\n\n")[0])
@@ -181,12 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--mode", choices=("single", "batch", "both"), default="both")
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args(argv)
-    orders = max(10, args.events // 4)
-    events: list[dict[str, Any]] = []
-    while len(events) < args.events:
-        events = validated_events(orders, args.seed)
-        orders *= 2
-    events = events[: args.events]
+    events = events_for(args.events, args.seed)
     types = Counter(str(e["envelope"]["event_type"]) for e in events)
     print(f"{len(events)} validated events: {dict(types.most_common())}")
     modes = ("single", "batch") if args.mode == "both" else (args.mode,)

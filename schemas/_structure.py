@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from revline.schemas._catalog import RECORD_NAMES
@@ -71,8 +73,54 @@ def _text_problem(event: Mapping[str, Any], path: str = "") -> str | None:
     return None
 
 
+_SHORT = MAX_ID_BYTES // 4  # a string this long or shorter passes both size bounds
+_SCALARS = frozenset({int, float, bool, type(None), bytes, datetime, Decimal})
+
+
+def _plain_strings(value: dict[str, Any], out: list[str]) -> bool:
+    """Every string in a decoded event (plain dicts and lists, as the codec builds them)
+    into ``out``; False on anything else (the full rules then judge it)."""
+    for item in value.values():
+        kind = type(item)
+        if kind is str:
+            out.append(item)
+        elif kind is dict:
+            if not _plain_strings(item, out):
+                return False
+        elif kind is list:
+            for element in item:
+                element_kind = type(element)
+                if element_kind is dict:
+                    if not _plain_strings(element, out):
+                        return False
+                elif element_kind is str:
+                    out.append(element)
+                elif element_kind not in _SCALARS:
+                    return False
+        elif kind not in _SCALARS:
+            return False
+    return True
+
+
+def _clean(event: Mapping[str, Any]) -> bool:
+    """True only when no rule below can find a problem: every string anywhere is short
+    enough for both size bounds and holds no control character (NUL included). The
+    common case, in one pass (the rules field by field cost ~9 µs an event)."""
+    if type(event) is not dict:
+        return False
+    strings: list[str] = []
+    if not _plain_strings(event, strings):
+        return False
+    for text in strings:
+        if len(text) > _SHORT:
+            return False
+    return _CONTROL.search("".join(strings)) is None
+
+
 def id_error(event: Mapping[str, Any]) -> str | None:
     """The first identifier that breaks the wire contract's id rule, or None."""
+    if _clean(event):
+        return None
     envelope = event["envelope"]
     for name in _ENVELOPE_IDS:
         value = envelope.get(name)

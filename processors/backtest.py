@@ -26,15 +26,17 @@ units) and hold timeouts.
 from __future__ import annotations
 
 import bisect
+import copy
 import heapq
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 from revline.core.money import format_money, to_major
+from revline.processors.checks import policy_agrees
 from revline.processors.engine import (
     DEAD_LETTER,
     EXCEPTION,
@@ -232,7 +234,7 @@ def _reference_from_items(version: str, items: Mapping[str, Mapping[str, Any]]) 
 
 
 # -- outcomes ------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per input, and frozen costs ~2x; never mutated
 class InputInfo:
     """What the report says about a counted input, whatever either side decided."""
 
@@ -248,7 +250,7 @@ class InputInfo:
     currency: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per decision (see InputInfo); never mutated
 class Outcome:
     """An input's final outcome on one side (``held``: still waiting at the window's end).
 
@@ -293,6 +295,9 @@ class Outcome:
 def outcome_of(decision: Decision, rules: Rules, ownership: Ownership) -> Outcome:
     """A final decision as an ``Outcome``, its exception owned as the exception manager
     would own it (the ownership rules refine the QA rules' severity and owner)."""
+    if decision.kind == VALIDATED and not decision.findings:
+        return Outcome(VALIDATED, decision.check_id, None, None, None, decision.warnings,
+                       decision.reason, decision.released_by, decision.decided_at_ms)
     opens: str | None = None
     reason = decision.reason
     if decision.kind == EXCEPTION:
@@ -317,83 +322,179 @@ def outcome_of(decision: Decision, rules: Rules, ownership: Ownership) -> Outcom
                    released_by=decision.released_by, decided_at_ms=decision.decided_at_ms)
 
 
-class _Replay:
-    """One side's engine and order states, driven by the records' own clocks."""
+class _Book:
+    """One side's outcomes (per counted input) and how often its engine failed."""
 
-    def __init__(self, side: Side, reference: Callable[[], ReferenceData],
-                 deserializer: EventDeserializer, counted: Mapping[str, InputInfo]) -> None:
+    __slots__ = ("engine_errors", "outcomes", "side")
+
+    def __init__(self, side: Side) -> None:
         self.side = side
-        self.engine = Engine(rules=side.rules, reference=reference, deserializer=deserializer)
-        self.timeout_ms = int(side.rules.hold_timeout_seconds * 1000)
-        self.states: dict[bytes, OrderState] = {}
-        self.deadlines: dict[int, list[tuple[int, bytes]]] = defaultdict(list)
         self.outcomes: dict[str, Outcome] = {}
-        self.counted = counted
         self.engine_errors = 0
 
+
+class _Lane:
+    """An engine and the order states it holds, driven by the records' own clocks.
+
+    What it decides goes to its books: one side's, or both sides' for the orders the
+    two sides share (see ``Backtest``)."""
+
+    def __init__(self, rules: Rules, books: tuple[_Book, ...],
+                 reference: Callable[[], ReferenceData], deserializer: EventDeserializer,
+                 counted: Mapping[str, InputInfo]) -> None:
+        self.engine = Engine(rules=rules, reference=reference, deserializer=deserializer)
+        self.books = books
+        self.timeout_ms = int(rules.hold_timeout_seconds * 1000)
+        self.states: dict[bytes, OrderState] = {}
+        self.deadlines: dict[int, list[tuple[int, bytes]]] = defaultdict(list)
+        self.counted = counted
+        first = books[0].side.ownership
+        # Books whose ownership rules are the first one's take its outcome as it is.
+        self._own: tuple[_Book, ...] = tuple(
+            b for b in books[1:] if b.side.ownership is not first and b.side.ownership != first)
+        self._same: tuple[_Book, ...] = tuple(b for b in books[1:] if b not in self._own)
+
     def record(self, decisions: Iterable[Decision]) -> None:
+        first = self.books[0]
         for d in decisions:
-            if d.kind in (HELD, REPLAYED):
+            kind = d.kind
+            if kind in (HELD, REPLAYED):
                 continue
-            coords = d.input.coords
-            if coords in self.counted:
-                self.outcomes[coords] = outcome_of(d, self.side.rules, self.side.ownership)
+            r = d.input
+            coords = f"{r.topic}/{r.partition}/{r.offset}"
+            if coords not in self.counted:
+                continue
+            outcome = first.outcomes[coords] = outcome_of(d, first.side.rules,
+                                                          first.side.ownership)
+            for book in self._same:
+                book.outcomes[coords] = outcome
+            for book in self._own:
+                book.outcomes[coords] = (outcome if outcome.opens is None else
+                                         outcome_of(d, book.side.rules, book.side.ownership))
 
     def _watch(self, partition: int, key: bytes, state: OrderState) -> None:
-        oldest = self.engine.oldest_hold_ms(state)
-        if oldest is not None:
+        if state.data["held"]:
+            oldest = self.engine.oldest_hold_ms(state)
+            assert oldest is not None
             heapq.heappush(self.deadlines[partition], (oldest + self.timeout_ms, key))
+
+    def adopt(self, partition: int, key: bytes, state: OrderState) -> None:
+        """Take over an order's state (and its holds' deadlines) from another lane."""
+        self.states[key] = state
+        self._watch(partition, key, state)
 
     def expire(self, partition: int, before_ms: int, *, inclusive: bool = False) -> None:
         """Time out the partition's holds due before ``before_ms`` (or at it, inclusive)."""
         heap = self.deadlines.get(partition)
         while heap and (heap[0][0] < before_ms or (inclusive and heap[0][0] == before_ms)):
             due, key = heapq.heappop(heap)
-            state = self.states[key]
+            state = self.states.get(key)
+            if state is None:
+                continue  # the order moved to other lanes, its deadlines with it
             oldest = self.engine.oldest_hold_ms(state)
             if oldest is None or oldest + self.timeout_ms != due:
                 continue  # already released or timed out; its current deadline is queued
             self.record(self.engine.expire_holds(state, due))
             self._watch(partition, key, state)
 
-    def process(self, record: InputRecord, event: Mapping[str, Any], now_ms: int) -> None:
-        assert record.key is not None
-        state = self.states.get(record.key)
+    def process(self, record: InputRecord, event: Mapping[str, Any], now_ms: int
+                ) -> OrderState:
+        key = record.key
+        assert key is not None
+        state = self.states.get(key)
         if state is None:
-            state = self.states[record.key] = OrderState()
+            state = self.states[key] = OrderState()
             state.data["partition"] = record.partition
         try:
             decisions = self.engine.process(state, record, event, now_ms)
         except Exception as exc:  # the worker dead-letters an engine failure too
-            self.engine_errors += 1
+            for book in self.books:
+                book.engine_errors += 1
             decisions = [Decision(input=record, kind=DEAD_LETTER, event=event,
                                   stage="processing", error_class=type(exc).__name__,
                                   reason=f"engine error: {exc}", decided_at_ms=now_ms,
-                                  rules_version=self.side.rules.version)]
+                                  rules_version=self.engine.rules.version)]
         self.record(decisions)
-        self._watch(record.partition, record.key, state)
+        self._watch(record.partition, key, state)
+        return state
 
     def finish(self, end_ms: int) -> None:
         for partition in list(self.deadlines):
             self.expire(partition, end_ms, inclusive=True)
 
-    def pending_holds(self) -> int:
-        return sum(len(s.held) for s in self.states.values())
+
+# Rules fields two sides may differ in and still share an order's run while the engine
+# provably decides alike (see ``Backtest``): the version and the SLA minutes only mark
+# decisions (never an outcome, never the order's state), the tolerances are checked per
+# input (``policy_agrees``), a different hold timeout moves an order with holds to its own
+# lanes. Any other difference (a check's severity or owner...) runs every order twice.
+_SHAREABLE = frozenset({"version", "sla_minutes", "price_tolerance_bps",
+                        "discount_family_bps", "discount_sku_bps", "hold_timeout_seconds"})
+
+
+def can_share(current: Rules, candidate: Rules) -> bool:
+    """Whether orders may share one engine run while they are judged alike (see ``Backtest``)."""
+    for f in fields(Rules):
+        if f.name not in _SHAREABLE and getattr(current, f.name) != getattr(candidate, f.name):
+            return False
+    # The engine looks a severity's SLA up (a KeyError with one side's rules only).
+    return set(current.sla_minutes) == set(candidate.sla_minutes)
+
+
+def _clone(value: Any) -> Any:
+    """A deep copy of a JSON-shaped value (an order's state)."""
+    if isinstance(value, dict):
+        return {k: _clone(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clone(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bytes)):
+        return value
+    return copy.deepcopy(value)
 
 
 class Backtest:
-    """Feed records (``feed``), then ``finish`` for the report."""
+    """Feed records (``feed``), then ``finish`` for the report.
+
+    Each side has its own engine and order states. An order both sides would judge alike
+    so far is run once for both instead, on one state, and its decisions go to both
+    sides' books, each owning its exceptions with its own ownership rules. It stays so
+    while that provably cannot change the candidate's decisions: every rules difference
+    is in ``_SHAREABLE``; each input of the order, judged now or held, gets the same
+    policy findings under both rules whatever the state (``policy_agrees``, against every
+    reference snapshot of the timeline); with different hold timeouts, it holds nothing.
+    The first input for which that is not shown moves the order to the two sides' own
+    lanes before it is processed, the candidate's with a copy of the state: from then on
+    it is judged twice, as without sharing. ``share=False`` judges every order twice.
+    """
 
     def __init__(self, current: Side, candidate: Side, reference: ReferenceTimeline,
-                 deserializer: EventDeserializer | None = None) -> None:
+                 deserializer: EventDeserializer | None = None, *, share: bool = True) -> None:
         self.current_side, self.candidate_side = current, candidate
         self.timeline = reference
         self.deserializer = deserializer or EventDeserializer()
         self.inputs: dict[str, InputInfo] = {}
         self._reference = reference.at(0)
+        self._timed = len(reference.snapshots) > 1
         view: Callable[[], ReferenceData] = lambda: self._reference  # noqa: E731
-        self.current = _Replay(current, view, self.deserializer, self.inputs)
-        self.candidate = _Replay(candidate, view, self.deserializer, self.inputs)
+        self.current = _Book(current)
+        self.candidate = _Book(candidate)
+        self._current_lane = _Lane(current.rules, (self.current,), view, self.deserializer,
+                                   self.inputs)
+        self._candidate_lane = _Lane(candidate.rules, (self.candidate,), view,
+                                     self.deserializer, self.inputs)
+        self._shared: _Lane | None = None
+        lanes = [self._current_lane, self._candidate_lane]
+        if share and can_share(current.rules, candidate.rules):
+            self._shared = _Lane(current.rules, (self.current, self.candidate), view,
+                                 self.deserializer, self.inputs)
+            lanes.append(self._shared)
+        self._lanes = tuple(lanes)
+        self._fork_on_hold = (current.rules.hold_timeout_seconds
+                              != candidate.rules.hold_timeout_seconds)
+        a, b = current.rules, candidate.rules
+        self._same_policy = (a.price_tolerance_bps == b.price_tolerance_bps
+                             and a.discount_family_bps == b.discount_family_bps
+                             and a.discount_sku_bps == b.discount_sku_bps)
         self._decoder = Engine(rules=current.rules, reference=view, deserializer=self.deserializer)
         self.clock: dict[int, int] = {}
         self.read = 0
@@ -401,20 +502,41 @@ class Backtest:
         self.dead_letters = 0
         self.first_ms: int | None = None
         self.last_ms: int | None = None
+        self.shared_inputs = 0  # judged once for both sides
+        self.forked_orders = 0
 
     def _now(self, record: InputRecord) -> int:
         clock = max(self.clock.get(record.partition, 0), record.timestamp_ms)
         self.clock[record.partition] = clock
         return clock
 
+    def _agrees(self, event: Mapping[str, Any]) -> bool:
+        if self._same_policy:
+            return True
+        a, b = self.current_side.rules, self.candidate_side.rules
+        try:
+            return all(policy_agrees(event, data, a, b) for _, data in self.timeline.snapshots)
+        except Exception:  # an event policy() itself would fail on: judge it twice
+            return False
+
+    def _fork(self, partition: int, key: bytes) -> None:
+        assert self._shared is not None
+        state = self._shared.states.pop(key)
+        self.forked_orders += 1
+        self._candidate_lane.adopt(partition, key, OrderState(_clone(state.data)))
+        self._current_lane.adopt(partition, key, state)
+
     def feed(self, record: InputRecord, *, counted: bool = True) -> None:
         """One input, in its partition's order. ``counted=False``: warm-up only."""
         self.read += 1
         now = self._now(record)
-        if len(self.timeline.snapshots) > 1:
+        if self._timed:
             self._reference = self.timeline.at(now)
-        self.current.expire(record.partition, now)
-        self.candidate.expire(record.partition, now)
+        partition = record.partition
+        for lane in self._lanes:
+            heap = lane.deadlines.get(partition)
+            if heap and heap[0][0] < now:
+                lane.expire(partition, now)
         if counted:
             self.first_ms = now if self.first_ms is None else min(self.first_ms, now)
             self.last_ms = now if self.last_ms is None else max(self.last_ms, now)
@@ -437,8 +559,9 @@ class Backtest:
             amount, currency = event_amount(event)
             env = event["envelope"] if event is not None else None
             line = record.header("revline-source-line")
-            self.inputs[record.coords] = InputInfo(
-                coords=record.coords, partition=record.partition, offset=record.offset,
+            coords = record.coords
+            self.inputs[coords] = InputInfo(
+                coords=coords, partition=record.partition, offset=record.offset,
                 timestamp_ms=now, order_id=env["order_id"] if env else _text(record.key),
                 event_type=env["event_type"] if env else None,
                 idempotency_key=env["idempotency_key"] if env else None,
@@ -447,21 +570,35 @@ class Backtest:
         if dead is not None:
             if counted:
                 self.dead_letters += 1
-                self.current.record([dead])
-                self.candidate.record([dead])
+                self._current_lane.record([dead])
+                self._candidate_lane.record([dead])
             return
         assert event is not None
-        self.current.process(record, event, now)
-        self.candidate.process(record, event, now)
+        shared = self._shared
+        key = record.key
+        if shared is not None and key not in self._current_lane.states:
+            if self._agrees(event):
+                self.shared_inputs += 1
+                state = shared.process(record, event, now)
+                if self._fork_on_hold and state.data["held"]:
+                    assert key is not None
+                    self._fork(record.partition, key)
+                return
+            if key in shared.states:
+                assert key is not None
+                self._fork(record.partition, key)
+        self._current_lane.process(record, event, now)
+        self._candidate_lane.process(record, event, now)
 
     def finish(self, end_ms: int | None = None, *, samples: int = 5) -> BacktestReport:
         """Time out what was due by ``end_ms`` (default: the last record's time) and compare."""
         end = end_ms if end_ms is not None else max(self.clock.values(), default=0)
         if len(self.timeline.snapshots) > 1:
             self._reference = self.timeline.at(end)
-        self.current.finish(end)
-        self.candidate.finish(end)
+        for lane in self._lanes:
+            lane.finish(end)
         return build_report(self, end, samples=samples)
+
 
 
 def _text(raw: bytes | None) -> str | None:

@@ -229,6 +229,41 @@ def policy(event: Event, state: OrderState, ctx: CheckContext) -> Iterable[Findi
         )
 
 
+def policy_agrees(event: Event, reference: ReferenceData, a: Rules, b: Rules) -> bool:
+    """Whether ``policy`` gives ``event`` the same findings under rules ``a`` and ``b``
+    with this reference data, whatever the order's state.
+
+    ``policy`` reads the rules only through its two tolerances. Where ``a`` and ``b``
+    give a line the same tolerance, both compare the same values; where they differ, a
+    line within the lower one passes both before the state (approvals) or the tolerance
+    (in the reason) is read. A backtest runs the engine once for both sides on this;
+    keep it in step with ``policy``. False means "maybe not"."""
+    if (a.price_tolerance_bps == b.price_tolerance_bps
+            and a.discount_family_bps == b.discount_family_bps
+            and a.discount_sku_bps == b.discount_sku_bps):
+        return True
+    if event["envelope"]["event_type"] not in ("order_booked", "order_amended"):
+        return True
+    price_a, price_b = a.price_tolerance_bps, b.price_tolerance_bps
+    currency = event["currency"]
+    for ln in event["lines"]:
+        product = reference.products.get(ln["sku"])
+        if product is None:
+            continue
+        list_price = product.list_prices.get(currency)
+        if list_price is None:
+            continue
+        if price_a != price_b and (abs(ln["unit_price_minor"] - list_price) * 10_000
+                                   > min(price_a, price_b) * list_price):
+            return False
+        low = a.discount_tolerance_bps(ln["sku"], product.family)
+        high = b.discount_tolerance_bps(ln["sku"], product.family)
+        if low != high and (ln["discount_minor"] * 10_000
+                            > min(low, high) * ln["quantity"] * list_price):
+            return False
+    return True
+
+
 # -- attribution -------------------------------------------------------------------------
 def attribution(event: Event, state: OrderState, ctx: CheckContext) -> Iterable[Finding]:
     if event["envelope"]["event_type"] not in _LINES:

@@ -428,6 +428,76 @@ def test_a_generated_workload_moves_exactly_what_the_oracle_says(seed: int) -> N
     assert same.changed == 0
 
 
+def _cheaper_reference() -> ReferenceData:
+    """The reference data with every list price 3% lower: other tolerances pass."""
+    raw = dict(load_yaml(DATA_DIR / "reference.yaml"))
+    raw["version"] = "cheaper"
+    raw["products"] = [{**p, "list_prices": {c: v * 97 // 100
+                                             for c, v in p["list_prices"].items()}}
+                       for p in raw["products"]]
+    return ReferenceData.from_mapping(raw)
+
+
+def _candidates() -> dict[str, tuple[Rules, Ownership, bool]]:
+    """name -> (candidate rules, ownership, whether orders may share one run)."""
+    families = {"software": 1200, "services": 1000, "hardware": 500, "support": 500}
+    own = yaml.safe_load((DATA_DIR / "ownership.yaml").read_text())
+    own["rules"].insert(0, {"name": "big-to-finance", "match": {"check_id": "policy.*"},
+                            "owner": "finance", "severity": "P1"})
+    severity = candidate_raw(hold_timeout=900)
+    severity["checks"]["attribution.campaign"] = {"severity": "P2", "owner": "revenue_ops"}
+    sla = candidate_raw(hold_timeout=900)
+    sla["sla_minutes"] = {k: v * 2 for k, v in sla["sla_minutes"].items()}
+    out = {
+        "same file": (LIVE, OWNERSHIP, True),
+        "discount": (Rules.from_mapping({**candidate_raw(hold_timeout=900),
+                                         "discount_tolerance_bps": {"families": families,
+                                                                    "skus": {}}}),
+                     OWNERSHIP, True),
+        "discount and hold": (Rules.from_mapping({**candidate_raw(hold_timeout=25),
+                                                  "discount_tolerance_bps": {
+                                                      "families": families, "skus": {}}}),
+                              OWNERSHIP, True),
+        "price": (Rules.from_mapping(candidate_raw(hold_timeout=900, software_bps=2000,
+                                                   price_tolerance_bps=400)), OWNERSHIP, True),
+        "sla": (Rules.from_mapping(sla), OWNERSHIP, True),
+        "ownership": (LIVE, Ownership.from_mapping(own), True),
+        "ownership and discount": (Rules.from_mapping(candidate_raw(hold_timeout=900)),
+                                   Ownership.from_mapping(own), True),
+        "severity": (Rules.from_mapping(severity), OWNERSHIP, False),
+    }
+    return out
+
+
+@pytest.mark.parametrize("name", list(_candidates()))
+def test_orders_judged_once_for_both_sides_report_exactly_what_two_runs_do(name: str) -> None:
+    """Sharing an order's run while the two sides provably judge it alike changes nothing
+    in the report: the same rules changes, replayed with every order judged twice and with
+    sharing, over a reference timeline whose prices move mid-window, give equal reports."""
+    candidate, ownership, shareable = _candidates()[name]
+    workload = generate(WorkloadOptions(orders=400, seed=31, orphans=3, poison=0.005,
+                                        out_of_order=0.3, off_policy=0.05))
+    records = workload_records(workload)
+    middle = records[len(records) // 2][0].timestamp_ms
+    timeline = ReferenceTimeline(((0, REFERENCE), (middle, _cheaper_reference())))
+    end = T0 + (len(records) + 1) * S
+    reports = []
+    for share in (False, True):
+        bt = Backtest(*sides(candidate, ownership), timeline, share=share)
+        for rec, counted in records:
+            bt.feed(rec, counted=counted)
+        reports.append((bt.finish(end).as_dict(), bt.shared_inputs, bt.forked_orders))
+    (twice, none_shared, _), (once, shared, forked) = reports
+    assert once == twice
+    assert none_shared == 0
+    if shareable:  # a tighter price tolerance splits most orders: the new prices are off
+        assert shared > (0 if name == "price" else len(records) // 3), shared
+    else:
+        assert shared == 0
+    if name in ("discount", "discount and hold", "price"):
+        assert twice["changed"] > 0 and forked > 0
+
+
 def test_replay_speed_is_the_engines() -> None:
     """Each input is decoded once and judged by two engines: a backtest costs about twice
     what the worker's engine does on the same inputs (measured against the engine alone in

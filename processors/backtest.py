@@ -645,6 +645,20 @@ def _day(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d")
 
 
+def _days() -> Callable[[int], str]:
+    """``_day`` remembering each day it named (a report names a few days, per input)."""
+    named: dict[int, str] = {}
+
+    def day(ms: int) -> str:
+        number = ms // 86_400_000
+        text = named.get(number)
+        if text is None:
+            text = named[number] = _day(number * 86_400_000)
+        return text
+
+    return day
+
+
 @dataclass
 class BacktestReport:
     current: Side
@@ -750,8 +764,9 @@ def build_report(bt: Backtest, end_ms: int, *, samples: int = 5) -> BacktestRepo
     cell_after: Counter[tuple[str, str]] = Counter()
     day_before: Counter[tuple[str, str]] = Counter()
     day_after: Counter[tuple[str, str]] = Counter()
+    day_of = _days()
     for coords, info in bt.inputs.items():
-        day = _day(info.timestamp_ms)
+        day = day_of(info.timestamp_ms)
         for outcome, cells, days in ((before_of[coords], cell_before, day_before),
                                      (after_of[coords], cell_after, day_after)):
             if outcome.opens and outcome.owner and outcome.severity:

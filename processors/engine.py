@@ -186,9 +186,10 @@ class Engine:
         digest = body_hash(record.value)
         state.data["last_seen_ms"] = max(state.data["last_seen_ms"], now_ms)
         first = state.seen(key)
-        if first is not None and record.coords in first.get("prev", ()):
+        coords = record.coords
+        if first is not None and coords in first.get("prev", ()):
             return [Decision(input=record, kind=REPLAYED, event=event)]
-        if (first is not None and first["k"] == EXCEPTION and first["c"] != record.coords
+        if (first is not None and first["k"] == EXCEPTION and first["c"] != coords
                 and record.header(REENTRY_HEADER) is not None):
             # A re-drive or a correction: judge it again. Earlier attempts' coordinates
             # are kept so replaying them is still recognised as a replay.
@@ -197,7 +198,7 @@ class Engine:
         else:
             prev = []
         if first is not None:
-            if first["c"] == record.coords:
+            if first["c"] == coords:
                 return [Decision(input=record, kind=REPLAYED, event=event)]
             if first["h"] == digest:
                 return [Decision(input=record, kind=DUPLICATE, event=event, decided_at_ms=now_ms,
@@ -210,7 +211,7 @@ class Engine:
                     "body; this copy is not applied",
                 )], now_ms, held=False, released_by=None)]
 
-        memo: dict[str, Any] = {"c": record.coords, "h": digest, "k": HELD}
+        memo: dict[str, Any] = {"c": coords, "h": digest, "k": HELD}
         if prev:
             memo["prev"] = prev
         state.remember(key, memo)
@@ -246,7 +247,8 @@ class Engine:
                              waiting_for=tuple(waiting), decided_at_ms=now_ms,
                              rules_version=self.rules.version)]
         decisions = [self._judge(state, record, event, memo, now_ms, held=False, released_by=None)]
-        decisions.extend(self._release(state, record.coords, now_ms))
+        if state.held:  # nothing held: nothing to release
+            decisions.extend(self._release(state, coords, now_ms))
         return decisions
 
     def _judge(self, state: OrderState, record: InputRecord, event: Mapping[str, Any],

@@ -482,6 +482,7 @@ def cmd_holds(args: argparse.Namespace, settings: Settings) -> int:
 
 # -- bench ---------------------------------------------------------------------------
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    from revline.tools.backtest_bench import BacktestBenchOptions
     from revline.tools.bench import (
         ErpBenchOptions,
         ReadModelBenchOptions,
@@ -514,7 +515,12 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         read_model = ReadModelBenchOptions(**{k: v for k, v in {
             "sizes": args.read_model, "runs": args.read_model_runs,
         }.items() if v is not None})
-    for flag, section in (("--erp", "erp"), ("--read-model", "read-model")):
+    backtest = None
+    if args.backtest or (only is not None and "backtest" in only):
+        backtest = BacktestBenchOptions(**{k: v for k, v in {
+            "orders": args.backtest_orders, "runs": args.backtest_runs}.items() if v is not None})
+    for flag, section in (("--erp", "erp"), ("--read-model", "read-model"),
+                          ("--backtest", "backtest")):
         if only is not None and getattr(args, section.replace("-", "_")) and section not in only:
             raise ConfigurationError(f"{flag} asks for the {section} section, which --only "
                                      "leaves out: add it to --only")
@@ -553,6 +559,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
             settings=settings,
             erp=erp,
             read_model=read_model,
+            backtest=backtest,
         )
     console.print(report.to_rich())
     if args.out:
@@ -610,7 +617,8 @@ def _instance_name(text: str) -> str:
 
 
 # Shared argument types: a count, a limit, a size, a share, a time span.
-_BENCH_SECTIONS = ("contenders", "pipeline", "sinks", "erp", "read-model")  # bench.SECTIONS
+_BENCH_SECTIONS = ("contenders", "pipeline", "sinks", "erp", "read-model",  # bench.SECTIONS
+                   "backtest")
 
 
 def _bench_sections(text: str) -> list[str]:
@@ -781,6 +789,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "sizes (e.g. 10000,1000000; target: the largest ≤ 2× the smallest "
                         "and < 1 s)")
     p.add_argument("--read-model-runs", type=POSITIVE, help="timed runs per command (5)")
+    p.add_argument("--backtest", action="store_true",
+                   help="also time `revline rules backtest` against the worker's in-process "
+                        "engine on one generated week (target ≥ 20,000 events/s)")
+    p.add_argument("--backtest-orders", type=POSITIVE, help="orders in that week (10000)")
+    p.add_argument("--backtest-runs", type=POSITIVE, help="runs of each, alternating (3)")
     p.add_argument("--out", metavar="FILE.md", help="also write the markdown tables here")
     p.set_defaults(func=cmd_bench)
 

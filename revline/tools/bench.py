@@ -48,7 +48,10 @@ Without Kafka (``--only erp,read-model`` runs just these):
 * **read model** (``--read-model 10000,1000000``) — ``revline audit``,
   ``exceptions list`` and ``report`` on read models filled to each size: ms per
   command, the largest size against the smallest against ``≤ 2×`` and ``< 1 s``
-  (``revline/tools/read_model_bench.py``).
+  (``revline/tools/read_model_bench.py``);
+* **backtest** (``--backtest``) — ``revline rules backtest`` against the worker's
+  in-process engine on the same generated week: events/s of each, the ratio, the
+  verdict against 20,000 events/s (``revline/tools/backtest_bench.py``).
 """
 
 from __future__ import annotations
@@ -94,6 +97,7 @@ from revline.core.settings import Settings
 if TYPE_CHECKING:
     from revline.sinks._protocols import EffectResult, ErpAdapter, Event
     from revline.sinks.ledger import SqlLedger
+    from revline.tools.backtest_bench import BacktestBenchOptions, BacktestBenchReport
     from revline.tools.read_model_bench import ReadModelReport
     from revline.tools.tryton_bench import Comparison
 
@@ -116,7 +120,7 @@ _STEP_NAMES = {"raw": "raw loop", "faust": "Faust", "pipeline": "pipeline"}
 _CLI = [sys.executable, "-m", "revline.cli"]
 
 # What `revline bench --only` selects from; Kafka runs only for the first three.
-SECTIONS = ("contenders", "pipeline", "sinks", "erp", "read-model")
+SECTIONS = ("contenders", "pipeline", "sinks", "erp", "read-model", "backtest")
 ERPS = ("tryton",)  # adapters --erp can compare per document vs batched
 
 # Sinks: the issue's targets.
@@ -364,6 +368,7 @@ class BenchReport:
     sinks: SinkReport | None = None  # None: not requested (--no-sinks)
     erp: Comparison | None = None  # None: not requested (no --erp)
     read_model: ReadModelReport | None = None  # None: not requested (no --read-model)
+    backtest: BacktestBenchReport | None = None  # None: not requested (backtest_bench)
 
     @property
     def contenders(self) -> list[ContenderResult]:
@@ -374,7 +379,8 @@ class BenchReport:
         """Everything requested was measured (targets are reported, not enforced)."""
         baselines = [c for c in (self.raw, self.faust) if c is not None]
         return (all(c.ok for c in baselines) and (self.sinks is None or self.sinks.ok)
-                and all(part.ok for part in (self.erp, self.read_model) if part is not None))
+                and all(part.ok for part in (self.erp, self.read_model, self.backtest)
+                        if part is not None))
 
     @property
     def kafka(self) -> bool:
@@ -403,6 +409,8 @@ class BenchReport:
             out += self.erp.lines()
         if self.read_model is not None:
             out += self.read_model.lines()
+        if self.backtest is not None:
+            out += self.backtest.lines()
         return out
 
     def _ratio(self, other: ContenderResult | None) -> float | None:
@@ -511,6 +519,8 @@ class BenchReport:
                       "|---|" + "--:|" * (len(rm.header()) - 2) + "---|"]
             lines += ["| " + " | ".join(row) + " |" for row in rm.rows()]
             lines.append("")
+        if self.backtest is not None:
+            lines += ["", *self.backtest.to_markdown(), ""]
         lines += [f"- {line}" for line in self._part_lines()]
         lines += ["", f"<sub>{self._machine_line()}</sub>", ""]
         return "\n".join(lines)
@@ -568,6 +578,8 @@ class BenchReport:
                 style = {"met": "green", "missed": "red"}.get(verdict, "")
                 table.add_row(*(Text(c) for c in cells), Text(verdict, style=style))
             parts.append(table)
+        if self.backtest is not None:
+            parts += self.backtest.to_rich()
         parts += [Text(line) for line in self._part_lines()]
         parts.append(Text(self._machine_line(), style="dim"))
         return Group(*parts)
@@ -639,6 +651,7 @@ def run_benchmark(
     settings: Settings | None = None,
     erp: ErpBenchOptions | None = None,
     read_model: ReadModelBenchOptions | None = None,
+    backtest: BacktestBenchOptions | None = None,
 ) -> BenchReport:
     """Measure raw, Faust, the pipeline and (with ``sinks``) the sinks, (with ``erp``) the
     ERP per document vs batched, (with ``read_model``) the operator commands by history
@@ -659,7 +672,7 @@ def run_benchmark(
            if kafka and bootstrap is not None else None)
     raw = faust = pipeline = None
     sink_report = None
-    erp_report = read_model_report = None
+    erp_report = read_model_report = backtest_report = None
     try:
         if run is not None:
             if include_baselines or include_pipeline:
@@ -679,6 +692,10 @@ def run_benchmark(
                 read_model.sizes, read_model.runs, cli=read_model.cli, progress=step)
         if erp is not None:
             erp_report = bench_erp(erp, step)
+        if backtest is not None:
+            from revline.tools import backtest_bench
+
+            backtest_report = backtest_bench.run(backtest, step)
     finally:
         if run is not None:
             run.cleanup()
@@ -697,6 +714,7 @@ def run_benchmark(
         sinks=sink_report,
         erp=erp_report,
         read_model=read_model_report,
+        backtest=backtest_report,
     )
 
 

@@ -106,6 +106,10 @@ def test_components_write_what_a_rebuild_from_the_topics_gives(
     for table, rows in written.items():
         assert rebuilt[table] == rows, table
     assert written["audit_records"] and written["outcome_hours"] and written["audit_heads"]
+    status = revline(pipeline, "index", "status", env={"REVLINE_LEDGER_DSN": rebuilt_url})
+    assert status.returncode == 0, status.stderr
+    listed = {line.split()[0] for line in status.stdout.splitlines() if line.strip()}
+    assert {"audit_records", "exception_states", "exception_counts"} <= listed, status.stdout
 
     # An old deployment (no read model): the commands say so and read the topics.
     old = revline(pipeline, "audit", order,

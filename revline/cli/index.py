@@ -78,7 +78,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     import sqlalchemy as sa
 
     from revline.cli import console
-    from revline.sinks.ledger._schema import READ_MODEL_TABLES
+    from revline.sinks.ledger._schema import READ_MODEL_ALL
     from revline.sinks.read_model import ReadModel, ReadModelUnavailable
 
     try:
@@ -89,7 +89,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     try:
         with model.read() as conn:
-            for table in READ_MODEL_TABLES:
+            for table in READ_MODEL_ALL:  # every table of every revision, counts too
                 n = conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one()
                 console.print(f"{table.name:<20} {n:>12,}", markup=False)
     finally:

@@ -59,6 +59,7 @@ from revline.core.errors import ConfigurationError, InfrastructureError
 from revline.core.kafka_config import client_config, consumer_config, producer_config
 from revline.core.readback import CommittedReader
 from revline.core.settings import Settings
+from revline.core.startup import is_transient
 from revline.core.watchdog import Watchdog
 from revline.processors.audit_chain import (
     ChainHead,
@@ -99,6 +100,8 @@ TXN_TIMEOUT_S = 15.0
 TXN_GRACE_S = 10.0
 LAG_EVERY_S = 10.0
 _ASSIGN_BUDGET_S = 2 * (60.0 + STABLE_OFFSETS_TIMEOUT_S)
+# Retried reads after an aborted transaction (committed offsets, chain heads), in all.
+_RECOVER_BUDGET_S = 2 * STABLE_OFFSETS_TIMEOUT_S
 HEAD_CACHE_SIZE = 20_000  # chain heads kept in memory; the rest are paged from the read model
 
 
@@ -110,11 +113,11 @@ def _retrying(fn: Callable[[], T], what: str, timeout_s: float = 60.0) -> T:
         try:
             return fn()
         except KafkaException as exc:
-            error = exc.args[0] if exc.args else None
-            retriable = isinstance(error, KafkaError) and error.retriable()
-            if not retriable or time.monotonic() > deadline:
+            # is_transient, not retriable(): librdkafka leaves e.g. NOT_LEADER_FOR_PARTITION
+            # from a watermark read unmarked, and a leader moving is the commonest "not yet".
+            if not is_transient(exc) or time.monotonic() > deadline:
                 raise
-            log.warning("%s: %s; retrying", what, error)
+            log.warning("%s: %s; retrying", what, exc.args[0] if exc.args else exc)
             time.sleep(1.0)
 
 
@@ -463,14 +466,23 @@ class Chainer:
         try:
             with self.watchdog.deadline("abort_transaction", 60 + CALL_GRACE_S):
                 self.producer.abort_transaction(60)
-            assignment = self.consumer.assignment()
-            committed = self.consumer.committed(assignment, timeout=STABLE_OFFSETS_TIMEOUT_S)
-            for tp in committed:
-                offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
-                self.consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
-            # The read model may hold the aborted batch: its heads come from the topic.
-            self.read_model.forget_offsets(AUDITOR, {tp.partition for tp in assignment})
-            self._sync_heads({tp.partition for tp in assignment}, committed)
+
+            def rewind() -> None:
+                assignment = self.consumer.assignment()
+                committed = self.consumer.committed(assignment,
+                                                    timeout=STABLE_OFFSETS_TIMEOUT_S)
+                for tp in committed:
+                    offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
+                    self.consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+                # The read model may hold the aborted batch: its heads come from the topic.
+                self.read_model.forget_offsets(AUDITOR, {tp.partition for tp in assignment})
+                self._sync_heads({tp.partition for tp in assignment}, committed)
+
+            # A broker killed moves leaders: the reads wait for the new ones (the chaos
+            # suite found an exit here on NOT_LEADER_FOR_PARTITION).
+            with self.watchdog.deadline("recover", _RECOVER_BUDGET_S + CALL_GRACE_S):
+                _retrying(rewind, "auditor: resuming from the committed state",
+                          timeout_s=_RECOVER_BUDGET_S)
         except KafkaException as again:
             raise InfrastructureError(f"auditor could not recover from {error}: {again}") from again
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 import uuid
@@ -376,12 +377,17 @@ class ExceptionManager:
         log.warning("exception manager: %d exceptions rebuilt from %s; ownership %s; "
                     "checking SLAs every %.1fs", count, s.exception_state_topic,
                     self.ownership.version, s.exception_check_interval_s)
-        consumer = Consumer({
-            **consumer_config(s, self.bootstrap, group, component=COMPONENT),
-            **membership_config(s.session_timeout_s, COMPONENT, self.instance),
-            "log_level": 3,
-        })
-        consumer.subscribe([s.exceptions_topic, s.exception_events_topic])
+        def new_consumer() -> Consumer:
+            made = Consumer({
+                **consumer_config(s, self.bootstrap, group, component=COMPONENT),
+                **membership_config(s.session_timeout_s, COMPONENT, self.instance),
+                "log_level": 3,
+            })
+            made.subscribe([s.exceptions_topic, s.exception_events_topic])
+            return made
+
+        consumer = new_consumer()
+        replaced_at = -math.inf
         interval_ms = int(s.exception_check_interval_s * 1000)
         last_tick = 0
         caught_up = False
@@ -398,11 +404,28 @@ class ExceptionManager:
                         if error.code() == KafkaError.FENCED_INSTANCE_ID:
                             raise InfrastructureError(fenced_message(COMPONENT, instance_id))
                         if error.fatal() or error.code() == KafkaError._FATAL:
-                            # The consumer is dead (e.g. its static membership fenced by its
-                            # own rejoin after a broker restart): exit, the supervisor
-                            # restarts it from the committed state (chaos run: it kept
-                            # polling a dead consumer).
-                            raise InfrastructureError(f"exception manager consumer: {error}")
+                            # The consumer is dead: librdkafka fences a static member by its
+                            # own rejoin when the group coordinator moves (a broker killed).
+                            # Replaced in place, once a minute at most: what was read since
+                            # the last commit comes again and repeats as no-ops. Dead again
+                            # within the minute means another process holds this instance's
+                            # group.instance.id: stop, saying so (the chaos suite found the
+                            # exit this replaces).
+                            if time.monotonic() - replaced_at < _REPLACE_AT_MOST_EVERY_S:
+                                raise InfrastructureError(
+                                    f"exception manager consumer: {error}; failed again within "
+                                    f"{_REPLACE_AT_MOST_EVERY_S:.0f}s of its replacement: "
+                                    f"another process may run as {instance_id!r}")
+                            replaced_at = time.monotonic()
+                            log.warning("exception manager: consumer failed (%s); replacing "
+                                        "it, resuming from the committed offsets", error.str())
+                            with contextlib.suppress(Exception), self.watchdog.deadline(
+                                    "failed consumer close", 30 + CALL_GRACE_S):
+                                consumer.close()
+                            consumer = new_consumer()
+                            caught_up = False  # timers wait for the backlog again
+                            consumed = False  # nothing to commit on the new consumer yet
+                            break
                         log.warning("consumer: %s", error)
                         continue
                     consumed = True
@@ -478,6 +501,8 @@ def _refuse_second_manager(bootstrap: str, group: str, instance_id: str | None =
 
 # Positions, committed offsets and watermarks of every assigned partition, 5 s each.
 _CAUGHT_UP_BUDGET_S = 120.0 + CALL_GRACE_S
+# A failed consumer is replaced in place at most this often (see ExceptionManager.run).
+_REPLACE_AT_MOST_EVERY_S = 60.0
 
 
 def _caught_up(consumer: Consumer) -> bool:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 from confluent_kafka import Producer
@@ -100,3 +100,73 @@ def test_commands_apply_and_bad_ones_are_skipped() -> None:
     assert (s["status"], s["acknowledged_by"]) == ("acknowledged", "ana")
     assert sample(metrics, "revline_exception_transitions_total", status="acknowledged") == 1
     assert m.tick(T0 + 3_600_000) == []  # acknowledged: no breach
+
+
+class _DeadOnce:
+    """A consumer whose first consume() reports the consumer dead (librdkafka's _FATAL,
+    e.g. a static member fenced by its own rejoin after its coordinator moved)."""
+
+    made: ClassVar[list[_DeadOnce]] = []
+    fail_every: ClassVar[bool] = False
+    stop: ClassVar[Any] = None
+
+    def __init__(self, _config: dict[str, Any]) -> None:
+        self.consumes = 0
+        self.closed = False
+        _DeadOnce.made.append(self)
+
+    def subscribe(self, _topics: list[str]) -> None:
+        pass
+
+    def consume(self, _n: int, _timeout: float) -> list[Any]:
+        self.consumes += 1
+        if self.consumes == 1 and (len(_DeadOnce.made) == 1 or _DeadOnce.fail_every):
+            from confluent_kafka import KafkaError
+
+            class Dead:
+                def error(self) -> KafkaError:
+                    return KafkaError(KafkaError._FATAL, "Static consumer fenced", fatal=True)
+            return [Dead()]
+        if self.consumes >= 3:
+            _DeadOnce.stop.set()
+        return []
+
+    def commit(self, **_kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _run_with_dead_consumers(monkeypatch: Any, fail_every: bool) -> list[_DeadOnce]:
+    import threading
+
+    import revline.streams.exceptions as module
+
+    _DeadOnce.made, _DeadOnce.fail_every = [], fail_every
+    _DeadOnce.stop = threading.Event()
+    monkeypatch.setattr(module, "Consumer", _DeadOnce)
+    monkeypatch.setattr(module, "_refuse_second_manager", lambda *_a, **_k: None)
+    monkeypatch.setattr(module, "_caught_up", lambda _consumer: True)
+    m, _ = manager()
+    monkeypatch.setattr(m, "rebuild", lambda: 0)
+    try:
+        m.run(_DeadOnce.stop)
+    finally:
+        m.watchdog.stop()
+    return _DeadOnce.made
+
+
+def test_a_dead_consumer_is_replaced_in_place_not_an_exit(monkeypatch: Any) -> None:
+    made = _run_with_dead_consumers(monkeypatch, fail_every=False)
+    assert len(made) == 2 and made[0].closed and made[1].closed  # replaced, then stopped
+    assert made[1].consumes >= 3
+
+
+def test_a_consumer_dead_again_within_a_minute_stops_the_manager(monkeypatch: Any) -> None:
+    import pytest
+
+    from revline.core.errors import InfrastructureError
+
+    with pytest.raises(InfrastructureError, match="another process may run as"):
+        _run_with_dead_consumers(monkeypatch, fail_every=True)

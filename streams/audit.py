@@ -457,7 +457,7 @@ class Chainer:
         error: KafkaError = exc.args[0]
         # A retriable failure (the broker away for a moment: _TRANSPORT while adding the
         # offsets) is aborted and redone like an abortable one, not a reason to exit.
-        if error.fatal() or not (error.txn_requires_abort() or error.retriable()):
+        if error.fatal() or not (error.txn_requires_abort() or is_transient(exc)):
             raise InfrastructureError(
                 f"auditor transaction failed ({error}); nothing uncommitted was kept, restart "
                 f"to resume (if fenced: another auditor runs as {self.transactional_id!r})"

@@ -519,8 +519,13 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     if args.backtest or (only is not None and "backtest" in only):
         backtest = BacktestBenchOptions(**{k: v for k, v in {
             "orders": args.backtest_orders, "runs": args.backtest_runs}.items() if v is not None})
+    memory = None
+    if args.memory or (only is not None and "memory" in only):
+        from revline.tools.memory_bench import MemoryBenchOptions
+
+        memory = MemoryBenchOptions(**({"sizes": args.memory} if args.memory else {}))
     for flag, section in (("--erp", "erp"), ("--read-model", "read-model"),
-                          ("--backtest", "backtest")):
+                          ("--backtest", "backtest"), ("--memory", "memory")):
         if only is not None and getattr(args, section.replace("-", "_")) and section not in only:
             raise ConfigurationError(f"{flag} asks for the {section} section, which --only "
                                      "leaves out: add it to --only")
@@ -560,6 +565,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
             erp=erp,
             read_model=read_model,
             backtest=backtest,
+            memory=memory,
         )
     console.print(report.to_rich())
     if args.out:
@@ -618,7 +624,7 @@ def _instance_name(text: str) -> str:
 
 # Shared argument types: a count, a limit, a size, a share, a time span.
 _BENCH_SECTIONS = ("contenders", "pipeline", "sinks", "erp", "read-model",  # bench.SECTIONS
-                   "backtest")
+                   "backtest", "memory")
 
 
 def _bench_sections(text: str) -> list[str]:
@@ -794,6 +800,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "engine on one generated week (target ≥ 20,000 events/s)")
     p.add_argument("--backtest-orders", type=POSITIVE, help="orders in that week (10000)")
     p.add_argument("--backtest-runs", type=POSITIVE, help="runs of each, alternating (3)")
+    p.add_argument("--memory", type=_sizes, metavar="N,N…",
+                   help="also measure the worker's, exception manager's and auditor's memory "
+                        "after generated histories of these many orders (10000,100000,1000000; "
+                        "each in its own process; target: roughly flat)")
     p.add_argument("--out", metavar="FILE.md", help="also write the markdown tables here")
     p.set_defaults(func=cmd_bench)
 

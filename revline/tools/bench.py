@@ -51,7 +51,11 @@ Without Kafka (``--only erp,read-model`` runs just these):
   (``revline/tools/read_model_bench.py``);
 * **backtest** (``--backtest``) — ``revline rules backtest`` against the worker's
   in-process engine on the same generated week: events/s of each, the ratio, the
-  verdict against 20,000 events/s (``revline/tools/backtest_bench.py``).
+  verdict against 20,000 events/s (``revline/tools/backtest_bench.py``);
+* **memory** (``--memory 10000,100000,1000000``) — the worker, the exception manager and
+  the auditor, each in its own child process, fed a generated history through their own
+  state code: RSS and the heap of their state at each size, the largest against the
+  smallest (``revline/tools/memory_bench.py``).
 """
 
 from __future__ import annotations
@@ -98,6 +102,7 @@ if TYPE_CHECKING:
     from revline.sinks._protocols import EffectResult, ErpAdapter, Event
     from revline.sinks.ledger import SqlLedger
     from revline.tools.backtest_bench import BacktestBenchOptions, BacktestBenchReport
+    from revline.tools.memory_bench import MemoryBenchOptions, MemoryReport
     from revline.tools.read_model_bench import ReadModelReport
     from revline.tools.tryton_bench import Comparison
 
@@ -120,7 +125,7 @@ _STEP_NAMES = {"raw": "raw loop", "faust": "Faust", "pipeline": "pipeline"}
 _CLI = [sys.executable, "-m", "revline.cli"]
 
 # What `revline bench --only` selects from; Kafka runs only for the first three.
-SECTIONS = ("contenders", "pipeline", "sinks", "erp", "read-model", "backtest")
+SECTIONS = ("contenders", "pipeline", "sinks", "erp", "read-model", "backtest", "memory")
 ERPS = ("tryton",)  # adapters --erp can compare per document vs batched
 
 # Sinks: the issue's targets.
@@ -369,6 +374,7 @@ class BenchReport:
     erp: Comparison | None = None  # None: not requested (no --erp)
     read_model: ReadModelReport | None = None  # None: not requested (no --read-model)
     backtest: BacktestBenchReport | None = None  # None: not requested (backtest_bench)
+    memory: MemoryReport | None = None  # None: not requested (memory_bench)
 
     @property
     def contenders(self) -> list[ContenderResult]:
@@ -379,8 +385,8 @@ class BenchReport:
         """Everything requested was measured (targets are reported, not enforced)."""
         baselines = [c for c in (self.raw, self.faust) if c is not None]
         return (all(c.ok for c in baselines) and (self.sinks is None or self.sinks.ok)
-                and all(part.ok for part in (self.erp, self.read_model, self.backtest)
-                        if part is not None))
+                and all(part.ok for part in (self.erp, self.read_model, self.backtest,
+                                             self.memory) if part is not None))
 
     @property
     def kafka(self) -> bool:
@@ -411,6 +417,8 @@ class BenchReport:
             out += self.read_model.lines()
         if self.backtest is not None:
             out += self.backtest.lines()
+        if self.memory is not None:
+            out += self.memory.lines()
         return out
 
     def _ratio(self, other: ContenderResult | None) -> float | None:
@@ -521,6 +529,8 @@ class BenchReport:
             lines.append("")
         if self.backtest is not None:
             lines += ["", *self.backtest.to_markdown(), ""]
+        if self.memory is not None:
+            lines += ["", *self.memory.to_markdown(), ""]
         lines += [f"- {line}" for line in self._part_lines()]
         lines += ["", f"<sub>{self._machine_line()}</sub>", ""]
         return "\n".join(lines)
@@ -580,6 +590,8 @@ class BenchReport:
             parts.append(table)
         if self.backtest is not None:
             parts += self.backtest.to_rich()
+        if self.memory is not None:
+            parts += self.memory.to_rich()
         parts += [Text(line) for line in self._part_lines()]
         parts.append(Text(self._machine_line(), style="dim"))
         return Group(*parts)
@@ -652,6 +664,7 @@ def run_benchmark(
     erp: ErpBenchOptions | None = None,
     read_model: ReadModelBenchOptions | None = None,
     backtest: BacktestBenchOptions | None = None,
+    memory: MemoryBenchOptions | None = None,
 ) -> BenchReport:
     """Measure raw, Faust, the pipeline and (with ``sinks``) the sinks, (with ``erp``) the
     ERP per document vs batched, (with ``read_model``) the operator commands by history
@@ -672,7 +685,7 @@ def run_benchmark(
            if kafka and bootstrap is not None else None)
     raw = faust = pipeline = None
     sink_report = None
-    erp_report = read_model_report = backtest_report = None
+    erp_report = read_model_report = backtest_report = memory_report = None
     try:
         if run is not None:
             if include_baselines or include_pipeline:
@@ -696,6 +709,10 @@ def run_benchmark(
             from revline.tools import backtest_bench
 
             backtest_report = backtest_bench.run(backtest, step)
+        if memory is not None:
+            from revline.tools import memory_bench
+
+            memory_report = memory_bench.run(memory, step)
     finally:
         if run is not None:
             run.cleanup()
@@ -715,6 +732,7 @@ def run_benchmark(
         erp=erp_report,
         read_model=read_model_report,
         backtest=backtest_report,
+        memory=memory_report,
     )
 
 

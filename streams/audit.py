@@ -59,7 +59,7 @@ from revline.core.errors import ConfigurationError, InfrastructureError
 from revline.core.kafka_config import client_config, consumer_config, producer_config
 from revline.core.readback import CommittedReader
 from revline.core.settings import Settings
-from revline.core.startup import is_transient
+from revline.core.startup import NotReadyError, is_transient, retry_startup
 from revline.core.watchdog import Watchdog
 from revline.processors.audit_chain import (
     ChainHead,
@@ -188,8 +188,18 @@ def ensure_audit_topics(bootstrap: str, settings: Settings) -> None:
                                       component="auditor"))
     names = [settings.outcomes_topic, settings.audit_facts_topic, settings.audit_topic,
              settings.audit_heads_topic]
-    metadata = admin.list_topics(timeout=30).topics
-    counts = {name: len(metadata[name].partitions) for name in names}
+
+    def partition_counts() -> dict[str, int]:
+        # A topic created a moment ago may not be known yet to the broker this client
+        # asks on a multi-broker cluster (a KeyError here once on a fresh one).
+        metadata = admin.list_topics(timeout=30).topics
+        unseen = [n for n in names if n not in metadata or not metadata[n].partitions]
+        if unseen:
+            raise NotReadyError(f"topics {unseen} not in the metadata yet")
+        return {name: len(metadata[name].partitions) for name in names}
+
+    counts = retry_startup(partition_counts, "the audit topics' metadata",
+                           timeout_s=settings.startup_timeout_s, component="auditor")
     if len(set(counts.values())) != 1:
         raise ConfigurationError(
             "the audit chainer needs co-partitioned topics (one order = one partition number); "

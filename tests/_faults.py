@@ -157,7 +157,15 @@ class Tail(threading.Thread):
             "isolation.level": "read_committed",
             "log_level": 0,  # the broker restart is expected; its errors are no news here
         })
-        metadata = self.consumer.list_topics(timeout=30).topics
+        # On a fresh cluster the broker asked may not know a topic created a moment ago
+        # on another one yet (a KeyError here once in the chaos test): wait for it.
+        deadline = time.monotonic() + 60
+        while True:
+            metadata = self.consumer.list_topics(timeout=30).topics
+            if all(t in metadata and metadata[t].partitions and metadata[t].error is None
+                   for t in topics) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         self.consumer.assign([TopicPartition(t, p, OFFSET_BEGINNING)
                               for t in topics for p in metadata[t].partitions])
         self.seen: dict[str, list[Seen]] = {t: [] for t in topics}

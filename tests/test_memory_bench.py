@@ -84,7 +84,8 @@ def test_past_the_bounds_what_each_component_holds_stops_growing(tmp_path: Path)
         ratio = r.ratio("state_bytes")
         assert ratio is not None and ratio < 1.5, (r.name, ratio)
     assert any("bounds lowered to 100" in line for line in report.lines())
-    assert {s for s, _, _ in steps} == {f"memory: {memory_bench.LABELS[c]}" for c in COMPONENTS}
+    assert {s for s, _, _ in steps} == {"memory: worker, exceptions, auditor (a process each)"}
+    assert steps[-1][1:] == (3000, 3000)
     assert not list(tmp_path.iterdir())  # the run's files are removed
 
 

@@ -199,8 +199,10 @@ def _ratio(value: float | None) -> str:
 # -- the parent ------------------------------------------------------------------------------
 def run(options: MemoryBenchOptions | None = None, progress: ProgressFn | None = None,
         workdir: Path | None = None) -> MemoryReport:
-    """Each component in its own child process, one after another (each reads what the one
-    before wrote); the report has each one's figures at each size."""
+    """Each component in its own child process, all at once (each follows the files the
+    one before it writes); the report has each one's figures at each size."""
+    import threading
+
     from revline.core.settings import Settings
 
     options = options or MemoryBenchOptions()
@@ -208,49 +210,64 @@ def run(options: MemoryBenchOptions | None = None, progress: ProgressFn | None =
     sizes = tuple(sorted(set(options.sizes)))
     report = MemoryReport(sizes=sizes, retention_days=Settings().dedup_retention_days,
                           cap=options.cap)
+    names = [n for n in COMPONENTS if n in options.components]
+    label = f"memory: {', '.join(names)} (a process each)"
     with tempfile.TemporaryDirectory(prefix="revline-memory-", dir=workdir) as tmp:
-        for name in COMPONENTS:
-            if name not in options.components:
-                continue
-            report.runs.append(_child(name, Path(tmp), sizes, options.seed, step,
-                                      options.cap))
-            if name == "worker" and report.runs[-1].error is not None:
-                report.notes.append("the others read the worker's outputs: not run")
-                break
+        children = [_Child(name, Path(tmp), sizes, options.seed, options.cap)
+                    for name in names]
+        threads = [threading.Thread(target=c.collect, daemon=True) for c in children]
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            step(label, min((c.done for c in children), default=0), sizes[-1])
+            for t in threads:
+                t.join(0.5)
+                if not t.is_alive() and any(c.result.error for c in children):
+                    for c in children:  # a follower would wait for its source for ever
+                        c.stop()
+        step(label, sizes[-1], sizes[-1])
+        report.runs = [c.result for c in children]
     return report
 
 
-def _child(name: str, workdir: Path, sizes: tuple[int, ...], seed: int,
-           step: ProgressFn, cap: int | None = None) -> ComponentRun:
-    result = ComponentRun(name)
-    label = f"memory: {LABELS[name]}"
-    step(label, 0, sizes[-1])
-    cmd = [sys.executable, "-m", "revline.tools.memory_bench", name, str(workdir),
-           ",".join(map(str, sizes)), "--seed", str(seed),
-           *(["--cap", str(cap)] if cap is not None else [])]
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-    for key in [k for k in env if k.startswith("REVLINE_")]:
-        del env[key]  # the child's settings are the defaults, whatever the caller set
-    err_path = workdir / f"{name}.stderr"
-    with err_path.open("wb") as err, subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env) as proc:
+class _Child:
+    def __init__(self, name: str, workdir: Path, sizes: tuple[int, ...], seed: int,
+                 cap: int | None) -> None:
+        self.result = ComponentRun(name)
+        self.done = 0
+        cmd = [sys.executable, "-m", "revline.tools.memory_bench", name, str(workdir),
+               ",".join(map(str, sizes)), "--seed", str(seed),
+               *(["--cap", str(cap)] if cap is not None else [])]
+        env = {**os.environ, "PYTHONHASHSEED": "0"}
+        for key in [k for k in env if k.startswith("REVLINE_")]:
+            del env[key]  # the child's settings are the defaults, whatever the caller set
+        self.err_path = workdir / f"{name}.stderr"
+        with self.err_path.open("wb") as err:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
+                                         env=env)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+
+    def collect(self) -> None:
+        result, proc = self.result, self.proc
         assert proc.stdout is not None
-        for line in proc.stdout:
-            try:
-                msg = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if "progress" in msg:
-                step(label, int(msg["progress"]), sizes[-1])
-            elif "baseline_rss_kb" in msg:
-                result.baseline_rss_kb = int(msg["baseline_rss_kb"])
-            elif "point" in msg:
-                result.points.append(Point(**msg["point"]))
-    if proc.returncode != 0:
-        tail = err_path.read_text(errors="replace").strip().splitlines()[-3:]
-        result.error = f"exit {proc.returncode}: {' / '.join(tail)[:500]}"
-    step(label, sizes[-1], sizes[-1])
-    return result
+        with proc:
+            for line in proc.stdout:
+                try:
+                    msg = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if "progress" in msg:
+                    self.done = int(msg["progress"])
+                elif "baseline_rss_kb" in msg:
+                    result.baseline_rss_kb = int(msg["baseline_rss_kb"])
+                elif "point" in msg:
+                    result.points.append(Point(**msg["point"]))
+        if proc.returncode != 0:
+            tail = self.err_path.read_text(errors="replace").strip().splitlines()[-3:]
+            result.error = f"exit {proc.returncode}: {' / '.join(tail)[:500]}"
 
 
 # -- measuring -------------------------------------------------------------------------------
@@ -318,9 +335,11 @@ _HEAD = struct.Struct("<cBqII")  # tag, partition, timestamp/orders, key length,
 
 
 class _TopicFile:
-    """Records (partition, key, value, timestamp) and marks (orders so far, clock) in order."""
+    """Records (partition, key, value, timestamp) and marks (orders so far, clock) in order;
+    readers may follow it while it is written (up to the last mark, until ``.done``)."""
 
     def __init__(self, path: Path) -> None:
+        self.path = path
         self._f: BinaryIO = path.open("wb")
 
     def append(self, partition: int, key: bytes, value: bytes, timestamp_ms: int) -> None:
@@ -331,24 +350,40 @@ class _TopicFile:
     def mark(self, orders: int, clock_ms: int) -> None:
         self._f.write(_HEAD.pack(_MARK, 0, orders, 0, 8))
         self._f.write(struct.pack("<q", clock_ms))
+        self._f.flush()
 
     def close(self) -> None:
         self._f.close()
+        _done(self.path).touch()
+
+
+def _done(path: Path) -> Path:
+    return path.with_name(path.name + ".done")
 
 
 Item = tuple[bytes, int, int, bytes, bytes]  # tag, partition or 0, ts or orders, key, value
 
 
-def _read_topic(path: Path) -> Iterator[Item]:
+def _read_topic(path: Path, wait_s: float = 0.2) -> Iterator[Item]:
+    """The file's items, following it until its writer has closed it (``.done``)."""
+    while not path.exists():
+        time.sleep(wait_s)
     with path.open("rb") as f:
         while True:
+            finished = _done(path).exists()  # before the read: then a short read is the end
+            at = f.tell()
             head = f.read(_HEAD.size)
-            if len(head) < _HEAD.size:
+            if len(head) == _HEAD.size:
+                tag, partition, number, klen, vlen = _HEAD.unpack(head)
+                key = f.read(klen)
+                value = f.read(vlen)
+                if len(key) == klen and len(value) == vlen:
+                    yield tag, partition, number, key, value
+                    continue
+            if finished:
                 return
-            tag, partition, number, klen, vlen = _HEAD.unpack(head)
-            key = f.read(klen)
-            value = f.read(vlen)
-            yield tag, partition, number, key, value
+            f.seek(at)  # written in part: wait for the rest
+            time.sleep(wait_s)
 
 
 def _segments(path: Path) -> Iterator[tuple[list[Item], int, int]]:

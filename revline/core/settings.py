@@ -149,6 +149,17 @@ class Settings(BaseSettings):
     sink_crash_after_erp_writes: int | None = Field(
         default=None, description="Testing only: SIGKILL the sink right after its Nth ERP write."
     )
+    memory_erp_outage_file: Path | None = Field(
+        default=None,
+        description="In-memory ERP only: while this file exists every ERP call fails as an "
+                    "unreachable ERP does (the sink pauses and retries); for outage drills.",
+    )
+    ledger_outage_s: float = Field(
+        default=60.0, gt=0, le=3600,
+        description="How long a component retries a ledger-database write or read that failed "
+                    "on a connection (a PostgreSQL restart or fail-over) before it gives up; "
+                    "start-up waits up to startup_timeout_s for the database.",
+    )
 
     # Worker (stream core).
     app_id: str = Field(default="revline", description="Faust app id and consumer group.")

@@ -15,7 +15,7 @@ def erp_from_settings(settings: Settings) -> ErpAdapter:
     if kind == "auto":
         kind = "tryton" if settings.tryton_url else "memory"
     if kind == "memory":
-        return InMemoryErp()
+        return InMemoryErp(outage_file=settings.memory_erp_outage_file)
     if kind == "tryton":
         if not settings.tryton_url:
             raise ConfigurationError(

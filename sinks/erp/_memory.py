@@ -11,10 +11,17 @@ lookups read the order's documents only.
 Test hooks: ``fail_next(step, error)`` makes the next write of a step raise
 ``error`` (after the earlier steps were applied), ``available = False`` makes
 every call raise ``TransientSinkError`` as an unreachable server would.
+
+An outage from outside the process: with ``outage_file`` (the sink's
+``REVLINE_MEMORY_ERP_OUTAGE_FILE``), every call raises that same
+``TransientSinkError`` while the file exists, as a Tryton that cannot be reached
+does; the sink backs off, opens its breaker and pauses, and goes on where it
+stopped once the file is gone (``revline chaos`` takes the ERP down this way).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -134,9 +141,12 @@ class InMemoryErp:
 
     name = "erp"
 
-    def __init__(self, store: MemoryErpStore | None = None) -> None:
+    def __init__(self, store: MemoryErpStore | None = None, *,
+                 outage_file: str | os.PathLike[str] | None = None) -> None:
         self.store = store if store is not None else MemoryErpStore()
         self._failures: dict[str, Exception] = {}
+        # While this file exists, the ERP is "down" (see the module docstring).
+        self.outage_file = os.fspath(outage_file) if outage_file is not None else None
 
     # -- test hooks ------------------------------------------------------------------------
     @property
@@ -167,6 +177,9 @@ class InMemoryErp:
     def _reach(self) -> None:
         if not self.store.available:
             raise TransientSinkError("in-memory ERP is unavailable (simulated outage)")
+        if self.outage_file is not None and os.path.exists(self.outage_file):
+            raise TransientSinkError(
+                f"in-memory ERP is unavailable (outage: {self.outage_file} exists)")
 
     # -- lookup ----------------------------------------------------------------------------
     @staticmethod

@@ -15,6 +15,14 @@ What the operator commands query instead of reading whole topics:
 * ``read_model_offsets``: up to where each writer's source partitions are in the
   tables, so a component can tell on start whether they agree with Kafka.
 
+A lost database connection (a PostgreSQL restart, a fail-over) is ridden out, not fatal:
+a ``write()`` transaction keeps the steps it ran and, when a statement or the commit fails
+on the connection, waits for the database and runs them all again in a new transaction
+(every step is idempotent: upserts, "not counted yet" checks, counts moved from what the
+table holds), and reads are retried, both for up to ``outage_s``
+(``REVLINE_LEDGER_OUTAGE_S`` for the components); opening the model waits up to
+``wait_s`` (``REVLINE_STARTUP_TIMEOUT_S``) for the database.
+
 The topics stay the source of truth: ``rebuild`` recreates every table from them (the
 audit, heads, outcomes and exception-state topics) with the same content the
 components write. The tables live in the ledger's database (SQLite by default,
@@ -25,19 +33,24 @@ PostgreSQL in production) and come with its migrations (``0003_read_model``,
 from __future__ import annotations
 
 import bisect
+import contextlib
+import functools
 import logging
+import random
 import re
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from revline.sinks.ledger._errors import is_transient
 from revline.sinks.ledger._schema import (
     READ_MODEL_ALL,
     audit_heads,
@@ -71,6 +84,10 @@ NO_LATENCY = -1
 _REFUSED_OVERRIDE = re.compile(r"manual_override requires (\w+)")
 
 State = dict[str, Any]
+T = TypeVar("T")
+P = ParamSpec("P")
+_BACKOFF_FIRST_S = 0.25
+_BACKOFF_MAX_S = 5.0
 
 
 def latency_bucket(ms: int) -> int:
@@ -174,6 +191,130 @@ class ReadModelUnavailable(Exception):
     """The tables are missing (an old deployment) or the database cannot be opened."""
 
 
+def wait_for_database(fn: Callable[[], T], what: str, budget_s: float) -> T:
+    """``fn()``, called again while it fails on the database connection (``is_transient``:
+    a restart, a fail-over, a server starting up), with backoff, for up to ``budget_s``;
+    then the last error. Any other error is raised at once."""
+    started = time.monotonic()
+    delay = _BACKOFF_FIRST_S
+    warned = float("-inf")
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            result = fn()
+        except Exception as exc:
+            now = time.monotonic()
+            if not is_transient(exc) or now - started >= budget_s:
+                raise
+            if now - warned >= 10:
+                warned = now
+                log.warning("%s: the ledger database is unavailable (%s); retrying for up to "
+                            "%.0f s more", what, _one_line(exc), budget_s - (now - started))
+            time.sleep(min(delay, budget_s - (now - started)) * random.uniform(0.8, 1.0))
+            delay = min(delay * 2, _BACKOFF_MAX_S)
+            continue
+        if attempt > 1:
+            log.warning("%s: the ledger database is back after %.1f s", what,
+                        time.monotonic() - started)
+        return result
+
+
+def _one_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).strip()
+    return " ".join(text.split())[:300] or type(exc).__name__
+
+
+class ReadModelWrite:
+    """One write transaction of the read model that survives a lost connection.
+
+    What ``ReadModel.write()`` yields: the model's writing methods (``write_audit_batch``,
+    ``write_states``, ``set_offsets``…) and ``execute`` run here as steps, at once, in one
+    transaction that commits when the ``with`` block ends. When a step or the commit fails
+    on the connection, it waits for the database (up to the model's ``outage_s``) and runs
+    every step so far again in a new transaction: the steps are idempotent and read what
+    they depend on inside the transaction, so a commit that did happen before the
+    connection broke is not applied twice. An error of the block itself rolls back.
+    """
+
+    def __init__(self, model: ReadModel) -> None:
+        self._model = model
+        self._steps: list[Callable[[Connection], Any]] = []
+        self._conn: Connection | None = None
+
+    def run(self, step: Callable[[Connection], T]) -> T:
+        """Run ``step`` in this transaction (every step again after a lost connection)."""
+        self._steps.append(step)
+        if self._conn is not None:
+            try:
+                return step(self._conn)
+            except Exception as exc:
+                self._drop()
+                if not is_transient(exc) or self._model.outage_s <= 0:
+                    raise
+        result: T = self._model.retrying(self._replay, "read model write")
+        return result
+
+    def execute(self, statement: Any, parameters: Any = None) -> Any:
+        """``Connection.execute`` as a step (its result is the last run's)."""
+        if parameters is None:
+            return self.run(lambda conn: conn.execute(statement))
+        return self.run(lambda conn: conn.execute(statement, parameters))
+
+    def _replay(self) -> Any:
+        """Every step so far in a new transaction; the last one's result."""
+        self._drop()
+        try:
+            conn = self._model.engine.connect()
+            self._conn = conn.execution_options(revline_write=True)
+            self._conn.begin()
+            result: Any = None
+            for step in self._steps:
+                result = step(self._conn)
+            return result
+        except BaseException:
+            self._drop()
+            raise
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()  # rolls back what is open; a dead connection is discarded
+
+    def _commit(self) -> None:
+        if not self._steps:
+            return
+
+        def commit() -> None:
+            if self._conn is None:
+                self._replay()
+            assert self._conn is not None
+            try:
+                self._conn.commit()
+            finally:
+                self._drop()
+
+        self._model.retrying(commit, "read model commit")
+
+    def _rollback(self) -> None:
+        self._drop()
+
+
+Tx = Connection | ReadModelWrite  # what the writing methods take: write()'s, or a connection
+
+
+def _read(method: Callable[Concatenate[ReadModel, P], T]
+          ) -> Callable[Concatenate[ReadModel, P], T]:
+    """A query of the model, run again while the database is away (up to ``outage_s``)."""
+    @functools.wraps(method)
+    def retried(model: ReadModel, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return model.retrying(lambda: method(model, *args, **kwargs),
+                              f"read model {method.__name__}")
+    return retried
+
+
 class ReadModel:
     """The read-model tables in the ledger's database at ``url``.
 
@@ -182,19 +323,33 @@ class ReadModel:
     ``ready()`` says the tables are missing or empty.
     """
 
-    def __init__(self, url: str, *, migrate: bool = True) -> None:
+    def __init__(self, url: str, *, migrate: bool = True, wait_s: float = 0.0,
+                 outage_s: float = 0.0) -> None:
         from revline.sinks.ledger._ledger import _create_engine, migrating, upgrade_to_head
 
         self.url = url
         self.engine: Engine = _create_engine(url)
         self.dialect = self.engine.dialect.name
+        self.outage_s = outage_s  # a lost connection: how long writes and reads wait
         if migrate:
-            with migrating(self.engine) as conn:
-                upgrade_to_head(conn)
+            def upgrade() -> None:
+                with migrating(self.engine) as conn:
+                    upgrade_to_head(conn)
+
+            wait_for_database(upgrade, "read model start-up", wait_s)
 
     @classmethod
     def for_settings(cls, settings: Settings, *, migrate: bool = True) -> ReadModel:
-        return cls(settings.ledger_url, migrate=migrate)
+        """For a component: waits for the database at start (``startup_timeout_s``) and
+        rides out a lost connection (``ledger_outage_s``)."""
+        return cls(settings.ledger_url, migrate=migrate, wait_s=settings.startup_timeout_s,
+                   outage_s=settings.ledger_outage_s)
+
+    def retrying(self, fn: Callable[[], T], what: str) -> T:
+        """``fn()``, retried while the database is away, for up to ``outage_s``."""
+        if self.outage_s <= 0:
+            return fn()
+        return wait_for_database(fn, what, self.outage_s)
 
     @classmethod
     def for_query(cls, settings: Settings) -> ReadModel:
@@ -219,21 +374,27 @@ class ReadModel:
     def close(self) -> None:
         self.engine.dispose()
 
+    @_read
     def missing_tables(self) -> list[str]:
         names = set(sa.inspect(self.engine).get_table_names())
         return [t.name for t in READ_MODEL_ALL if t.name not in names]
 
+    @_read
     def has_rows(self, table: sa.Table) -> bool:
         with self.engine.connect() as conn:
             return conn.execute(sa.select(sa.literal(1)).select_from(table).limit(1)).first() \
                 is not None
 
     @contextmanager
-    def write(self) -> Iterator[Connection]:
-        with self.engine.connect() as conn:
-            conn = conn.execution_options(revline_write=True)
-            with conn.begin():
-                yield conn
+    def write(self) -> Iterator[ReadModelWrite]:
+        """One transaction (see ``ReadModelWrite``), committed when the block ends."""
+        tx = ReadModelWrite(self)
+        try:
+            yield tx
+        except BaseException:
+            tx._rollback()
+            raise
+        tx._commit()
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
@@ -249,8 +410,10 @@ class ReadModel:
 
         return sqlite_insert(table)
 
-    def _upsert(self, conn: Connection, table: sa.Table, rows: Sequence[Mapping[str, Any]]
+    def _upsert(self, conn: Tx, table: sa.Table, rows: Sequence[Mapping[str, Any]]
                 ) -> None:
+        if isinstance(conn, ReadModelWrite):
+            return conn.run(lambda c: self._upsert(c, table, rows))
         if not rows:
             return
         stmt = self._insert(table)
@@ -262,29 +425,36 @@ class ReadModel:
             conn.execute(stmt, list(rows[start:start + _CHUNK]))
 
     # -- writes ------------------------------------------------------------------------
-    def write_audit_batch(self, conn: Connection, records: Sequence[Mapping[str, Any]],
+    def write_audit_batch(self, conn: Tx, records: Sequence[Mapping[str, Any]],
                           heads: Sequence[Mapping[str, Any]],
                           offsets: Mapping[tuple[str, int], int],
                           outcomes: Sequence[Mapping[str, Any]]) -> None:
         """One auditor batch: its records, the heads it moved, its offsets, its outcomes."""
+        if isinstance(conn, ReadModelWrite):
+            return conn.run(
+                lambda c: self.write_audit_batch(c, records, heads, offsets, outcomes))
         self._upsert(conn, audit_records, records)
         self._upsert(conn, audit_heads, heads)
         self.set_offsets(conn, AUDITOR, offsets)
         self.count_outcomes(conn, outcomes)
 
-    def set_offsets(self, conn: Connection, owner: str,
+    def set_offsets(self, conn: Tx, owner: str,
                     offsets: Mapping[tuple[str, int], int]) -> None:
+        if isinstance(conn, ReadModelWrite):
+            return conn.run(lambda c: self.set_offsets(c, owner, offsets))
         self._upsert(conn, read_model_offsets, [
             {"owner": owner, "topic": topic, "kafka_partition": p, "next_offset": o}
             for (topic, p), o in sorted(offsets.items())])
 
     def forget_offsets(self, owner: str, partitions: Iterable[int]) -> None:
         """The tables may be ahead of Kafka for these partitions: make them look stale."""
-        with self.write() as conn:
-            conn.execute(read_model_offsets.delete().where(
+        parts = sorted(set(partitions))
+        with self.write() as tx:
+            tx.execute(read_model_offsets.delete().where(
                 read_model_offsets.c.owner == owner,
-                read_model_offsets.c.kafka_partition.in_(sorted(set(partitions)))))
+                read_model_offsets.c.kafka_partition.in_(parts)))
 
+    @_read
     def offsets(self, owner: str) -> dict[tuple[str, int], int]:
         t = read_model_offsets
         with self.read() as conn:
@@ -292,8 +462,11 @@ class ReadModel:
                                 .where(t.c.owner == owner))
             return {(r.topic, r.kafka_partition): r.next_offset for r in rows}
 
-    def count_outcomes(self, conn: Connection, outcomes: Iterable[Mapping[str, Any]]) -> int:
+    def count_outcomes(self, conn: Tx, outcomes: Iterable[Mapping[str, Any]]) -> int:
         """Add final outcomes not counted yet (by input coordinates); returns how many."""
+        if isinstance(conn, ReadModelWrite):
+            given = list(outcomes)  # an iterator is read once, a step may run again
+            return conn.run(lambda c: self.count_outcomes(c, given))
         fresh: dict[str, tuple[int, list[dict[str, Any]]]] = {}
         for outcome in outcomes:
             counted = outcome_counts(outcome)
@@ -340,9 +513,11 @@ class ReadModel:
         conn.execute(stmt, [merged[k] for k in sorted(merged, key=repr)])
         return len(fresh)
 
-    def write_states(self, conn: Connection, rows: Sequence[Mapping[str, Any]],
+    def write_states(self, conn: Tx, rows: Sequence[Mapping[str, Any]],
                      offsets: Mapping[tuple[str, int], int] | None = None) -> None:
         """Upsert states (rows of ``state_row``) and keep ``exception_counts`` with them."""
+        if isinstance(conn, ReadModelWrite):
+            return conn.run(lambda c: self.write_states(c, rows, offsets))
         if rows:
             latest = {r["exception_id"]: r for r in rows}  # upserted in order: the last wins
             delta: Counter[tuple[Any, ...]] = Counter()
@@ -355,7 +530,9 @@ class ReadModel:
         if offsets:
             self.set_offsets(conn, EXCEPTIONS, offsets)
 
-    def delete_states(self, conn: Connection, ids: Sequence[str]) -> None:
+    def delete_states(self, conn: Tx, ids: Sequence[str]) -> None:
+        if isinstance(conn, ReadModelWrite):
+            return conn.run(lambda c: self.delete_states(c, ids))
         delta: Counter[tuple[Any, ...]] = Counter()
         for key in self._count_keys(conn, list(ids)).values():
             delta[key] -= 1
@@ -364,8 +541,10 @@ class ReadModel:
                          .where(exception_states.c.exception_id.in_(ids[start:start + 500])))
         self._add_counts(conn, delta)
 
-    def clear_states(self, conn: Connection) -> None:
+    def clear_states(self, conn: Tx) -> None:
         """Every exception state gone, and their counts."""
+        if isinstance(conn, ReadModelWrite):
+            return conn.run(self.clear_states)
         conn.execute(exception_states.delete())
         conn.execute(exception_counts.delete())
 
@@ -396,6 +575,7 @@ class ReadModel:
         conn.execute(t.delete().where(t.c.n == 0))  # a handful of rows: as rebuilt
 
     # -- audit queries -----------------------------------------------------------------
+    @_read
     def chain_records(self, chain: str) -> list[tuple[str, str]]:
         """(canonical record JSON, location) of every record of ``chain``, by seq."""
         t = audit_records
@@ -403,6 +583,7 @@ class ReadModel:
             return [(r.record, r.location) for r in conn.execute(
                 sa.select(t.c.record, t.c.location).where(t.c.chain == chain).order_by(t.c.seq))]
 
+    @_read
     def heads_for(self, chains: Iterable[str]) -> dict[str, tuple[int, ChainHead]]:
         out: dict[str, tuple[int, ChainHead]] = {}
         wanted = list(chains)
@@ -414,6 +595,7 @@ class ReadModel:
                     out[row["chain"]] = (int(row["kafka_partition"]), head_from_row(dict(row)))
         return out
 
+    @_read
     def facts(self, kinds: Sequence[str]) -> list[dict[str, Any]]:
         """Audit records of these kinds (overrides, reconcile runs: few), oldest first."""
         t = audit_records
@@ -426,6 +608,7 @@ class ReadModel:
         found = self.states([exception_id])
         return found.get(exception_id)
 
+    @_read
     def states(self, ids: Iterable[str]) -> dict[str, State]:
         wanted = list(ids)
         t = exception_states
@@ -437,6 +620,7 @@ class ReadModel:
                     out[row.exception_id] = orjson.loads(row.state)
         return out
 
+    @_read
     def select_states(self, *, now_ms: int, owner: str | None = None,
                       severity: str | None = None, statuses: Sequence[str] = ACTIVE,
                       check: str | None = None, min_age_ms: int | None = None,
@@ -485,16 +669,20 @@ class ReadModel:
             rows = [s for s in rows if fnmatchcase(s["check_id"], check)]
         return rows[:limit], matched, total
 
+    @_read
     def state_count(self) -> int:
         with self.read() as conn:
             return self._counted(conn, sa.true())
 
     @staticmethod
-    def _counted(conn: Connection, where: sa.ColumnElement[bool]) -> int:
+    def _counted(conn: Tx, where: sa.ColumnElement[bool]) -> int:
+        if isinstance(conn, ReadModelWrite):
+            return conn.run(lambda c: ReadModel._counted(c, where))
         c = exception_counts
         return int(conn.execute(sa.select(sa.func.coalesce(sa.func.sum(c.c.n), 0))
                                 .where(where)).scalar_one())
 
+    @_read
     def due_states(self, now_ms: int) -> list[State]:
         """Active exceptions whose expiry or (unescalated, open) SLA deadline has come."""
         t = exception_states
@@ -506,6 +694,7 @@ class ReadModel:
             )).order_by(t.c.opened_at_ms, t.c.exception_id)).scalars()
             return [orjson.loads(s) for s in rows]
 
+    @_read
     def active_summary(self) -> dict[tuple[str, str], tuple[int, int]]:
         """(owner, severity) -> (active count, oldest opened_at_ms)."""
         t = exception_states
@@ -515,6 +704,7 @@ class ReadModel:
                           sa.func.min(t.c.opened_at_ms).label("oldest"))
                 .where(t.c.status.in_(list(ACTIVE))).group_by(t.c.owner, t.c.severity))}
 
+    @_read
     def report_states(self, since_ms: int) -> list[State]:
         """Active exceptions, and every exception opened since ``since_ms``."""
         t = exception_states
@@ -528,6 +718,7 @@ class ReadModel:
                     found.setdefault(row.exception_id, orjson.loads(row.state))
             return list(found.values())
 
+    @_read
     def outcome_rows(self, since_ms: int) -> list[dict[str, Any]]:
         """Counted rows of the hours from the one holding ``since_ms`` on."""
         t = outcome_hours
@@ -535,6 +726,7 @@ class ReadModel:
             return [dict(r) for r in conn.execute(
                 sa.select(t).where(t.c.hour_ms >= hour_of(since_ms))).mappings()]
 
+    @_read
     def snapshot(self) -> dict[str, list[tuple[Any, ...]]]:
         """Every row of every content table, sorted (tests compare written and rebuilt)."""
         out: dict[str, list[tuple[Any, ...]]] = {}
@@ -773,7 +965,7 @@ def rebuild(model: ReadModel, bootstrap: str, settings: Settings, *,
         for table in READ_MODEL_ALL:
             conn.execute(table.delete())
 
-    def chunks(rows: Iterator[dict[str, Any]], write: Callable[[Connection, list[Any]], None]
+    def chunks(rows: Iterator[dict[str, Any]], write: Callable[[ReadModelWrite, list[Any]], None]
                ) -> None:
         batch: list[dict[str, Any]] = []
         for row in rows:
@@ -827,14 +1019,14 @@ def rebuild(model: ReadModel, bootstrap: str, settings: Settings, *,
                     tick(n)
             tick(reader.total)
 
-    def write_heads(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    def write_heads(conn: ReadModelWrite, rows: list[dict[str, Any]]) -> None:
         last = {r["chain"]: r for r in rows}  # in read order: the last wins
         model._upsert(conn, audit_heads, list(last.values()))
 
     chunks(head_rows(), write_heads)
-    with model.read() as conn:
-        counts.chain_heads = int(conn.execute(sa.select(sa.func.count())
-                                              .select_from(audit_heads)).scalar_one())
+    with model.read() as reading:
+        counts.chain_heads = int(reading.execute(sa.select(sa.func.count())
+                                                 .select_from(audit_heads)).scalar_one())
 
     # Outcomes: every final one, once per input.
     codec = outcome_codec()
@@ -850,7 +1042,7 @@ def rebuild(model: ReadModel, bootstrap: str, settings: Settings, *,
             if n % 1000 == 0:
                 tick(n)
 
-    def write_outcomes(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    def write_outcomes(conn: ReadModelWrite, rows: list[dict[str, Any]]) -> None:
         counts.outcomes_counted += model.count_outcomes(conn, rows)
 
     chunks(outcome_values(), write_outcomes)
@@ -868,7 +1060,7 @@ def rebuild(model: ReadModel, bootstrap: str, settings: Settings, *,
             if n % 1000 == 0:
                 tick(n)
 
-    def write_states(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    def write_states(conn: ReadModelWrite, rows: list[dict[str, Any]]) -> None:
         last: dict[str, bytes | None] = {}
         for r in rows:
             last[r["key"]] = r["value"]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -32,6 +34,8 @@ from revline.sinks.ledger._schema import (
     lock_for_migration,
     side_effects,
 )
+
+log = logging.getLogger("revline.ledger")
 
 DEFAULT_URL = "sqlite:///.revline/ledger.db"
 ADAPTER_NAME = "ledger"
@@ -203,7 +207,10 @@ class SqlLedger:
     The schema is created or upgraded to the newest migration (safe against
     concurrent starts) by the constructor unless ``migrate=False``; call ``migrate()``
     yourself then. A database that is down at construction raises
-    ``TransientSinkError``.
+    ``TransientSinkError``, at once or, with ``wait_s``, once it has not come up within
+    that many seconds (a component starting: ``REVLINE_STARTUP_TIMEOUT_S``). Later, a
+    lost connection (a restart) is a ``TransientSinkError`` of the call; the pool
+    replaces dead connections (``pool_pre_ping``).
 
     Effects are identified by (order_id, idempotency_key): journals are unique per
     order and key, and the side-effect ledger is keyed by (order_id, key, adapter).
@@ -212,12 +219,13 @@ class SqlLedger:
     name = ADAPTER_NAME
 
     def __init__(
-        self, url: str = DEFAULT_URL, rules: PostingRules | None = None, *, migrate: bool = True
+        self, url: str = DEFAULT_URL, rules: PostingRules | None = None, *, migrate: bool = True,
+        wait_s: float = 0.0,
     ) -> None:
         self._rules = rules if rules is not None else load_posting_rules()
         self._engine = _create_engine(url)
         if migrate:
-            self.migrate()
+            self.migrate(wait_s=wait_s)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -250,8 +258,11 @@ class SqlLedger:
     def __repr__(self) -> str:
         return f"SqlLedger({self._engine.url.render_as_string(hide_password=True)!r})"
 
-    def migrate(self) -> None:
+    def migrate(self, *, wait_s: float = 0.0) -> None:
         """Upgrade the database to the newest migration and add the chart's missing accounts.
+
+        A database that is unavailable (down, starting up) is waited for up to ``wait_s``
+        (with backoff); then, or at once without it, ``TransientSinkError``.
 
         An empty database is created from the first revision on; one written before
         migrations existed (the ledger's tables, no ``alembic_version``) is taken for
@@ -262,6 +273,21 @@ class SqlLedger:
         An account whose kind in the database differs from the chart is a
         ConfigurationError: changing a kind would silently change old reports.
         """
+        started = time.monotonic()
+        delay = 0.25
+        while True:
+            try:
+                self._migrate()
+                return
+            except TransientSinkError as exc:
+                left = wait_s - (time.monotonic() - started)
+                if left <= 0:
+                    raise
+                log.warning("waiting for the ledger database (%s); %.0f s left", exc, left)
+                time.sleep(min(delay, left))
+                delay = min(delay * 2, 5.0)
+
+    def _migrate(self) -> None:
         with db_errors(), migrating(self._engine) as conn:
             upgrade_to_head(conn)
             rows = conn.execute(sa.select(accounts.c.code, accounts.c.kind))

@@ -668,6 +668,11 @@ class Worker:
             ticks += 1
         for order_id in [o for o in self.due_end if o not in self.holding]:
             del self.due_end[order_id]
+        # A sent tick only throttles re-sends for 10 s: past that, or once the order holds
+        # nothing, its entry goes (they were kept for good: one per timed-out order).
+        for order_id in [o for o, at in self.tick_sent.items()
+                         if now - at > 10_000 or o not in self.holding]:
+            del self.tick_sent[order_id]
         retention_ms = int(self.settings.dedup_retention_days * 86_400_000)
         due = now - self._last_retention_ms > min(3_600_000, retention_ms)
         if due or len(self.orders.data) > self.settings.max_orders * 1.1:

@@ -322,15 +322,130 @@ def outcome_of(decision: Decision, rules: Rules, ownership: Ownership) -> Outcom
                    released_by=decision.released_by, decided_at_ms=decision.decided_at_ms)
 
 
+class _Owners:
+    """``outcome_of`` for one side, its ownership assignments remembered.
+
+    ``Ownership.assign`` reads the facts' amount only through ``amount >= min_amount_minor``
+    of each rule, so the amount's place among the rules' thresholds (``bisect_right``: how
+    many are at or below it) stands for it in the key; everything else is the facts
+    themselves. A week names a few hundred distinct keys for tens of thousands of
+    exceptions."""
+
+    __slots__ = ("_assigned", "_thresholds", "ownership", "rules")
+
+    def __init__(self, rules: Rules, ownership: Ownership) -> None:
+        self.rules, self.ownership = rules, ownership
+        self._thresholds = sorted({r.match.min_amount_minor for r in ownership.rules
+                                   if r.match.min_amount_minor is not None})
+        self._assigned: dict[tuple[Any, ...], tuple[str, str]] = {}
+
+    def outcome(self, decision: Decision) -> Outcome:
+        """``outcome_of(decision, self.rules, self.ownership)``, equal field for field."""
+        kind = decision.kind
+        findings = decision.findings
+        if kind == VALIDATED and not findings:
+            return Outcome(VALIDATED, decision.check_id, None, None, None, decision.warnings,
+                           decision.reason, decision.released_by, decision.decided_at_ms)
+        opens: str | None = None
+        reason = decision.reason
+        if kind == EXCEPTION:
+            opens = decision.check_id
+        elif kind == VALIDATED:
+            opens = findings[0].check_id
+            reason = findings[0].reason
+        severity = owner = None
+        if opens is not None:
+            severity, owner = self.assign(opens, decision.event)
+        return Outcome(kind, decision.check_id, opens, severity, owner, decision.warnings,
+                       reason, decision.released_by, decision.decided_at_ms)
+
+    def assign(self, check_id: str, event: Mapping[str, Any] | None) -> tuple[str, str]:
+        """(severity, owner) of an exception of ``check_id`` on ``event``."""
+        amount, currency = event_amount(event)
+        env = event["envelope"] if event is not None else None
+        event_type = env["event_type"] if env else None
+        source_system = env["source_system"] if env else None
+        place = -1 if amount is None else bisect.bisect_right(self._thresholds, amount)
+        key = (check_id, event_type, source_system, currency, place)
+        assigned = self._assigned.get(key)
+        if assigned is None:
+            spec = self.rules.spec(check_id)
+            a = self.ownership.assign(ExceptionFacts(
+                check_id=check_id, severity=spec.severity, owner=spec.owner,
+                event_type=event_type, source_system=source_system,
+                amount_minor=amount, currency=currency))
+            assigned = self._assigned[key] = (a.severity, a.owner)
+        return assigned
+
+
 class _Book:
     """One side's outcomes (per counted input) and how often its engine failed."""
 
-    __slots__ = ("engine_errors", "outcomes", "side")
+    __slots__ = ("engine_errors", "outcomes", "owners", "side")
 
     def __init__(self, side: Side) -> None:
         self.side = side
+        self.owners = _Owners(side.rules, side.ownership)
         self.outcomes: dict[str, Outcome] = {}
         self.engine_errors = 0
+
+
+class _HeldInputs:
+    """Held inputs as they were read, each with how many order states hold it.
+
+    The worker rebuilds a held input that comes back (released or timed out) from the
+    copy in the order's state: base64 of the record's bytes, decoded again. A backtest
+    still has the record it read and the event it decoded from those same bytes; it
+    keeps them while some lane's state holds the input (an order run twice holds it
+    twice) and hands them back instead. One not found here is rebuilt as the worker does.
+    """
+
+    __slots__ = ("_kept",)
+
+    def __init__(self) -> None:
+        self._kept: dict[tuple[str, int, int], list[Any]] = {}  # [record, event, holders]
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def hold(self, record: InputRecord, event: Mapping[str, Any]) -> None:
+        where = (record.topic, record.partition, record.offset)
+        kept = self._kept.get(where)
+        if kept is None:
+            self._kept[where] = [record, event, 1]
+        else:
+            kept[2] += 1
+
+    def copied(self, state: OrderState) -> None:
+        """``state``'s holds are now held twice (the state was copied)."""
+        for entry in state.held:
+            kept = self._kept.get((entry["topic"], entry["partition"], entry["offset"]))
+            if kept is not None:
+                kept[2] += 1
+
+    def take(self, entry: Mapping[str, Any]) -> tuple[InputRecord, dict[str, Any]] | None:
+        where = (entry["topic"], entry["partition"], entry["offset"])
+        kept = self._kept.get(where)
+        if kept is None:
+            return None
+        kept[2] -= 1
+        if kept[2] <= 0:
+            del self._kept[where]
+        return kept[0], kept[1]
+
+
+class _Engine(Engine):
+    """The worker's engine, but a held input that comes back is taken from the backtest's
+    ``_HeldInputs`` (the same record and event) rather than rebuilt from the state."""
+
+    def __init__(self, rules: Rules, reference: Callable[[], ReferenceData],
+                 deserializer: EventDeserializer, held: _HeldInputs) -> None:
+        super().__init__(rules=rules, reference=reference, deserializer=deserializer)
+        self.held_inputs = held
+
+    def _restore(self, entry: Mapping[str, Any]) -> tuple[InputRecord, dict[str, Any]]:
+        kept = self.held_inputs.take(entry)
+        return kept if kept is not None else super()._restore(entry)
 
 
 class _Lane:
@@ -341,8 +456,9 @@ class _Lane:
 
     def __init__(self, rules: Rules, books: tuple[_Book, ...],
                  reference: Callable[[], ReferenceData], deserializer: EventDeserializer,
-                 counted: Mapping[str, InputInfo]) -> None:
-        self.engine = Engine(rules=rules, reference=reference, deserializer=deserializer)
+                 counted: Mapping[str, InputInfo], held: _HeldInputs) -> None:
+        self.engine = _Engine(rules, reference, deserializer, held)
+        self.held = held
         self.books = books
         self.timeout_ms = int(rules.hold_timeout_seconds * 1000)
         self.states: dict[bytes, OrderState] = {}
@@ -356,21 +472,25 @@ class _Lane:
 
     def record(self, decisions: Iterable[Decision]) -> None:
         first = self.books[0]
+        counted = self.counted
         for d in decisions:
             kind = d.kind
-            if kind in (HELD, REPLAYED):
+            if kind == HELD:
+                if d.event is not None:
+                    self.held.hold(d.input, d.event)
+                continue
+            if kind == REPLAYED:
                 continue
             r = d.input
             coords = f"{r.topic}/{r.partition}/{r.offset}"
-            if coords not in self.counted:
+            if coords not in counted:
                 continue
-            outcome = first.outcomes[coords] = outcome_of(d, first.side.rules,
-                                                          first.side.ownership)
+            outcome = first.outcomes[coords] = first.owners.outcome(d)
             for book in self._same:
                 book.outcomes[coords] = outcome
             for book in self._own:
                 book.outcomes[coords] = (outcome if outcome.opens is None else
-                                         outcome_of(d, book.side.rules, book.side.ownership))
+                                         book.owners.outcome(d))
 
     def _watch(self, partition: int, key: bytes, state: OrderState) -> None:
         if state.data["held"]:
@@ -475,18 +595,20 @@ class Backtest:
         self.inputs: dict[str, InputInfo] = {}
         self._reference = reference.at(0)
         self._timed = len(reference.snapshots) > 1
+        self._snapshots = tuple(data for _, data in reference.snapshots)
         view: Callable[[], ReferenceData] = lambda: self._reference  # noqa: E731
         self.current = _Book(current)
         self.candidate = _Book(candidate)
+        self.held_inputs = _HeldInputs()
         self._current_lane = _Lane(current.rules, (self.current,), view, self.deserializer,
-                                   self.inputs)
+                                   self.inputs, self.held_inputs)
         self._candidate_lane = _Lane(candidate.rules, (self.candidate,), view,
-                                     self.deserializer, self.inputs)
+                                     self.deserializer, self.inputs, self.held_inputs)
         self._shared: _Lane | None = None
         lanes = [self._current_lane, self._candidate_lane]
         if share and can_share(current.rules, candidate.rules):
             self._shared = _Lane(current.rules, (self.current, self.candidate), view,
-                                 self.deserializer, self.inputs)
+                                 self.deserializer, self.inputs, self.held_inputs)
             lanes.append(self._shared)
         self._lanes = tuple(lanes)
         self._fork_on_hold = (current.rules.hold_timeout_seconds
@@ -505,17 +627,14 @@ class Backtest:
         self.shared_inputs = 0  # judged once for both sides
         self.forked_orders = 0
 
-    def _now(self, record: InputRecord) -> int:
-        clock = max(self.clock.get(record.partition, 0), record.timestamp_ms)
-        self.clock[record.partition] = clock
-        return clock
-
     def _agrees(self, event: Mapping[str, Any]) -> bool:
         if self._same_policy:
             return True
         a, b = self.current_side.rules, self.candidate_side.rules
         try:
-            return all(policy_agrees(event, data, a, b) for _, data in self.timeline.snapshots)
+            if self._timed:
+                return all(policy_agrees(event, data, a, b) for data in self._snapshots)
+            return policy_agrees(event, self._reference, a, b)
         except Exception:  # an event policy() itself would fail on: judge it twice
             return False
 
@@ -523,23 +642,31 @@ class Backtest:
         assert self._shared is not None
         state = self._shared.states.pop(key)
         self.forked_orders += 1
+        self.held_inputs.copied(state)
         self._candidate_lane.adopt(partition, key, OrderState(_clone(state.data)))
         self._current_lane.adopt(partition, key, state)
 
     def feed(self, record: InputRecord, *, counted: bool = True) -> None:
         """One input, in its partition's order. ``counted=False``: warm-up only."""
         self.read += 1
-        now = self._now(record)
+        partition = record.partition
+        now = record.timestamp_ms
+        clock = self.clock.get(partition, 0)
+        if clock > now:
+            now = clock
+        else:
+            self.clock[partition] = now
         if self._timed:
             self._reference = self.timeline.at(now)
-        partition = record.partition
         for lane in self._lanes:
             heap = lane.deadlines.get(partition)
             if heap and heap[0][0] < now:
                 lane.expire(partition, now)
         if counted:
-            self.first_ms = now if self.first_ms is None else min(self.first_ms, now)
-            self.last_ms = now if self.last_ms is None else max(self.last_ms, now)
+            if self.first_ms is None or now < self.first_ms:
+                self.first_ms = now
+            if self.last_ms is None or now > self.last_ms:
+                self.last_ms = now
         else:
             self.warmup += 1
         event: Mapping[str, Any] | None = None
@@ -559,7 +686,7 @@ class Backtest:
             amount, currency = event_amount(event)
             env = event["envelope"] if event is not None else None
             line = record.header("revline-source-line")
-            coords = record.coords
+            coords = f"{record.topic}/{partition}/{record.offset}"
             self.inputs[coords] = InputInfo(
                 coords=coords, partition=record.partition, offset=record.offset,
                 timestamp_ms=now, order_id=env["order_id"] if env else _text(record.key),
@@ -716,13 +843,42 @@ def build_report(bt: Backtest, end_ms: int, *, samples: int = 5) -> BacktestRepo
     before_all, after_all = bt.current.outcomes, bt.candidate.outcomes
     pending = Outcome(kind=PENDING)
     changes: list[Change] = []
-    before_of: dict[str, Outcome] = {}
-    after_of: dict[str, Outcome] = {}
+    # One pass over the inputs: what changes, and each side's exceptions per check, per
+    # owner and severity, per owner and day (the day named only for an input that opens
+    # one), and what is still pending. An order both sides ran once has one outcome
+    # object in both books: it cannot change.
+    per_check_before: Counter[str] = Counter()
+    per_check_after: Counter[str] = Counter()
+    cell_before: Counter[tuple[str, str]] = Counter()
+    cell_after: Counter[tuple[str, str]] = Counter()
+    day_before: Counter[tuple[str, str]] = Counter()
+    day_after: Counter[tuple[str, str]] = Counter()
+    pending_before = pending_after = 0
+    day_of = _days()
     for coords, info in bt.inputs.items():
-        before = before_of[coords] = before_all.get(coords, pending)
-        after = after_of[coords] = after_all.get(coords, pending)
-        if before.verdict != after.verdict:
+        before = before_all.get(coords, pending)
+        after = after_all.get(coords, pending)
+        if before is after and before.opens is None:  # the common case: nothing to count
+            if before.kind == PENDING:
+                pending_before += 1
+                pending_after += 1
+            continue
+        if before is not after and before.verdict != after.verdict:
             changes.append(Change(info, before, after))
+        for outcome, per_check, cells, days in (
+                (before, per_check_before, cell_before, day_before),
+                (after, per_check_after, cell_after, day_after)):
+            opens = outcome.opens
+            if opens:
+                per_check[opens] += 1
+                owner, severity = outcome.owner, outcome.severity
+                if owner and severity:
+                    cells[(owner, severity)] += 1
+                    days[(owner, day_of(info.timestamp_ms))] += 1
+        if before.kind == PENDING:
+            pending_before += 1
+        if after.kind == PENDING:
+            pending_after += 1
     changes.sort(key=lambda c: (c.info.timestamp_ms, c.info.partition, c.info.offset))
 
     # Kinds of change, each with how many inputs and orders and a few samples.
@@ -740,8 +896,6 @@ def build_report(bt: Backtest, end_ms: int, *, samples: int = 5) -> BacktestRepo
     ]
 
     # Exceptions per check, opened / closed / reassigned.
-    per_check_before = Counter(o.opens for o in before_of.values() if o.opens)
-    per_check_after = Counter(o.opens for o in after_of.values() if o.opens)
     checks = [{"check_id": c, "before": per_check_before[c], "after": per_check_after[c],
                "delta": per_check_after[c] - per_check_before[c]}
               for c in sorted(set(per_check_before) | set(per_check_after))]
@@ -760,18 +914,6 @@ def build_report(bt: Backtest, end_ms: int, *, samples: int = 5) -> BacktestRepo
 
     # Owners' workload: per owner and severity, and per owner and day against the
     # busiest day the current rules gave them in the window (the capacity they showed).
-    cell_before: Counter[tuple[str, str]] = Counter()
-    cell_after: Counter[tuple[str, str]] = Counter()
-    day_before: Counter[tuple[str, str]] = Counter()
-    day_after: Counter[tuple[str, str]] = Counter()
-    day_of = _days()
-    for coords, info in bt.inputs.items():
-        day = day_of(info.timestamp_ms)
-        for outcome, cells, days in ((before_of[coords], cell_before, day_before),
-                                     (after_of[coords], cell_after, day_after)):
-            if outcome.opens and outcome.owner and outcome.severity:
-                cells[(outcome.owner, outcome.severity)] += 1
-                days[(outcome.owner, day)] += 1
     sla_before = bt.current_side.ownership.sla_minutes
     sla_after = bt.candidate_side.ownership.sla_minutes
     owners = sorted(set(OWNERS) | {o for o, _ in cell_before} | {o for o, _ in cell_after})
@@ -821,8 +963,8 @@ def build_report(bt: Backtest, end_ms: int, *, samples: int = 5) -> BacktestRepo
         "hold_timeout_seconds_after": bt.candidate_side.rules.hold_timeout_seconds,
         "timeouts_before": per_check_before["hold.timeout"],
         "timeouts_after": per_check_after["hold.timeout"],
-        "pending_at_end_before": sum(1 for o in before_of.values() if o.kind == PENDING),
-        "pending_at_end_after": sum(1 for o in after_of.values() if o.kind == PENDING),
+        "pending_at_end_before": pending_before,
+        "pending_at_end_after": pending_after,
     }
     notes = list(bt.timeline.notes)
     if holds["pending_at_end_before"]:

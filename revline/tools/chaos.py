@@ -8,22 +8,30 @@ pipeline's components (worker, sink, auditor, exception manager; one process eac
   throughput of a clean run;
 * a chaos run: published in chunks; before each chunk a fault is injected (kill -9 of a
   worker, the sink, the auditor, the exception manager; kill -9 of the broker that leads
-  the busiest input partition, restarted after ``broker_down_s``; workers scaled 1 → N → 1)
-  and the next chunk flows while the pipeline recovers. Recovery is timed from the fault
-  to the first new output of what was hit (an outcome, a side-effect row, an audit record,
-  an exception-manager commit; for a broker, the last of outcome, side effect and audit).
+  the busiest input partition, restarted after ``broker_down_s``; workers scaled 1 → N → 1;
+  the ERP down for ``erp_down_s``; PostgreSQL restarted) and the next chunk flows while
+  the pipeline recovers. Recovery is timed from the fault to the first new output of what
+  was hit (an outcome, a side-effect row, an audit record, an exception-manager commit;
+  for a broker or PostgreSQL, the last of those); for the ERP, from its return to the
+  first ERP effect recorded after it.
+
+The ERP is the sink's in-memory one, taken down from outside through
+``REVLINE_MEMORY_ERP_OUTAGE_FILE``: while the file exists every ERP call fails as an
+unreachable ERP does. PostgreSQL is restarted with ``pg_restart_command`` (a shell
+command, e.g. ``pg_ctl restart``; ``.ci/run`` exports ``REVLINE_CHAOS_PG_RESTART``), only
+when the chaos run's ledger is PostgreSQL (``ledger_dsn``).
 
 After draining, the checks: every input has exactly one final outcome equal to the
 manifest; the ledger per (order, account, currency) equals the clean run's and every
 journal balances; no journal per (order, key) and no side-effect row per (order, key,
 adapter) twice; the dead letter holds exactly the poison inputs; ``audit verify`` is
-intact and complete; ``reconcile --ledger-only`` reports no drift; no component needed an
-operator's restart (a stall). Exit 0 only if all hold.
+intact and complete; ``reconcile --ledger-only`` reports no drift; the ERP effects per
+(order, key) are the clean run's (none lost, none refused, none left partial); no
+component needed an operator's restart (a stall) or exited by itself (but a watchdog's
+75). Exit 0 only if all hold.
 
-Not injected: ERP downtime (the in-memory ERP lives inside the sink process and cannot be
-"down" on its own; a sink kill -9 loses it, which the sink already survives), and a
-PostgreSQL restart (not controlled here). The machinery (paced publisher, tails,
-supervisor) is the fault test's (tests/_faults.py), so this runs from a source checkout.
+The machinery (paced publisher, tails, supervisor) is the fault test's (tests/_faults.py),
+so this runs from a source checkout.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +55,14 @@ import yaml
 from confluent_kafka import Consumer, TopicPartition
 
 from revline.core.admin import ensure_topics
+from revline.core.errors import ConfigurationError
 from revline.core.kafka_config import client_config
 from revline.core.readback import read_topic
 from revline.core.settings import DATA_DIR
 from revline.core.watchdog import EXIT_STALLED
 from revline.operations.verify import compare_with_manifest, finals_by_input, read_outcomes
 from revline.sinks.ledger import SqlLedger
+from revline.sinks.ledger._ledger import normalize_url
 from revline.streams.audit import ensure_audit_topics
 from revline.tools.broker import LocalCluster, cluster_home, default_home
 from revline.tools.isolated import IsolatedPipeline
@@ -89,6 +100,10 @@ class ChaosOptions:
     rate: float = 2000.0  # chaos run publishing pace, lines/s (between held chunks)
     stall_s: float = 150.0  # no output this long after a fault: a stall (restarted)
     wait_s: float = 900.0  # the longest any drain condition is waited for
+    erp_outages: int = 1
+    erp_down_s: float = 60.0
+    pg_restarts: int | None = None  # None: 1 if possible (a PostgreSQL ledger and a command)
+    pg_restart_command: str | None = None  # a shell command restarting the ledger's server
     ledger_dsn: str | None = None  # the chaos run's ledger (default: SQLite in its dir)
     cluster_home: Path | None = None
     state_dir: Path = field(default_factory=lambda: Path(".revline") / "chaos")
@@ -124,6 +139,7 @@ class Run:
     drained: float = 0.0  # last input's final outcome visible
     recoveries: list[dict[str, Any]] = field(default_factory=list)
     stalls: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _rules(state: Path) -> Path:
@@ -134,11 +150,18 @@ def _rules(state: Path) -> Path:
     return path
 
 
+def erp_down_file(run_dir: Path) -> Path:
+    """While this file exists, the run's in-memory ERP is down."""
+    return (run_dir / "erp-down").absolute()
+
+
 def _start(bootstrap: str, state: Path, name: str, rules: Path, dsn: str | None) -> Run:
     run_dir = state / name
     dsn = dsn or f"sqlite:///{(run_dir / 'ledger.db').absolute()}"
     pipeline = IsolatedPipeline(bootstrap, run_dir, rules_file=rules, prefix=name,
-                                extra_env={"REVLINE_ERP": "memory", "REVLINE_LEDGER_DSN": dsn})
+                                extra_env={"REVLINE_ERP": "memory", "REVLINE_LEDGER_DSN": dsn,
+                                           "REVLINE_MEMORY_ERP_OUTAGE_FILE":
+                                               str(erp_down_file(run_dir))})
     run_dir.mkdir(parents=True)
     pipeline.cli("reference", "load")
     n = pipeline.partitions
@@ -160,13 +183,14 @@ def audit_verify(pipeline: IsolatedPipeline) -> subprocess.CompletedProcess[str]
                           text=True, timeout=1800)
 
 
-def _effect_rows(dsn: str) -> int:
+def _effect_rows(dsn: str, adapter: str | None = None) -> int:
+    """Side-effect rows (of one adapter); -1 while the database cannot be read."""
+    query = "SELECT count(*) FROM side_effects" + (" WHERE adapter = :a" if adapter else "")
     try:
-        engine = sa.create_engine(dsn)
+        engine = sa.create_engine(normalize_url(dsn))
         try:
             with engine.connect() as conn:
-                return int(conn.execute(sa.text("SELECT count(*) FROM side_effects")).scalar()
-                           or 0)
+                return int(conn.execute(sa.text(query), {"a": adapter}).scalar() or 0)
         finally:
             engine.dispose()
     except sa.exc.SQLAlchemyError:
@@ -232,12 +256,14 @@ def _drain(run: Run, total: int, wait_s: float, stall_s: float) -> None:
 
 # -- faults ------------------------------------------------------------------------------------
 def _schedule(o: ChaosOptions) -> list[str]:
-    """Kills interleaved round-robin; the scale-up early, the scale-down late."""
+    """Faults interleaved round-robin; the scale-up early, the scale-down late."""
     left = Counter({"worker": o.worker_kills, "sink": o.sink_kills, "broker": o.broker_kills,
-                    "auditor": o.auditor_kills, "exceptions": o.exceptions_kills})
+                    "auditor": o.auditor_kills, "exceptions": o.exceptions_kills,
+                    "erp": o.erp_outages, "postgres": o.pg_restarts or 0})
     order: list[str] = []
     while +left:
-        for kind in ("worker", "sink", "broker", "worker", "auditor", "worker", "exceptions"):
+        for kind in ("worker", "sink", "broker", "worker", "erp", "auditor", "worker",
+                     "postgres", "exceptions"):
             if left[kind] > 0:
                 order.append(kind)
                 left[kind] -= 1
@@ -291,11 +317,16 @@ def _await(run: Run, fault: str, at: float, first: dict[str, Callable[[], float 
 
 
 def _grows(count: Callable[[], int]) -> Callable[[], float | None]:
-    """A watcher: now, once ``count`` is above what it was when this was made."""
-    base = count()
+    """A watcher: now, once ``count`` is above what it was when this was made (or, if it
+    could not be read then, when it first could: -1 is unreadable)."""
+    base = [count()]
 
     def when() -> float | None:
-        return time.time() if count() > base else None
+        now = count()
+        if base[0] < 0:
+            base[0] = now
+            return None
+        return time.time() if now > base[0] else None
 
     return when
 
@@ -322,16 +353,57 @@ def _watchers(run: Run, since: float, roles: list[str]) -> dict[str, Callable[[]
             out[role] = lambda: run.tail.first_made_after(p.topic("audit"), since)
         elif role == "sink":
             out[role] = _grows(lambda: _effect_rows(run.dsn))  # the killed sink writes no more
+        elif role == "erp":  # an ERP effect recorded: applied since the ERP came back
+            out[role] = _grows(lambda: _effect_rows(run.dsn, "erp"))
         elif role == "exceptions":
             out[role] = _commits_or_idle(p.bootstrap, f"{app}-exceptions",
                                          p.topic("exceptions"))
     return out
 
 
+def _sleep_checking(run: Run, seconds: float) -> None:
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        run.supervisor.check()
+        time.sleep(min(0.5, max(0.0, until - time.monotonic())))
+
+
+def _restart_postgres(command: str) -> float:
+    """Run the restart command; its duration."""
+    began = time.monotonic()
+    done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        raise AssertionError(f"PostgreSQL restart command failed ({done.returncode}): "
+                             f"{command}\n{(done.stdout + done.stderr)[-2000:]}")
+    return time.monotonic() - began
+
+
 def _inject(kind: str, run: Run, cluster: LocalCluster, o: ChaosOptions,
-            workers: list[str]) -> tuple[float, str, list[str]]:
-    """Do it; (when, what exactly, the components whose output says it is over)."""
+            workers: list[str], release: Callable[[], None]) -> tuple[float, str, list[str]]:
+    """Do it; (when, what exactly, the components whose output says it is over).
+    ``release`` lets the next chunk flow (the caller does it after, if this did not)."""
     sup = run.supervisor
+    if kind == "erp":
+        down = erp_down_file(run.pipeline.state_dir)
+        before = _effect_rows(run.dsn, "erp")
+        down.touch()
+        began = time.time()
+        release()  # the chunk arrives while the ERP is down
+        try:
+            _sleep_checking(run, o.erp_down_s)
+        finally:
+            down.unlink(missing_ok=True)
+        back = time.time()
+        during = _effect_rows(run.dsn, "erp") - before
+        run.notes.append({"fault": "erp", "down_s": round(back - began, 1),
+                          "erp_rows_recorded_while_down": during})
+        return back, f"ERP down {back - began:.0f}s (timed from its return)", ["erp"]
+    if kind == "postgres":
+        assert o.pg_restart_command
+        at = time.time()
+        took = _restart_postgres(o.pg_restart_command)
+        run.notes.append({"fault": "postgres", "restart_command_s": round(took, 1)})
+        return at, "PostgreSQL restarted", ["sink", "auditor", "exceptions"]
     if kind in ("sink", "auditor", "exceptions"):
         at, _ = sup.kill9_and_restart(kind)
         return at, f"kill -9 {kind}", [kind]
@@ -380,7 +452,8 @@ def _chaos_run(bootstrap: str, cluster: LocalCluster, o: ChaosOptions, workload:
                        o.wait_s, f"line {marks[k]} published", check=run.supervisor.check)
             if publisher.error is not None:
                 raise AssertionError(f"publishing failed: {publisher.error!r}")
-            at, what, watch = _inject(kind, run, cluster, o, workers)
+            at, what, watch = _inject(kind, run, cluster, o, workers,
+                                      partial(publisher.release, marks[k + 1]))
             publisher.release(marks[k + 1])  # the next chunk flows while it recovers
             recovery = _await(run, what, at, _watchers(run, at, watch), o.stall_s)
             run.recoveries.append({"kind": kind, "fault": what, "at_line": marks[k],
@@ -467,6 +540,7 @@ def _p50_max(values: list[float]) -> tuple[float, float]:
 def run_chaos(o: ChaosOptions) -> tuple[bool, dict[str, Any]]:
     """Both runs, the checks and the figures: (every check held, the summary)."""
     began = time.time()
+    _settle_pg_restarts(o)
     o.state_dir = o.state_dir.absolute() / time.strftime("%Y%m%d-%H%M%S")
     o.state_dir.mkdir(parents=True)
     home = o.cluster_home or cluster_home(default_home()).with_name("chaos-cluster")
@@ -497,6 +571,47 @@ def run_chaos(o: ChaosOptions) -> tuple[bool, dict[str, Any]]:
     return all(summary["checks"].values()), summary
 
 
+def postgres_ledger(dsn: str | None) -> bool:
+    return bool(dsn) and normalize_url(dsn or "").startswith("postgresql")
+
+
+def _settle_pg_restarts(o: ChaosOptions) -> None:
+    """``pg_restarts`` None: 1 when possible, else 0; asked for but impossible: an error."""
+    possible = postgres_ledger(o.ledger_dsn) and bool(o.pg_restart_command)
+    if o.pg_restarts is None:
+        o.pg_restarts = 1 if possible else 0
+    elif o.pg_restarts > 0 and not possible:
+        raise ConfigurationError("PostgreSQL restarts need a PostgreSQL ledger (--ledger-dsn "
+                         "postgresql://...) and a restart command (--pg-restart-command or "
+                         "REVLINE_CHAOS_PG_RESTART)")
+
+
+def _skipped(o: ChaosOptions) -> list[str]:
+    out = []
+    if not o.erp_outages:
+        out.append("ERP down (--erp-outages 0)")
+    if not o.pg_restarts:
+        out.append("PostgreSQL restart (" + ("no restart command: --pg-restart-command or "
+                                            "REVLINE_CHAOS_PG_RESTART"
+                                            if postgres_ledger(o.ledger_dsn)
+                                            else "the ledger is not PostgreSQL: --ledger-dsn")
+                   + ")")
+    return out
+
+
+# The in-memory ERP dies with a killed sink: the restarted sink's ERP lacks what an event
+# needs (the sale, the invoice) and refuses it with this text. Not an outage's doing.
+_ERP_FORGOT = "the ERP has no "
+
+
+def _erp_effects(dsn: str) -> dict[tuple[str, str], tuple[str, str]]:
+    """(order, key) -> (done | refused | partial, detail), of every ERP side-effect row."""
+    with SqlLedger(dsn) as ledger:
+        return {(e.order_id or "", e.idempotency_key):
+                (e.status if e.status in ("refused", "partial") else "done", e.detail or "")
+                for e in ledger.all_effects("erp")}
+
+
 def _check(o: ChaosOptions, workload: Workload, clean: Run, chaos: Run) -> dict[str, Any]:
     total = len(workload.records)
     manifest = workload.manifest()
@@ -518,6 +633,16 @@ def _check(o: ChaosOptions, workload: Workload, clean: Run, chaos: Run) -> dict[
     verify = audit_verify(chaos.pipeline)
     verify_out = (verify.stdout + verify.stderr).strip()
     rec_rc, drift = _reconcile(chaos)
+    erp_clean, erp_chaos = _erp_effects(clean.dsn), _erp_effects(chaos.dsn)
+    erp_lost = sorted(k for k in erp_clean.keys() - erp_chaos.keys())
+    differ = sorted(k for k in erp_clean.keys() & erp_chaos.keys()
+                    if erp_clean[k][0] != erp_chaos[k][0])
+    # Refused by a restarted sink's fresh in-memory ERP (documents lost with the kill -9):
+    # counted, not a failure, when the sink was killed.
+    erp_forgot = [k for k in differ if o.sink_kills and erp_chaos[k][0] == "refused"
+                  and erp_clean[k][0] == "done" and _ERP_FORGOT in erp_chaos[k][1]]
+    erp_differ = [k for k in differ if k not in erp_forgot]
+    erp_extra = sorted(k for k in erp_chaos.keys() - erp_clean.keys())
     faults = Counter(r["kind"] for r in chaos.recoveries)
     recovery: dict[str, dict[str, float]] = {}
     for kind in faults:
@@ -537,6 +662,8 @@ def _check(o: ChaosOptions, workload: Workload, clean: Run, chaos: Run) -> dict[
         "audit verify intact and complete": verify.returncode == 0 and "complete: all"
         in verify_out,
         "reconcile: no drift": rec_rc == 0,
+        "ERP effects per (order, key) equal the clean run's (none lost, refused, partial)":
+            not erp_lost and not erp_differ and not erp_extra,
         "no stall needed an operator's restart": not chaos.stalls,
         # A watchdog's exit 75 asks the supervisor for a restart (as `revline run` does):
         # recovery, timed above; any other exit is not.
@@ -550,8 +677,11 @@ def _check(o: ChaosOptions, workload: Workload, clean: Run, chaos: Run) -> dict[
         "recoveries": chaos.recoveries, "stalls": chaos.stalls,
         "unexpected_exits": [{"component": e.role, "code": e.code, "log": e.log[-3:]}
                              for e in chaos.supervisor.unexpected],
-        "skipped": ["ERP down (in-memory ERP: cannot be down on its own)",
-                    "PostgreSQL restart (not controlled by this command)"],
+        "skipped": _skipped(o), "notes": chaos.notes,
+        "erp_effects": {"clean": len(erp_clean), "chaos": len(erp_chaos),
+                        "lost": len(erp_lost), "status_differs": len(erp_differ),
+                        "extra": len(erp_extra), "refused_after_sink_kill": len(erp_forgot),
+                        "first": [list(k) for k in (erp_lost + erp_differ + erp_extra)[:5]]},
         "throughput": {"clean_inputs_per_s": round(total / clean_s, 1),
                        "chaos_inputs_per_s": round(total / chaos_s, 1),
                        "clean_s": round(clean_s, 1), "chaos_s": round(chaos_s, 1)},
@@ -578,10 +708,15 @@ def table(s: dict[str, Any]) -> str:
              f"({t['clean_s']:.0f}s), under faults {t['chaos_inputs_per_s']:.1f} inputs/s "
              f"({t['chaos_s']:.0f}s, {t['chaos_inputs_per_s'] / t['clean_inputs_per_s']:.0%})",
              f"events lost: {s['events_lost']}; effects doubled: {s['effects_doubled']}",
+             f"ERP effects: {s['erp_effects']['chaos']} (clean run {s['erp_effects']['clean']}"
+             f"; lost {s['erp_effects']['lost']}, status differs "
+             f"{s['erp_effects']['status_differs']}, extra {s['erp_effects']['extra']}; "
+             f"refused by a restarted sink's empty in-memory ERP "
+             f"{s['erp_effects']['refused_after_sink_kill']})",
              f"reconcile: {s['reconcile']['line']}",
              "exited by themselves (restarted): " + (", ".join(
                  f"{e['component']} ({e['code']})" for e in s["unexpected_exits"]) or "none"),
-             f"skipped: {'; '.join(s['skipped'])}", ""]
+             f"skipped: {'; '.join(s['skipped']) or 'none'}", ""]
     rows += [f"[{'ok' if ok else 'FAIL'}] {name}" for name, ok in s["checks"].items()]
     return "\n".join(rows)
 

@@ -111,6 +111,10 @@ def body_hash(value: bytes) -> str:
     rest is the business content. A re-sent webhook (new event_id) hashes equal.
     """
     pos = 10 if value[:2] == b"\xc3\x01" else 5
+    if pos < len(value) and value[pos] < 0x80:  # a length under 64: one byte
+        raw = value[pos]
+        start = pos + 1 + ((raw >> 1) ^ -(raw & 1))
+        return hashlib.blake2b(value[start:], digest_size=16).hexdigest()
     shift = raw = 0
     while pos < len(value):
         byte = value[pos]
@@ -215,7 +219,8 @@ class Engine:
         if prev:
             memo["prev"] = prev
         state.remember(key, memo)
-        waiting = state.missing(depends_on(event))
+        needs = depends_on(event)
+        waiting = state.missing(needs)
         if waiting and _held_bytes(state) + _stored_size(record) > HELD_BYTES_PER_ORDER:
             decision = self._exception(record, event, [Finding(
                 "hold.oversized",
@@ -246,14 +251,15 @@ class Engine:
             return [Decision(input=record, kind=HELD, event=event, held=True,
                              waiting_for=tuple(waiting), decided_at_ms=now_ms,
                              rules_version=self.rules.version)]
-        decisions = [self._judge(state, record, event, memo, now_ms, held=False, released_by=None)]
+        decisions = [self._judge(state, record, event, memo, now_ms, held=False, released_by=None,
+                                 needs=needs)]
         if state.held:  # nothing held: nothing to release
             decisions.extend(self._release(state, coords, now_ms))
         return decisions
 
     def _judge(self, state: OrderState, record: InputRecord, event: Mapping[str, Any],
                memo: dict[str, Any], now_ms: int, *, held: bool,
-               released_by: str | None) -> Decision:
+               released_by: str | None, needs: list[str] | None = None) -> Decision:
         # Override expiry is judged against the record's own timestamp, not the clock: a
         # redelivery after a crash must be decided exactly as before.
         record_ms = record.timestamp_ms if record.timestamp_ms > 0 else now_ms
@@ -261,7 +267,7 @@ class Engine:
         if overrides:  # state written before a check became non-waivable may still name it
             overrides = {c: o for c, o in overrides.items() if waivable(c)} or None
         used: list[str] = []
-        blocked = state.failed(depends_on(event))
+        blocked = state.failed(depends_on(event) if needs is None else needs)
         if blocked:
             findings = [Finding(
                 "dependency.blocked",

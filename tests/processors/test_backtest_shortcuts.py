@@ -170,3 +170,44 @@ def test_an_unknown_held_input_is_rebuilt() -> None:
     assert len(held) == 1
     assert held.take(entry) == (record, event)
     assert len(held) == 0 and held.take(entry) is None
+
+
+def _body_hash_by_the_loop(value: bytes) -> str:
+    """``engine.body_hash`` as it read every length: the general zig-zag varint loop."""
+    import hashlib
+
+    pos = 10 if value[:2] == b"\xc3\x01" else 5
+    shift = raw = 0
+    while pos < len(value):
+        byte = value[pos]
+        pos += 1
+        raw |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            break
+    length = (raw >> 1) ^ -(raw & 1)
+    return hashlib.blake2b(value[pos + length:], digest_size=16).hexdigest()
+
+
+def test_body_hash_one_byte_lengths_equal_the_varint_loop() -> None:
+    from revline.processors.engine import body_hash
+
+    def zigzag(n: int) -> bytes:
+        raw, out = n << 1, bytearray()
+        while True:
+            byte = raw & 0x7F
+            raw >>= 7
+            if raw:
+                out.append(byte | 0x80)
+            else:
+                out.append(byte)
+                return bytes(out)
+
+    body = bytes(range(256)) * 2
+    for head in (b"\xc3\x01" + bytes(8), b"\x00" + bytes(4)):
+        for length in range(300):
+            value = head + zigzag(length) + b"e" * length + body
+            assert body_hash(value) == _body_hash_by_the_loop(value) \
+                == _body_hash_by_the_loop(head + zigzag(length) + b"x" * length + body)
+        for odd in (head, head + b"\x01", head + b"\x7f" + body, head + b"\x80"):
+            assert body_hash(odd) == _body_hash_by_the_loop(odd)

@@ -470,7 +470,10 @@ class _Lane:
             b for b in books[1:] if b.side.ownership is not first and b.side.ownership != first)
         self._same: tuple[_Book, ...] = tuple(b for b in books[1:] if b not in self._own)
 
-    def record(self, decisions: Iterable[Decision]) -> None:
+    def record(self, decisions: Iterable[Decision], fed: InputRecord | None = None,
+               fed_coords: str = "") -> None:
+        """Each final decision's outcome to the books (``fed``: the input just read, whose
+        coordinates are ``fed_coords``)."""
         first = self.books[0]
         counted = self.counted
         for d in decisions:
@@ -482,7 +485,7 @@ class _Lane:
             if kind == REPLAYED:
                 continue
             r = d.input
-            coords = f"{r.topic}/{r.partition}/{r.offset}"
+            coords = fed_coords if r is fed else f"{r.topic}/{r.partition}/{r.offset}"
             if coords not in counted:
                 continue
             outcome = first.outcomes[coords] = first.owners.outcome(d)
@@ -517,8 +520,8 @@ class _Lane:
             self.record(self.engine.expire_holds(state, due))
             self._watch(partition, key, state)
 
-    def process(self, record: InputRecord, event: Mapping[str, Any], now_ms: int
-                ) -> OrderState:
+    def process(self, record: InputRecord, event: Mapping[str, Any], now_ms: int,
+                coords: str) -> OrderState:
         key = record.key
         assert key is not None
         state = self.states.get(key)
@@ -534,8 +537,9 @@ class _Lane:
                                   stage="processing", error_class=type(exc).__name__,
                                   reason=f"engine error: {exc}", decided_at_ms=now_ms,
                                   rules_version=self.engine.rules.version)]
-        self.record(decisions)
-        self._watch(record.partition, key, state)
+        self.record(decisions, record, coords)
+        if state.data["held"]:
+            self._watch(record.partition, key, state)
         return state
 
     def finish(self, end_ms: int) -> None:
@@ -682,23 +686,26 @@ class Backtest:
                 dead = Decision(input=record, kind=DEAD_LETTER, stage="decode",
                                 error_class=type(exc).__name__, reason=f"decoder error: {exc}",
                                 decided_at_ms=now)
+        offset = record.offset
+        coords = f"{record.topic}/{partition}/{offset}"
         if counted:
             amount, currency = event_amount(event)
-            env = event["envelope"] if event is not None else None
             line = record.header("revline-source-line")
-            coords = f"{record.topic}/{partition}/{record.offset}"
-            self.inputs[coords] = InputInfo(
-                coords=coords, partition=record.partition, offset=record.offset,
-                timestamp_ms=now, order_id=env["order_id"] if env else _text(record.key),
-                event_type=env["event_type"] if env else None,
-                idempotency_key=env["idempotency_key"] if env else None,
-                source_line=line.decode(errors="replace") if line else None,
-                amount_minor=amount, currency=currency)
+            source_line = line.decode(errors="replace") if line else None
+            if event is not None:
+                env = event["envelope"]
+                self.inputs[coords] = InputInfo(  # positional: a third cheaper, per input
+                    coords, partition, offset, now, env["order_id"], env["event_type"],
+                    env["idempotency_key"], source_line, amount, currency)
+            else:
+                self.inputs[coords] = InputInfo(coords, partition, offset, now,
+                                                _text(record.key), None, None, source_line,
+                                                amount, currency)
         if dead is not None:
             if counted:
                 self.dead_letters += 1
-                self._current_lane.record([dead])
-                self._candidate_lane.record([dead])
+                self._current_lane.record([dead], record, coords)
+                self._candidate_lane.record([dead], record, coords)
             return
         assert event is not None
         shared = self._shared
@@ -706,7 +713,7 @@ class Backtest:
         if shared is not None and key not in self._current_lane.states:
             if self._agrees(event):
                 self.shared_inputs += 1
-                state = shared.process(record, event, now)
+                state = shared.process(record, event, now, coords)
                 if self._fork_on_hold and state.data["held"]:
                     assert key is not None
                     self._fork(record.partition, key)
@@ -714,8 +721,8 @@ class Backtest:
             if key in shared.states:
                 assert key is not None
                 self._fork(record.partition, key)
-        self._current_lane.process(record, event, now)
-        self._candidate_lane.process(record, event, now)
+        self._current_lane.process(record, event, now, coords)
+        self._candidate_lane.process(record, event, now, coords)
 
     def finish(self, end_ms: int | None = None, *, samples: int = 5) -> BacktestReport:
         """Time out what was due by ``end_ms`` (default: the last record's time) and compare."""
@@ -759,6 +766,11 @@ class Change:
                 "source_line": i.source_line,
                 "amount": _money(i.amount_minor, i.currency),
                 "before": self.before.as_dict(), "after": self.after.as_dict()}
+
+
+def _input_order(change: Change) -> tuple[int, int, int]:
+    info = change.info
+    return info.timestamp_ms, info.partition, info.offset
 
 
 def _money(minor: int | None, currency: str | None) -> dict[str, Any] | None:
@@ -865,21 +877,25 @@ def build_report(bt: Backtest, end_ms: int, *, samples: int = 5) -> BacktestRepo
             continue
         if before is not after and before.verdict != after.verdict:
             changes.append(Change(info, before, after))
-        for outcome, per_check, cells, days in (
-                (before, per_check_before, cell_before, day_before),
-                (after, per_check_after, cell_after, day_after)):
-            opens = outcome.opens
-            if opens:
-                per_check[opens] += 1
-                owner, severity = outcome.owner, outcome.severity
-                if owner and severity:
-                    cells[(owner, severity)] += 1
-                    days[(owner, day_of(info.timestamp_ms))] += 1
-        if before.kind == PENDING:
+        opens = before.opens
+        if opens:
+            per_check_before[opens] += 1
+            owner, severity = before.owner, before.severity
+            if owner and severity:
+                cell_before[(owner, severity)] += 1
+                day_before[(owner, day_of(info.timestamp_ms))] += 1
+        elif before.kind == PENDING:
             pending_before += 1
-        if after.kind == PENDING:
+        opens = after.opens
+        if opens:
+            per_check_after[opens] += 1
+            owner, severity = after.owner, after.severity
+            if owner and severity:
+                cell_after[(owner, severity)] += 1
+                day_after[(owner, day_of(info.timestamp_ms))] += 1
+        elif after.kind == PENDING:
             pending_after += 1
-    changes.sort(key=lambda c: (c.info.timestamp_ms, c.info.partition, c.info.offset))
+    changes.sort(key=_input_order)
 
     # Kinds of change, each with how many inputs and orders and a few samples.
     groups: dict[tuple[str, str], list[Change]] = defaultdict(list)

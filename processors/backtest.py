@@ -36,7 +36,7 @@ from decimal import Decimal
 from typing import Any
 
 from revline.core.money import format_money, to_major
-from revline.processors.checks import policy_agrees
+from revline.processors.checks import POLICY_EVENT_TYPES, policy_agrees
 from revline.processors.engine import (
     DEAD_LETTER,
     EXCEPTION,
@@ -636,6 +636,8 @@ class Backtest:
             return True
         a, b = self.current_side.rules, self.candidate_side.rules
         try:
+            if event["envelope"]["event_type"] not in POLICY_EVENT_TYPES:
+                return True  # what policy_agrees says first
             if self._timed:
                 return all(policy_agrees(event, data, a, b) for data in self._snapshots)
             return policy_agrees(event, self._reference, a, b)

@@ -189,8 +189,11 @@ def _version_label(amendment: int | None) -> str:
 
 
 # -- policy ------------------------------------------------------------------------------
+POLICY_EVENT_TYPES = ("order_booked", "order_amended")  # the only events policy judges
+
+
 def policy(event: Event, state: OrderState, ctx: CheckContext) -> Iterable[Finding]:
-    if event["envelope"]["event_type"] not in ("order_booked", "order_amended"):
+    if event["envelope"]["event_type"] not in POLICY_EVENT_TYPES:
         return
     rules = ctx.rules
     currency = event["currency"]
@@ -242,7 +245,7 @@ def policy_agrees(event: Event, reference: ReferenceData, a: Rules, b: Rules) ->
             and a.discount_family_bps == b.discount_family_bps
             and a.discount_sku_bps == b.discount_sku_bps):
         return True
-    if event["envelope"]["event_type"] not in ("order_booked", "order_amended"):
+    if event["envelope"]["event_type"] not in POLICY_EVENT_TYPES:
         return True
     price_a, price_b = a.price_tolerance_bps, b.price_tolerance_bps
     currency = event["currency"]

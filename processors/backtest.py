@@ -770,6 +770,18 @@ class Change:
                 "before": self.before.as_dict(), "after": self.after.as_dict()}
 
 
+def _same_verdict(a: Outcome, b: Outcome) -> bool:
+    """``a.verdict == b.verdict``, compared field by field (no tuples built, no sorting
+    unless both are validated with warnings in another order)."""
+    if a is b:
+        return True
+    if (a.kind != b.kind or a.check_id != b.check_id or a.opens != b.opens
+            or a.severity != b.severity or a.owner != b.owner):
+        return False
+    return a.kind != VALIDATED or a.warnings == b.warnings or sorted(a.warnings) == sorted(
+        b.warnings)
+
+
 def _input_order(change: Change) -> tuple[int, int, int]:
     info = change.info
     return info.timestamp_ms, info.partition, info.offset
@@ -877,7 +889,7 @@ def build_report(bt: Backtest, end_ms: int, *, samples: int = 5) -> BacktestRepo
                 pending_before += 1
                 pending_after += 1
             continue
-        if before is not after and before.verdict != after.verdict:
+        if not _same_verdict(before, after):
             changes.append(Change(info, before, after))
         opens = before.opens
         if opens:

@@ -211,3 +211,21 @@ def test_body_hash_one_byte_lengths_equal_the_varint_loop() -> None:
                 == _body_hash_by_the_loop(head + zigzag(length) + b"x" * length + body)
         for odd in (head, head + b"\x01", head + b"\x7f" + body, head + b"\x80"):
             assert body_hash(odd) == _body_hash_by_the_loop(odd)
+
+
+def test_same_verdict_is_verdict_equality() -> None:
+    import itertools
+
+    from revline.processors.backtest import PENDING, Outcome, _same_verdict
+    from revline.processors.engine import DEAD_LETTER, DUPLICATE
+
+    outcomes = [Outcome(kind, check, opens, severity, owner, warnings, reason, released, at)
+                for kind in (VALIDATED, EXCEPTION, DUPLICATE, DEAD_LETTER, PENDING)
+                for check, opens in ((None, None), ("policy.discount", "policy.discount"),
+                                     (None, "attribution.campaign"))
+                for severity, owner in ((None, None), ("P2", "revenue_ops"), ("P1", "finance"))
+                for warnings in ((), ("a.x",), ("a.x", "b.y"), ("b.y", "a.x"))
+                for reason, released, at in (("", None, 0), ("why", "timeout", 5))]
+    for a, b in itertools.product(outcomes[::3], outcomes[::2]):
+        assert _same_verdict(a, b) == (a.verdict == b.verdict), (a, b)
+        assert _same_verdict(a, a)

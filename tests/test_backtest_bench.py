@@ -53,6 +53,9 @@ def test_the_backtest_section_times_both_on_the_same_inputs_without_a_broker(
     text = out.read_text()
     assert "| backtest speed | events/s (best) | range over runs | seconds (best) |" in text
     assert f"target ≥ {TARGET_EVENTS_PER_S:,}" in text and "backtest ÷ engine" in text
+    assert len(report.engine_cpu_s) == len(report.backtest_cpu_s) == 2
+    assert all(s > 0 for s in report.engine_cpu_s + report.backtest_cpu_s)
+    assert "over CPU time: engine " in text and report.cpu_line() in text
     assert "Kafka" not in text
     assert "rules backtest vs the worker's engine" in capsys.readouterr().out
 

@@ -425,7 +425,8 @@ def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
         f"metrics on :{port}/metrics",
         markup=False, soft_wrap=True,
     )
-    with SqlLedger(settings.ledger_url) as ledger:
+    # A database still starting (or restarting) is waited for, as the broker is.
+    with SqlLedger(settings.ledger_url, wait_s=settings.startup_timeout_s) as ledger:
         processor = SinkProcessor(
             bootstrap, settings.validated_topic, group,
             ledger, erp, settings.exceptions_topic, metrics,

@@ -413,8 +413,10 @@ class _HeldInputs:
         kept = self._kept.get(where)
         if kept is None:
             self._kept[where] = [record, event, 1]
-        else:
-            kept[2] += 1
+            return
+        kept[2] += 1
+        if kept[0] is not record and kept[0] != record:
+            kept[0] = kept[1] = None  # two inputs read at one place: each is rebuilt
 
     def copied(self, state: OrderState) -> None:
         """``state``'s holds are now held twice (the state was copied)."""
@@ -431,7 +433,7 @@ class _HeldInputs:
         kept[2] -= 1
         if kept[2] <= 0:
             del self._kept[where]
-        return kept[0], kept[1]
+        return None if kept[0] is None else (kept[0], kept[1])
 
 
 class _Engine(Engine):

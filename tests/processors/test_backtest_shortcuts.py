@@ -170,6 +170,10 @@ def test_an_unknown_held_input_is_rebuilt() -> None:
     assert len(held) == 1
     assert held.take(entry) == (record, event)
     assert len(held) == 0 and held.take(entry) is None
+    # Two different inputs read at one place (not from Kafka): neither is handed back.
+    held.hold(record, event)
+    held.hold(InputRecord("t", 0, 1, b"k", b"other"), {"envelope": {"x": 1}})
+    assert held.take(entry) is None and held.take(entry) is None and len(held) == 0
 
 
 def _body_hash_by_the_loop(value: bytes) -> str:

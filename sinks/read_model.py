@@ -447,12 +447,16 @@ class ReadModel:
             for (topic, p), o in sorted(offsets.items())])
 
     def forget_offsets(self, owner: str, partitions: Iterable[int]) -> None:
-        """The tables may be ahead of Kafka for these partitions: make them look stale."""
+        """The tables may be ahead of Kafka for these partitions: make them look stale.
+
+        Marked -1, not deleted: a deleted row reads as offset 0, which equals what Kafka
+        says for a partition with nothing committed yet, so an aborted *first* batch's
+        heads looked current and the redo chained onto them (a fork the review found)."""
         parts = sorted(set(partitions))
         with self.write() as tx:
-            tx.execute(read_model_offsets.delete().where(
+            tx.execute(read_model_offsets.update().where(
                 read_model_offsets.c.owner == owner,
-                read_model_offsets.c.kafka_partition.in_(parts)))
+                read_model_offsets.c.kafka_partition.in_(parts)).values(next_offset=-1))
 
     @_read
     def offsets(self, owner: str) -> dict[tuple[str, int], int]:

@@ -281,3 +281,36 @@ def test_commands_say_so_and_read_the_topic_when_there_is_no_read_model(
     model = ReadModel.for_query(settings)
     assert not model.has_rows(model_table("audit_records"))
     model.close()
+
+
+def test_an_aborted_first_batch_is_not_trusted_after_recovery(tmp_path: Path, monkeypatch: Any,
+                                                               ) -> None:
+    """The auditor's recovery forgets the read model's offsets: a partition whose first
+    batch was aborted (Kafka has nothing committed, offset 0) must reload its heads from
+    the heads topic, not chain the redo onto the aborted batch's head (a fork)."""
+    import types
+
+    from confluent_kafka import TopicPartition
+
+    import revline.streams.audit as audit
+    from revline.processors.audit_chain import ChainHead
+    from revline.sinks.read_model import AUDITOR, HeadCache, head_row
+
+    model = ReadModel(f"sqlite:///{tmp_path / 'rm.db'}")
+    aborted = ChainHead("SO-1")
+    aborted.seq, aborted.hash = 7, "abc"
+    with model.write() as tx:  # written before the Kafka commit, which then failed
+        model.write_audit_batch(tx, [], [head_row(0, aborted)],
+                                {("outcomes", 0): 12, ("facts", 0): 3}, [])
+    model.forget_offsets(AUDITOR, {0})
+    reloaded: list[list[int]] = []
+    monkeypatch.setattr(audit, "reload_heads",
+                        lambda _model, _bootstrap, _topic, stale, _at: reloaded.append(stale) or 0)
+    chainer = types.SimpleNamespace(
+        read_model=model, sources=("outcomes", "facts"), heads=HeadCache(model),
+        transactional_id="t", bootstrap="x",
+        settings=types.SimpleNamespace(audit_heads_topic="heads"))
+    audit.Chainer._sync_heads(chainer, {0}, [  # type: ignore[arg-type]
+        TopicPartition("outcomes", 0, -1001), TopicPartition("facts", 0, -1001)])
+    assert reloaded == [[0]]
+    model.close()

@@ -71,6 +71,7 @@ from revline.processors.audit_chain import (
     unreadable_entry,
 )
 from revline.schemas import outcome_codec
+from revline.sinks.ledger._errors import is_transient as database_away
 from revline.sinks.read_model import (
     AUDITOR,
     HeadCache,
@@ -102,6 +103,9 @@ LAG_EVERY_S = 10.0
 _ASSIGN_BUDGET_S = 2 * (60.0 + STABLE_OFFSETS_TIMEOUT_S)
 # Retried reads after an aborted transaction (committed offsets, chain heads), in all.
 _RECOVER_BUDGET_S = 2 * STABLE_OFFSETS_TIMEOUT_S
+# The read model's lost-connection wait inside a Kafka transaction (its write and its
+# commit may each wait this long: 2 x 15 s, well inside transaction.timeout.ms).
+_READ_MODEL_IN_TXN_S = 15.0
 HEAD_CACHE_SIZE = 20_000  # chain heads kept in memory; the rest are paged from the read model
 
 
@@ -438,14 +442,26 @@ class Chainer:
         rows = [record_row(partition, orjson.loads(value), value, str(at))
                 for (partition, _, value), at in zip(records, where, strict=True)]
         heads = [head_row(partition, head) for (partition, _), head in touched.items()]
+        # The write runs inside the open Kafka transaction (transaction.timeout.ms): the
+        # database's lost-connection wait is cut to fit in it, and a database still away
+        # then aborts the transaction (_recover: its rewind waits for the database outside
+        # any transaction, for the model's whole outage budget) instead of outliving it.
+        outage_s = self.read_model.outage_s
+        self.read_model.outage_s = min(outage_s, _READ_MODEL_IN_TXN_S)
         try:
             with self.watchdog.deadline("read model write", 120 + CALL_GRACE_S), \
                     self.read_model.write() as conn:
                 self.read_model.write_audit_batch(conn, rows, heads, next_offsets, outcomes)
         except Exception as exc:  # nothing is committed to Kafka: the batch comes again
+            if outage_s > 0 and database_away(exc):
+                raise KafkaException(KafkaError(
+                    KafkaError._TRANSPORT, f"the read model's database is away "
+                    f"({type(exc).__name__}: {exc})", txn_requires_abort=True)) from exc
             raise InfrastructureError(
                 f"auditor cannot write the read model ({type(exc).__name__}: {exc}); nothing "
                 "was committed, restart to resume once the ledger database is back") from exc
+        finally:
+            self.read_model.outage_s = outage_s
 
     def _produce(self, topic: str, partition: int, chain: str, value: bytes,
                  on_delivery: Callable[[KafkaError | None, Message], None] | None = None,

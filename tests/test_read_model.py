@@ -314,3 +314,30 @@ def test_an_aborted_first_batch_is_not_trusted_after_recovery(tmp_path: Path, mo
         TopicPartition("outcomes", 0, -1001), TopicPartition("facts", 0, -1001)])
     assert reloaded == [[0]]
     model.close()
+
+
+def test_the_auditor_aborts_its_transaction_when_the_database_stays_away(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    """The read-model write runs inside the auditor's Kafka transaction: a database away
+    longer than the transaction can wait is an abortable Kafka error (abort, rewind, wait
+    outside the transaction), not an exit, and the model's own budget is restored."""
+    import sqlalchemy as sa
+    from confluent_kafka import KafkaException
+
+    from revline.streams.audit import Chainer
+
+    model = ReadModel(f"sqlite:///{tmp_path / 'rm.db'}", outage_s=0.3)
+    settings = Settings(_env_file=None, kafka_bootstrap_servers="127.0.0.1:1",  # type: ignore[call-arg]
+                        state_dir=tmp_path)
+    chainer = Chainer(settings, "127.0.0.1:1", read_model=model)
+
+    def away(*_args: Any) -> None:
+        raise sa.exc.OperationalError("INSERT", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(model, "write_audit_batch", away)
+    with pytest.raises(KafkaException) as raised:
+        chainer._write_read_model([], [], {}, {("outcomes", 0): 1}, [])
+    assert raised.value.args[0].txn_requires_abort()
+    assert model.outage_s == 0.3
+    chainer.watchdog.stop()
+    model.close()

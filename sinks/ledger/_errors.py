@@ -51,11 +51,23 @@ def db_message(exc: sa_exc.DBAPIError) -> str:
     return text.splitlines()[0] if text else type(orig).__name__
 
 
+# A refused login carries no SQLSTATE in psycopg's connect error, only the server's text:
+# these will not pass by waiting (start-up would wait its whole timeout for a typo).
+_REFUSED_LOGIN = ("password authentication failed", "no pg_hba.conf entry",
+                  "does not exist", "permission denied for database",
+                  "authentication failed", "no such table")
+
+
 def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, sa_exc.DBAPIError):
         if exc.connection_invalidated:
             return True
         state = sqlstate(exc)
+        if state is None and isinstance(exc, sa_exc.OperationalError) and any(
+                text in str(exc.orig) for text in _REFUSED_LOGIN):
+            return False  # wrong password, unknown role or database: say so at once
+        if state is not None and state.startswith(("28", "3D")):
+            return False  # invalid authorization, invalid catalog (database) name
         if state is not None and state.startswith(_TRANSIENT_SQLSTATE_PREFIXES):
             return True
         if state is not None and state.startswith(_REFUSED_SQLSTATE_PREFIXES):

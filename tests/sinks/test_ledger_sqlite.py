@@ -149,3 +149,24 @@ def test_bench_runs_continue_the_ledgers_timeline(tmp_path: Path) -> None:
     assert later
     assert min(at for _, at in later) > first.latest_occurred_at
     assert min(jid for jid, _ in later) > max(earlier_ids)
+
+
+@pytest.mark.parametrize(("server_text", "transient"), [
+    ('FATAL:  password authentication failed for user "revline"', False),
+    ('FATAL:  role "nosuchuser" does not exist', False),
+    ('FATAL:  database "nosuchdb" does not exist', False),
+    ("FATAL:  no pg_hba.conf entry for host", False),
+    ("no such table: journals", False),
+    ("FATAL:  the database system is starting up", True),
+    ("Connection refused\n\tIs the server running on that host", True),
+    ("database is locked", True),
+])
+def test_a_refused_login_is_said_at_once_a_server_away_is_waited_for(
+        server_text: str, transient: bool) -> None:
+    import sqlalchemy.exc as sa_exc
+
+    from revline.sinks.ledger._errors import is_transient
+
+    error = sa_exc.OperationalError("connect", {}, Exception(
+        f'connection failed: connection to server at "127.0.0.1" failed: {server_text}'))
+    assert is_transient(error) is transient

@@ -370,6 +370,9 @@ def test_filters_settled_exceptions_and_rate_without_a_worker(
     for i in range(6):
         _dlq_record(producer, topics["deadletter"], i, "decode" if i % 2 else "schema",
                     t0 + i * 60_000)
+    # Input 102's dead letter again (DLQ offset 6): a worker killed after sending, before
+    # committing, sends it again. It goes back once, never twice.
+    _dlq_record(producer, topics["deadletter"], 2, "schema", t0 + 2 * 60_000)
     _exception(producer, topics["exceptions"], "EX-open", "O-1", "completeness.sku")
     _exception(producer, topics["exceptions"], "EX-open", "O-1", "completeness.sku")  # replayed
     _exception(producer, topics["exceptions"], "EX-resolved", "O-2", "policy.price")
@@ -391,6 +394,8 @@ def test_filters_settled_exceptions_and_rate_without_a_worker(
 
     dl = "deadletter"
     assert ids(dl) == ["0", "1", "2", "3", "4", "5"]  # DLQ offsets, in input order
+    dry = redrive(settings, kafka_bootstrap, dl, RedriveFilter(), actor="t", dry_run=True)
+    assert [n for why, n in dry.skipped.items() if "repeat" in why] == [1]
     assert ids(dl, reasons=("decode",)) == ["1", "3", "5"]
     assert ids(dl, reasons=("unknownschema", "problem 3")) == ["0", "2", "3", "4"]
     assert ids(dl, orders=("O-4", "O-9")) == ["4"]

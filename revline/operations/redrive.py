@@ -329,9 +329,22 @@ def redrive(
     states = exception_states(bootstrap, settings.exception_state_topic)
     skipped: Counter[str] = Counter()
     selected: list[Candidate] = []
+    # The worker's outputs are at-least-once: a worker killed after sending but before
+    # committing sends an input's dead letter again. One input goes back once: the first
+    # of its dead letters, and none once any of them was handled.
+    handled_inputs = {c.input_coords for c in found
+                      if c.source_id in done and c.input_coords != "unknown"}
+    taken_inputs: set[str] = set()
     for c in matched:
+        repeat = source == DEADLETTER and c.input_coords != "unknown" and (
+            c.input_coords in taken_inputs
+            or (c.input_coords in handled_inputs and c.source_id not in done))
+        if source == DEADLETTER and c.input_coords != "unknown":
+            taken_inputs.add(c.input_coords)
         if c.skip:
             skipped[c.skip] += 1
+        elif repeat:
+            skipped["a repeat of the same input's dead letter (sent again after a restart)"] += 1
         elif c.source_id in done:
             entry = done[c.source_id]
             skipped[f"already handled ({entry.get('action', '?')}, run {entry.get('run_id')})"

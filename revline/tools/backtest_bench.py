@@ -25,7 +25,6 @@ import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from revline.core.settings import DATA_DIR
@@ -151,21 +150,10 @@ def workload_inputs(orders: int, seed: int) -> list[Any]:
     """The generated week as the worker reads it: encoded, keyed by order, each stamped
     with its event's time (poison with the time before it), as ``--input`` replays it."""
     from revline.processors import InputRecord
-    from revline.schemas import EventSerializer
-    from revline.tools.workload import WorkloadOptions, generate
+    from revline.tools.workload import WorkloadOptions, encoded, generate
 
-    encode = EventSerializer()
     out = []
-    clock = 0
-    for r in generate(WorkloadOptions(orders=orders, seed=seed)).records:
-        if r.event is not None:
-            value = encode(r.event)
-            when = r.event["envelope"]["occurred_at"]
-            if isinstance(when, datetime):
-                clock = max(clock, int(when.timestamp() * 1000))
-        else:
-            assert r.raw is not None
-            value = r.raw
+    for r, value, clock in encoded(generate(WorkloadOptions(orders=orders, seed=seed)).records):
         out.append(InputRecord("bench-input", 0, r.seq - 1, r.key.encode(), value,
                                (("revline-source-line", str(r.seq).encode()),), clock))
     return out

@@ -487,12 +487,8 @@ Chunk = list[tuple[bytes | None, bytes, int]]
 def _workload_chunks(sizes: Sequence[int], seed: int) -> Iterator[tuple[int, Chunk]]:
     """(orders so far, [(key, value, event time ms)]) per chunk: one continuous history,
     cut at every size."""
-    from datetime import datetime
+    from revline.tools.workload import EPOCH, WorkloadOptions, encoded, generate
 
-    from revline.schemas import EventSerializer
-    from revline.tools.workload import EPOCH, WorkloadOptions, generate
-
-    encode = EventSerializer()
     done = 0
     clock = 0
     total = max(sizes)
@@ -502,16 +498,9 @@ def _workload_chunks(sizes: Sequence[int], seed: int) -> Iterator[tuple[int, Chu
         work = generate(WorkloadOptions(orders=n, seed=seed * 100_003 + done,
                                         run_id=f"m{done}", start=start))
         out: Chunk = []
-        for r in work.records:
-            if r.event is not None:
-                value = encode(r.event)
-                when = r.event["envelope"]["occurred_at"]
-                if isinstance(when, datetime):
-                    clock = max(clock, int(when.timestamp() * 1000))
-            else:
-                assert r.raw is not None
-                value = r.raw
-            out.append((r.key.encode() if r.key else None, value, clock))
+        for r, value, at in encoded(work.records, clock):
+            out.append((r.key.encode() if r.key else None, value, at))
+            clock = at
         del work
         done += n
         yield done, out

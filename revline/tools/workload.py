@@ -794,3 +794,22 @@ def _split(rng: random.Random, amount: int) -> list[int]:
 
 def generate(options: WorkloadOptions) -> Workload:
     return WorkloadGenerator(options).generate()
+
+
+def encoded(records: list[WorkloadRecord], clock_ms: int = 0,
+            ) -> Iterator[tuple[WorkloadRecord, bytes, int]]:
+    """(record, its bytes on the wire, its time in ms) of each record, as the worker reads
+    them: an event encoded and stamped with its occurred_at (never going back), poison as
+    its raw bytes stamped with the time before it. ``clock_ms``: the time before the
+    first record (a history generated in chunks goes on from the last chunk's)."""
+    encode = EventSerializer()
+    for r in records:
+        if r.event is not None:
+            value = encode(r.event)
+            when = r.event["envelope"]["occurred_at"]
+            if isinstance(when, datetime):
+                clock_ms = max(clock_ms, int(when.timestamp() * 1000))
+        else:
+            assert r.raw is not None
+            value = r.raw
+        yield r, value, clock_ms

@@ -32,7 +32,9 @@ Exactly once, no gap, under kill -9 and restarts:
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 import signal
 import threading
@@ -106,6 +108,15 @@ _RECOVER_BUDGET_S = 2 * STABLE_OFFSETS_TIMEOUT_S
 # The read model's lost-connection wait inside a Kafka transaction (its write and its
 # commit may each wait this long: 2 x 15 s, well inside transaction.timeout.ms).
 _READ_MODEL_IN_TXN_S = 15.0
+# A producer librdkafka declared dead is replaced in place at most this often.
+_REPLACE_AT_MOST_EVERY_S = 60.0
+
+
+def _fenced(error: KafkaError) -> bool:
+    """Fenced: another producer took this transactional.id (a standby or a twin). Never
+    replaced in place: the newer one owns the chains now, and this one ends."""
+    return error.code() in (KafkaError._FENCED, KafkaError.PRODUCER_FENCED,
+                            KafkaError.INVALID_PRODUCER_EPOCH) or "fenced" in error.str().lower()
 HEAD_CACHE_SIZE = 20_000  # chain heads kept in memory; the rest are paged from the read model
 
 
@@ -260,6 +271,8 @@ class Chainer:
             "transactional.id": self.transactional_id,
             "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS,
         })
+        self._producer_conf = producer_conf
+        self._producer_replaced_at = -math.inf
         self.producer = Producer(producer_conf)
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -482,16 +495,28 @@ class Chainer:
         """Abort, then start again from what is committed: offsets and heads."""
         error: KafkaError = exc.args[0]
         # A retriable failure (the broker away for a moment: _TRANSPORT while adding the
-        # offsets) is aborted and redone like an abortable one, not a reason to exit.
-        if error.fatal() or not (error.txn_requires_abort() or is_transient(exc)):
+        # offsets) is aborted and redone like an abortable one, not a reason to exit; a
+        # producer librdkafka declared dead is replaced (below).
+        if _fenced(error) or not (error.fatal() or error.txn_requires_abort()
+                                  or is_transient(exc)):
             raise InfrastructureError(
                 f"auditor transaction failed ({error}); nothing uncommitted was kept, restart "
                 f"to resume (if fenced: another auditor runs as {self.transactional_id!r})"
             ) from exc
         log.warning("auditor: transaction aborted (%s); resuming from the committed state", error)
         try:
-            with self.watchdog.deadline("abort_transaction", 60 + CALL_GRACE_S):
-                self.producer.abort_transaction(60)
+            if error.fatal():
+                self._replace_producer(error)
+            else:
+                try:
+                    with self.watchdog.deadline("abort_transaction", 60 + CALL_GRACE_S):
+                        self.producer.abort_transaction(60)
+                except KafkaException as failed:
+                    # E.g. INVALID_TXN_STATE when the abort follows a coordinator that moved
+                    # (CI-size chaos run, after a broker kill): the producer is dead.
+                    if not failed.args[0].fatal() or _fenced(failed.args[0]):
+                        raise
+                    self._replace_producer(failed.args[0])
 
             def rewind() -> None:
                 assignment = self.consumer.assignment()
@@ -512,6 +537,27 @@ class Chainer:
         except KafkaException as again:
             raise InfrastructureError(f"auditor could not recover from {error}: {again}") from again
 
+
+    def _replace_producer(self, error: KafkaError) -> None:
+        """A new transactional producer with the same transactional.id: initialising it
+        aborts the dead one's open transaction, as a restart would. Once a minute at most:
+        dead again sooner means another auditor runs with this id (each fences the other)."""
+        if time.monotonic() - self._producer_replaced_at < _REPLACE_AT_MOST_EVERY_S:
+            raise InfrastructureError(
+                f"auditor producer failed ({error}) again within "
+                f"{_REPLACE_AT_MOST_EVERY_S:.0f}s of its replacement: another auditor may run "
+                f"as {self.transactional_id!r}; stop it, then restart this one")
+        self._producer_replaced_at = time.monotonic()
+        log.warning("auditor: producer failed (%s); replacing it", error)
+        with contextlib.suppress(Exception):
+            self.producer.purge()
+        self.producer = Producer(self._producer_conf)
+
+        def init() -> None:
+            with self.watchdog.deadline("init_transactions", 60 + CALL_GRACE_S):
+                self.producer.init_transactions(60)
+        _retrying(init, "auditor: initialising the replaced producer's transactions",
+                  timeout_s=_RECOVER_BUDGET_S)
 
     def _observe_lag(self) -> None:
         """End offsets less positions over the assigned source partitions (the audit lag)."""

@@ -341,3 +341,52 @@ def test_the_auditor_aborts_its_transaction_when_the_database_stays_away(
     assert model.outage_s == 0.3
     chainer.watchdog.stop()
     model.close()
+
+
+def test_the_auditor_replaces_a_producer_that_died_aborting_but_never_a_fenced_one(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    """An abort after a moved coordinator can leave the transactional producer dead
+    (INVALID_TXN_STATE, fatal): a new one with the same transactional.id is initialised in
+    place, as a restart would. A fenced producer (another auditor took the id) is not."""
+    import types
+
+    from confluent_kafka import KafkaError, KafkaException
+
+    import revline.streams.audit as audit
+    from revline.core.errors import InfrastructureError
+
+    made: list[Any] = []
+
+    class FakeProducer:
+        def __init__(self, _conf: dict[str, Any]) -> None:
+            self.inits = 0
+            made.append(self)
+
+        def init_transactions(self, _timeout: float) -> None:
+            self.inits += 1
+
+    def dying(code: int) -> Any:
+        def abort_transaction(_timeout: float) -> None:
+            raise KafkaException(KafkaError(code, "abort failed", fatal=True))
+        return types.SimpleNamespace(abort_transaction=abort_transaction, purge=lambda: None)
+
+    model = ReadModel(f"sqlite:///{tmp_path / 'rm.db'}")
+    settings = Settings(_env_file=None, kafka_bootstrap_servers="127.0.0.1:1",  # type: ignore[call-arg]
+                        state_dir=tmp_path)
+    chainer = audit.Chainer(settings, "127.0.0.1:1", read_model=model)
+    monkeypatch.setattr(audit, "Producer", FakeProducer)
+    chainer.consumer = types.SimpleNamespace(  # type: ignore[assignment]
+        assignment=lambda: [], committed=lambda _parts, timeout: [])
+    moved = KafkaException(KafkaError(KafkaError.NOT_COORDINATOR, "add offsets",
+                                      retriable=True))
+    chainer.producer = dying(KafkaError.INVALID_TXN_STATE)
+    chainer._recover(moved)
+    assert len(made) == 1 and made[0].inits == 1 and chainer.producer is made[0]
+
+    chainer._producer_replaced_at = float("-inf")
+    chainer.producer = dying(KafkaError.PRODUCER_FENCED)
+    with pytest.raises(InfrastructureError):
+        chainer._recover(moved)
+    assert len(made) == 1
+    chainer.watchdog.stop()
+    model.close()

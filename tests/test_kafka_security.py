@@ -456,7 +456,34 @@ def _built(expr: ast.expr, scope: ast.AST, seen: frozenset[str] = frozenset()) -
     if isinstance(expr, ast.Name) and expr.id not in seen:
         values = _assignments(scope, expr.id)
         return bool(values) and all(_built(v, scope, seen | {expr.id}) for v in values)
+    if (isinstance(expr, ast.Attribute) and isinstance(expr.value, ast.Name)
+            and expr.value.id == "self" and f"self.{expr.attr}" not in seen):
+        # A config kept on the instance (a replaced producer reuses it): every
+        # ``self.<attr> = ...`` in the class must be the builder's output.
+        methods = _methods_of_class_around(scope)
+        found = [(v, m) for m in methods for v in _self_assignments(m, expr.attr)]
+        return bool(found) and all(
+            _built(v, m, seen | {f"self.{expr.attr}"}) for v, m in found)
     return False
+
+
+_PARENT: dict[ast.AST, ast.AST] = {}  # filled by client_calls: node -> its parent
+
+
+def _methods_of_class_around(scope: ast.AST) -> list[ast.FunctionDef | ast.AsyncFunctionDef]:
+    node: ast.AST | None = scope
+    while node is not None and not isinstance(node, ast.ClassDef):
+        node = _PARENT.get(node)
+    if node is None:
+        return []
+    return [m for m in node.body if isinstance(m, ast.FunctionDef | ast.AsyncFunctionDef)]
+
+
+def _self_assignments(method: ast.AST, attr: str) -> list[ast.expr]:
+    return [node.value for node in ast.walk(method) if isinstance(node, ast.Assign)
+            and any(isinstance(t, ast.Attribute) and t.attr == attr
+                    and isinstance(t.value, ast.Name) and t.value.id == "self"
+                    for t in node.targets)]
 
 
 def client_calls() -> Iterator[tuple[str, ast.Call, ast.AST]]:
@@ -468,6 +495,7 @@ def client_calls() -> Iterator[tuple[str, ast.Call, ast.AST]]:
             for node in ast.walk(tree):
                 for child in ast.iter_child_nodes(node):
                     parent[child] = node
+            _PARENT.update(parent)
             for node in ast.walk(tree):
                 if not isinstance(node, ast.Call):
                     continue
@@ -520,3 +548,30 @@ def test_the_scan_catches_a_client_built_by_hand() -> None:
     calls = [n for n in ast.walk(scope) if isinstance(n, ast.Call) and _name(n.func) in CLIENTS]
     verdicts = [_built(c.args[0], scope) for c in sorted(calls, key=lambda c: c.lineno)]
     assert verdicts == [False, False, True, True, True]
+
+
+def test_the_scan_follows_a_config_kept_on_the_instance() -> None:
+    tree = ast.parse(
+        "class Good:\n"
+        "    def __init__(self, settings, bootstrap):\n"
+        "        conf = producer_config(settings, bootstrap)\n"
+        "        self._conf = conf\n"
+        "    def replace(self):\n"
+        "        self.producer = Producer(self._conf)\n"
+        "class Bad:\n"
+        "    def __init__(self, settings, bootstrap):\n"
+        "        self._conf = producer_config(settings, bootstrap)\n"
+        "    def reset(self, bootstrap):\n"
+        "        self._conf = {'bootstrap.servers': bootstrap}\n"
+        "    def replace(self):\n"
+        "        self.producer = Producer(self._conf)\n")
+    for node in ast.walk(tree):
+        for child in ast.iter_child_nodes(node):
+            _PARENT[child] = node
+    verdicts = []
+    for cls in tree.body:
+        assert isinstance(cls, ast.ClassDef)
+        replace = cls.body[-1]
+        call = next(n for n in ast.walk(replace) if isinstance(n, ast.Call))
+        verdicts.append(_built(call.args[0], replace))
+    assert verdicts == [True, False]

@@ -68,6 +68,14 @@ class MalformedRecordError(DecodeError):
     """The bytes are not a well-framed Avro record of the schema they name."""
 
 
+class MislabelledRecordError(MalformedRecordError):
+    """A record whose ``envelope.event_type`` names another event than its schema: the
+    body of one event labelled as another. Avro cannot say it (``event_type`` is a plain
+    string); the engine would read fields the body does not have."""
+
+    stage = "structure"
+
+
 class EncodeError(RevlineError):
     """An event does not fit its schema (a bug in the caller: validate first)."""
 
@@ -302,6 +310,13 @@ class EventDeserializer:
             raise MalformedRecordError(
                 f"{entry.event_type} v{entry.version}: {len(data) - body.tell()} trailing bytes "
                 "after the record",
+                schema_ref=f"fingerprint:{entry.fingerprint_hex}",
+            )
+        labelled = record["envelope"]["event_type"]
+        if labelled != entry.event_type:
+            raise MislabelledRecordError(
+                f"envelope.event_type {str(labelled)[:100]!r} but the body is a "
+                f"{entry.event_type} v{entry.version} record: one event labelled as another",
                 schema_ref=f"fingerprint:{entry.fingerprint_hex}",
             )
         return record

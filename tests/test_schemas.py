@@ -90,6 +90,44 @@ def test_truncated_body_and_trailing_bytes_are_malformed() -> None:
         EventDeserializer().decode(data + b"\x00\x01")
 
 
+@pytest.mark.parametrize("body,label", [("order_cancelled", "discount_approved"),
+                                        ("refund_issued", "payment_captured"),
+                                        ("order_cancelled", "not_an_event")])
+def test_a_body_labelled_as_another_event_is_a_structural_dead_letter(
+        body: str, label: str) -> None:
+    """``envelope.event_type`` is a plain Avro string: a foreign producer can label one
+    event's body as another (the engine then read fields the body lacks and crashed, or
+    booked a refund as a payment). The writer schema decides."""
+    from revline.processors import DEAD_LETTER, Engine, InputRecord, ReferenceData, Rules
+    from revline.schemas import MislabelledRecordError
+    from revline.schemas._codec import _marked
+
+    entry = default_catalog().latest(body)
+    assert entry is not None
+    event = example_event(body)
+    event["envelope"]["event_type"] = label
+    out = io.BytesIO()
+    out.write(b"\xc3\x01" + entry.fingerprint)
+    schemaless_writer(out, _marked(entry), event)
+    with pytest.raises(MislabelledRecordError, match=f"body is a {body}") as raised:
+        EventDeserializer().decode(out.getvalue())
+    assert raised.value.stage == "structure"
+    engine = Engine(rules=Rules.from_mapping(_rules()),
+                    reference=lambda: ReferenceData.from_mapping({}))
+    record = InputRecord("in", 0, 0, b"SO-1", out.getvalue())
+    decoded, dead = engine.decode(record, 0)
+    assert decoded is None and dead is not None
+    assert dead.kind == DEAD_LETTER and dead.stage == "structure"
+
+
+def _rules() -> dict:
+    import yaml
+
+    from revline.core.settings import DATA_DIR
+    loaded: dict = yaml.safe_load((DATA_DIR / "rules.yaml").read_text())
+    return loaded
+
+
 def test_confluent_framing_through_the_schema_registry_client() -> None:
     # No Schema Registry server can run here (it is a JVM service outside Maven Central's
     # reach as a runnable artifact), so this uses confluent-kafka's own in-process
@@ -150,6 +188,7 @@ def test_compatible_evolution_is_accepted_and_old_data_resolves_to_the_new_shape
     v1 = catalog.get("order_cancelled", 1)
     assert v1 is not None
     event = example_value(v1.schema)
+    event["envelope"]["event_type"] = "order_cancelled"
     buffer = io.BytesIO()
     schemaless_writer(buffer, v1.parsed, event)
     data = b"\xc3\x01" + v1.fingerprint + buffer.getvalue()

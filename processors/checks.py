@@ -117,7 +117,11 @@ def completeness(event: Event, state: OrderState, ctx: CheckContext) -> Iterable
 # add up, one currency, where the order stands). Waiving one would post money the ERP
 # refuses or the books cannot hold. Reference data (an unknown SKU the ERP knows),
 # policy and attribution remain a person's call.
-NOT_WAIVABLE_PREFIXES = ("lifecycle.", "reconciliation.", "dedup.", "dependency.", "hold.")
+NOT_WAIVABLE_PREFIXES = ("lifecycle.", "reconciliation.", "dedup.", "dependency.", "hold.",
+                         # An override's own refusal: waiving it would apply an override
+                         # with no reason code, one expired on arrival, or one of a money
+                         # check, the very overrides the refusal exists to stop.
+                         "override.")
 NOT_WAIVABLE = frozenset({"completeness.amounts", "completeness.currency", "completeness.lines",
                           "completeness.source_ref"})  # the ledger needs the source
 
@@ -199,7 +203,12 @@ def policy(event: Event, state: OrderState, ctx: CheckContext) -> Iterable[Findi
     currency = event["currency"]
     for ln in event["lines"]:
         product = ctx.reference.products.get(ln["sku"])
-        if product is None:  # completeness.sku owns it (reached here only when overridden)
+        if product is None:
+            # Reached only when a person waived completeness.sku: they vouched for the SKU,
+            # not for its price or discount, which nothing here can check without a list
+            # price. Someone must accept those too (an override of policy.price).
+            yield Finding("policy.price", f"line {ln['line_id']}: SKU {ln['sku']} is not in the "
+                          "reference data: its price and discount cannot be checked")
             continue
         list_price = product.list_prices.get(currency)
         if list_price is None:

@@ -175,8 +175,16 @@ def test_held_event_gets_the_override_when_released() -> None:
 
 
 def test_overriding_completeness_lets_later_checks_run_without_crashing() -> None:
+    # Waiving the unknown SKU vouches for the SKU, not for its price and discount, which
+    # nothing can check without a list price: those need their own override.
     feed = Feed()
     feed.send(override(check_id="completeness.sku"))
+    [d] = feed.send(booking(sku="SKU-NOT-IN-CATALOG"))
+    assert d.kind == EXCEPTION and d.check_id == "policy.price"
+    assert "cannot be checked" in d.reason
+    feed = Feed()
+    feed.send(override(check_id="completeness.sku"))
+    feed.send(override(check_id="policy.price", n=2))
     [d] = feed.send(booking(sku="SKU-NOT-IN-CATALOG"))
     assert d.kind == VALIDATED and d.warnings == (OVERRIDE_APPLIED,)
     # Without the override the unknown SKU is still an exception.
@@ -188,3 +196,17 @@ def test_orders_without_overrides_carry_no_override_state() -> None:
     feed = Feed()
     feed.send(booking())
     assert "overrides" not in feed.state.data
+
+
+def test_an_override_cannot_waive_another_overrides_refusal() -> None:
+    # Override 1 would waive override 2's missing reason code; override 2 would then
+    # waive the discount. The refusal is not a person's call: override 1 is refused and
+    # override 2 stays unapplied, so the discount is still an exception.
+    feed = Feed()
+    [first] = feed.send(override(check_id="override.reason_missing",
+                                 target=f"{ORDER}:override:2", n=1))
+    assert first.kind == EXCEPTION and first.check_id == "override.not_waivable"
+    [second] = feed.send(override(reason_code="", n=2))
+    assert second.kind == EXCEPTION and second.check_id == "override.reason_missing"
+    [d] = feed.send(booking(discount_minor=150_000))
+    assert d.kind == EXCEPTION and d.check_id == "policy.discount"

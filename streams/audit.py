@@ -388,6 +388,16 @@ class Chainer:
         except KafkaException as exc:
             self._recover(exc)
             return
+        except SystemError as exc:
+            # confluent-kafka may run a delivery callback while a failed call's
+            # KafkaException is still pending (a fenced twin, CI): Python then raises
+            # SystemError "... returned a result with an exception set", the Kafka error
+            # as its cause. That error is what happened; it is handled as such.
+            cause = exc.__cause__ or exc.__context__
+            if not isinstance(cause, KafkaException):
+                raise
+            self._recover(cause)
+            return
         self.heads.trim()
         for kind, count in kinds.items():
             self.metrics.chained.labels(kind).inc(count)

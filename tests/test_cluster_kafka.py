@@ -410,8 +410,12 @@ class TestSingleInstanceComponents:
                        lambda rc: rc is not None, 120, "the failpoint's SIGKILL")
             assert active.returncode == -signal.SIGKILL
             a.publish(workload, thirds[1])  # outcomes flow while no auditor runs
+            # What the killed auditor committed: the standby must commit past it before the
+            # twin starts, or the twin may initialise first and be the one fenced (a CI
+            # run's twin started while the standby was still starting).
+            before = len(committed_audit(a))
             standby = b.start(*auditor)  # the standby host: same instance id
-            eventually(lambda: len(committed_audit(a)), lambda n: n > 40, 120,
+            eventually(lambda: len(committed_audit(a)), lambda n: n > before, 120,
                        "the standby chaining")
             alive_or_killed(a, b)
             # A twin joins while the standby runs (a split brain): the newer one fences it.

@@ -390,3 +390,51 @@ def test_the_auditor_replaces_a_producer_that_died_aborting_but_never_a_fenced_o
     assert len(made) == 1
     chainer.watchdog.stop()
     model.close()
+
+
+def test_a_kafka_error_surfacing_as_systemerror_is_handled_as_that_error(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    """confluent-kafka can run a delivery callback while a failed call's KafkaException is
+    pending; Python then raises SystemError ("... returned a result with an exception
+    set") with the Kafka error as its cause (a fenced twin in CI exited on it). The
+    auditor recovers from the cause: a fenced one ends with the fenced message."""
+    import types
+
+    from confluent_kafka import KafkaError, KafkaException
+
+    import revline.streams.audit as audit
+    from revline.core.errors import InfrastructureError
+
+    model = ReadModel(f"sqlite:///{tmp_path / 'rm.db'}")
+    settings = Settings(_env_file=None, kafka_bootstrap_servers="127.0.0.1:1",  # type: ignore[call-arg]
+                        state_dir=tmp_path)
+    chainer = audit.Chainer(settings, "127.0.0.1:1", read_model=model)
+    message = types.SimpleNamespace(error=lambda: None, key=lambda: b"SO-1",
+                                    partition=lambda: 0, topic=lambda: settings.outcomes_topic,
+                                    offset=lambda: 7)
+    monkeypatch.setattr(chainer, "_decoded", lambda _msg: ([], None))
+
+    def fails_with(cause: BaseException) -> None:
+        def commit(*_args: Any) -> None:
+            raise SystemError("<method 'append' of 'list' objects> returned a result with "
+                              "an exception set") from cause
+        monkeypatch.setattr(chainer, "_commit", commit)
+
+    fenced = KafkaException(KafkaError(KafkaError._FENCED, "fenced by a newer instance",
+                                       fatal=True))
+    fails_with(fenced)
+    with pytest.raises(InfrastructureError, match="another auditor runs as"):
+        chainer._chain_batch([message])  # type: ignore[list-item]
+
+    recovered: list[Any] = []
+    monkeypatch.setattr(chainer, "_recover", recovered.append)
+    moved = KafkaException(KafkaError(KafkaError.NOT_COORDINATOR, "moved", retriable=True))
+    fails_with(moved)
+    chainer._chain_batch([message])  # type: ignore[list-item]
+    assert recovered == [moved]
+
+    fails_with(ValueError("not Kafka's"))
+    with pytest.raises(SystemError):
+        chainer._chain_batch([message])  # type: ignore[list-item]
+    chainer.watchdog.stop()
+    model.close()

@@ -117,6 +117,21 @@ def _fenced(error: KafkaError) -> bool:
     replaced in place: the newer one owns the chains now, and this one ends."""
     return error.code() in (KafkaError._FENCED, KafkaError.PRODUCER_FENCED,
                             KafkaError.INVALID_PRODUCER_EPOCH) or "fenced" in error.str().lower()
+
+
+def _kafka_error(exc: KafkaException | SystemError) -> KafkaException:
+    """The Kafka error behind ``exc``. confluent-kafka may run a delivery callback while a
+    failed call's KafkaException is still pending (a fenced twin, CI): Python then raises
+    SystemError "... returned a result with an exception set" with the Kafka error as its
+    cause, which is what happened. Any other SystemError is raised again."""
+    if isinstance(exc, KafkaException):
+        return exc
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, KafkaException):
+        return cause
+    raise exc
+
+
 HEAD_CACHE_SIZE = 20_000  # chain heads kept in memory; the rest are paged from the read model
 
 
@@ -385,18 +400,8 @@ class Chainer:
             return
         try:
             self._commit(records, touched, next_offsets, outcomes)
-        except KafkaException as exc:
-            self._recover(exc)
-            return
-        except SystemError as exc:
-            # confluent-kafka may run a delivery callback while a failed call's
-            # KafkaException is still pending (a fenced twin, CI): Python then raises
-            # SystemError "... returned a result with an exception set", the Kafka error
-            # as its cause. That error is what happened; it is handled as such.
-            cause = exc.__cause__ or exc.__context__
-            if not isinstance(cause, KafkaException):
-                raise
-            self._recover(cause)
+        except (KafkaException, SystemError) as exc:
+            self._recover(_kafka_error(exc))
             return
         self.heads.trim()
         for kind, count in kinds.items():

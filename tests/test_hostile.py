@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import base64
 import copy
-import io
 import json
 import os
 import re
@@ -298,21 +297,11 @@ def _hostile_records(case: dict[str, Any]) -> list[dict[str, Any]]:
         return [{"key": event["envelope"]["order_id"].encode(),
                  "value": EventSerializer()(event), "headers": []}]
     if "mislabelled" in case:  # one event's body, its envelope naming another event
-        from fastavro import schemaless_writer
-
-        from revline.schemas import default_catalog
-        from revline.schemas._codec import _marked
-        from revline.schemas._compat import example_value
+        from tests.test_schemas import mislabelled
 
         body, label = case["mislabelled"]
-        entry = default_catalog().latest(body)
-        assert entry is not None
-        event = example_value(entry.schema)
-        event["envelope"].update(event_type=label, order_id="MISLABELLED-1")
-        out = io.BytesIO()
-        out.write(b"\xc3\x01" + entry.fingerprint)
-        schemaless_writer(out, _marked(entry), event)
-        return [{"key": b"MISLABELLED-1", "value": out.getvalue(), "headers": []}]
+        return [{"key": b"MISLABELLED-1", "value": mislabelled(body, label, "MISLABELLED-1"),
+                 "headers": []}]
     if case.get("null_value"):
         return [{"key": b"null-value", "value": None, "headers": []}]
     headers: list[tuple[str, bytes | None]] = [("x-null", None)] if case.get("null_header") else []

@@ -90,6 +90,20 @@ def test_truncated_body_and_trailing_bytes_are_malformed() -> None:
         EventDeserializer().decode(data + b"\x00\x01")
 
 
+def mislabelled(body: str, label: str, order_id: str | None = None) -> bytes:
+    """A framed ``body`` example whose ``envelope.event_type`` says ``label``."""
+    entry = default_catalog().latest(body)
+    assert entry is not None
+    event = example_event(body)
+    event["envelope"]["event_type"] = label
+    if order_id is not None:
+        event["envelope"]["order_id"] = order_id
+    out = io.BytesIO()
+    out.write(b"\xc3\x01" + entry.fingerprint)
+    schemaless_writer(out, entry.parsed, event)
+    return out.getvalue()
+
+
 @pytest.mark.parametrize("body,label", [("order_cancelled", "discount_approved"),
                                         ("refund_issued", "payment_captured"),
                                         ("order_cancelled", "not_an_event")])
@@ -98,34 +112,17 @@ def test_a_body_labelled_as_another_event_is_a_structural_dead_letter(
     """``envelope.event_type`` is a plain Avro string: a foreign producer can label one
     event's body as another (the engine then read fields the body lacks and crashed, or
     booked a refund as a payment). The writer schema decides."""
-    from revline.processors import DEAD_LETTER, Engine, InputRecord, ReferenceData, Rules
+    from revline.processors import DEAD_LETTER, InputRecord
     from revline.schemas import MislabelledRecordError
-    from revline.schemas._codec import _marked
+    from tests.processors.test_engine_manifest import make_engine
 
-    entry = default_catalog().latest(body)
-    assert entry is not None
-    event = example_event(body)
-    event["envelope"]["event_type"] = label
-    out = io.BytesIO()
-    out.write(b"\xc3\x01" + entry.fingerprint)
-    schemaless_writer(out, _marked(entry), event)
+    data = mislabelled(body, label)
     with pytest.raises(MislabelledRecordError, match=f"body is a {body}") as raised:
-        EventDeserializer().decode(out.getvalue())
+        EventDeserializer().decode(data)
     assert raised.value.stage == "structure"
-    engine = Engine(rules=Rules.from_mapping(_rules()),
-                    reference=lambda: ReferenceData.from_mapping({}))
-    record = InputRecord("in", 0, 0, b"SO-1", out.getvalue())
-    decoded, dead = engine.decode(record, 0)
+    decoded, dead = make_engine().decode(InputRecord("in", 0, 0, b"SO-1", data), 0)
     assert decoded is None and dead is not None
     assert dead.kind == DEAD_LETTER and dead.stage == "structure"
-
-
-def _rules() -> dict:
-    import yaml
-
-    from revline.core.settings import DATA_DIR
-    loaded: dict = yaml.safe_load((DATA_DIR / "rules.yaml").read_text())
-    return loaded
 
 
 def test_confluent_framing_through_the_schema_registry_client() -> None:

@@ -419,7 +419,13 @@ class TestSingleInstanceComponents:
                        "the standby chaining")
             alive_or_killed(a, b)
             # A twin joins while the standby runs (a split brain): the newer one fences it.
+            # The standby learns it at its next transaction, so the last third is sent
+            # once the twin has initialised (in CI the standby had chained everything
+            # before the twin's fencing and then sat idle, never told).
             c.start(*auditor)
+            eventually(lambda: "chaining" in "".join(
+                f.read_text(errors="replace") for f in c.state_dir.glob("auditor-*.log")),
+                bool, 120, "the twin initialised")
             a.publish(workload, thirds[2])
             a.wait_for(lambda o: len(finals_by_input(o)) >= total, 180,
                        "a final outcome for every input")

@@ -475,9 +475,8 @@ class Worker:
                 # "expire:<ms>": only holds held by then, the ones whose end offset was
                 # read up to; a younger hold came due later and waits for its own check.
                 _, _, since = command.partition(b":")
-                decisions.extend(self.engine.expire_holds(
-                    self._state(partition, order_id, touched), now,
-                    held_since_ms=int(since) if since.isdigit() else None))
+                decisions.extend(self._expire(partition, order_id, touched, now,
+                                              int(since) if since.isdigit() else None))
         for msg in messages:
             partition, offset = msg.partition() or 0, msg.offset() or 0
             value = msg.value()
@@ -574,6 +573,20 @@ class Worker:
                 error_class=type(exc).__name__, reason=f"engine error: {exc}",
                 decided_at_ms=now, rules_version=self.rules.version,
             )]
+
+    def _expire(self, partition: int, order_id: bytes, touched: Touched, now: int,
+                held_since_ms: int | None) -> list[Decision]:
+        state = self._state(partition, order_id, touched)
+        before = orjson.dumps(state.data)
+        try:
+            return self.engine.expire_holds(state, now, held_since_ms=held_since_ms)
+        except Exception:
+            # An engine bug while expiring or releasing: exiting would crash-loop (the holds
+            # come due again at once after a restart). The order's holds stay as they were,
+            # visible in `revline holds`, and the next scan tries again.
+            log.exception("engine failed expiring the holds of order %r", order_id)
+            state.data = orjson.loads(before)
+            return []
 
     def _state(self, partition: int, order_id: bytes, touched: Touched) -> OrderState:
         if order_id in touched:

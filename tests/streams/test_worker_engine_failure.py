@@ -65,3 +65,32 @@ def test_an_engine_failure_is_dead_lettered_and_a_redrive_is_judged_again(
     worker.engine = real  # the bug fixed: the dead letter's input is judged, not skipped
     again = worker._decide(record, touched, 2_000)
     assert again and again[0].kind not in (DUPLICATE, REPLAYED, DEAD_LETTER), again[0]
+
+
+def test_an_engine_failure_while_expiring_holds_keeps_them_and_the_worker_running(
+        tmp_path: Path) -> None:
+    nowhere = "127.0.0.1:1"
+    settings = Settings(_env_file=None, kafka_bootstrap_servers=nowhere,  # type: ignore[call-arg]
+                        state_dir=tmp_path)
+    worker = build_worker(settings, nowhere, Metrics())
+    real = worker.engine
+    event = example_event("payment_captured")  # waits for its invoice: held
+    event["envelope"]["order_id"] = "SO-FAIL-2"
+    record = InputRecord("revline.input", 0, 9, b"SO-FAIL-2", _framed(event))
+    touched: dict[bytes, Any] = {}
+    [held] = worker._decide(record, touched, 1_000)
+    state = touched[b"SO-FAIL-2"][1]
+    assert len(state.held) == 1, held
+
+    class _ExpiryFails(_FailsAfterItsChanges):
+        def expire_holds(self, *args: Any, **kwargs: Any) -> Any:
+            self.real.expire_holds(*args, **kwargs)
+            raise RuntimeError("an engine bug while releasing")
+
+    worker.engine = _ExpiryFails(real)  # type: ignore[assignment]
+    far = 10**13  # every hold is past its timeout
+    assert worker._expire(0, b"SO-FAIL-2", touched, far, None) == []
+    assert len(state.held) == 1  # kept as it was, not half-expired
+    worker.engine = real
+    [expired] = worker._expire(0, b"SO-FAIL-2", touched, far, None)
+    assert "hold.timeout" in str(expired), expired

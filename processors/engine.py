@@ -153,11 +153,11 @@ class Engine:
     ) -> tuple[dict[str, Any] | None, Decision | None]:
         """The event, or a dead-letter decision saying why there is none."""
         try:
-            event = self.deserializer.decode(record.value)
+            event, ids_clean = self.deserializer.decode_plain(record.value)
         except DecodeError as exc:
             return None, self._dead_letter(record, exc.stage, type(exc).__name__, str(exc),
                                            exc.schema_ref, now_ms)
-        problem = structural_error(event)
+        problem = structural_error(event, ids_clean=ids_clean)
         if (problem is not None and event["envelope"]["event_type"] == "manual_override"
                 and not event["reason_code"].strip()):
             # A reasonless override is flagged to its owner (override.reason_missing, an

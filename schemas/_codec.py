@@ -14,6 +14,7 @@ Serializers follow confluent-kafka's ``__call__(obj, ctx)`` convention.
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections.abc import Mapping
 from enum import StrEnum
@@ -23,6 +24,7 @@ from fastavro import parse_schema, schemaless_reader, schemaless_writer
 
 from revline.core.errors import InfrastructureError, RevlineError
 from revline.schemas._catalog import SchemaCatalog, SchemaEntry, crc64_fingerprint, default_catalog
+from revline.schemas._fastread import Reader, compile_reader
 
 if TYPE_CHECKING:
     from confluent_kafka.schema_registry import SchemaRegistryClient
@@ -233,10 +235,16 @@ class EventDeserializer:
         self._by_schema_id: dict[int, SchemaEntry] = {}
         # Writer -> reader: None when the writer is the newest version (no resolution).
         self._reader: dict[bytes, dict[str, Any] | None] = {}
+        # The compiled fast path (``_fastread``), for writers that need no resolution.
+        self._fast: dict[bytes, Reader] = {}
         for entry in self.catalog:
             latest = self.catalog.latest(entry.event_type)
             assert latest is not None
             self._reader[entry.fingerprint] = None if latest is entry else _marked(latest)
+            if latest is entry:
+                # TypeError: a type the fast path does not read (fastavro reads it).
+                with contextlib.suppress(TypeError):
+                    self._fast[entry.fingerprint] = compile_reader(entry.schema)
 
     def writer_entry(self, data: bytes) -> tuple[SchemaEntry, int]:
         """The writer schema a record names and where its body starts."""
@@ -292,7 +300,25 @@ class EventDeserializer:
         return entry
 
     def decode(self, data: bytes) -> dict[str, Any]:
+        return self.decode_plain(data)[0]
+
+    def decode_plain(self, data: bytes) -> tuple[dict[str, Any], bool]:
+        """``decode``, and whether every string of the event is short and printable, which
+        ``structural_error(event, ids_clean=True)`` may take for granted (False: not known).
+
+        The compiled reader answers when it reads the record to its last byte with the
+        type its schema names; anything else (its own error included) is decoded again by
+        fastavro below, whose record or error stands."""
         entry, start = self.writer_entry(data)
+        fast = self._fast.get(entry.fingerprint)
+        if fast is not None:
+            try:
+                record, end, clean = fast(data, start)
+            except Exception:  # fastavro below decides: its record or its error
+                pass
+            else:
+                if end == len(data) and record["envelope"]["event_type"] == entry.event_type:
+                    return record, clean
         body = io.BytesIO(data)
         body.seek(start)
         try:
@@ -319,7 +345,7 @@ class EventDeserializer:
                 f"{entry.event_type} v{entry.version} record: one event labelled as another",
                 schema_ref=f"fingerprint:{entry.fingerprint_hex}",
             )
-        return record
+        return record, False
 
     def __call__(self, data: bytes, ctx: object = None) -> dict[str, Any]:
         return self.decode(data)

@@ -56,3 +56,92 @@ def test_the_fast_path_agrees_with_the_rules(monkeypatch: pytest.MonkeyPatch) ->
     odd["envelope"]["order_id"] = ("SO-1",)  # not a string: no id problem, not plain
     assert not structure._clean(odd)
     assert structural_error(odd) == field_by_field(odd, monkeypatch)
+
+
+# -- the compiled decoder (``_fastread``): fastavro's record, or fastavro's error ----------
+def fastavro_only() -> EventDeserializer:
+    decoder = EventDeserializer()
+    decoder._fast = {}  # every record through fastavro, as before the fast path
+    return decoder
+
+
+def outcome(decoder: EventDeserializer, data: bytes) -> tuple[str, str]:
+    """What decoding ``data`` gives: the record (its repr names every type) or the error."""
+    try:
+        return "record", repr(decoder.decode(data))
+    except Exception as exc:  # the error is compared too: type and message
+        return type(exc).__name__, str(exc)
+
+
+def test_the_compiled_decoder_reads_every_event_type() -> None:
+    decoder = EventDeserializer()
+    assert {entry.event_type for entry in decoder.catalog
+            if entry.fingerprint in decoder._fast} == set(decoder.catalog.event_types())
+
+
+def test_the_compiled_decoder_gives_fastavros_records_and_errors(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    workload = generate(WorkloadOptions(orders=120, seed=11))
+    encode, fast, slow = EventSerializer(), EventDeserializer(), fastavro_only()
+    values = [encode(r.event) for r in workload.records if r.event is not None]
+    rng = random.Random(5)
+    for event in (decoded for decoded in map(slow.decode, values[:200])):
+        for path in rng.sample(string_paths(event), 3):  # strings bad in every known way
+            bad = copy.deepcopy(event)
+            target = bad
+            for step in path[:-1]:
+                target = target[step]
+            target[path[-1]] = rng.choice(BAD) + target[path[-1]]
+            try:
+                values.append(encode(bad))
+            except Exception:  # noqa: S112 - a lone surrogate has no UTF-8: not on the wire
+                continue
+    clean_seen = dirty_seen = 0
+    for value in values:
+        assert outcome(fast, value) == outcome(slow, value)
+        event, clean = fast.decode_plain(value)
+        if clean:  # sound: the one-pass rules would have passed it too
+            assert structure._clean(event)
+            clean_seen += 1
+        else:
+            dirty_seen += 1
+        assert structural_error(event, ids_clean=clean) == field_by_field(event, monkeypatch)
+    assert clean_seen > 500 and dirty_seen > 100
+    # Damaged bytes: every truncation of a few records, and random byte changes.
+    for value in values[:40]:
+        for cut in range(len(value)):
+            assert outcome(fast, value[:cut]) == outcome(slow, value[:cut])
+    for _ in range(20_000):
+        value = bytearray(rng.choice(values))
+        for _ in range(rng.randint(1, 3)):
+            value[rng.randrange(10, len(value))] = rng.choice(
+                (0, 1, 2, 3, 0x7F, 0x80, 0xFF, rng.randrange(256)))
+        if rng.random() < 0.2:
+            value += bytes([rng.randrange(256)])
+        assert outcome(fast, bytes(value)) == outcome(slow, bytes(value))
+
+
+def test_the_compiled_decoder_leaves_odd_encodings_to_fastavro() -> None:
+    """What the compiled reader does not take (fastavro may accept it): its answer is
+    fastavro's, whichever way."""
+    from revline.schemas._fastread import compile_reader
+
+    schema = {"type": "record", "name": "R", "namespace": "t", "fields": [
+        {"name": "i", "type": "int"}, {"name": "b", "type": "boolean"},
+        {"name": "u", "type": ["null", "string"]},
+        {"name": "a", "type": {"type": "array", "items": "long"}},
+        {"name": "e", "type": {"type": "enum", "name": "E", "symbols": ["X", "Y"]}}]}
+    read = compile_reader(schema)
+    assert read(bytes([4, 1, 2, 2, 0x61, 2, 6, 0, 2]), 0) == (
+        {"i": 2, "b": True, "u": "a", "a": [3], "e": "Y"}, 9, True)
+    for odd in (bytes([0x80, 0x80, 0x80, 0x80, 0x20, 1, 0, 0, 0]),  # an int past 32 bits
+                bytes([4, 2, 0, 0, 0]),  # a boolean byte of 2
+                bytes([4, 1, 4, 0, 0]),  # a union branch that is not there
+                bytes([4, 1, 0, 1, 2, 6, 0, 0]),  # an array block with its byte size
+                bytes([4, 1, 2, 3, 0x61, 0, 0]),  # a negative string length
+                bytes([4, 1, 0, 0, 1]),  # a negative enum index
+                bytes([4, 1, 0, 0x80] + [0xFF] * 10 + [1, 0, 0])):  # a varint past 64 bits
+        with pytest.raises((ValueError, IndexError)):
+            read(odd, 0)
+    with pytest.raises(TypeError):
+        compile_reader({"type": "record", "name": "F", "fields": [{"name": "x", "type": "float"}]})

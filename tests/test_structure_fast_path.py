@@ -94,7 +94,7 @@ def test_the_compiled_decoder_gives_fastavros_records_and_errors(
             target[path[-1]] = rng.choice(BAD) + target[path[-1]]
             try:
                 values.append(encode(bad))
-            except Exception:  # noqa: S112 - a lone surrogate has no UTF-8: not on the wire
+            except Exception:  # a lone surrogate has no UTF-8: it cannot be on the wire
                 continue
     clean_seen = dirty_seen = 0
     for value in values:

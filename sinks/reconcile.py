@@ -10,7 +10,10 @@ module derives what a correct sink leaves behind, with the same rules the sink u
   total is the sum of its debit lines (invoice: ``total_minor``; payment and refund:
   ``amount_minor``), none when that is 0; a ``reverse`` rule (cancellation) makes one
   credit note per journal of the order's earlier events of the listed types that no
-  earlier cancellation reversed; every other type posts nothing.
+  earlier cancellation reversed, and when it makes any, one journal per account it
+  ``reclassify``-s holding the order's balance there (the refunds posted before it);
+  every other type posts nothing. (A refund after the cancellation posts its amount
+  on other accounts, ``after_reversal``: the same journal total.)
 * ERP — the steps of ``sinks/erp/_mapping.py``: booking and amendment → the sale
   (its untaxed amount is checked against the order's latest booking/amendment);
   invoice → the sale and one invoice of ``total_minor``; payment → one payment move;
@@ -207,6 +210,9 @@ class Expected:
     # A cancellation: keys of the invoices the ERP credits: every invoice, a zero one
     # too (the ERP posts a zero invoice and credits it; the ledger posts nothing for it).
     credits: tuple[str, ...] = ()
+    # A cancellation: (event key, currency, account, signed minor units) of what the
+    # order's earlier events left on the accounts its rule reclassifies (refunds).
+    reclass: tuple[tuple[str, str, str, int], ...] = ()
     sale_minor: int | None = None  # booking/amendment: the sale's untaxed amount
     source: Source | None = None
 
@@ -294,6 +300,11 @@ def expected_from_events(
     seen: dict[Effect, Expected] = {}
     open_journals: dict[str, list[str]] = defaultdict(list)  # order -> reversible event keys
     open_invoices: dict[str, list[str]] = defaultdict(list)  # order -> invoices not credited
+    moved = {r.account for rule in rules.rules for r in rule.reclassify}
+    # order -> (key, currency, account, signed amount) posted on a reclassified account
+    # since the order's last cancellation; (order, currency) with a credit note.
+    on_moved: dict[str, list[tuple[str, str, str, int]]] = defaultdict(list)
+    credited: set[tuple[str, str]] = set()
     for position, (event, source) in enumerate(events):
         env = event["envelope"]
         key = str(env["idempotency_key"])
@@ -306,11 +317,18 @@ def expected_from_events(
         amount: int | None = None
         reverses: tuple[str, ...] = ()
         credits: tuple[str, ...] = ()
+        reclass: tuple[tuple[str, str, str, int], ...] = ()
+        posted: list[tuple[str, str, str, int]] = []
         if rule is not None and rule.action == "post":
             debits = [_int(event.get(line.amount)) for line in rule.lines if line.side == "debit"]
             ledger_minor = sum(d or 0 for d in debits) or None
             field_currency = event.get(rule.currency)
             currency = field_currency if isinstance(field_currency, str) else currency
+            lines = rule.after_reversal if (order_id, currency) in credited else ()
+            for line in lines or rule.lines:
+                n = _int(event.get(line.amount)) or 0
+                if line.account in moved and n:
+                    posted.append((key, currency, line.account, n if line.side == "debit" else -n))
         if etype in ("invoice_issued",):
             amount = _int(event.get("total_minor"))
         elif etype in ("payment_captured", "refund_issued"):
@@ -329,14 +347,21 @@ def expected_from_events(
             amount = sum(mine[k].ledger_minor or 0 for k in targets) or None
             currency = next((mine[k].currency for k in targets), currency)
             credits = tuple(open_invoices.pop(order_id, []))
+            if targets:
+                cur = {mine[k].currency for k in targets}
+                accounts = {r.account for r in rule.reclassify}
+                reclass = tuple(x for x in on_moved[order_id] if x[1] in cur and x[2] in accounts)
+                on_moved[order_id] = [x for x in on_moved[order_id] if x not in reclass]
+                credited.update((order_id, c) for c in cur)
         expected = Expected(
             key=key, order_id=order_id, event_type=etype, currency=currency,
             amount_minor=amount, occurred_at=env["occurred_at"], position=position,
-            ledger_minor=ledger_minor, reverses=reverses, credits=credits,
+            ledger_minor=ledger_minor, reverses=reverses, credits=credits, reclass=reclass,
             sale_minor=_net(event.get("lines")) if etype in _SHAPING else None,
             source=source,
         )  # fmt: skip
         seen[order_id, key] = expected
+        on_moved[order_id] += posted
         if ledger_minor:
             open_journals[order_id].append(key)
         if etype == "invoice_issued":
@@ -455,8 +480,22 @@ def _ledger_expectation(
     if e.reverses:
         targets = _reversed(e, stream, refused)
         total = sum(t.ledger_minor or 0 for t in targets)
+        total += sum(n for _, n in _reclassified(e, targets, refused))
         return (total, targets[0].currency) if total else None
     return (e.ledger_minor, e.currency) if e.ledger_minor else None
+
+
+def _reclassified(
+    e: Expected, targets: Sequence[Expected], refused: Mapping[Effect, str]
+) -> list[tuple[str, int]]:
+    """(currency, total) of each journal a cancellation posts to move a balance: per
+    account and currency it credits invoices in, the order's balance there, if not 0."""
+    currencies = {t.currency for t in targets}
+    sums: dict[tuple[str, str], int] = defaultdict(int)
+    for key, currency, account, amount in e.reclass:
+        if currency in currencies and (e.order_id, key) not in refused:
+            sums[account, currency] += amount
+    return [(currency, abs(n)) for (_, currency), n in sorted(sums.items()) if n]
 
 
 def _reversed(e: Expected, stream: StreamView, refused: Mapping[Effect, str]) -> list[Expected]:
@@ -489,6 +528,9 @@ def compare_ledger(
             cell = report.cell((e.event_type, e.currency, e.period))
             cell.stream_count += 1
             cell.stream_minor += e.amount_minor or 0
+            if e.reclass:  # a cancellation's journals also move the refunds posted before it
+                targets = _reversed(e, stream, {})
+                cell.stream_minor += sum(n for _, n in _reclassified(e, targets, {}))
         if actual:
             currency = actual[0].currency
             cell = report.cell((e.event_type, currency, e.period))
@@ -521,7 +563,10 @@ def compare_ledger(
         types = {j.event_type for j in actual}
         if types != {e.event_type}:
             problems.append(f"journal type {'/'.join(sorted(types))} ≠ {e.event_type}")
-        wanted_count = len(_reversed(e, stream, refused)) if e.reverses else 1
+        wanted_count = 1
+        if e.reverses:
+            targets = _reversed(e, stream, refused)
+            wanted_count = len(targets) + len(_reclassified(e, targets, refused))
         if len(actual) != wanted_count:
             problems.append(f"{len(actual)} journals, expected {wanted_count}")
         posted: dict[str, int] = defaultdict(int)
@@ -934,6 +979,10 @@ def _expected_money(
         for t in targets:
             row = out.setdefault(t.currency, [0, 0])
             row[0] += (t.ledger_minor if ledger else t.amount_minor) or 0
+            row[1] += 1
+        for currency, amount in _reclassified(e, targets, refused) if ledger else []:
+            row = out.setdefault(currency, [0, 0])
+            row[0] += amount
             row[1] += 1
         return [(cur, amount, count) for cur, (amount, count) in out.items()]
     if e.event_type not in PRIMARY_STEP or e.amount_minor is None:

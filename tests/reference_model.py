@@ -22,6 +22,13 @@ Readings of the spec where it is silent (what a finance person would expect):
 * At the end of input every still-held event is ``hold.timeout`` (all at once).
 * An invoice naming amendment 0 (or less) waits for no amendment (none can come: they
   are numbered from 1) and is ``lifecycle.stale_version``: 0 is not null.
+
+The ledger (docs/lifecycle.md "What the ledger posts"): a cancellation takes back all of
+the order's revenue, so a refund may not reduce revenue a second time. A refund after
+the cancellation pays back the customer's credit (AR / cash); refunds posted before it
+move from contra-revenue to AR with it (AR / refunds). Whatever the order: a cancelled
+order's revenue, tax payable and refunds are 0, AR = -(captured - refunded) and cash =
+captured - refunded (``cancelled_order_problems``).
 """
 
 from __future__ import annotations
@@ -117,6 +124,8 @@ class Order:
     invoices: dict[str, list[Any]] = field(default_factory=dict)  # id -> [event, captured]
     payments: dict[str, list[Any]] = field(default_factory=dict)  # id -> [event, refunded]
     refunds: set[str] = field(default_factory=set)
+    captured: int = 0  # accepted captures, minor units (one currency per order)
+    refunded: int = 0  # accepted refunds
 
 
 def rules(o: Order, e: dict[str, Any]) -> list[str]:
@@ -177,21 +186,53 @@ def accept(o: Order, e: dict[str, Any], bal: dict[tuple[str, str, str], int]) ->
     elif etype == "payment_captured":
         o.payments[env["payment_id"]] = [e, 0]
         o.invoices[env["invoice_id"]][1] += amount
+        o.captured += amount
         post(bal, oid, cur, ("cash", amount), ("accounts_receivable", -amount))
     elif etype == "refund_issued":
         o.refunds.add(e["refund_id"])
         o.payments[env["payment_id"]][1] += amount
-        post(bal, oid, cur, ("refunds", amount), ("cash", -amount))
+        o.refunded += amount
+        # After the cancellation the revenue is already all taken back: the refund pays
+        # back the customer's credit instead of reducing revenue again.
+        post(bal, oid, cur, ("accounts_receivable" if o.cancelled else "refunds", amount),
+             ("cash", -amount))
     elif etype == "order_cancelled":
         o.cancelled = True
         for inv, _ in o.invoices.values():  # one credit note per accepted invoice
             post(bal, oid, inv["currency"], ("accounts_receivable", -inv["total_minor"]),
                  ("revenue", inv["subtotal_minor"]), ("tax_payable", inv["tax_minor"]))
+        for currency in {inv["currency"] for inv, _ in o.invoices.values()}:
+            # Refunds so far reduced revenue that the credit notes took back whole: they
+            # become what was paid back of the customer's credit.
+            moved = bal.get((oid, "refunds", currency), 0)
+            post(bal, oid, currency, ("accounts_receivable", moved), ("refunds", -moved))
 
 
-def run(events: list[dict[str, Any]]) -> tuple[list[Outcome], dict[tuple[str, str, str], int]]:
-    """Outcome of each input (by position) and non-zero ledger balances, debits positive."""
-    orders: dict[str, Order] = {}
+def cancelled_order_problems(orders: dict[str, Order], bal: dict[tuple[str, str, str], int]
+                             ) -> list[str]:
+    """The invariant of a cancelled order, checked on ``bal`` (per order, account, currency):
+    revenue, tax payable and refunds 0; AR = -(captured - refunded); cash = captured - refunded.
+    """
+    out = []
+    for oid, o in sorted(orders.items()):
+        if not o.cancelled:
+            continue
+        owed = o.captured - o.refunded
+        for account, want in (("revenue", 0), ("tax_payable", 0), ("refunds", 0),
+                              ("accounts_receivable", -owed), ("cash", owed)):
+            got = sum(n for (b_oid, b_acct, _), n in bal.items()
+                      if b_oid == oid and b_acct == account)
+            if got != want:
+                out.append(f"cancelled order {oid!r}: {account} {got}, expected {want} "
+                           f"(captured {o.captured}, refunded {o.refunded})")
+    return out
+
+
+def run(events: list[dict[str, Any]], orders_out: dict[str, Order] | None = None
+        ) -> tuple[list[Outcome], dict[tuple[str, str, str], int]]:
+    """Outcome of each input (by position) and non-zero ledger balances, debits positive.
+    ``orders_out``: filled with each order's final state (order id -> Order)."""
+    orders: dict[str, Order] = {} if orders_out is None else orders_out
     outcomes: list[Outcome | None] = [None] * len(events)
     bal: dict[tuple[str, str, str], int] = {}
 

@@ -24,6 +24,7 @@ from revline.sinks.ledger._rules import (
     LineRule,
     PostingRule,
     PostingRules,
+    Reclassify,
     load_posting_rules,
 )
 
@@ -39,6 +40,7 @@ __all__ = [
     "LineRule",
     "PostingRule",
     "PostingRules",
+    "Reclassify",
     "RefusedEventError",
     "SideEffect",
     "SqlLedger",

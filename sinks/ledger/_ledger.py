@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -26,7 +27,7 @@ from sqlalchemy.pool import StaticPool
 from revline.core.errors import ConfigurationError
 from revline.sinks._protocols import EffectResult, Event, PermanentSinkError, TransientSinkError
 from revline.sinks.ledger._errors import RefusedEventError, db_errors, db_message, translate
-from revline.sinks.ledger._rules import PostingRule, PostingRules, load_posting_rules
+from revline.sinks.ledger._rules import LineRule, PostingRule, PostingRules, load_posting_rules
 from revline.sinks.ledger._schema import (
     accounts,
     journal_lines,
@@ -163,6 +164,7 @@ class _Prepared:
     description: str
     currency: str = ""
     amounts: Amounts = ()
+    after_reversal: Amounts = ()  # the lines once the order has a credit note in the currency
 
     @property
     def ident(self) -> EffectId:
@@ -385,8 +387,20 @@ class SqlLedger:
         currency = event.get(rule.currency)
         if not isinstance(currency, str) or not _CURRENCY.match(currency):
             raise refuse(f"{rule.currency} must be an ISO 4217 code, got {currency!r}")
+        amounts = self._amounts(rule.lines, event, fields["event_type"], currency, refuse)
+        after = (
+            self._amounts(rule.after_reversal, event, fields["event_type"], currency, refuse)
+            if rule.after_reversal else amounts
+        )  # fmt: skip
+        return replace(base, currency=currency, amounts=amounts, after_reversal=after)
+
+    @staticmethod
+    def _amounts(
+        lines: Sequence[LineRule], event: Event, event_type: str, currency: str,
+        refuse: Callable[[str], RefusedEventError],
+    ) -> Amounts:  # fmt: skip
         amounts: list[tuple[str, int, int]] = []
-        for line in rule.lines:
+        for line in lines:
             amount = event.get(line.amount)
             if not isinstance(amount, int) or isinstance(amount, bool):
                 raise refuse(f"{line.amount} must be integer minor units, got {amount!r}")
@@ -399,22 +413,35 @@ class SqlLedger:
         credits = sum(c for _, _, c in amounts)
         if debits != credits:
             raise refuse(
-                f"{fields['event_type']} does not balance under the posting rules: "
+                f"{event_type} does not balance under the posting rules: "
                 f"debits {debits} != credits {credits} {currency}"
             )
         if debits > MAX_MINOR:
             raise refuse(f"journal total {debits} exceeds {MAX_MINOR}")
-        return replace(base, currency=currency, amounts=tuple(amounts))
+        return tuple(amounts)
 
     def _plan(self, conn: Connection, prepared: list[_Prepared]) -> _Plan:
         existing = self._existing(conn, list(dict.fromkeys(p.ident for p in prepared)))
-        reversing = [
-            p
-            for p in prepared
-            if p.rule is not None and p.rule.action == "reverse" and p.ident not in existing
-        ]
+        todo = [p for p in prepared if p.rule is not None and p.ident not in existing]
+        reversing = [p for p in todo if p.rule is not None and p.rule.action == "reverse"]
+        switching = [p for p in todo if p.rule is not None and p.rule.after_reversal]
+        # What a cancellation or a refund posts depends on the order's other journals:
+        # one writer per such order at a time (see _lock_orders).
+        _lock_orders(conn, {p.order_id for p in (*reversing, *switching)})
         types = {t for p in reversing if p.rule is not None for t in p.rule.reverses}
         candidates = self._reversible(conn, {p.order_id for p in reversing}, types)
+        # (order, currency) that have a credit note: a refund there pays back a credit.
+        credited = self._credited(conn, {p.order_id for p in switching})
+        moved = sorted({r.account for p in reversing if p.rule for r in p.rule.reclassify})
+        # (order, account, currency) -> balance, debits positive, of the accounts a
+        # cancellation reclassifies; kept current with what this batch posts.
+        held = self._order_balances(conn, {p.order_id for p in reversing}, moved)
+
+        def track(journal: _Journal) -> None:
+            for account, debit, credit in journal.amounts:
+                if account in moved:
+                    k = (journal.order_id, account, journal.currency)
+                    held[k] = held.get(k, 0) + debit - credit
 
         plan = _Plan()
         first: dict[EffectId, EffectResult] = {}
@@ -437,7 +464,10 @@ class SqlLedger:
             elif p.rule.action == "not_applicable":
                 result = _result(p, "not_applicable", {}, f"{p.event_type} posts nothing")
             elif p.rule.action == "post":
-                if not p.amounts:
+                amounts = (
+                    p.after_reversal if (p.order_id, p.currency) in credited else p.amounts
+                )
+                if not amounts:
                     result = _result(p, "not_applicable", {}, "nothing to post: amounts are 0")
                 else:
                     journal = _Journal(
@@ -450,10 +480,11 @@ class SqlLedger:
                         source_ref=p.source_ref,
                         occurred_at=p.occurred_at,
                         description=p.description,
-                        amounts=p.amounts,
+                        amounts=amounts,
                     )
                     plan.new.append(journal)
                     candidates[p.order_id].append(journal)
+                    track(journal)
                     result = _result(p, "applied", {"journal": journal.id}, p.description)
             else:
                 targets = [
@@ -486,8 +517,15 @@ class SqlLedger:
                     )
                 if notes:
                     notes.sort(key=lambda j: j.idempotency_key)
-                    plan.new.extend(notes)
-                    refs = _refs([(j.idempotency_key, j.id) for j in notes])
+                    for note in notes:
+                        track(note)
+                        credited.add((p.order_id, note.currency))
+                    moves = self._reclassifications(p, sorted({j.currency for j in notes}), held)
+                    for journal in moves:
+                        track(journal)
+                    new = [*notes, *moves]
+                    plan.new.extend(new)
+                    refs = _refs([(j.idempotency_key, j.id) for j in new])
                     result = _result(p, "applied", refs, p.description)
                 else:
                     result = _result(
@@ -499,6 +537,81 @@ class SqlLedger:
             first[p.ident] = result
             plan.results.append(result)
         return plan
+
+    @staticmethod
+    def _reclassifications(
+        p: _Prepared, currencies: Sequence[str], held: Mapping[tuple[str, str, str], int]
+    ) -> list[_Journal]:
+        """A cancellation's journals that move the order's balances its rule reclassifies.
+
+        One per (account, currency) in which the cancellation posts credit notes, for
+        the order's whole balance on the account there (its credit notes included), so
+        that balance ends at 0 (refunds: contra-revenue of an order whose revenue is all
+        reversed). A second cancellation reverses nothing and so moves nothing. The
+        effect key names account and currency: one event, several journals, each once.
+        """
+        out = []
+        assert p.rule is not None
+        for rule in p.rule.reclassify:
+            for currency in currencies:
+                balance = held.get((p.order_id, rule.account, currency), 0)
+                if not balance:
+                    continue
+                if balance > 0:  # a debit balance: credit it, debit the target
+                    amounts = ((rule.to, balance, 0), (rule.account, 0, balance))
+                else:
+                    amounts = ((rule.account, -balance, 0), (rule.to, 0, -balance))
+                effect_key = f"{p.key}:reclassifies:{rule.account}:{currency}"
+                out.append(
+                    _Journal(
+                        id=_journal_id(p.order_id, effect_key, p.occurred_at),
+                        idempotency_key=effect_key,
+                        event_key=p.key,
+                        order_id=p.order_id,
+                        event_type=p.event_type,
+                        currency=currency,
+                        source_ref=p.source_ref,
+                        occurred_at=p.occurred_at,
+                        description=f"{p.description} [moves {rule.account} to {rule.to}]",
+                        amounts=amounts,
+                    )
+                )
+        return out
+
+    def _credited(self, conn: Connection, order_ids: set[str]) -> set[tuple[str, str]]:
+        """(order id, currency) of the given orders that have a credit note."""
+        out: set[tuple[str, str]] = set()
+        for chunk in _chunks(sorted(order_ids)):
+            rows = conn.execute(
+                sa.select(journals.c.order_id, journals.c.currency)
+                .where(journals.c.order_id.in_(chunk), journals.c.reverses_journal_id.is_not(None))
+                .distinct()
+            )
+            out.update((order_id, currency) for order_id, currency in rows)
+        return out
+
+    def _order_balances(
+        self, conn: Connection, order_ids: set[str], accounts_: Sequence[str]
+    ) -> dict[tuple[str, str, str], int]:
+        """(order id, account, currency) -> balance (debits positive) of some accounts."""
+        out: dict[tuple[str, str, str], int] = {}
+        if not order_ids or not accounts_:
+            return out
+        debits, credits = (_exact_sum(conn.dialect.name, c) for c in _DEBIT_CREDIT)
+        n = len(debits)
+        for chunk in _chunks(sorted(order_ids)):
+            rows = conn.execute(
+                sa.select(
+                    journals.c.order_id, journal_lines.c.account, journal_lines.c.currency,
+                    *debits, *credits,
+                )
+                .select_from(_posted_lines())
+                .where(journals.c.order_id.in_(chunk), journal_lines.c.account.in_(accounts_))
+                .group_by(journals.c.order_id, journal_lines.c.account, journal_lines.c.currency)
+            )  # fmt: skip
+            for order_id, account, currency, *sums in rows:
+                out[(order_id, account, currency)] = _combine(sums[:n]) - _combine(sums[n:])
+        return out
 
     def _existing(
         self, conn: Connection, effects: list[EffectId]
@@ -966,6 +1079,37 @@ def _copy_rows(conn: Connection, table: sa.Table, rows: list[tuple[Any, ...]]) -
 def _posted_lines() -> sa.Join:
     # Through the header: a line can only count once its journal exists (see _schema).
     return journal_lines.join(journals, journals.c.id == journal_lines.c.journal_id)
+
+
+# The class half of the (int, int) advisory locks of orders ("RVLO"); the one-key lock
+# space of the migration lock is another (PostgreSQL keeps the two apart).
+_ORDER_LOCK_CLASS = 0x52564C4F
+
+
+def _lock_orders(conn: Connection, order_ids: set[str]) -> None:
+    """PostgreSQL: a transaction-scoped advisory lock per order, taken in key order.
+
+    A refund posts differently once its order has a credit note, and a cancellation
+    reclassifies the refunds posted before it: two transactions writing one order's
+    refund and cancellation at once would each miss the other (READ COMMITTED). With
+    the lock the second waits, then reads what the first committed. SQLite needs
+    nothing: a writer holds the database's write lock from BEGIN IMMEDIATE on.
+    Taken only for batches holding refunds or cancellations.
+    """
+    if conn.dialect.name != "postgresql" or not order_ids:
+        return
+    keys = sorted({
+        int.from_bytes(hashlib.blake2b(o.encode("utf-8", "surrogatepass"), digest_size=4)
+                       .digest(), "big", signed=True)
+        for o in order_ids
+    })  # fmt: skip
+    conn.execute(
+        sa.text(
+            "SELECT pg_advisory_xact_lock(:cls, s.k) FROM "
+            "(SELECT k FROM unnest(CAST(:keys AS integer[])) AS k ORDER BY k OFFSET 0) AS s"
+        ),
+        {"cls": _ORDER_LOCK_CLASS, "keys": keys},
+    )
 
 
 def _result(p: _Prepared, status: str, refs: Mapping[str, str], detail: str) -> EffectResult:

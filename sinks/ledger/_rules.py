@@ -44,13 +44,26 @@ class LineRule:
 
 
 @dataclass(frozen=True)
+class Reclassify:
+    """What a "reverse" rule also moves: the order's balance on ``account`` to ``to``."""
+
+    account: str
+    to: str
+
+
+@dataclass(frozen=True)
 class PostingRule:
     event_type: str
     action: Action
     description: str = ""  # str.format template over the envelope and the payload's scalars
     currency: str = "currency"  # name of the event field holding the ISO currency
     lines: tuple[LineRule, ...] = ()
+    # A "post" rule: the lines used instead once the order has a credit note (a journal a
+    # "reverse" rule posted) in the event's currency. Empty: ``lines`` always.
+    after_reversal: tuple[LineRule, ...] = ()
     reverses: tuple[str, ...] = ()  # event types whose journals a "reverse" rule reverses
+    # A "reverse" rule: balances of the order moved along with its credit notes.
+    reclassify: tuple[Reclassify, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -161,26 +174,53 @@ class _Parser:
             self.mapping(body, where, {"action", "description"})
             return PostingRule(event_type, "not_applicable", description)
         if action == "reverse":
-            self.mapping(body, where, {"action", "description", "reverses"})
+            self.mapping(body, where, {"action", "description", "reverses", "reclassify"})
             targets = body.get("reverses")
             if not isinstance(targets, list) or not targets:
                 raise self.fail(f"{where}.reverses", "must be a non-empty list of event types")
             reverses = tuple(self.text(t, f"{where}.reverses") for t in targets)
-            return PostingRule(event_type, "reverse", description, reverses=reverses)
-        self.mapping(body, where, {"action", "description", "currency", "lines"})
+            reclassify = self.reclassify(body.get("reclassify", []), f"{where}.reclassify", codes)
+            return PostingRule(
+                event_type, "reverse", description, reverses=reverses, reclassify=reclassify
+            )
+        self.mapping(body, where, {"action", "description", "currency", "lines", "after_reversal"})
         currency = self.text(body.get("currency", "currency"), f"{where}.currency")
         if not _FIELD.match(currency):
             raise self.fail(f"{where}.currency", f"{currency!r} is not a field name")
-        raw_lines = body.get("lines")
-        if not isinstance(raw_lines, list) or not raw_lines:
-            raise self.fail(f"{where}.lines", "a 'post' rule needs a non-empty list of lines")
-        lines = tuple(
-            self.line(line, f"{where}.lines[{i}]", codes) for i, line in enumerate(raw_lines)
+        lines = self.lines(body.get("lines"), f"{where}.lines", codes)
+        after: tuple[LineRule, ...] = ()
+        if "after_reversal" in body:
+            after = self.lines(body["after_reversal"], f"{where}.after_reversal", codes)
+        return PostingRule(
+            event_type, "post", description, currency=currency, lines=lines, after_reversal=after
         )
+
+    def lines(self, raw_lines: Any, where: str, codes: set[str]) -> tuple[LineRule, ...]:
+        if not isinstance(raw_lines, list) or not raw_lines:
+            raise self.fail(where, "a 'post' rule needs a non-empty list of lines")
+        lines = tuple(self.line(line, f"{where}[{i}]", codes) for i, line in enumerate(raw_lines))
         sides = {line.side for line in lines}
         if sides != {"debit", "credit"}:
-            raise self.fail(f"{where}.lines", "needs at least one debit and one credit line")
-        return PostingRule(event_type, "post", description, currency=currency, lines=lines)
+            raise self.fail(where, "needs at least one debit and one credit line")
+        return lines
+
+    def reclassify(self, raw: Any, where: str, codes: set[str]) -> tuple[Reclassify, ...]:
+        if not isinstance(raw, list):
+            raise self.fail(where, "must be a list of {account: ..., to: ...}")
+        out = []
+        for i, spec in enumerate(raw):
+            body = self.mapping(spec, f"{where}[{i}]", {"account", "to"})
+            account = self.text(body.get("account"), f"{where}[{i}].account")
+            to = self.text(body.get("to"), f"{where}[{i}].to")
+            for code in (account, to):
+                if code not in codes:
+                    raise self.fail(
+                        f"{where}[{i}]", f"unknown account {code!r}; the chart has {sorted(codes)}"
+                    )
+            if account == to:
+                raise self.fail(f"{where}[{i}]", f"moves {account!r} to itself")
+            out.append(Reclassify(account=account, to=to))
+        return tuple(out)
 
     def line(self, spec: Any, where: str, codes: set[str]) -> LineRule:
         body = self.mapping(spec, where, {"debit", "credit", "amount"})

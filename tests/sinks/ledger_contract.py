@@ -287,6 +287,101 @@ class LedgerContract:
         assert other.status == "not_applicable"
         assert len(ledger.journals_for("SO-1")) == 2
 
+    # -- cancellation and refunds: the customer repaid once, revenue and refunds at 0 ------
+    # A cancellation reverses the invoices (revenue 0, the payments a credit on AR); a
+    # refund after it pays that credit (AR / cash), and refunds posted before it move from
+    # contra-revenue to AR (AR / refunds). Either order: revenue, tax and refunds end at 0,
+    # AR = -(captured - refunded), cash = captured - refunded.
+
+    @staticmethod
+    def order_balances(ledger: SqlLedger, order_id: str) -> dict[str, int]:
+        out: dict[str, int] = defaultdict(int)
+        for j in ledger.journals_for(order_id):
+            assert sum(ln.debit_minor for ln in j.lines) == sum(ln.credit_minor for ln in j.lines)
+            for ln in j.lines:
+                out[ln.account] += ln.debit_minor - ln.credit_minor
+        return {a: n for a, n in out.items() if n}
+
+    @pytest.mark.parametrize("batched", [False, True], ids=["one_by_one", "one_batch"])
+    @pytest.mark.parametrize(
+        "script, captured, refunded",
+        [
+            ("pay cancel refund", 1200, 1200),
+            ("pay refund cancel", 1200, 1200),
+            ("pay:700 cancel", 700, 0),
+            ("pay refund:300 cancel refund:900", 1200, 1200),
+            ("pay refund:300 cancel", 1200, 300),
+            ("pay cancel refund:500", 1200, 500),
+            ("pay:700 refund:200 cancel refund:100", 700, 300),
+        ],
+    )
+    def test_cancelled_order_counts_each_refund_once(
+        self, ledger: SqlLedger, script: str, captured: int, refunded: int, batched: bool
+    ) -> None:
+        events = [invoice("SO-1", 1000, 200)]
+        refunds = 0
+        for step in script.split():
+            op, _, amount = step.partition(":")
+            if op == "pay":
+                events.append(payment("SO-1", int(amount or 1200)))
+            elif op == "refund":
+                refunds += 1
+                events.append(refund("SO-1", int(amount or 1200), n=refunds))
+            else:
+                events.append(cancellation("SO-1"))
+        results = ledger.post(events) if batched else [r for e in events for r in ledger.post([e])]
+        assert {r.status for r in results} == {"applied"}
+        want = {"accounts_receivable": -(captured - refunded), "cash": captured - refunded}
+        assert self.order_balances(ledger, "SO-1") == {a: n for a, n in want.items() if n}
+        # Replays (one by one, and the whole script at once) change nothing.
+        journals = ledger.journals_for("SO-1")
+        again = [r for e in events for r in ledger.post([e])] + ledger.post(events)
+        assert {r.status for r in again} == {"already_applied"}
+        assert [r.external_refs for r in again] == [r.external_refs for r in results] * 2
+        assert ledger.journals_for("SO-1") == journals
+        assert all(tb.balanced for tb in ledger.trial_balance().values())
+
+    def test_refund_after_cancellation_pays_back_the_credit(self, ledger: SqlLedger) -> None:
+        ledger.post([invoice("SO-1", 1000, 200), payment("SO-1", 1200), cancellation("SO-1")])
+        [ref] = ledger.post([refund("SO-1", 1200)])
+        [journal] = [j for j in ledger.journals_for("SO-1") if j.event_type == "refund_issued"]
+        assert ref.external_refs == {"journal": journal.id}
+        assert [(ln.account, ln.debit_minor, ln.credit_minor) for ln in journal.lines] == [
+            ("accounts_receivable", 1200, 0),
+            ("cash", 0, 1200),
+        ]
+        # Another order (not cancelled) still books its refund on contra-revenue.
+        ledger.post([invoice("SO-2", 1000, 200), payment("SO-2", 1200), refund("SO-2", 100)])
+        assert self.order_balances(ledger, "SO-2")["refunds"] == 100
+
+    def test_cancellation_after_refunds_moves_them_to_receivable(self, ledger: SqlLedger) -> None:
+        ledger.post([invoice("SO-1", 1000, 200), payment("SO-1", 1200), refund("SO-1", 300),
+                     refund("SO-1", 200, n=2)])  # fmt: skip
+        [note] = ledger.post([cancellation("SO-1")])
+        cancel = [j for j in ledger.journals_for("SO-1") if j.event_type == "order_cancelled"]
+        [credit_note] = [j for j in cancel if j.reverses_journal_id]
+        [moved] = [j for j in cancel if not j.reverses_journal_id]
+        assert moved.event_key == "SO-1:cancelled" and moved.currency == "EUR"
+        assert moved.idempotency_key == "SO-1:cancelled:reclassifies:refunds:EUR"
+        assert [(ln.account, ln.debit_minor, ln.credit_minor) for ln in moved.lines] == [
+            ("accounts_receivable", 500, 0),
+            ("refunds", 0, 500),
+        ]
+        assert set(note.external_refs.values()) == {credit_note.id, moved.id}
+        assert self.order_balances(ledger, "SO-1") == {"accounts_receivable": -700, "cash": 700}
+        # A second cancellation reverses nothing and so moves nothing.
+        [other] = ledger.post([cancellation("SO-1", key="SO-1:cancelled:resent")])
+        assert other.status == "not_applicable" and len(ledger.journals_for("SO-1")) == 6
+
+    def test_cancellation_moves_refunds_per_order(self, ledger: SqlLedger) -> None:
+        ledger.post([invoice("SO-1", 1000, 200), payment("SO-1", 1200), refund("SO-1", 300),
+                     invoice("SO-2", 500, 0, currency="USD"), payment("SO-2", 500, "USD"),
+                     refund("SO-2", 50, "USD")])  # fmt: skip
+        ledger.post([cancellation("SO-1")])
+        assert self.order_balances(ledger, "SO-2")["refunds"] == 50
+        assert "refunds" not in self.order_balances(ledger, "SO-1")
+        assert ledger.balances()[("refunds", "USD")] == 50
+
     def test_posting_the_same_batch_twice_changes_nothing(self, ledger: SqlLedger) -> None:
         batch = [invoice("SO-1", 1000, 200), payment("SO-1", 1200), refund("SO-1", 100),
                  invoice("SO-2", 500, 40, currency="USD"), cancellation("SO-2"),

@@ -23,6 +23,7 @@ from revline.sinks.erp import _mapping as m
 from revline.sinks.ledger import JournalSummary, SideEffect, SqlLedger, load_posting_rules
 from revline.sinks.ledger import _ledger as ledger_module
 from revline.sinks.reconcile import (
+    ALL_TIME,
     CHECK_DRIFT,
     ERP_STEPS,
     Report,
@@ -212,6 +213,44 @@ def test_cancellation_expects_the_reversal_of_only_unrefused_earlier_invoices() 
     # The invoice was refused by the ledger: nothing to reverse, so a credit note is extra.
     refused = compare_ledger(stream, [credit], {(order, inv.key): "refused"})
     assert [(i.kind, i.key) for i in refused.extra] == [("extra", cancel.key)]
+
+
+def paid_cancelled_refunded(order: str, script: str) -> list[dict[str, Any]]:
+    """Booked, invoiced, paid in full, then ``script``: "cancel" and "refund:<minor>" steps."""
+    total = subtotal(LINES) + tax_of(LINES, "EUR")
+    events = [booked(order, LINES), invoiced(order, LINES), captured(order, 1, total)]
+    for n, step in enumerate(script.split(), start=1):
+        if step == "cancel":
+            events.append(cancelled(order))
+        else:
+            event = refunded(order, int(step.partition(":")[2]), key=f"{order}:refund:{n}")
+            event["refund_id"] = f"REF-{order}-{n}"
+            events.append(event)
+    return events
+
+
+@pytest.mark.parametrize("script", ["cancel refund:1000", "refund:1000 cancel",
+                                    "refund:300 cancel refund:700", "refund:300 refund:200 cancel"])
+def test_cancellation_and_refunds_in_any_order_reconcile_to_zero(script: str) -> None:
+    order = new_order()
+    events = paid_cancelled_refunded(order, script)
+    stream = stream_of(events)
+    with SqlLedger("sqlite:///:memory:") as ledger:
+        erp = InMemoryErp()
+        sink(events, ledger, erp)
+        journals = ledger.journal_summaries()
+        report = compare(stream, ALL_TIME, journals, {}, erp.documents(), {}, {})
+    assert report.issues == [] and report.drifted == []
+    cancel = stream.by_key[f"{order}:cancelled"]
+    before = sum(int(step.partition(":")[2]) for step in script.split("cancel")[0].split())
+    assert sum(n for _, _, _, n in cancel.reclass) == before
+    # The refunds moved to AR are a journal of the cancellation: leaving it out is drift.
+    moved = [j for j in journals if ":reclassifies:" in j.idempotency_key]
+    assert len(moved) == (1 if before else 0)
+    if moved:
+        lr = compare_ledger(stream, [j for j in journals if j not in moved], {})
+        [issue] = lr.mismatched
+        assert issue.key == cancel.key and "1 journals, expected 2" in issue.detail
 
 
 def test_window_limits_expected_and_actual_alike_and_parses_periods() -> None:

@@ -46,6 +46,7 @@ from revline.processors.engine import (
     Decision,
     Engine,
     InputRecord,
+    body_hash,
 )
 from revline.processors.order_state import OrderState
 from revline.processors.ownership import ExceptionFacts, Ownership, event_amount
@@ -523,7 +524,7 @@ class _Lane:
             self._watch(partition, key, state)
 
     def process(self, record: InputRecord, event: Mapping[str, Any], now_ms: int,
-                coords: str) -> OrderState:
+                coords: str, digest: str | None = None) -> OrderState:
         key = record.key
         assert key is not None
         state = self.states.get(key)
@@ -531,7 +532,7 @@ class _Lane:
             state = self.states[key] = OrderState()
             state.data["partition"] = record.partition
         try:
-            decisions = self.engine.process(state, record, event, now_ms)
+            decisions = self.engine.process(state, record, event, now_ms, digest=digest)
         except Exception as exc:  # the worker dead-letters an engine failure too
             for book in self.books:
                 book.engine_errors += 1
@@ -725,8 +726,9 @@ class Backtest:
             if key in shared.states:
                 assert key is not None
                 self._fork(record.partition, key)
-        self._current_lane.process(record, event, now, coords)
-        self._candidate_lane.process(record, event, now, coords)
+        digest = body_hash(record.value)  # one hash for both engines
+        self._current_lane.process(record, event, now, coords, digest)
+        self._candidate_lane.process(record, event, now, coords, digest)
 
     def finish(self, end_ms: int | None = None, *, samples: int = 5) -> BacktestReport:
         """Time out what was due by ``end_ms`` (default: the last record's time) and compare."""

@@ -7,7 +7,7 @@ incomplete, later checks would only produce noise, so they are skipped.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,14 +25,16 @@ class Finding:
     reason: str  # human-readable, names the record's own values
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: built per judged input, and frozen costs ~2x; never mutated
 class CheckContext:
     reference: ReferenceData
     rules: Rules
     now_ms: int = 0  # when the event is judged (an override's expiry is checked against it)
 
 
-Check = Callable[[Event, OrderState, CheckContext], Iterable[Finding]]
+# A check returns its findings as a list: a generator per check and input cost a frame
+# and its teardown on the engine's hottest path.
+Check = Callable[[Event, OrderState, CheckContext], list[Finding]]
 
 _LINES = ("order_booked", "order_amended", "invoice_issued")
 _MONEY = ("order_booked", "order_amended", "invoice_issued", "payment_captured", "refund_issued")
@@ -45,72 +47,78 @@ def _line_amount(line: Mapping[str, Any]) -> int:
 
 
 # -- completeness ------------------------------------------------------------------------
-def completeness(event: Event, state: OrderState, ctx: CheckContext) -> Iterable[Finding]:
+def completeness(event: Event, state: OrderState, ctx: CheckContext) -> list[Finding]:
+    out: list[Finding] = []
     env = event["envelope"]
     kind = env["event_type"]
     if not env["source_system"] or not env["source_record_id"]:
-        yield Finding(
+        out.append(Finding(
             "completeness.source_ref",
             "record does not point back to its source (source_system/source_record_id empty)",
-        )
+        ))
     if kind in _MONEY and event["currency"] not in ISO_4217:
-        yield Finding("completeness.currency", f"currency {event['currency']!r} is not ISO 4217")
+        out.append(Finding("completeness.currency",
+                           f"currency {event['currency']!r} is not ISO 4217"))
     products = ctx.reference.products
     if kind in _LINES:
         lines = event["lines"]
         if not lines:
-            yield Finding("completeness.lines", f"{kind} has no lines")
+            out.append(Finding("completeness.lines", f"{kind} has no lines"))
+        subtotal = 0
         for ln in lines:
             if ln["sku"] not in products:
-                yield Finding(
+                out.append(Finding(
                     "completeness.sku", f"line {ln['line_id']}: SKU {ln['sku']!r} unknown"
-                )
+                ))
+            amount = _line_amount(ln)
+            subtotal += amount  # the lines' sum, in the same pass
             if ln["quantity"] <= 0 or ln["unit_price_minor"] < 0 or not (
                 0 <= ln["discount_minor"] <= ln["quantity"] * ln["unit_price_minor"]
-            ) or _line_amount(ln) > MAX_MINOR:
-                yield Finding(
+            ) or amount > MAX_MINOR:
+                out.append(Finding(
                     "completeness.amounts",
                     f"line {ln['line_id']}: quantity {ln['quantity']}, unit price "
                     f"{ln['unit_price_minor']}, discount {ln['discount_minor']} do not make a line",
-                )
-        subtotal = sum(_line_amount(ln) for ln in lines)
+                ))
         if event["tax_minor"] < 0:
-            yield Finding("completeness.amounts", f"tax {event['tax_minor']} is negative")
+            out.append(Finding("completeness.amounts", f"tax {event['tax_minor']} is negative"))
         if kind == "invoice_issued" and event["subtotal_minor"] != subtotal:
-            yield Finding(
+            out.append(Finding(
                 "completeness.amounts",
                 f"invoice subtotal {event['subtotal_minor']} != sum of its lines {subtotal}",
-            )
+            ))
         if event["total_minor"] != subtotal + event["tax_minor"]:
-            yield Finding(
+            out.append(Finding(
                 "completeness.amounts",
                 f"total {event['total_minor']} != lines {subtotal} + tax {event['tax_minor']}",
-            )
+            ))
     elif kind in ("payment_captured", "refund_issued") and event["amount_minor"] <= 0:
         # A capture or refund of nothing moves no money; both ERPs refuse it.
-        yield Finding("completeness.amounts", f"amount {event['amount_minor']} is not positive")
+        out.append(Finding("completeness.amounts",
+                           f"amount {event['amount_minor']} is not positive"))
     elif kind == "fulfilment_confirmed":
         if not event["shipments"]:
-            yield Finding("completeness.lines", "fulfilment has no shipped lines")
+            out.append(Finding("completeness.lines", "fulfilment has no shipped lines"))
         for sh in event["shipments"]:
             if sh["sku"] not in products:
-                yield Finding(
+                out.append(Finding(
                     "completeness.sku", f"line {sh['line_id']}: SKU {sh['sku']!r} unknown"
-                )
+                ))
             if sh["quantity"] <= 0:
-                yield Finding(
+                out.append(Finding(
                     "completeness.amounts", f"line {sh['line_id']}: quantity {sh['quantity']}"
-                )
+                ))
     elif kind == "manual_override":
-        yield from override_validity(event, ctx)
+        out += override_validity(event, ctx)
     elif kind == "discount_approved":
         if event["sku"] != "*" and event["sku"] not in products:
-            yield Finding("completeness.sku", f"approval for unknown SKU {event['sku']!r}")
+            out.append(Finding("completeness.sku", f"approval for unknown SKU {event['sku']!r}"))
         if not 0 <= event["max_discount_bps"] <= 10_000:
-            yield Finding(
+            out.append(Finding(
                 "completeness.amounts",
                 f"max_discount_bps {event['max_discount_bps']} is outside 0..10000",
-            )
+            ))
+    return out
 
 
 # Checks no person can waive: they guard what the ledger and the ERP hold (amounts that
@@ -130,35 +138,38 @@ def waivable(check_id: str) -> bool:
     return check_id not in NOT_WAIVABLE and not check_id.startswith(NOT_WAIVABLE_PREFIXES)
 
 
-def override_validity(event: Event, ctx: CheckContext) -> Iterable[Finding]:
+def override_validity(event: Event, ctx: CheckContext) -> list[Finding]:
     """An override must say why and must not be expired on arrival; else finance looks."""
+    out: list[Finding] = []
     if not waivable(event["check_id"]):
-        yield Finding(
+        out.append(Finding(
             "override.not_waivable",
             f"override {event['override_id']} by {event['actor']!r} waives "
             f"{event['check_id']}, which guards the money itself; it is not applied",
-        )
+        ))
     if not event["reason_code"].strip():
-        yield Finding(
+        out.append(Finding(
             "override.reason_missing",
             f"override {event['override_id']} by {event['actor']!r} has no reason code; "
             "it is not applied",
-        )
+        ))
     expires_ms = int(event["expires_at"].timestamp() * 1000)
     if expires_ms <= ctx.now_ms:
-        yield Finding(
+        out.append(Finding(
             "override.expired",
             f"override {event['override_id']} by {event['actor']!r} expired at "
             f"{event['expires_at'].isoformat()} before it arrived; it is not applied",
-        )
+        ))
+    return out
 
 
 # -- lifecycle ---------------------------------------------------------------------------
 _REUSABLE_PREFIXES = ("booked", "cancelled")  # their refusals are the lifecycle table's
 
 
-def lifecycle(event: Event, state: OrderState, ctx: CheckContext) -> Iterable[Finding]:
+def lifecycle(event: Event, state: OrderState, ctx: CheckContext) -> list[Finding]:
     """Is the event acceptable where the order stands (revline.processors.lifecycle)?"""
+    out: list[Finding] = []
     env = event["envelope"]
     kind = env["event_type"]
     d = state.data
@@ -166,26 +177,27 @@ def lifecycle(event: Event, state: OrderState, ctx: CheckContext) -> Iterable[Fi
     refused = refusal(stage, kind)
     if refused is not None:
         check_id, why = refused
-        yield Finding(check_id, f"{kind} refused: {why} (order stage {stage})")
-        return
+        out.append(Finding(check_id, f"{kind} refused: {why} (order stage {stage})"))
+        return out
     token = provides(event)
     if token is not None and not token.startswith(_REUSABLE_PREFIXES) and state.token(token):
         # The same reference accepted earlier under another idempotency key: a second
         # invoice INV-1 (or payment, refund, amendment number...) would collide in the ERP.
-        yield Finding(
+        out.append(Finding(
             "lifecycle.reused_reference",
             f"{token} was already accepted for this order under another idempotency key",
-        )
-        return
+        ))
+        return out
     if kind == "invoice_issued":
         latest = latest_amendment(d)
         billed = env.get("amendment_number")
         if billed != latest:
-            yield Finding(
+            out.append(Finding(
                 "lifecycle.stale_version",
                 f"invoice bills {_version_label(billed)} but the order is at "
                 f"{_version_label(latest)}",
-            )
+            ))
+    return out
 
 
 def _version_label(amendment: int | None) -> str:
@@ -196,9 +208,10 @@ def _version_label(amendment: int | None) -> str:
 POLICY_EVENT_TYPES = ("order_booked", "order_amended")  # the only events policy judges
 
 
-def policy(event: Event, state: OrderState, ctx: CheckContext) -> Iterable[Finding]:
+def policy(event: Event, state: OrderState, ctx: CheckContext) -> list[Finding]:
+    out: list[Finding] = []
     if event["envelope"]["event_type"] not in POLICY_EVENT_TYPES:
-        return
+        return out
     rules = ctx.rules
     currency = event["currency"]
     for ln in event["lines"]:
@@ -207,20 +220,21 @@ def policy(event: Event, state: OrderState, ctx: CheckContext) -> Iterable[Findi
             # Reached only when a person waived completeness.sku: they vouched for the SKU,
             # not for its price or discount, which nothing here can check without a list
             # price. Someone must accept those too (an override of policy.price).
-            yield Finding("policy.price", f"line {ln['line_id']}: SKU {ln['sku']} is not in the "
-                          "reference data: its price and discount cannot be checked")
+            out.append(Finding("policy.price", f"line {ln['line_id']}: SKU {ln['sku']} is not in "
+                               "the reference data: its price and discount cannot be checked"))
             continue
         list_price = product.list_prices.get(currency)
         if list_price is None:
-            yield Finding("policy.price", f"SKU {ln['sku']} has no list price in {currency}")
+            out.append(Finding("policy.price",
+                               f"SKU {ln['sku']} has no list price in {currency}"))
             continue
         deviation = abs(ln["unit_price_minor"] - list_price)
         if deviation * 10_000 > rules.price_tolerance_bps * list_price:
-            yield Finding(
+            out.append(Finding(
                 "policy.price",
                 f"line {ln['line_id']}: unit price {ln['unit_price_minor']} is off list price "
                 f"{list_price} by more than {rules.price_tolerance_bps} bps",
-            )
+            ))
         list_amount = ln["quantity"] * list_price
         tolerance = rules.discount_tolerance_bps(ln["sku"], product.family)
         if ln["discount_minor"] * 10_000 <= tolerance * list_amount:
@@ -233,12 +247,13 @@ def policy(event: Event, state: OrderState, ctx: CheckContext) -> Iterable[Findi
         ):
             continue
         bps = ln["discount_minor"] * 10_000 // max(list_amount, 1)
-        yield Finding(
+        out.append(Finding(
             "policy.discount",
             f"line {ln['line_id']}: discount {bps} bps exceeds the {tolerance} bps tolerance for "
             f"{product.family}"
             + (f" and approval {ln['approval_id']}" if ln["approval_id"] else " with no approval"),
-        )
+        ))
+    return out
 
 
 def policy_agrees(event: Event, reference: ReferenceData, a: Rules, b: Rules) -> bool:
@@ -277,57 +292,60 @@ def policy_agrees(event: Event, reference: ReferenceData, a: Rules, b: Rules) ->
 
 
 # -- attribution -------------------------------------------------------------------------
-def attribution(event: Event, state: OrderState, ctx: CheckContext) -> Iterable[Finding]:
+def attribution(event: Event, state: OrderState, ctx: CheckContext) -> list[Finding]:
+    out: list[Finding] = []
     if event["envelope"]["event_type"] not in _LINES:
-        return
+        return out
     for ln in event["lines"]:
         if ln["campaign_id"] is not None and ln["campaign_id"] not in ctx.reference.campaigns:
-            yield Finding(
+            out.append(Finding(
                 "attribution.campaign",
                 f"line {ln['line_id']}: campaign {ln['campaign_id']!r} is not a known campaign",
-            )
+            ))
         if ln["channel_id"] is not None and ln["channel_id"] not in ctx.reference.channels:
-            yield Finding(
+            out.append(Finding(
                 "attribution.channel",
                 f"line {ln['line_id']}: channel {ln['channel_id']!r} is not a known channel",
-            )
+            ))
+    return out
 
 
 # -- reconciliation anchor ---------------------------------------------------------------
-def reconciliation(event: Event, state: OrderState, ctx: CheckContext) -> Iterable[Finding]:
+def reconciliation(event: Event, state: OrderState, ctx: CheckContext) -> list[Finding]:
+    out: list[Finding] = []
     env = event["envelope"]
     kind = env["event_type"]
     d = state.data
     if kind == "order_amended":
         if state.currency is not None and event["currency"] != state.currency:
-            yield Finding(
+            out.append(Finding(
                 "reconciliation.currency",
                 f"amendment in {event['currency']} but the order is in {state.currency}",
-            )
+            ))
     elif kind == "invoice_issued":
         version = state.version(env.get("amendment_number"))
         if version is None:
-            return
+            return out
         if event["currency"] != version["currency"]:
-            yield Finding(
+            out.append(Finding(
                 "reconciliation.currency",
                 f"invoice in {event['currency']} but the order is in {version['currency']}",
-            )
-            return
+            ))
+            return out
         # Partial invoices (deposit and balance, per shipment) are fine; together they
         # may not bill more than the order as amended.
         remaining = version["total"] - d["invoiced"]
         if event["total_minor"] > remaining:
             label = _version_label(env.get("amendment_number"))
-            yield Finding(
+            out.append(Finding(
                 "reconciliation.invoice_total",
                 f"invoice total {event['total_minor']} exceeds order total {version['total']} "
                 f"(as of {label}) less {d['invoiced']} already invoiced",
-            )
+            ))
     elif kind == "payment_captured":
         invoice = d["invoices"].get(env["invoice_id"])
         if invoice is not None:
-            yield from _against_parent(
+            out += _against_parent(
                 event, invoice, invoice["total"] - invoice["captured"],
                 "payment", "an invoice", "reconciliation.payment_balance",
                 f"exceeds the open balance {{}} of invoice {env['invoice_id']}", "capture",
@@ -335,25 +353,28 @@ def reconciliation(event: Event, state: OrderState, ctx: CheckContext) -> Iterab
     elif kind == "refund_issued":
         payment = d["payments"].get(env["payment_id"])
         if payment is not None:
-            yield from _against_parent(
+            out += _against_parent(
                 event, payment, payment["amount"] - payment["refunded"],
                 "refund", "a payment", "reconciliation.refund_balance",
                 f"exceeds the refundable {{}} of payment {env['payment_id']}", "refund",
             )
+    return out
 
 
 def _against_parent(event: Event, parent: Mapping[str, Any], remaining: int, noun: str,
                     parent_label: str, check_id: str, excess: str,
-                    amount_label: str) -> Iterable[Finding]:
+                    amount_label: str) -> list[Finding]:
     """Money moved against an earlier record: same currency, no more than what is left."""
+    out: list[Finding] = []
     if event["currency"] != parent["currency"]:
-        yield Finding(
+        out.append(Finding(
             "reconciliation.currency",
             f"{noun} in {event['currency']} against {parent_label} in {parent['currency']}",
-        )
+        ))
     elif event["amount_minor"] > remaining:
         amount = event["amount_minor"]
-        yield Finding(check_id, f"{amount_label} {amount} {excess.format(remaining)}")
+        out.append(Finding(check_id, f"{amount_label} {amount} {excess.format(remaining)}"))
+    return out
 
 
 LATER_STAGES: tuple[Check, ...] = (policy, attribution, reconciliation)
@@ -363,12 +384,12 @@ def run_checks(event: Event, state: OrderState, ctx: CheckContext,
                waived: Collection[str] = ()) -> list[Finding]:
     """Every finding, including those of ``waived`` checks (an active override drops them
     later); only findings that are not waived stop the later stages."""
-    findings = list(completeness(event, state, ctx))
+    findings = completeness(event, state, ctx)
     if findings and (not waived or any(f.check_id not in waived for f in findings)):
         return findings
     # An event the order's stage does not accept is refused for that alone: what its
     # amounts would have done is noise (and no override can waive where an order stands).
-    refused = list(lifecycle(event, state, ctx))
+    refused = lifecycle(event, state, ctx)
     if refused:
         return findings + refused
     for check in LATER_STAGES:
@@ -381,4 +402,6 @@ SEVERITY_RANK = {"P1": 0, "P2": 1, "P3": 2}
 
 def primary(findings: list[Finding], rules: Rules) -> Finding:
     """The most severe finding; ties go to the first found (check order)."""
+    if len(findings) == 1:  # the common case; its spec is looked up by the caller anyway
+        return findings[0]
     return min(findings, key=lambda f: SEVERITY_RANK[rules.spec(f.check_id).severity])

@@ -43,15 +43,12 @@ def depends_on(event: Mapping[str, Any]) -> list[Token]:
     """What must have arrived before this event can be judged, in dependency order."""
     env = event["envelope"]
     kind = env["event_type"]
-    approvals = sorted(
-        {f"approval:{ln['approval_id']}" for ln in event.get("lines", ()) if ln["approval_id"]}
-    )
     if kind == "order_booked":
-        return approvals
+        return _approvals(event)
     if kind == "order_amended":
         number = env["amendment_number"]
         previous = [f"amend:{number - 1}"] if number > 1 else []
-        return ["booked", *previous, *approvals]
+        return ["booked", *previous, *_approvals(event)]
     if kind in ("order_cancelled", "fulfilment_confirmed"):
         return ["booked"]
     if kind == "invoice_issued":
@@ -62,6 +59,12 @@ def depends_on(event: Mapping[str, Any]) -> list[Token]:
     if kind == "refund_issued":
         return [f"payment:{env['payment_id']}"]
     return []
+
+
+def _approvals(event: Mapping[str, Any]) -> list[Token]:
+    """The approvals a booking's or amendment's lines name (only those wait for them)."""
+    return sorted({f"approval:{ln['approval_id']}" for ln in event.get("lines", ())
+                   if ln["approval_id"]})
 
 
 class OrderState:

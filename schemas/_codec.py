@@ -14,7 +14,6 @@ Serializers follow confluent-kafka's ``__call__(obj, ctx)`` convention.
 
 from __future__ import annotations
 
-import contextlib
 import io
 from collections.abc import Mapping
 from enum import StrEnum
@@ -142,6 +141,22 @@ def _marked(entry: SchemaEntry) -> dict[str, Any]:
     return marked
 
 
+_COMPILED: dict[str, Reader | None] = {}
+
+
+def _compiled(entry: SchemaEntry) -> Reader | None:
+    """``entry``'s compiled reader (``_fastread``), built once per process (~2 ms a schema,
+    and every engine makes a deserializer); None for a type the fast path does not read.
+    Keyed by the whole schema: the fingerprint's canonical form drops logical types."""
+    key = entry.schema_str
+    if key not in _COMPILED:
+        try:
+            _COMPILED[key] = compile_reader(entry.schema)
+        except TypeError:
+            _COMPILED[key] = None
+    return _COMPILED[key]
+
+
 def subject_for(entry: SchemaEntry) -> str:
     # RecordNameStrategy: one input topic carries every event type.
     return entry.full_name
@@ -242,9 +257,9 @@ class EventDeserializer:
             assert latest is not None
             self._reader[entry.fingerprint] = None if latest is entry else _marked(latest)
             if latest is entry:
-                # TypeError: a type the fast path does not read (fastavro reads it).
-                with contextlib.suppress(TypeError):
-                    self._fast[entry.fingerprint] = compile_reader(entry.schema)
+                reader = _compiled(entry)
+                if reader is not None:
+                    self._fast[entry.fingerprint] = reader
 
     def writer_entry(self, data: bytes) -> tuple[SchemaEntry, int]:
         """The writer schema a record names and where its body starts."""

@@ -24,9 +24,10 @@ its value. Use :func:`redacted` before logging a config.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -83,12 +84,17 @@ def read_properties(path: Path) -> dict[str, str]:
 
     Errors name the file and line, never the line's text (it may hold a secret)."""
     where = f"REVLINE_KAFKA_CONFIG_FILE {path}"
+    if path.exists() and not path.is_file():  # a FIFO with no writer: read would never end
+        raise ConfigurationError(f"{where} is not a regular file (give a properties file)")
     try:
         text = path.read_text()
     except FileNotFoundError:
         raise ConfigurationError(f"{where} does not exist") from None
     except OSError as exc:
         raise ConfigurationError(f"{where} cannot be read ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigurationError(f"{where} is not UTF-8 text (give a key=value properties "
+                                 "file)") from None
     properties: dict[str, str] = {}
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
@@ -146,6 +152,8 @@ def _read_password_file(path: Path) -> str:
     except OSError as exc:
         raise ConfigurationError(
             f"KAFKA_SASL_PASSWORD_FILE {path} cannot be read ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigurationError(f"KAFKA_SASL_PASSWORD_FILE {path} is not UTF-8 text") from None
     password = text.rstrip("\r\n")
     if not password:
         raise ConfigurationError(f"KAFKA_SASL_PASSWORD_FILE {path} is empty")
@@ -414,30 +422,51 @@ def registry_config(settings: Settings | None = None,
     return config
 
 
-# -- fail fast on refused credentials -----------------------------------------------------
-def check_credentials(bootstrap: str, *, settings: Settings | None = None,
-                      timeout_s: float = 15.0) -> None:
-    """On a secured cluster: fail within seconds, naming the settings, when the brokers
-    refuse the credentials or the TLS handshake (librdkafka would retry them forever and
-    start-up would wait out REVLINE_STARTUP_TIMEOUT_S for a "transport failure").
+# -- fail fast on refused credentials, or on a broker that is not there ------------------
+#: How long a one-shot command waits for a first answer from Kafka (``require_answer``).
+REACHABLE_TIMEOUT_S = 10.0
+#: An unreachable verdict waits this long after the first "all brokers down": a TLS or
+#: SASL failure, which says more, arrives right after it.
+_DOWN_GRACE_S = 1.0
 
-    Returns once a metadata request succeeds, or after ``timeout_s`` without an answer
-    (an unreachable cluster is start-up's retry to wait out, not an error here)."""
+
+def check_credentials(bootstrap: str, *, settings: Settings | None = None,
+                      timeout_s: float = 15.0, require_answer: bool = False) -> None:
+    """Fail within seconds, naming the settings, when the brokers refuse the credentials
+    or the TLS handshake (librdkafka would retry them forever and start-up would wait out
+    REVLINE_STARTUP_TIMEOUT_S for a "transport failure").
+
+    Returns once a metadata request succeeds. Without an answer: ``require_answer`` (a
+    one-shot command, which has nothing to wait for) raises InfrastructureError in one
+    line as soon as every broker refused the connection, or after ``timeout_s``; else
+    (a long-running component: start-up's retry waits out a cold cluster) it returns,
+    and on a PLAINTEXT cluster does not even ask.
+    """
     import time
 
     from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.admin import AdminClient
 
+    from revline.core.errors import InfrastructureError
+
     settings = settings if settings is not None else _environment_settings()
-    if security(settings).get("security.protocol", "PLAINTEXT").upper() == "PLAINTEXT":
-        return
+    plaintext = security(settings).get("security.protocol", "PLAINTEXT").upper() == "PLAINTEXT"
     errors: list[KafkaError] = []
-    admin = AdminClient(client_config("admin", bootstrap, {"error_cb": errors.append},
-                                      settings=settings))
-    deadline = time.monotonic() + timeout_s
+    # log_level 0: the errors come through error_cb and end as one line, not as librdkafka's
+    # FAIL line per reconnect on stderr. Built even when nothing is asked: librdkafka checks
+    # the configuration (CA file, properties file) when a client is made, and says so here
+    # in one line rather than as a raw error in whichever component makes one first.
+    with config_refusals(settings):
+        admin = AdminClient(client_config(
+            "admin", bootstrap, {"error_cb": errors.append, "log_level": 0}, settings=settings))
+    if plaintext and not require_answer:
+        return
+    started = time.monotonic()
+    deadline = started + timeout_s
+    down_since: float | None = None
     while time.monotonic() < deadline:
         try:
-            admin.list_topics(timeout=1.0)
+            admin.list_topics(timeout=0.5)
             return
         except KafkaException:
             admin.poll(0.1)
@@ -451,3 +480,76 @@ def check_credentials(bootstrap: str, *, settings: Settings | None = None,
                     f"TLS with Kafka at {bootstrap} failed ({error.str()}): check "
                     "KAFKA_SSL_CA_LOCATION (the CA that signed the brokers' certificates) "
                     "and the client certificate settings")
+        if require_answer and down_since is None and any(
+                e.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._RESOLVE) for e in errors):
+            down_since = time.monotonic()
+        if down_since is not None and time.monotonic() - down_since >= _DOWN_GRACE_S:
+            raise InfrastructureError(
+                f"Kafka at {bootstrap} is unreachable ({_why_unreachable(errors)}): start it, "
+                "or set KAFKA_BOOTSTRAP_SERVERS to a running cluster")
+    if require_answer:
+        raise InfrastructureError(
+            f"Kafka at {bootstrap} did not answer within {timeout_s:.0f} s "
+            f"({_why_unreachable(errors)}): is it up, and is KAFKA_BOOTSTRAP_SERVERS right?")
+
+
+def _why_unreachable(errors: list[Any]) -> str:
+    """The most telling error: a connection's own (refused, no such host), else the last."""
+    from confluent_kafka import KafkaError
+
+    for error in reversed(errors):
+        if error.code() in (KafkaError._TRANSPORT, KafkaError._RESOLVE):
+            return _first_line(_strip_broker(error.str()))
+    return _first_line(errors[-1].str()) if errors else "no answer"
+
+
+def _strip_broker(text: str) -> str:
+    # "127.0.0.1:1/bootstrap: Connect to ipv4#127.0.0.1:1 failed: ..." names the broker
+    # twice; the message names it already.
+    head, sep, rest = text.partition(": ")
+    return rest if sep and "/" in head and " " not in head else text
+
+
+def _first_line(text: str) -> str:
+    return " ".join(text.split())[:300]
+
+
+@contextlib.contextmanager
+def config_refusals(settings: Settings | None = None) -> Iterator[None]:
+    """Around a client's construction: librdkafka refusing its config (a CA file that is
+    not a certificate, an unknown property from REVLINE_KAFKA_CONFIG_FILE) said in one
+    line naming the setting or the file, not as its raw KafkaException. (The client is
+    still built in the caller, where tests/test_kafka_security.py sees it built from
+    client_config.)"""
+    from confluent_kafka import KafkaException
+
+    try:
+        yield
+    except (KafkaException, ValueError, TypeError) as exc:
+        raise ConfigurationError(
+            _refused_config(exc.args[0] if exc.args else exc, settings)) from exc
+
+
+def _refused_config(reason: object, settings: Settings | None = None) -> str:
+    import re
+
+    text = getattr(reason, "str", None)  # a KafkaError: its own text, not its repr
+    why = _first_line(str(text() if callable(text) else reason))
+    quoted = re.search(r'property:? "([^"]+)"', why)
+    path = settings.kafka_config_file if settings is not None else None
+    if quoted and path is not None:
+        files = load_file_properties(settings) if settings is not None else FileProperties()
+        named = {quoted.group(1), quoted.group(1).partition(".")[2]}
+        in_file = set(files.common).union(*files.by_role.values())
+        if named & in_file:
+            return (f"REVLINE_KAFKA_CONFIG_FILE {path}: librdkafka refuses "
+                    f"{quoted.group(1)} ({why}); fix or remove that line")
+    lowered = why.lower()
+    for key, variable in (("ssl.ca.location", "KAFKA_SSL_CA_LOCATION"),
+                          ("ssl.certificate.location", "KAFKA_SSL_CERTIFICATE_LOCATION"),
+                          ("ssl.key.location", "KAFKA_SSL_KEY_LOCATION"),
+                          ("ssl.key", "KAFKA_SSL_KEY_LOCATION or KAFKA_SSL_KEY_PASSWORD")):
+        if key in lowered:
+            return f"{variable}: librdkafka refused it ({why}); give a readable PEM file"
+    return (f"the Kafka client configuration was refused ({why}): check "
+            "REVLINE_KAFKA_CONFIG_FILE's properties and the KAFKA_* settings")

@@ -18,7 +18,7 @@ from confluent_kafka import (
 )
 
 from revline.core.errors import InfrastructureError
-from revline.core.kafka_config import client_config
+from revline.core.kafka_config import client_config, config_refusals
 
 
 def read_topic(
@@ -39,13 +39,14 @@ def read_topic(
     never come. ``missing_ok``: an absent topic reads as empty instead of an error.
     ``progress(done, total)`` after each fetch (total counts offsets, not records).
     """
-    consumer = Consumer(
-        client_config("consumer", bootstrap, {
+    # Its librdkafka log goes to revline.readback.kafka: a long-running caller's logging
+    # shows it; the command line drops *.kafka records (its one-line error says it).
+    with config_refusals():
+        consumer = Consumer(client_config("consumer", bootstrap, {
             "group.id": f"revline-readback-{uuid.uuid4().hex[:8]}",
             "enable.auto.commit": False,
             "enable.partition.eof": True,
-        })
-    )
+        }, component="readback"))
     try:
         try:
             metadata = consumer.list_topics(topic, timeout=30)
@@ -151,12 +152,13 @@ class CommittedReader:
                  *, timeout: float = 300.0, committed_only: bool = True) -> None:
         self.topic = topic
         self._timeout = timeout
-        self._consumer = Consumer(client_config("consumer", bootstrap, {
-            "group.id": f"revline-audit-reader-{uuid.uuid4().hex[:8]}",
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-            "isolation.level": "read_committed" if committed_only else "read_uncommitted",
-        }))
+        with config_refusals():
+            self._consumer = Consumer(client_config("consumer", bootstrap, {
+                "group.id": f"revline-audit-reader-{uuid.uuid4().hex[:8]}",
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+                "isolation.level": "read_committed" if committed_only else "read_uncommitted",
+            }, component="readback"))
         try:
             metadata = self._consumer.list_topics(topic, timeout=10)
         except KafkaException as exc:

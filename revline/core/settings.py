@@ -234,6 +234,22 @@ class Settings(BaseSettings):
                 f"{variable}={value} is not supported: use one of {', '.join(allowed)}")
         return value
 
+    @field_validator("erp", "shadow_erp", "store", mode="after")
+    @classmethod
+    def _known_choice(cls, value: str, info: ValidationInfo) -> str:
+        """Refused when the settings are read, not when the sink or worker reaches the step
+        that uses it (after connecting to Kafka, or after minutes of start-up)."""
+        from revline.core.errors import ConfigurationError
+
+        allowed = {"erp": ("auto", "memory", "tryton"), "shadow_erp": ("memory", "tryton"),
+                   "store": ("memory", "rocksdb")}[str(info.field_name)]
+        chosen = value.strip().lower()
+        if chosen not in allowed:
+            raise ConfigurationError(
+                f"REVLINE_{str(info.field_name).upper()}={value!r} is not one of "
+                f"{', '.join(allowed)}")
+        return chosen
+
     @model_validator(mode="after")
     def _kafka_security(self) -> Settings:
         from revline.core.errors import ConfigurationError

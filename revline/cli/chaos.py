@@ -11,6 +11,11 @@ from typing import Any
 
 def register(sub: Any) -> None:
     """Add ``chaos`` to the ``revline`` parser (``sub``: its subparsers)."""
+    from revline.cli import COUNT, POSITIVE, SECONDS, _bounded_float
+
+    # Every value is checked here, by the parser: a bad one is refused before the
+    # cluster starts, not minutes into a run.
+    rate = _bounded_float(0.001, 10**7)
     p = sub.add_parser(
         "chaos",
         help="run a generated workload on a local 3-node cluster twice (clean, then with "
@@ -19,31 +24,31 @@ def register(sub: Any) -> None:
         "money, effects, dead letter, audit and reconcile, and print recovery and throughput "
         "figures; exit 1 if a check fails",
     )
-    p.add_argument("--orders", type=int, default=300, help="orders to generate (300)")
-    p.add_argument("--seed", type=int, default=18)
-    p.add_argument("--worker-kills", type=int, default=5)
-    p.add_argument("--sink-kills", type=int, default=3)
-    p.add_argument("--auditor-kills", type=int, default=1)
-    p.add_argument("--exceptions-kills", type=int, default=1)
-    p.add_argument("--broker-kills", type=int, default=2,
+    p.add_argument("--orders", type=POSITIVE, default=300, help="orders to generate (300)")
+    p.add_argument("--seed", type=COUNT, default=18)
+    p.add_argument("--worker-kills", type=COUNT, default=5)
+    p.add_argument("--sink-kills", type=COUNT, default=3)
+    p.add_argument("--auditor-kills", type=COUNT, default=1)
+    p.add_argument("--exceptions-kills", type=COUNT, default=1)
+    p.add_argument("--broker-kills", type=COUNT, default=2,
                    help="kill -9 of the leader of the busiest input partition, restarted")
-    p.add_argument("--scale-to", type=int, default=3, help="workers at the peak (3; 1: none)")
-    p.add_argument("--broker-down", type=float, default=5.0, help="seconds a killed node stays "
+    p.add_argument("--scale-to", type=POSITIVE, default=3, help="workers at the peak (3; 1: none)")
+    p.add_argument("--broker-down", type=SECONDS, default=5.0, help="seconds a killed node stays "
                    "down (5)")
-    p.add_argument("--erp-outages", type=int, default=1,
+    p.add_argument("--erp-outages", type=COUNT, default=1,
                    help="times the sink's in-memory ERP is taken down (1)")
-    p.add_argument("--erp-down", type=float, default=60.0,
+    p.add_argument("--erp-down", type=SECONDS, default=60.0,
                    help="seconds the ERP stays down each time (60)")
-    p.add_argument("--pg-restarts", type=int, default=None,
+    p.add_argument("--pg-restarts", type=COUNT, default=None,
                    help="PostgreSQL restarts (default: 1 when --ledger-dsn is PostgreSQL and a "
                    "restart command is given, else none)")
     p.add_argument("--pg-restart-command", metavar="CMD",
                    default=os.environ.get("REVLINE_CHAOS_PG_RESTART") or None,
                    help="shell command that restarts the ledger's PostgreSQL server, e.g. "
                    "pg_ctl restart -m immediate -w -D DATA (default: $REVLINE_CHAOS_PG_RESTART)")
-    p.add_argument("--rate", type=float, default=2000.0,
+    p.add_argument("--rate", type=rate, default=2000.0,
                    help="chaos run publishing pace, lines/s (2000)")
-    p.add_argument("--stall", type=float, default=150.0,
+    p.add_argument("--stall", type=_bounded_float(0.001, 10**7), default=150.0,
                    help="seconds without output after a fault before a component counts as "
                    "stalled and is restarted (150)")
     p.add_argument("--ledger-dsn", help="the chaos run's ledger (e.g. an empty PostgreSQL "
@@ -58,8 +63,11 @@ def register(sub: Any) -> None:
 
 
 def cmd_chaos(args: argparse.Namespace, settings: Any) -> int:
+    from revline.cli import writable_file
     from revline.tools.chaos import ChaosOptions, run_chaos, table
 
+    if args.json is not None:
+        writable_file(args.json, "--json")  # before the cluster starts, not after the run
     ok, summary = run_chaos(ChaosOptions(
         orders=args.orders, seed=args.seed, worker_kills=args.worker_kills,
         sink_kills=args.sink_kills, auditor_kills=args.auditor_kills,

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import sys
 import threading
 import time
 import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -48,25 +50,113 @@ def cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
                           nodes=args.nodes, secure=args.secure)
 
 
+# Ctrl-C (SIGINT) and SIGTERM. Before a command's main loop (connecting, waiting out a
+# cold cluster) a signal ends the process at once: exit 130 with one line. Once it runs
+# (mark_running), a long-running command's signal sets its stop event instead and it
+# finishes its batch. librdkafka calls block in C, where Python runs no signal handler
+# (list_topics waits up to 30 s): a watcher thread, woken by the signal through the wakeup
+# fd, ends a process still running _INTERRUPT_GRACE_S after it.
+_running = threading.Event()
+_interrupt_said = threading.Event()
+_INTERRUPT_GRACE_S = 2.0
+
+
+def mark_running() -> None:
+    """From here on, SIGINT/SIGTERM stop the command gracefully (its stop event)."""
+    _running.set()
+
+
+def _say_interrupted() -> None:
+    if not _interrupt_said.is_set():
+        _interrupt_said.set()
+        err_console.print("interrupted", soft_wrap=True, markup=False)
+
+
+_watching: list[object] = []  # the wakeup socket pair, kept open for the process's life
+
+
+def _watch_interrupts() -> None:
+    """Started by the first Kafka step (bootstrap_for): commands that touch no broker
+    (broker, chaos, validate) keep Python's own Ctrl-C, and their clean-up, untimed."""
+    import signal
+    import socket
+
+    if _watching or threading.current_thread() is not threading.main_thread():
+        return  # main() called from a test's thread: signals are not ours
+    reader, writer = socket.socketpair()
+    _watching.extend((reader, writer))
+    writer.setblocking(False)
+    try:
+        signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    except (ValueError, OSError):
+        return
+    wanted = {int(signal.SIGINT), int(signal.SIGTERM)}
+
+    def watch() -> None:
+        while True:
+            try:
+                data = reader.recv(64)
+            except OSError:
+                return
+            if not data:
+                return
+            if _running.is_set() or not wanted.intersection(data):
+                continue
+            time.sleep(_INTERRUPT_GRACE_S)  # Python code has ended it by now, unless in C
+            if _running.is_set():
+                continue
+            interrupted = int(signal.SIGINT) in data
+            if interrupted:
+                _say_interrupted()
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(130 if interrupted else 0)  # SIGTERM: stopped as asked, as in handler()
+
+    threading.Thread(target=watch, name="revline-interrupt", daemon=True).start()
+
+
 def stop_on_signals(*, log_setup: bool = True) -> threading.Event:
-    """For long-running commands: an event SIGTERM/SIGINT set, and INFO logging."""
-    import logging
+    """For long-running commands: an event SIGTERM/SIGINT set, and INFO logging.
+
+    Until :func:`mark_running`, a signal also interrupts at once (the start-up waits for
+    the broker or the database have nothing to finish)."""
     import signal
 
     if log_setup:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    def handler(signum: int, _frame: object) -> None:
+        stop.set()
+        if _running.is_set():
+            return
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt  # one line, exit 130
+        # SIGTERM (a supervisor stopping its components): exit 0, as a component stopped
+        # after start-up does; nothing has started that needs finishing.
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
     return stop
 
 
-def bootstrap_for(settings: Settings, *, start_if_missing: bool) -> str:
-    from revline.core.kafka_config import check_credentials
+def bootstrap_for(settings: Settings, *, start_if_missing: bool,
+                  one_shot: bool | None = None) -> str:
+    """Where Kafka is, checked. ``one_shot`` (default: ``not start_if_missing``): a command
+    that reads or sends and ends, so an unreachable broker is one line within seconds; a
+    long-running component instead waits out a cold cluster (REVLINE_STARTUP_TIMEOUT_S)."""
+    from revline.core.kafka_config import REACHABLE_TIMEOUT_S, check_credentials
     from revline.tools.broker import resolve_bootstrap
 
+    _watch_interrupts()
     address, started = resolve_bootstrap(settings.broker_home, start_if_missing=start_if_missing)
-    check_credentials(address, settings=settings)  # refused credentials: one error, at once
+    one_shot = not start_if_missing if one_shot is None else one_shot
+    # Refused credentials or a bad TLS file: one error, at once; for a one-shot command
+    # also a broker that is not there.
+    check_credentials(address, settings=settings, require_answer=one_shot,
+                      timeout_s=REACHABLE_TIMEOUT_S if one_shot else 15.0)
     if started:
         err_console.print(
             f"[dim]Started a local Kafka broker at {address} "
@@ -110,6 +200,8 @@ def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigurationError(f"--out {out} is a file: give a directory (it is created)")
+    if args.publish:  # an unreachable broker is said before the workload is written
+        bootstrap_for(settings, start_if_missing=False)
     workload = WorkloadGenerator(_workload_options(args)).generate()
     events_path, manifest_path = workload.write(out)
     counts = workload.counts()
@@ -136,9 +228,52 @@ def readable_file(path: Path, what: str, flag: str = "") -> Path:
         raise ConfigurationError(f"{name} does not exist (give {what})")
     if path.is_dir():
         raise ConfigurationError(f"{name} is a directory (give {what})")
+    if not path.is_file():  # reading a FIFO with no writer would wait forever
+        raise ConfigurationError(f"{name} is not a regular file (a pipe, device or socket; "
+                                 f"give {what})")
     if not os.access(path, os.R_OK):
         raise ConfigurationError(f"{name} is not readable (check its permissions)")
     return path
+
+
+@contextlib.contextmanager
+def file_errors(path: Path | str, flag: str = "", what: str = "YAML") -> Iterator[None]:
+    """Reading and parsing one file: whatever its bytes or shape make the loader raise is
+    one line naming the file (and the flag or variable that named it)."""
+    name = f"{flag} {path}" if flag else str(path)
+    try:
+        yield
+    except ConfigurationError as exc:
+        text = str(exc)
+        raise ConfigurationError(text if str(path) in text else f"{name}: {text}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigurationError(f"{name} is not UTF-8 text (byte {exc.start}): give a "
+                                 f"{what} file") from exc
+    except RecursionError as exc:
+        raise ConfigurationError(f"{name} is nested too deeply to read") from exc
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as exc:
+        # A YAML document of the wrong shape (a list where a mapping goes, a missing key)
+        # reaches the loader's code as one of these.
+        raise ConfigurationError(f"{name} does not have the expected shape "
+                                 f"({describe_error(exc)})") from exc
+
+
+def finite_problems(data: Any, where: str = "") -> list[str]:
+    """Where ``data`` (parsed YAML) holds .nan or .inf: no rule means anything with them,
+    and every comparison with nan is false, so a check would silently never fire."""
+    import math
+
+    if isinstance(data, float) and not math.isfinite(data):
+        return [f"{where or 'the document'} is {data}"]
+    items: Iterable[tuple[Any, Any]] = ()
+    if isinstance(data, dict):
+        items = data.items()
+    elif isinstance(data, list):
+        items = enumerate(data)
+    found: list[str] = []
+    for key, value in items:
+        found += finite_problems(value, f"{where}.{key}" if where else str(key))
+    return found
 
 
 def writable_file(path: Path, flag: str) -> Path:
@@ -147,6 +282,8 @@ def writable_file(path: Path, flag: str) -> Path:
         raise ConfigurationError(f"{flag} {str(path)!r}: a path cannot hold a NUL character")
     if path.is_dir():
         raise ConfigurationError(f"{flag} {path} is a directory: give a file name")
+    if path.is_fifo() or path.is_socket():  # opening a FIFO with no reader waits forever
+        raise ConfigurationError(f"{flag} {path} is a pipe or socket: give a file name")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise ConfigurationError(f"{flag} {path}: the directory {parent} does not exist")
@@ -276,12 +413,14 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     bootstrap = bootstrap_for(settings, start_if_missing=True)
     options = DemoOptions(orders=args.orders, seed=args.seed, hold_timeout=args.hold_timeout,
                           erp=args.erp)
+    mark_running()  # the demo's own components stop on its KeyboardInterrupt
     return run_demo(options, settings, bootstrap, console, _progress)
 
 
 # -- worker --------------------------------------------------------------------------
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     bootstrap = bootstrap_for(settings, start_if_missing=True)
+    mark_running()  # Faust (or the supervisor) handles the signals from here
     if args.workers <= 1:
         from revline.streams import run
 
@@ -382,6 +521,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         f"Running worker x{args.workers}, sink, auditor and exception manager on {bootstrap}; "
         "Ctrl-C (SIGTERM) stops them all."
     )
+    mark_running()  # the supervisor passes a signal on to its components and waits
     return _supervise(commands, bootstrap)
 
 
@@ -438,21 +578,25 @@ def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
             consumer_config=membership,
         )
         freeze_long_lived()  # everything set up lives as long as the process
+        mark_running()
         processor.run(stop)
     return 0
 
 
 def cmd_reference(args: argparse.Namespace, settings: Settings) -> int:
-    from revline.processors import load_yaml
+    from revline.processors import ReferenceData, load_yaml
     from revline.streams import publish_reference
 
-    bootstrap = bootstrap_for(settings, start_if_missing=False)
+    # The file first: a typo in it is refused before any wait on the broker.
     path = Path(args.file) if args.file else settings.reference_file
-    readable_file(path, "a reference YAML file", "--file")
-    data = load_yaml(path)
+    readable_file(path, "a reference YAML file", "--file" if args.file else "")
+    with file_errors(path, "--file" if args.file else "REVLINE_REFERENCE_FILE"):
+        data = load_yaml(path)
+        version = ReferenceData.from_mapping(data).version  # malformed: said before connecting
+    bootstrap = bootstrap_for(settings, start_if_missing=False)
     count = publish_reference(bootstrap, settings.reference_topic, data)
     console.print(
-        f"Published {count} reference items (version {data['version']}) from {path} "
+        f"Published {count} reference items (version {version}) from {path} "
         f"to {settings.reference_topic}."
     )
     return 0
@@ -552,6 +696,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     include_baselines = not args.sinks_only and (only is None or "contenders" in only)
     kafka = include_pipeline or include_baselines or sinks is not None
     bootstrap = bootstrap_for(settings, start_if_missing=True) if kafka else None
+    mark_running()  # the benchmark stops what it started on its KeyboardInterrupt
     with _progress() as progress:
         report = run_benchmark(
             events=args.events,
@@ -885,10 +1030,63 @@ def print_error(message: str) -> None:
     err_console.print(Text.assemble(("error:", "red"), " ", message), soft_wrap=True)
 
 
+class _QuietLastResort(logging.Handler):
+    """What Python's last-resort handler does for a one-shot command's WARNING+ records
+    (a long-running command's basicConfig prints them itself), without librdkafka's:
+    against a broker that is away it logs a FAIL line per reconnect (hundreds before the
+    command's own error), and that error says it in one line. --debug shows them."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if logging.getLogger().handlers or record.name.endswith(".kafka"):
+            return
+        with contextlib.suppress(Exception):
+            sys.stderr.write(_one_line(self.format(record)) + "\n")
+
+
+_ASCII_FALLBACK = {"→": "->", "←": "<-", "—": "-", "–": "-", "…": "...", "×": "x", "≥": ">=",
+                   "≤": "<=", "✓": "ok", "✗": "x", "‘": "'", "’": "'", "“": '"',
+                   "”": '"'}
+
+
+def _degrade(exc: UnicodeError) -> tuple[str, int]:
+    if not isinstance(exc, UnicodeEncodeError):
+        raise exc
+    text = exc.object[exc.start:exc.end]
+    return "".join(_ASCII_FALLBACK.get(ch, "?") for ch in text), exc.end
+
+
+def _tolerant_streams() -> None:
+    """A terminal or pipe that cannot show a character (PYTHONIOENCODING=ascii, a C locale)
+    gets an ASCII stand-in ("->" for "→", "?" else) instead of a UnicodeEncodeError."""
+    import codecs
+
+    codecs.register_error("revline-ascii", _degrade)
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("_", "-")
+        if callable(reconfigure) and encoding not in ("utf-8", "utf8"):
+            with contextlib.suppress(Exception):
+                reconfigure(errors="revline-ascii")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Every failure is one ``error: …`` line and exit 2 (``--debug``: the traceback too)."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     debug = _debug_requested(arguments)
+    _tolerant_streams()
+    quiet = _QuietLastResort()
+    if not debug:
+        logging.getLogger("revline").addHandler(quiet)
+    try:
+        return _main(arguments, debug)
+    finally:
+        logging.getLogger("revline").removeHandler(quiet)
+
+
+def _main(arguments: list[str], debug: bool) -> int:
     try:
         args = build_parser().parse_args(arguments)
         debug = debug or bool(getattr(args, "debug", False))
@@ -896,7 +1094,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result: int = args.func(args, settings)
         return result
     except KeyboardInterrupt:
-        err_console.print("interrupted", soft_wrap=True, markup=False)
+        _say_interrupted()
         return 130
     except SystemExit:
         raise  # argparse (--help, a usage error) and commands that exit on purpose

@@ -25,11 +25,11 @@ _SHOWN = frozenset({"event_type", "order_id", "rules_version", "check_id", "reas
 
 def register(sub: Any) -> None:
     """Add this module's commands to the ``revline`` parser (``sub``: its subparsers)."""
-    from revline.cli import COUNT, PORT, POSITIVE
+    from revline.cli import COUNT, PORT, POSITIVE, _instance_name
 
     p = sub.add_parser("auditor",
                        help="chain outcomes and audit facts into the hash-chained audit trail")
-    p.add_argument("--instance", default="0",
+    p.add_argument("--instance", default="0", type=_instance_name,
                    help="stable id of this chainer (its Kafka transactional id); give every "
                         "auditor running at the same time its own, and keep it across restarts")
     p.add_argument("--batch-size", type=POSITIVE, default=500,
@@ -59,11 +59,12 @@ def register(sub: Any) -> None:
 def cmd_auditor(args: argparse.Namespace, settings: Settings) -> int:
     """Chain until SIGTERM/SIGINT; a batch in flight is finished or aborted, never half-written."""
 
-    from revline.cli import bootstrap_for, stop_on_signals
+    from revline.cli import bootstrap_for, mark_running, stop_on_signals
     from revline.streams.audit import run_auditor
 
     stop = stop_on_signals()
     bootstrap = bootstrap_for(settings, start_if_missing=True)
+    mark_running()  # its start-up and batches watch the stop event from here
     run_auditor(settings, bootstrap, stop, instance=args.instance, batch_size=args.batch_size,
                 metrics_port=None if args.metrics_port < 0 else args.metrics_port,
                 kill_before_commit=args.failpoint_kill_before_commit)

@@ -101,7 +101,7 @@ def _now_ms() -> int:
 # -- parsers -----------------------------------------------------------------------------
 def register(sub: Any) -> None:
     """Add this module's commands to the ``revline`` parser (``sub``: its subparsers)."""
-    from revline.cli import COUNT, SECONDS
+    from revline.cli import COUNT, SECONDS, _instance_name
 
     p = sub.add_parser(
         "exceptions", help="owned exceptions with SLAs: run the manager, list, show, ack, "
@@ -114,8 +114,9 @@ def register(sub: Any) -> None:
 
     a = actions.add_parser("run", help="the exception manager: ownership, state, SLA timers, "
                            "escalation, expiry (one instance per pipeline)")
-    a.add_argument("--instance", help="this manager's stable name (static group membership; "
-                                      "default REVLINE_INSTANCE_ID or the host)")
+    a.add_argument("--instance", type=_instance_name,
+                   help="this manager's stable name (static group membership; "
+                        "default REVLINE_INSTANCE_ID or the host)")
     a.set_defaults(func=cmd_run)
 
     a = actions.add_parser("list", help="exceptions, most severe and oldest first")
@@ -181,11 +182,12 @@ def register(sub: Any) -> None:
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     """The manager, until SIGTERM/SIGINT."""
 
-    from revline.cli import bootstrap_for, stop_on_signals
+    from revline.cli import bootstrap_for, mark_running, stop_on_signals
     from revline.streams.exceptions import run_manager
 
     stop = stop_on_signals()
     bootstrap = bootstrap_for(settings, start_if_missing=True)
+    mark_running()  # its start-up and batches watch the stop event from here
     run_manager(settings, bootstrap, stop, instance=args.instance)
     return 0
 
@@ -361,7 +363,7 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
 
 # -- ack / resolve / waive ---------------------------------------------------------------
 def cmd_transition(args: argparse.Namespace, settings: Settings) -> int:
-    from revline.cli import bootstrap_for, console, err_console
+    from revline.cli import bootstrap_for, console, err_console, readable_file
     from revline.processors.exception_lifecycle import (
         EVENT_STATUS,
         event_error,
@@ -371,6 +373,10 @@ def cmd_transition(args: argparse.Namespace, settings: Settings) -> int:
     from revline.streams.exceptions import end_offsets, send_lifecycle_events, wait_for_state
 
     kind = args.kind
+    corrected = getattr(args, "corrected_event", None)
+    if corrected:  # before anything is read: a typo costs no wait
+        readable_file(Path(corrected), "one canonical event as a JSON file",
+                      "--corrected-event")
     read, state = _one_state(settings, args.exception_id)
     bootstrap = read or bootstrap_for(settings, start_if_missing=False)
     problem = transition_error(state, kind)
@@ -382,7 +388,6 @@ def cmd_transition(args: argparse.Namespace, settings: Settings) -> int:
     problem = event_error(event)
     if problem is not None:
         raise CommandRefusedError(f"{problem}; nothing sent")
-    corrected = getattr(args, "corrected_event", None)
     correction = _checked_correction(Path(corrected), state) if corrected else None
     if correction is not None:
         event["corrected_event_id"] = str(correction["envelope"]["event_id"])
@@ -422,6 +427,10 @@ def _checked_correction(path: Path, state: Mapping[str, Any]) -> dict[str, Any]:
         raise CommandRefusedError(f"{path} is not JSON: {exc.msg} at line {exc.lineno}, column "
                                   f"{exc.colno} (give one canonical event as a JSON object)"
                                   ) from exc
+    except (UnicodeDecodeError, RecursionError) as exc:  # binary, or nested beyond reason
+        raise CommandRefusedError(f"{path} is not JSON text a person wrote "
+                                  f"({type(exc).__name__}): give one canonical event as a "
+                                  "JSON object") from exc
     try:
         event = validate_event(raw)
     except EventValidationError as exc:
@@ -460,7 +469,7 @@ def _publish_correction(event: Mapping[str, Any], state: Mapping[str, Any], sett
 
 # -- override ----------------------------------------------------------------------------
 def cmd_override(args: argparse.Namespace, settings: Settings) -> int:
-    from revline.cli import bootstrap_for, console, serializer_for
+    from revline.cli import bootstrap_for, console, file_errors, serializer_for
     from revline.core.admin import ensure_operations_topics, ensure_topics
     from revline.core.auditlog import AuditFact, AuditLog
     from revline.operations.publisher import Publisher
@@ -477,6 +486,8 @@ def cmd_override(args: argparse.Namespace, settings: Settings) -> int:
     if expires <= now:
         raise CommandRefusedError(f"--expires {expires.isoformat()} is in the past; an override "
                                   "must expire in the future")
+    with file_errors(settings.rules_file, "REVLINE_RULES_FILE"):  # before any broker wait
+        rules = Rules.from_mapping(load_yaml(settings.rules_file))
     bootstrap = bootstrap_for(settings, start_if_missing=False)
     order, target, check = args.order, args.target_key, args.check
     if args.exception:
@@ -492,7 +503,6 @@ def cmd_override(args: argparse.Namespace, settings: Settings) -> int:
     if missing:
         raise CommandRefusedError(f"give {', '.join(missing)} (or --exception EXCEPTION_ID to "
                                   "take them from an exception)")
-    rules = Rules.from_mapping(load_yaml(settings.rules_file))
     if check in NOT_OVERRIDABLE or str(check).startswith("override."):
         why = NOT_OVERRIDABLE.get(check, "overrides themselves cannot be overridden")
         raise CommandRefusedError(f"{check} cannot be overridden: {why}")

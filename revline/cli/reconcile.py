@@ -23,6 +23,8 @@ from revline.core.settings import Settings
 
 def register(sub: Any) -> None:
     """Add this module's commands to the ``revline`` parser (``sub``: its subparsers)."""
+    from revline.cli import COUNT, PORT, POSITIVE, _bounded_float, _instance_name
+
     p = sub.add_parser(
         "reconcile",
         help="compare the validated stream with the ledger and the ERP per order, event "
@@ -35,7 +37,7 @@ def register(sub: Any) -> None:
                    help="report only: open no reconciliation.drift exceptions (the audit "
                    "fact is still recorded; the exit code still says whether there is drift)")
     p.add_argument("--ledger-only", action="store_true", help="do not read the ERP")
-    p.add_argument("--limit", type=int, default=50,
+    p.add_argument("--limit", type=COUNT, default=50,
                    help="drifted orders and records listed on screen (default 50)")
     p.set_defaults(func=cmd_reconcile)
 
@@ -47,10 +49,11 @@ def register(sub: Any) -> None:
     r.add_argument("--tryton-url", help="default: REVLINE_SHADOW_TRYTON_URL")
     r.add_argument("--group", help="consumer group (default: <app id>-shadow-sink)")
     r.add_argument("--exceptions-topic", help="default: REVLINE_SHADOW_EXCEPTIONS_TOPIC")
-    r.add_argument("--batch-size", type=int, default=500)
-    r.add_argument("--instance", help="this shadow sink's stable name (static group "
-                                      "membership; default REVLINE_INSTANCE_ID or the host)")
-    r.add_argument("--metrics-port", type=int, default=9104,
+    r.add_argument("--batch-size", type=POSITIVE, default=500)
+    r.add_argument("--instance", type=_instance_name,
+                   help="this shadow sink's stable name (static group "
+                        "membership; default REVLINE_INSTANCE_ID or the host)")
+    r.add_argument("--metrics-port", type=PORT, default=9104,
                    help="/metrics with its heartbeat (0 = any free port, -1 = none; "
                         "default 9104)")
     r.set_defaults(func=cmd_shadow_run)
@@ -58,9 +61,9 @@ def register(sub: Any) -> None:
     q.add_argument("--ledger", metavar="DSN", help="the shadow ledger (REVLINE_SHADOW_LEDGER_DSN)")
     _window_args(q)
     q.add_argument("--json", metavar="FILE", help="also write the report as JSON")
-    q.add_argument("--min-parity", type=float,
+    q.add_argument("--min-parity", type=_bounded_float(0.0, 100.0),
                    help="exit 1 below this %% (default REVLINE_SHADOW_MIN_PARITY_PCT, 99.5)")
-    q.add_argument("--limit", type=int, default=50, help="differences listed (default 50)")
+    q.add_argument("--limit", type=COUNT, default=50, help="differences listed (default 50)")
     q.set_defaults(func=cmd_shadow_parity)
 
 
@@ -74,7 +77,7 @@ def _window_args(p: argparse.ArgumentParser) -> None:
 def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
     import yaml
 
-    from revline.cli import bootstrap_for, console, err_console
+    from revline.cli import bootstrap_for, console, err_console, file_errors
     from revline.core.admin import ensure_topics
     from revline.core.auditlog import AuditLog
     from revline.sinks.ledger import load_posting_rules
@@ -96,10 +99,12 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
         ensure_topics(bootstrap, {settings.exceptions_topic: n})
         from confluent_kafka import Producer
 
-        qa_rules = yaml.safe_load(settings.rules_file.read_text())
+        with file_errors(settings.rules_file, "REVLINE_RULES_FILE"):
+            qa_rules = yaml.safe_load(settings.rules_file.read_text())
+            sla_minutes = qa_rules.get("sla_minutes", {})
         producer = Producer(producer_config(settings, bootstrap))
         open_exceptions(report, bootstrap, producer, settings.exceptions_topic,
-                        sla_minutes=qa_rules.get("sla_minutes", {}),
+                        sla_minutes=sla_minutes,
                         rules_version=f"postings {rules.version}")  # fmt: skip
     ensure_topics(bootstrap, {settings.audit_facts_topic: n})
     audit = AuditLog.from_settings(settings, bootstrap)
@@ -368,7 +373,13 @@ def _merged_cells(report: Any) -> dict[tuple[str, str, str], dict[str, tuple[int
 def cmd_shadow_run(args: argparse.Namespace, settings: Settings) -> int:
     import logging
 
-    from revline.cli import bootstrap_for, deserializer_for, err_console, stop_on_signals
+    from revline.cli import (
+        bootstrap_for,
+        deserializer_for,
+        err_console,
+        mark_running,
+        stop_on_signals,
+    )
     from revline.core.admin import ensure_topics
     from revline.core.errors import ConfigurationError
     from revline.core.metrics import SinkMetrics
@@ -397,7 +408,8 @@ def cmd_shadow_run(args: argparse.Namespace, settings: Settings) -> int:
                         settings.tryton_password)
     else:
         raise ConfigurationError(f"shadow ERP {kind!r}: use memory or tryton")
-    bootstrap = bootstrap_for(settings, start_if_missing=False)
+    # A long-running sink: it waits out a cold cluster as the primary sink does.
+    bootstrap = bootstrap_for(settings, start_if_missing=False, one_shot=False)
     group = args.group or settings.shadow_group or f"{settings.app_id}-shadow-sink"
     topic = args.exceptions_topic or settings.shadow_exceptions_topic
     ensure_topics(bootstrap, {topic: settings.input_partitions})
@@ -420,6 +432,7 @@ def cmd_shadow_run(args: argparse.Namespace, settings: Settings) -> int:
             f"shadow sink: {settings.validated_topic} → ledger {ledger!r}, ERP {kind}; group "
             f"{group}; refusals → {topic}{where}. Compare with `revline shadow parity`."
         )
+        mark_running()
         processor.run(stop)
     return 0
 

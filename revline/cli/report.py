@@ -125,10 +125,12 @@ def _deserializer(settings: Settings) -> Any:
 
 def _check_specs(settings: Settings) -> dict[str, tuple[str, str]]:
     """Severity and owner per check from the QA rules (for checks seen only as warnings)."""
+    from revline.cli import file_errors
     from revline.processors import load_yaml
     from revline.processors.reference import Rules
 
-    rules = Rules.from_mapping(load_yaml(settings.rules_file))
+    with file_errors(settings.rules_file, "REVLINE_RULES_FILE"):
+        rules = Rules.from_mapping(load_yaml(settings.rules_file))
     return {c: (s.severity, s.owner) for c, s in rules.checks.items()}
 
 

@@ -99,25 +99,26 @@ def register(sub: Any) -> None:
 
 # -- loading the two sides -----------------------------------------------------------------
 def _load_rules(path: Path, flag: str) -> Rules:
-    from revline.cli import readable_file
+    from revline.cli import file_errors, finite_problems, readable_file
     from revline.processors import Rules, load_yaml
 
     readable_file(path, "a rules YAML file", flag)
-    try:
-        return Rules.from_mapping(load_yaml(path))
-    except ConfigurationError as exc:
-        raise ConfigurationError(f"{flag} {path}: {exc}") from exc
+    with file_errors(path, flag):
+        data = load_yaml(path)
+        odd = finite_problems(data)
+        if odd:  # refused here, so `rules validate` says so, not the backtest later
+            raise ConfigurationError(f"{flag} {path}: {'; '.join(odd[:5])}: give a finite "
+                                     "number")
+        return Rules.from_mapping(data)
 
 
 def _load_ownership(path: Path, flag: str) -> Ownership:
-    from revline.cli import readable_file
+    from revline.cli import file_errors, readable_file
     from revline.processors.ownership import load_ownership
 
     readable_file(path, "an ownership YAML file", flag)
-    try:
+    with file_errors(path, flag):
         return load_ownership(path)
-    except ConfigurationError as exc:
-        raise ConfigurationError(f"{flag} {path}: {exc}") from exc
 
 
 def _sides(args: argparse.Namespace, settings: Settings) -> tuple[Side, Side]:
@@ -376,13 +377,11 @@ def _reference(args: argparse.Namespace, settings: Settings,
     from revline.processors.backtest import ReferenceTimeline, reference_timeline
 
     def from_file(path: Path, flag: str) -> ReferenceData:
-        from revline.cli import readable_file
+        from revline.cli import file_errors, readable_file
 
         readable_file(path, "a reference data YAML file", flag)
-        try:
+        with file_errors(path, flag):
             return ReferenceData.from_mapping(load_yaml(path))
-        except ConfigurationError as exc:
-            raise ConfigurationError(f"{flag} {path}: {exc}") from exc
 
     if args.reference_file:
         data = from_file(Path(args.reference_file), "--reference-file")

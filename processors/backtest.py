@@ -633,6 +633,7 @@ class Backtest:
         self.last_ms: int | None = None
         self.shared_inputs = 0  # judged once for both sides
         self.forked_orders = 0
+        self.rejoined_orders = 0
 
     def _agrees(self, event: Mapping[str, Any]) -> bool:
         if self._same_policy:
@@ -654,6 +655,15 @@ class Backtest:
         self.held_inputs.copied(state)
         self._candidate_lane.adopt(partition, key, OrderState(_clone(state.data)))
         self._current_lane.adopt(partition, key, state)
+
+    def _rejoin(self, key: bytes) -> None:
+        """Both sides' states of a split order are equal again and hold nothing: from here
+        it is judged once again, as an order that never split (every held input was shown
+        to agree when it was read; here none is held, so nothing judged later skipped that)."""
+        assert self._shared is not None
+        self._shared.states[key] = self._current_lane.states.pop(key)
+        del self._candidate_lane.states[key]
+        self.rejoined_orders += 1
 
     def feed(self, record: InputRecord, *, counted: bool = True) -> None:
         """One input, in its partition's order. ``counted=False``: warm-up only."""
@@ -727,8 +737,14 @@ class Backtest:
                 assert key is not None
                 self._fork(record.partition, key)
         digest = body_hash(record.value)  # one hash for both engines
-        self._current_lane.process(record, event, now, coords, digest)
-        self._candidate_lane.process(record, event, now, coords, digest)
+        current = self._current_lane.process(record, event, now, coords, digest)
+        candidate = self._candidate_lane.process(record, event, now, coords, digest)
+        # The tokens first: a small dict, and where the sides part (a booking refused on
+        # one side only) they differ.
+        a, b = current.data, candidate.data
+        if shared is not None and not a["held"] and a["tokens"] == b["tokens"] and a == b:
+            assert key is not None
+            self._rejoin(key)
 
     def finish(self, end_ms: int | None = None, *, samples: int = 5) -> BacktestReport:
         """Time out what was due by ``end_ms`` (default: the last record's time) and compare."""

@@ -486,8 +486,9 @@ def test_orders_judged_once_for_both_sides_report_exactly_what_two_runs_do(name:
         bt = Backtest(*sides(candidate, ownership), timeline, share=share)
         for rec, counted in records:
             bt.feed(rec, counted=counted)
-        reports.append((bt.finish(end).as_dict(), bt.shared_inputs, bt.forked_orders))
-    (twice, none_shared, _), (once, shared, forked) = reports
+        reports.append((bt.finish(end).as_dict(), bt.shared_inputs, bt.forked_orders,
+                        bt.rejoined_orders))
+    (twice, none_shared, _, _), (once, shared, forked, rejoined) = reports
     assert once == twice
     assert none_shared == 0
     if shareable:  # a tighter price tolerance splits most orders: the new prices are off
@@ -496,6 +497,8 @@ def test_orders_judged_once_for_both_sides_report_exactly_what_two_runs_do(name:
         assert shared == 0
     if name in ("discount", "discount and hold", "price"):
         assert twice["changed"] > 0 and forked > 0
+    if name == "discount":  # split orders whose sides end up alike are judged once again
+        assert rejoined > 0
 
 
 def test_replay_speed_is_the_engines() -> None:

@@ -1039,8 +1039,14 @@ class _QuietLastResort(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
 
+    def _someone_else_prints(self) -> bool:
+        # As Python's last resort: only when no other handler would see the record (the
+        # demo logs revline.* to its own file; basicConfig gives the root a handler).
+        mine = logging.getLogger("revline")
+        return bool(logging.getLogger().handlers) or any(h is not self for h in mine.handlers)
+
     def emit(self, record: logging.LogRecord) -> None:
-        if logging.getLogger().handlers or record.name.endswith(".kafka"):
+        if record.name.endswith(".kafka") or self._someone_else_prints():
             return
         with contextlib.suppress(Exception):
             sys.stderr.write(_one_line(self.format(record)) + "\n")

@@ -17,9 +17,12 @@ module derives what a correct sink leaves behind, with the same rules the sink u
 * ERP — the steps of ``sinks/erp/_mapping.py``: booking and amendment → the sale
   (its untaxed amount is checked against the order's latest booking/amendment);
   invoice → the sale and one invoice of ``total_minor``; payment → one payment move;
-  refund → one credit note of ``-amount_minor`` and one refund payment; cancellation
-  → the sale, not cancelled behind the stream's back, plus one credit note per
-  earlier invoice.
+  refund → one credit note of ``-amount_minor`` and one refund payment, or once the
+  cancellation has credited the order's invoices, the refund payment alone (it pays
+  out that credit); cancellation → the sale, not cancelled behind the stream's back,
+  plus one credit note per earlier invoice (``-total``) and one per earlier refund's
+  credit note (``+amount``: what the refund gave back, taken back, since the invoices'
+  notes give back everything).
 
 Two comparisons, both counting every copy a system holds (never only the first per
 key): per record (``compare_ledger``, ``compare_erp``: a missing, extra or mismatched
@@ -208,8 +211,12 @@ class Expected:
     ledger_minor: int | None = None  # a "post" rule's journal total; None: no journal
     reverses: tuple[str, ...] = ()  # a cancellation: keys whose journals it reverses
     # A cancellation: keys of the invoices the ERP credits: every invoice, a zero one
-    # too (the ERP posts a zero invoice and credits it; the ledger posts nothing for it).
+    # too (the ERP posts a zero invoice and credits it; the ledger posts nothing for it),
+    # and of the refunds before it, whose credit notes it credits in turn.
     credits: tuple[str, ...] = ()
+    # A refund after a cancellation that credited invoices: the ERP pays out that
+    # credit (a refund payment, no credit note of its own).
+    pays_credit: bool = False
     # A cancellation: (event key, currency, account, signed minor units) of what the
     # order's earlier events left on the accounts its rule reclassifies (refunds).
     reclass: tuple[tuple[str, str, str, int], ...] = ()
@@ -299,7 +306,9 @@ def expected_from_events(
     view = StreamView()
     seen: dict[Effect, Expected] = {}
     open_journals: dict[str, list[str]] = defaultdict(list)  # order -> reversible event keys
-    open_invoices: dict[str, list[str]] = defaultdict(list)  # order -> invoices not credited
+    # order -> invoices and refunds not credited; orders whose invoices a cancellation credited
+    open_invoices: dict[str, list[str]] = defaultdict(list)
+    credited_orders: set[str] = set()
     moved = {r.account for rule in rules.rules for r in rule.reclassify}
     # order -> (key, currency, account, signed amount) posted on a reclassified account
     # since the order's last cancellation; (order, currency) with a credit note.
@@ -319,6 +328,7 @@ def expected_from_events(
         credits: tuple[str, ...] = ()
         reclass: tuple[tuple[str, str, str, int], ...] = ()
         posted: list[tuple[str, str, str, int]] = []
+        pays_credit = etype == "refund_issued" and order_id in credited_orders
         if rule is not None and rule.action == "post":
             debits = [_int(event.get(line.amount)) for line in rule.lines if line.side == "debit"]
             ledger_minor = sum(d or 0 for d in debits) or None
@@ -347,6 +357,8 @@ def expected_from_events(
             amount = sum(mine[k].ledger_minor or 0 for k in targets) or None
             currency = next((mine[k].currency for k in targets), currency)
             credits = tuple(open_invoices.pop(order_id, []))
+            if any(seen[order_id, k].event_type == "invoice_issued" for k in credits):
+                credited_orders.add(order_id)
             if targets:
                 cur = {mine[k].currency for k in targets}
                 accounts = {r.account for r in rule.reclassify}
@@ -357,6 +369,7 @@ def expected_from_events(
             key=key, order_id=order_id, event_type=etype, currency=currency,
             amount_minor=amount, occurred_at=env["occurred_at"], position=position,
             ledger_minor=ledger_minor, reverses=reverses, credits=credits, reclass=reclass,
+            pays_credit=pays_credit,
             sale_minor=_net(event.get("lines")) if etype in _SHAPING else None,
             source=source,
         )  # fmt: skip
@@ -364,7 +377,7 @@ def expected_from_events(
         on_moved[order_id] += posted
         if ledger_minor:
             open_journals[order_id].append(key)
-        if etype == "invoice_issued":
+        if etype == "invoice_issued" or (etype == "refund_issued" and not pays_credit):
             open_invoices[order_id].append(key)
         view.records.append(expected)
     view._index()
@@ -746,16 +759,26 @@ def _erp_expectation(
         want[m.PAYMENT] = (1, e.amount_minor)
     elif e.event_type == "refund_issued":
         amount = None if e.amount_minor is None else -e.amount_minor
-        want[m.CREDIT_NOTE] = (1, amount)
+        if e.pays_credit:
+            del want[m.CREDIT_NOTE]
+        else:
+            want[m.CREDIT_NOTE] = (1, amount)
         want[m.REFUND_PAYMENT] = (1, amount)
     elif e.event_type == "order_cancelled":
         credited = [stream.by_effect[e.order_id, k] for k in e.credits
                     if (e.order_id, k) not in refused]
         if credited:
-            want[m.CREDIT_NOTE] = (len(credited), -sum(t.amount_minor or 0 for t in credited))
+            want[m.CREDIT_NOTE] = (len(credited), -sum(_credited(t) for t in credited))
     elif shaping.get(e.order_id) == e.key:
         want[m.SALE] = (1, e.sale_minor)
     return want
+
+
+def _credited(t: Expected) -> int:
+    """What a cancellation's credit note of ``t`` gives the customer back: an invoice's
+    total; a refund's credit note credited in turn takes its amount back (negative)."""
+    amount = t.amount_minor or 0
+    return -amount if t.event_type == "refund_issued" else amount
 
 
 def _erp_event_type(have: Mapping[str, Sequence[ErpDocument]]) -> str:
@@ -978,7 +1001,7 @@ def _expected_money(
             stream.by_effect[e.order_id, k] for k in e.credits if (e.order_id, k) not in refused]
         for t in targets:
             row = out.setdefault(t.currency, [0, 0])
-            row[0] += (t.ledger_minor if ledger else t.amount_minor) or 0
+            row[0] += (t.ledger_minor or 0) if ledger else _credited(t)
             row[1] += 1
         for currency, amount in _reclassified(e, targets, refused) if ledger else []:
             row = out.setdefault(currency, [0, 0])

@@ -524,9 +524,29 @@ def check(events: list[dict[str, Any]], ledger: SqlLedger) -> None:
     # model and in the product's ledger (the model's own rule checked as well).
     problems += [f"model: {p}" for p in model.cancelled_order_problems(orders, want_bal)]
     problems += [f"ledger: {p}" for p in model.cancelled_order_problems(orders, got_bal)]
+    problems += erp_cancelled_problems(orders, erp)
     if RECONCILE:
         problems += drift(validated, ledger, erp, order_ids, n * DAY_MS)
     assert not problems, "\n".join(problems)
+
+
+def erp_cancelled_problems(orders: dict[str, model.Order], erp: InMemoryErp) -> list[str]:
+    """A cancelled order in the ERP: its invoices and credit notes total 0 (all billed given
+    back, no refund given back twice) and leave -(captured - refunded) open: owed back."""
+    out = []
+    docs: dict[str, list[dict[str, Any]]] = {}
+    for inv in erp.store.invoices.values():
+        if inv["state"] != "draft" and (inv["state"] != "cancelled" or inv.get("posted")):
+            docs.setdefault(inv["order"], []).append(inv)
+    for oid, o in sorted(orders.items()):
+        if not o.cancelled or oid not in docs:
+            continue
+        total = sum(d["total_minor"] for d in docs[oid])
+        open_ = sum(d["amount_to_pay_minor"] for d in docs[oid])
+        if (total, open_) != (0, o.refunded - o.captured):
+            out.append(f"erp: cancelled order {oid!r}: documents total {total}, open {open_}; "
+                       f"expected 0 and {o.refunded - o.captured}")
+    return out
 
 
 def drift(validated: list[Any], ledger: SqlLedger, erp: InMemoryErp, order_ids: set[str],

@@ -355,9 +355,16 @@ class InMemoryErp:
             sale["state"] = "cancelled"
             p.wrote = True
         elif sale["state"] != "cancelled":
-            # One credit note per invoice of the order (a deposit and a balance: two).
-            for inv_id in list(sale["invoices"]):
+            # One credit note per invoice of the order (a deposit and a balance: two), and
+            # one crediting each refund's credit note: the invoices' credit notes give the
+            # customer back all they were billed, so what the refunds' notes already gave
+            # back is taken back (the ledger moves those refunds to AR alike). The order's
+            # documents then owe the customer what was paid and not yet refunded.
+            for inv_id in [*sale["invoices"], *sale.get("refund_notes", [])]:
                 credit = self._credit_invoice(inv_id, order_id, key, env, p)
+                notes = sale.setdefault("cancellation_notes", [])
+                if credit is not None and inv_id in sale["invoices"] and credit not in notes:
+                    notes.append(credit)
                 # The refs name the first credit note (as lookup does: lowest id first).
                 if credit is not None and m.CREDIT_NOTE not in p.done:
                     p.complete(m.CREDIT_NOTE, credit)
@@ -571,6 +578,11 @@ class InMemoryErp:
             for s, i in self._marked(self.store.invoices, "comment", order_id, key)
             if s == m.CREDIT_NOTE
         ]
+        if not marked:
+            paying = self._cancellation_credit(order_id, key, str(env.get("payment_id")), amount)
+            if paying is not None:
+                self._pay_out(paying, order_id, key, refund_ref, amount, env, p)
+                return
         if marked:
             credit_id = marked[0]
         else:
@@ -593,10 +605,64 @@ class InMemoryErp:
                 "comment": m.marker(m.CREDIT_NOTE, key),
                 "invoice_date": m.event_day(env["occurred_at"]),
             }
+            sale.setdefault("refund_notes", []).append(credit_id)
             p.wrote = True
         credit = self.store.invoices[credit_id]
         p.ref(m.PARTY, credit["party"])
         p.complete(m.CREDIT_NOTE, credit_id)
+        move = self._move(order_id, key, m.REFUND_PAYMENT)
+        if move is None:
+            self._write(m.REFUND_PAYMENT)
+            description = f"{m.marker(m.REFUND_PAYMENT, key)} {refund_ref}"
+            move = self._pay(credit_id, -amount, description, env)
+            p.wrote = True
+        p.complete(m.REFUND_PAYMENT, move)
+
+    def _cancellation_credit(
+        self, order_id: str, key: str, payment_id: str, amount: int
+    ) -> int | None:
+        """The cancellation credit note a refund after the cancellation pays out; None when
+        the order has none (not cancelled once invoiced: the refund is a credit note of its
+        own).
+
+        The cancellation credited every invoice in full, so the customer's money is already
+        a credit of theirs: a refund pays that credit out (as the ledger posts it: AR /
+        cash) instead of crediting them a second time. The note of the invoice the refunded
+        payment paid, else the first with enough left open; a replay finds its move's.
+        """
+        move = self._move(order_id, key, m.REFUND_PAYMENT)
+        if move is not None:
+            return int(self.store.moves[move]["invoice"])
+        found = self._sale_for_order(order_id)
+        notes = [] if found is None else found[1].get("cancellation_notes", [])
+        if not notes:
+            return None
+        paid = {
+            mv["invoice"]
+            for mv in self.store.moves.values()
+            if mv["order"] == order_id
+            and any(rest[1:] == payment_id  # the move's description: marker, space, id
+                    for _, rest in m.marker_end(str(mv["description"]), m.PAYMENT))
+        }  # fmt: skip
+        open_ = [i for i in notes if -self.store.invoices[i]["amount_to_pay_minor"] >= amount]
+        preferred = [i for i in open_ if self.store.invoices[i]["credit_of"] in paid]
+        if preferred or open_:
+            return int((preferred or open_)[0])
+        raise PermanentSinkError(
+            f"refund of {amount} for cancelled order {order_id}: its credit notes have less "
+            "than that left to pay out"
+        )
+
+    def _pay_out(
+        self, credit_id: int, order_id: str, key: str, refund_ref: str, amount: int,
+        env: Mapping[str, Any], p: m.Progress,
+    ) -> None:  # fmt: skip
+        """A refund after the cancellation: the money paid back against its credit note.
+        The refs name that credit note (the cancellation's; the refund's own marker is on
+        the move alone, so lookup finds the refund payment only)."""
+        credit = self.store.invoices[credit_id]
+        p.ref(m.PARTY, credit["party"])
+        p.ref(m.CREDIT_NOTE, credit_id)
         move = self._move(order_id, key, m.REFUND_PAYMENT)
         if move is None:
             self._write(m.REFUND_PAYMENT)

@@ -20,7 +20,9 @@ scoped to the order's documents (see ``_marked``):
   the unit price.
 * order_amended → draft the quotation, replace its lines, quote again.
 * order_cancelled → cancel the quotation; once invoiced, credit each invoice of the
-  order (``account.invoice.credit`` wizard, reconciled against it while unpaid).
+  order (``account.invoice.credit`` wizard, reconciled against it while unpaid), and
+  each refund's credit note (the invoices' credit notes give back everything billed,
+  so what a refund gave back is taken back: the ledger moves those refunds to AR).
 * invoice_issued → step "sale": confirm the sale on the first invoice (no more
   amendments); step "invoice": an invoice of the event's own lines (their origin the
   sale's lines), reference = invoice id, the upstream tax as a manual tax line, then
@@ -30,7 +32,10 @@ scoped to the order's documents (see ``_marked``):
   marker.
 * refund_issued → step "credit_note": a posted credit note for the refunded amount
   (its line credits a line of the paid invoice, which ties it to the order); step
-  "refund_payment": the money paid back, through the same wizard.
+  "refund_payment": the money paid back, through the same wizard. After the order's
+  cancellation the customer's money is already a credit of theirs (its credit notes):
+  the refund pays that out (step "refund_payment" only, against the cancellation's
+  credit note of the paid invoice), as the ledger posts it AR / cash.
 
 Ids Tryton would strip (outer whitespace) are stored encoded (``_stored``).
 """
@@ -526,10 +531,16 @@ class TrytonErp:
         own = self._sale_invoices(order_id)
         out = set(own)
         if own:
-            out.update(self._search(
+            notes = self._search(
                 "account.invoice",
                 [["lines.origin.invoice", "in", own, "account.invoice.line"]],
-            ))  # fmt: skip
+            )
+            out.update(notes)
+            if notes:  # a cancellation credits a refund's credit note in turn
+                out.update(self._search(
+                    "account.invoice",
+                    [["lines.origin.invoice", "in", notes, "account.invoice.line"]],
+                ))  # fmt: skip
         suffix = f" ({order_id})"
         legacy = self._m(
             "account.invoice", "search_read",
@@ -930,12 +941,23 @@ class TrytonErp:
             self._button("sale.sale", "cancel", [sale_id])
             p.wrote = True
         elif sale["state"] != "cancelled":
-            # One credit note per invoice of the order (a deposit and a balance: two).
-            for invoice in self._read(
-                "account.invoice",
-                [int(i) for i in sale["invoices"]],
-                ["state", "comment", "total_amount", "amount_to_pay", "payment_lines"],
-            ):
+            # One credit note per invoice of the order (a deposit and a balance: two), then
+            # one crediting each refund's credit note (see the module docstring): the
+            # order's documents then owe the customer what was paid and not refunded.
+            own = [int(i) for i in sale["invoices"]]
+            fields = ["state", "comment", "total_amount", "amount_to_pay", "payment_lines",
+                      "description"]  # fmt: skip
+            rows = self._read("account.invoice", own, fields)
+            refunds = self._read(
+                "account.invoice", sorted(self._order_invoices(order_id) - set(own)), fields
+            )
+            rows += [
+                r for r in refunds
+                if str(r["description"] or "").startswith("refund ")
+                and r["state"] in ("posted", "paid") and Decimal(r["total_amount"]) < 0
+                and any(step == m.CREDIT_NOTE for step, _ in m.markers(r["comment"]))
+            ]  # fmt: skip
+            for invoice in rows:
                 credit = self._credit_invoice(invoice, key, day, p)
                 # The refs name the first credit note (as lookup does: lowest id first).
                 if credit is not None and m.CREDIT_NOTE not in p.done:
@@ -1396,6 +1418,12 @@ class TrytonErp:
             if s == m.CREDIT_NOTE
         ]
         reason = f"Refund {refund_ref}: {event.get('reason', '')}".strip()
+        if not marked:
+            payment_id = str(env.get("payment_id") or "")
+            paying = self._cancellation_credit(order_id, key, payment_id, amount)
+            if paying is not None:
+                self._pay_out(paying, order_id, key, f"{refund_ref} {payment_id}", amount, day, p)
+                return
         if marked:
             credit_id = marked[0]
         else:
@@ -1471,12 +1499,70 @@ class TrytonErp:
                 raise PermanentSinkError(f"Tryton paid refund {key} but its move is not findable")
         p.complete(m.REFUND_PAYMENT, move)
 
-    def _refunded_line(self, order_id: str, payment_id: str) -> int | None:
-        """A line of the order's invoice that payment ``payment_id`` paid (else of its
-        first invoice); None when the order has no invoice in Tryton."""
+    def _cancellation_credit(
+        self, order_id: str, key: str, payment_id: str, amount: Decimal
+    ) -> int | None:
+        """The cancellation credit note a refund after the cancellation pays out; None when
+        the order has none (not cancelled once invoiced: the refund is a credit note of its
+        own). The note of the invoice the refunded payment paid, else the first with enough
+        left open; a replay finds its own move's."""
+        move = self._payment_move(order_id, key, m.REFUND_PAYMENT)
+        if move is not None:
+            origin = self._read1("account.move", move, ["origin"])["origin"]
+            return _origin_id(origin, "account.invoice")
         invoices = self._sale_invoices(order_id)
         if not invoices:
             return None
+        rows = self._m(
+            "account.invoice", "search_read",
+            [["lines.origin.invoice", "in", invoices, "account.invoice.line"],
+             ["description", "like", "cancellation %"]],
+            0, None, [["id", "ASC"]], ["state", "total_amount", "amount_to_pay", "comment"],
+        )  # fmt: skip
+        notes = [
+            n
+            for n in rows
+            if Decimal(n["total_amount"]) < 0
+            and any(step == m.CREDIT_NOTE for step, _ in m.markers(n["comment"]))
+        ]
+        if not notes:
+            return None
+        open_ = [
+            int(n["id"]) for n in notes
+            if n["state"] == "posted" and abs(Decimal(n["amount_to_pay"])) >= amount
+        ]  # fmt: skip
+        if not open_:
+            raise PermanentSinkError(
+                f"refund of {amount} for cancelled order {order_id}: its credit notes have "
+                "less than that left to pay out"
+            )
+        paid = self._paid_invoice(order_id, payment_id, invoices)
+        preferred = self._search("account.invoice", [
+            ["id", "in", open_], ["lines.origin.invoice", "=", paid, "account.invoice.line"],
+        ])  # fmt: skip
+        return (preferred or open_)[0]
+
+    def _pay_out(
+        self, credit_id: int, order_id: str, key: str, what: str, amount: Decimal,
+        day: dt.date, p: m.Progress,
+    ) -> None:  # fmt: skip
+        """A refund after the cancellation: the money paid back against its credit note.
+        The refs name that credit note (the cancellation's; the refund's own marker is on
+        the move alone, so lookup finds the refund payment only)."""
+        credit = self._read1("account.invoice", credit_id, ["party"])
+        p.ref(m.PARTY, credit["party"])
+        p.ref(m.CREDIT_NOTE, credit_id)
+        move = self._payment_move(order_id, key, m.REFUND_PAYMENT)
+        if move is None:
+            self._pay(credit_id, -amount, day, f"{m.marker(m.REFUND_PAYMENT, key)} {what}")
+            p.wrote = True
+            move = self._payment_move(order_id, key, m.REFUND_PAYMENT)
+            if move is None:
+                raise PermanentSinkError(f"Tryton paid refund {key} but its move is not findable")
+        p.complete(m.REFUND_PAYMENT, move)
+
+    def _paid_invoice(self, order_id: str, payment_id: str, invoices: Sequence[int]) -> int:
+        """The order's invoice that payment ``payment_id`` paid (else its first invoice)."""
         paid = invoices[0]
         moves = self._m(
             "account.move", "search_read",
@@ -1490,6 +1576,15 @@ class TrytonErp:
                 rest = rest[1:] if rest.startswith(" ") else rest
                 if payment_id and (rest == payment_id or rest.startswith(f"{payment_id} ")):
                     paid = _origin_id(mv["origin"], "account.invoice") or paid
+        return paid
+
+    def _refunded_line(self, order_id: str, payment_id: str) -> int | None:
+        """A line of the order's invoice that payment ``payment_id`` paid (else of its
+        first invoice); None when the order has no invoice in Tryton."""
+        invoices = self._sale_invoices(order_id)
+        if not invoices:
+            return None
+        paid = self._paid_invoice(order_id, payment_id, invoices)
         lines = self._read1("account.invoice", paid, ["lines"])["lines"]
         return min(int(i) for i in lines) if lines else None
 

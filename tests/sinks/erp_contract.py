@@ -685,6 +685,73 @@ class ErpContract:
             [-first["total_minor"], -second["total_minor"]]
         )
 
+    # -- cancellation and refunds: the customer is given back each refund once ----------
+    # The cancellation's credit notes give back all that was billed; a refund after it
+    # pays that credit out (no credit note of its own), one before it has its credit note
+    # credited in turn. Either order: the order's invoices and credit notes total 0 and
+    # leave -(captured - refunded) open (owed back), as the ledger's AR says.
+    @pytest.mark.parametrize(
+        "script",
+        [
+            "pay cancel refund",
+            "pay refund cancel",
+            "pay:1/3 cancel",
+            "pay refund:1/4 cancel refund:3/4",
+            "pay:1/2 refund:1/4 cancel refund:1/8",
+        ],
+    )
+    def test_cancelled_order_gives_each_refund_back_once(
+        self, erp: ErpAdapter, script: str
+    ) -> None:
+        order = new_order()
+        erp.apply(booked(order, LINES))
+        inv = invoiced(order, LINES)
+        erp.apply(inv)
+        total = inv["total_minor"]
+        captured_ = refunded_ = 0
+        cancel = cancelled(order, later=timedelta(days=3))
+        steps: list[dict[str, Any]] = []
+        paid_out: dict[str, bool] = {}  # refund key -> after the cancellation
+        for n, step in enumerate(script.split(), start=1):
+            op, _, share = step.partition(":")
+            num, _, den = (share or "1/1").partition("/")
+            if op == "pay":
+                captured_ = total * int(num) // int(den)
+                steps.append(captured(order, 1, captured_))
+            elif op == "refund":
+                amount = captured_ * int(num) // int(den)
+                refunded_ += amount
+                event = refunded(order, amount, key=f"{order}:refund:{n}")
+                event["refund_id"] = f"REF-{order}-{n}"
+                paid_out[event["envelope"]["idempotency_key"]] = cancel in steps
+                steps.append(event)
+            else:
+                steps.append(cancel)
+        results = [self.apply_twice(erp, event) for event in steps]
+        for event, result in zip(steps, results, strict=True):
+            key = event["envelope"]["idempotency_key"]
+            if key not in paid_out:
+                continue
+            found = erp.lookup(order, key)
+            if paid_out[key]:  # out of the cancellation's credit note: a refund payment only
+                assert set(found) == {"refund_payment"}, found
+                assert result.external_refs["credit_note"] in {
+                    d.ref for d in self.documents(erp)
+                    if d.idempotency_key == cancel["envelope"]["idempotency_key"]
+                }  # fmt: skip
+            else:
+                assert {"credit_note", "refund_payment"} <= set(found)
+        refs = sorted({d.ref for d in self.documents(erp)
+                       if d.order_id == order and d.step in ("invoice", "credit_note")})
+        docs = [self.invoice(erp, ref) for ref in refs]
+        assert sum(d["total_minor"] for d in docs) == 0, docs
+        assert sum(d["to_pay_minor"] for d in docs) == -(captured_ - refunded_), docs
+        # A replay of everything, by a restarted adapter, changes nothing.
+        before = self.counts(erp)
+        again = self.reopen(erp)
+        assert {again.apply(e).status for e in [inv, *steps]} == {"already_applied"}
+        assert self.counts(erp) == before
+
     # -- markers --------------------------------------------------------------------------
     def test_markers_round_trip_and_old_markers_still_read(self) -> None:
         for key in ("SO-1:booked", "a[b]c", "%", "%25", "]]", "ü€漢", "x%5Dy", "k y_z\\"):

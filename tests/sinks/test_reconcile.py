@@ -244,6 +244,12 @@ def test_cancellation_and_refunds_in_any_order_reconcile_to_zero(script: str) ->
     cancel = stream.by_key[f"{order}:cancelled"]
     before = sum(int(step.partition(":")[2]) for step in script.split("cancel")[0].split())
     assert sum(n for _, _, _, n in cancel.reclass) == before
+    # The ERP: a refund after the cancellation pays out its credit note (no credit note
+    # of its own); the cancellation credits the invoice and each earlier refund's note.
+    refunds = [e for e in stream.records if e.event_type == "refund_issued"]
+    assert [e.pays_credit for e in refunds] == [
+        e.position > cancel.position for e in refunds]
+    assert len(cancel.credits) == 1 + sum(not e.pays_credit for e in refunds)
     # The refunds moved to AR are a journal of the cancellation: leaving it out is drift.
     moved = [j for j in journals if ":reclassifies:" in j.idempotency_key]
     assert len(moved) == (1 if before else 0)

@@ -251,6 +251,11 @@ class InputInfo:
     currency: str | None = None
 
 
+# InputInfo's fields in order, as a backtest keeps them per counted input.
+InputRow = tuple[str, int, int, int, str | None, str | None, str | None, str | None, int | None,
+                 str | None]
+
+
 @dataclass(slots=True)  # not frozen: built per decision (see InputInfo); never mutated
 class Outcome:
     """An input's final outcome on one side (``held``: still waiting at the window's end).
@@ -459,7 +464,7 @@ class _Lane:
 
     def __init__(self, rules: Rules, books: tuple[_Book, ...],
                  reference: Callable[[], ReferenceData], deserializer: EventDeserializer,
-                 counted: Mapping[str, InputInfo], held: _HeldInputs) -> None:
+                 counted: Mapping[str, InputRow], held: _HeldInputs) -> None:
         self.engine = _Engine(rules, reference, deserializer, held)
         self.held = held
         self.books = books
@@ -599,7 +604,9 @@ class Backtest:
         self.current_side, self.candidate_side = current, candidate
         self.timeline = reference
         self.deserializer = deserializer or EventDeserializer()
-        self.inputs: dict[str, InputInfo] = {}
+        # Counted inputs: InputInfo's fields as a tuple (a tuple costs a fifth of the object;
+        # the report builds an InputInfo for the inputs that change).
+        self.inputs: dict[str, InputRow] = {}
         self._reference = reference.at(0)
         self._timed = len(reference.snapshots) > 1
         self._snapshots = tuple(data for _, data in reference.snapshots)
@@ -709,13 +716,12 @@ class Backtest:
             source_line = line.decode(errors="replace") if line else None
             if event is not None:
                 env = event["envelope"]
-                self.inputs[coords] = InputInfo(  # positional: a third cheaper, per input
-                    coords, partition, offset, now, env["order_id"], env["event_type"],
-                    env["idempotency_key"], source_line, amount, currency)
+                self.inputs[coords] = (coords, partition, offset, now, env["order_id"],
+                                       env["event_type"], env["idempotency_key"], source_line,
+                                       amount, currency)
             else:
-                self.inputs[coords] = InputInfo(coords, partition, offset, now,
-                                                _text(record.key), None, None, source_line,
-                                                amount, currency)
+                self.inputs[coords] = (coords, partition, offset, now, _text(record.key), None,
+                                       None, source_line, amount, currency)
         if dead is not None:
             if counted:
                 self.dead_letters += 1
@@ -901,23 +907,24 @@ def build_report(bt: Backtest, end_ms: int, *, samples: int = 5) -> BacktestRepo
     day_after: Counter[tuple[str, str]] = Counter()
     pending_before = pending_after = 0
     day_of = _days()
-    for coords, info in bt.inputs.items():
-        before = before_all.get(coords, pending)
-        after = after_all.get(coords, pending)
+    before_of, after_of = before_all.get, after_all.get
+    for coords, row in bt.inputs.items():
+        before = before_of(coords, pending)
+        after = after_of(coords, pending)
         if before is after and before.opens is None:  # the common case: nothing to count
             if before.kind == PENDING:
                 pending_before += 1
                 pending_after += 1
             continue
         if not _same_verdict(before, after):
-            changes.append(Change(info, before, after))
+            changes.append(Change(InputInfo(*row), before, after))
         opens = before.opens
         if opens:
             per_check_before[opens] += 1
             owner, severity = before.owner, before.severity
             if owner and severity:
                 cell_before[(owner, severity)] += 1
-                day_before[(owner, day_of(info.timestamp_ms))] += 1
+                day_before[(owner, day_of(row[3]))] += 1  # its timestamp_ms
         elif before.kind == PENDING:
             pending_before += 1
         opens = after.opens
@@ -926,7 +933,7 @@ def build_report(bt: Backtest, end_ms: int, *, samples: int = 5) -> BacktestRepo
             owner, severity = after.owner, after.severity
             if owner and severity:
                 cell_after[(owner, severity)] += 1
-                day_after[(owner, day_of(info.timestamp_ms))] += 1
+                day_after[(owner, day_of(row[3]))] += 1
         elif after.kind == PENDING:
             pending_after += 1
     changes.sort(key=_input_order)

@@ -718,6 +718,28 @@ class LedgerContract:
         assert count(ledger, "journals") == 120 + len(range(0, 60, 7))
         assert all(tb.balanced for tb in ledger.trial_balance().values())
 
+    def test_concurrent_refund_and_cancellation_of_one_order_count_the_refund_once(
+        self, ledger: SqlLedger
+    ) -> None:
+        # Two writers, one posting each order's refund and the other its cancellation at
+        # the same moment: whichever commits first, the other sees it (PostgreSQL: the
+        # per-order lock; SQLite: one writer at a time), so no refund stays on refunds.
+        url = ledger.engine.url.render_as_string(hide_password=False)
+        orders = [f"SO-{i}" for i in range(20)]
+        ledger.post([e for o in orders for e in (invoice(o, 1000, 200), payment(o, 1200))])
+        barrier = threading.Barrier(2)
+
+        def write(batch: list[dict[str, Any]]) -> None:
+            with SqlLedger(url) as other:
+                barrier.wait()
+                other.post(batch)
+
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(write, [[refund(o, 500) for o in orders],
+                                  [cancellation(o) for o in reversed(orders)]]))
+        for o in orders:
+            assert self.order_balances(ledger, o) == {"accounts_receivable": -700, "cash": 700}
+
     def test_integrity_error_that_is_no_race_is_permanent(
         self, ledger: SqlLedger, monkeypatch: pytest.MonkeyPatch
     ) -> None:

@@ -137,24 +137,31 @@ def test_a_missing_file_is_said_before_the_broker_is_asked(
     assert took < 10, took
 
 
-def test_ctrl_c_ends_a_sink_waiting_for_the_broker_at_once(tmp_path: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "revline.cli", "sink"], cwd=tmp_path,
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
+@pytest.mark.parametrize("command", [("sink",), ("auditor",), ("exceptions", "run")])
+def test_a_signal_ends_a_component_waiting_for_the_broker_at_once(
+        command: tuple[str, ...], sig: signal.Signals, tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "revline.cli", *command], cwd=tmp_path,
                             env=_env(tmp_path), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         time.sleep(4)  # well into its start-up wait for the broker
         assert proc.poll() is None, proc.communicate()
         sent = time.monotonic()
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=30)
         took = time.monotonic() - sent
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 130, err
     assert took < 6, took
-    assert "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted", err
+    assert "Traceback" not in err, err
+    if sig == signal.SIGINT:  # Ctrl-C: one line, 130
+        assert proc.returncode == 130, err
+        assert err.strip().splitlines()[-1] == "interrupted", err
+    else:  # a supervisor's SIGTERM: stopped as asked
+        assert proc.returncode == 0, err
 
 
 # -- 3: a file's bytes or shape ----------------------------------------------------------
@@ -273,3 +280,16 @@ def test_an_ascii_terminal_gets_ascii_not_a_crash(tmp_path: Path) -> None:
     done, _ = revline(tmp_path, "rules", "validate", "r.yaml", PYTHONIOENCODING="ascii")
     assert done.returncode == 0, done.stderr
     assert "->" in done.stdout, done.stdout
+
+
+@pytest.mark.parametrize(("command", "variable"), [
+    (("worker",), "REVLINE_RULES_FILE"),
+    (("exceptions", "run"), "REVLINE_OWNERSHIP_FILE"),
+])
+def test_a_component_names_its_bad_rules_file_before_the_broker(
+        command: tuple[str, ...], variable: str, files: dict[str, Path],
+        tmp_path: Path) -> None:
+    done, took = revline(tmp_path, *command, timeout=30, **{variable: str(files["binary"])})
+    line = one_error(done)
+    assert f"{variable} {files['binary']} is not UTF-8 text" in line, line
+    assert took < 10, took

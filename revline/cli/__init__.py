@@ -62,8 +62,15 @@ _INTERRUPT_GRACE_S = 2.0
 
 
 def mark_running() -> None:
-    """From here on, SIGINT/SIGTERM stop the command gracefully (its stop event)."""
+    """From here on, SIGINT/SIGTERM stop the command gracefully (its stop event), except
+    while a start-up check waits for the broker (revline.core.startup.waiting)."""
     _running.set()
+
+
+def _graceful() -> bool:
+    from revline.core.startup import waiting
+
+    return _running.is_set() and not waiting()
 
 
 def _say_interrupted() -> None:
@@ -100,10 +107,10 @@ def _watch_interrupts() -> None:
                 return
             if not data:
                 return
-            if _running.is_set() or not wanted.intersection(data):
+            if _graceful() or not wanted.intersection(data):
                 continue
             time.sleep(_INTERRUPT_GRACE_S)  # Python code has ended it by now, unless in C
-            if _running.is_set():
+            if _graceful():
                 continue
             interrupted = int(signal.SIGINT) in data
             if interrupted:
@@ -129,7 +136,7 @@ def stop_on_signals(*, log_setup: bool = True) -> threading.Event:
 
     def handler(signum: int, _frame: object) -> None:
         stop.set()
-        if _running.is_set():
+        if _graceful():
             return
         if signum == signal.SIGINT:
             raise KeyboardInterrupt  # one line, exit 130
@@ -276,6 +283,20 @@ def finite_problems(data: Any, where: str = "") -> list[str]:
     return found
 
 
+def load_rules(path: Path, flag: str) -> Any:
+    """QA rules from ``path`` (named by ``flag``), or one line saying what is wrong."""
+    from revline.processors import Rules, load_yaml
+
+    readable_file(path, "a rules YAML file", flag)
+    with file_errors(path, flag):
+        data = load_yaml(path)
+        odd = finite_problems(data)
+        if odd:  # refused here, so `rules validate` says so, not the backtest later
+            raise ConfigurationError(f"{flag} {path}: {'; '.join(odd[:5])}: give a finite "
+                                     "number")
+        return Rules.from_mapping(data)
+
+
 def writable_file(path: Path, flag: str) -> Path:
     """Checked before any work, so a typo in an output path does not waste a long read."""
     if "\x00" in str(path):
@@ -419,6 +440,8 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 # -- worker --------------------------------------------------------------------------
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    # Its QA rules first: a bad file is one line naming it, before any broker wait.
+    load_rules(settings.rules_file, "REVLINE_RULES_FILE")
     bootstrap = bootstrap_for(settings, start_if_missing=True)
     mark_running()  # Faust (or the supervisor) handles the signals from here
     if args.workers <= 1:

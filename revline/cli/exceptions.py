@@ -183,8 +183,11 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     """The manager, until SIGTERM/SIGINT."""
 
     from revline.cli import bootstrap_for, mark_running, stop_on_signals
+    from revline.cli.rules import _load_ownership
     from revline.streams.exceptions import run_manager
 
+    # Its ownership rules first: a bad file is one line naming it, before any broker wait.
+    _load_ownership(settings.ownership_file, "REVLINE_OWNERSHIP_FILE")
     stop = stop_on_signals()
     bootstrap = bootstrap_for(settings, start_if_missing=True)
     mark_running()  # its start-up and batches watch the stop event from here

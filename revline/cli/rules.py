@@ -99,17 +99,10 @@ def register(sub: Any) -> None:
 
 # -- loading the two sides -----------------------------------------------------------------
 def _load_rules(path: Path, flag: str) -> Rules:
-    from revline.cli import file_errors, finite_problems, readable_file
-    from revline.processors import Rules, load_yaml
+    from revline.cli import load_rules
 
-    readable_file(path, "a rules YAML file", flag)
-    with file_errors(path, flag):
-        data = load_yaml(path)
-        odd = finite_problems(data)
-        if odd:  # refused here, so `rules validate` says so, not the backtest later
-            raise ConfigurationError(f"{flag} {path}: {'; '.join(odd[:5])}: give a finite "
-                                     "number")
-        return Rules.from_mapping(data)
+    rules: Rules = load_rules(path, flag)
+    return rules
 
 
 def _load_ownership(path: Path, flag: str) -> Ownership:

@@ -58,6 +58,17 @@ TRANSIENT_CODES = frozenset({
 })
 
 
+# How many retry_startup calls are waiting right now. A process in one has nothing in
+# flight, so the command line lets SIGINT/SIGTERM end it at once even in a component that
+# otherwise stops gracefully (a cold cluster's wait is minutes of nothing to finish).
+_waiting = 0
+
+
+def waiting() -> bool:
+    """True while some start-up check is waiting out transient errors."""
+    return _waiting > 0
+
+
 class StartupTimeoutError(InfrastructureError):
     """Start-up waited out its deadline on transient errors."""
 
@@ -139,6 +150,17 @@ def retry_startup(
     ``StartupTimeoutError`` with one message naming the last error. A non-transient
     error is raised at once, unchanged.
     """
+    global _waiting
+    _waiting += 1
+    try:
+        return _retry(fn, what, timeout_s=timeout_s, component=component, sleep=sleep,
+                      clock=clock)
+    finally:
+        _waiting -= 1
+
+
+def _retry(fn: Callable[[], T], what: str, *, timeout_s: float | None, component: str,
+           sleep: Callable[[float], None], clock: Callable[[], float]) -> T:
     budget = default_timeout_s() if timeout_s is None else timeout_s
     started = clock()
     deadline = started + budget

@@ -994,11 +994,15 @@ class TrytonErp:
             return None
         # A credit note copies its invoice's comment: one without a credit-note marker is an
         # earlier attempt's credit, interrupted before re-marking (a refund's has its own).
+        # Crediting a refund's credit note copies that note's marker: a credit whose comment
+        # is still the note's own is such an interrupted attempt too (adopted, not credited
+        # again, or a replay would give the refund back twice).
         credit_id: int | None = next(
             (
                 int(c["id"])
                 for c in credits
                 if not any(step == m.CREDIT_NOTE for step, _ in m.markers(c["comment"]))
+                or c["comment"] == invoice["comment"]
             ),
             None,
         )

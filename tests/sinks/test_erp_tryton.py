@@ -18,9 +18,12 @@ from tests.sinks.erp_contract import (
     PARTIAL_DAY,
     ErpContract,
     booked,
+    cancelled,
+    captured,
     invoiced,
     line,
     new_order,
+    refunded,
 )
 from tests.sinks.erp_fixtures import tryton_adapter, tryton_server
 
@@ -260,3 +263,51 @@ def test_a_legacy_marker_with_a_raw_percent_is_found(
         assert erp.rpc("model.sale.sale.search_count", [["reference", "=", order]]) == 1
         assert erp.lookup(order, inv["envelope"]["idempotency_key"]) == {
             "sale": str(sale), "invoice": str(invoice)}  # fmt: skip
+
+
+class _DiesBeforeRemarkingARefundsCredit(TrytonErp):
+    """Dies (as kill -9 would: nothing after runs) at the write that re-marks the second
+    credit of a cancellation, the credit of the refund's credit note."""
+
+    remarks = 0
+
+    def _m(self, model: str, method: str, *args: Any, context: Any = None) -> Any:
+        if (model == "account.invoice" and method == "write" and len(args) == 2
+                and str(args[1].get("description", "")).startswith("cancellation ")):
+            self.remarks += 1
+            if self.remarks == 2:
+                raise RuntimeError("killed between the credit wizard and the re-marking")
+        return super()._m(model, method, *args, context=context)
+
+
+def test_a_cancellation_killed_after_crediting_a_refund_note_credits_it_once(
+    tryton_server: TrytonServer,
+) -> None:
+    """Crediting a refund's credit note copies that note's marker: a replay took the
+    interrupted attempt's credit for someone else's and credited the note again."""
+    order = new_order()
+    db = tryton_server.database
+    dying = _DiesBeforeRemarkingARefundsCredit(tryton_server.url, db.name, db.user, db.password,
+                                               timeout=30.0)
+    inv = invoiced(order, LINES)
+    total = inv["total_minor"]
+    cancel = cancelled(order, later=dt.timedelta(days=3))
+    for event in (booked(order, LINES), inv, captured(order, 1, total),
+                  refunded(order, total // 4)):
+        dying.apply(event)
+    with pytest.raises(RuntimeError, match="killed"):
+        dying.apply(cancel)
+    dying.close()
+    erp = tryton_adapter(tryton_server)
+    try:
+        assert erp.apply(cancel).status == "applied"
+        assert erp.apply(cancel).status == "already_applied"
+        ids = sorted(erp._order_invoices(order))
+        docs = erp.rpc("model.account.invoice.read", ids,
+                       ["total_amount", "amount_to_pay", "state"])  # fmt: skip
+        digits = 2
+        assert sum(_minor(Decimal(d["total_amount"]), digits) for d in docs) == 0, docs
+        owed = sum(_minor(Decimal(d["amount_to_pay"]), digits) for d in docs)
+        assert owed == -(total - total // 4), docs
+    finally:
+        erp.close()

@@ -610,13 +610,7 @@ class InMemoryErp:
         credit = self.store.invoices[credit_id]
         p.ref(m.PARTY, credit["party"])
         p.complete(m.CREDIT_NOTE, credit_id)
-        move = self._move(order_id, key, m.REFUND_PAYMENT)
-        if move is None:
-            self._write(m.REFUND_PAYMENT)
-            description = f"{m.marker(m.REFUND_PAYMENT, key)} {refund_ref}"
-            move = self._pay(credit_id, -amount, description, env)
-            p.wrote = True
-        p.complete(m.REFUND_PAYMENT, move)
+        self._refund_payment(credit_id, order_id, key, refund_ref, amount, env, p)
 
     def _cancellation_credit(
         self, order_id: str, key: str, payment_id: str, amount: int
@@ -663,6 +657,13 @@ class InMemoryErp:
         credit = self.store.invoices[credit_id]
         p.ref(m.PARTY, credit["party"])
         p.ref(m.CREDIT_NOTE, credit_id)
+        self._refund_payment(credit_id, order_id, key, refund_ref, amount, env, p)
+
+    def _refund_payment(
+        self, credit_id: int, order_id: str, key: str, refund_ref: str, amount: int,
+        env: Mapping[str, Any], p: m.Progress,
+    ) -> None:  # fmt: skip
+        """The money paid back against a credit note, once per refund key."""
         move = self._move(order_id, key, m.REFUND_PAYMENT)
         if move is None:
             self._write(m.REFUND_PAYMENT)

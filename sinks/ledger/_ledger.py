@@ -496,25 +496,13 @@ class SqlLedger:
                 for target in targets:
                     reversed_ids.add(target.id)
                     # Scoped to the same order as the event (journals_order_key).
-                    effect_key = f"{p.key}:reverses:{target.id}"
-                    notes.append(
-                        _Journal(
-                            id=_journal_id(p.order_id, effect_key, p.occurred_at),
-                            idempotency_key=effect_key,
-                            event_key=p.key,
-                            order_id=p.order_id,
-                            event_type=p.event_type,
-                            currency=target.currency,
-                            source_ref=p.source_ref,
-                            occurred_at=p.occurred_at,
-                            description=f"{p.description} [reverses {target.event_type} "
-                            f"{target.idempotency_key}]",
-                            amounts=tuple(
-                                (a, credit, debit) for a, debit, credit in target.amounts
-                            ),
-                            reverses_journal_id=target.id,
-                        )
-                    )
+                    notes.append(_derived(
+                        p, f"{p.key}:reverses:{target.id}", target.currency,
+                        f"{p.description} [reverses {target.event_type} "
+                        f"{target.idempotency_key}]",
+                        tuple((a, credit, debit) for a, debit, credit in target.amounts),
+                        reverses_journal_id=target.id,
+                    ))  # fmt: skip
                 if notes:
                     notes.sort(key=lambda j: j.idempotency_key)
                     for note in notes:
@@ -561,21 +549,10 @@ class SqlLedger:
                     amounts = ((rule.to, balance, 0), (rule.account, 0, balance))
                 else:
                     amounts = ((rule.account, -balance, 0), (rule.to, 0, -balance))
-                effect_key = f"{p.key}:reclassifies:{rule.account}:{currency}"
-                out.append(
-                    _Journal(
-                        id=_journal_id(p.order_id, effect_key, p.occurred_at),
-                        idempotency_key=effect_key,
-                        event_key=p.key,
-                        order_id=p.order_id,
-                        event_type=p.event_type,
-                        currency=currency,
-                        source_ref=p.source_ref,
-                        occurred_at=p.occurred_at,
-                        description=f"{p.description} [moves {rule.account} to {rule.to}]",
-                        amounts=amounts,
-                    )
-                )
+                out.append(_derived(
+                    p, f"{p.key}:reclassifies:{rule.account}:{currency}", currency,
+                    f"{p.description} [moves {rule.account} to {rule.to}]", amounts,
+                ))  # fmt: skip
         return out
 
     def _credited(self, conn: Connection, order_ids: set[str]) -> set[tuple[str, str]]:
@@ -1275,3 +1252,24 @@ def _sqlite_engine(parsed: sa.URL) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
+
+
+def _derived(
+    p: _Prepared, effect_key: str, currency: str, description: str,
+    amounts: Amounts, reverses_journal_id: str | None = None,
+) -> _Journal:  # fmt: skip
+    """A journal an event posts besides its own (a credit note, a reclassification): its
+    own effect key, scoped to the event's order (journals_order_key), found by event_key."""
+    return _Journal(
+        id=_journal_id(p.order_id, effect_key, p.occurred_at),
+        idempotency_key=effect_key,
+        event_key=p.key,
+        order_id=p.order_id,
+        event_type=p.event_type,
+        currency=currency,
+        source_ref=p.source_ref,
+        occurred_at=p.occurred_at,
+        description=description,
+        amounts=amounts,
+        reverses_journal_id=reverses_journal_id,
+    )

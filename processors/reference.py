@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,9 @@ class Rules:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> Rules:
+        odd = _non_finite(data)
+        if odd:  # refused here, so `rules validate` says so, not the worker or backtest later
+            raise ConfigurationError(f"{'; '.join(odd[:5])}: give a finite number")
         try:
             checks = {
                 check_id: CheckSpec(check_id, str(spec["severity"]), str(spec["owner"]))
@@ -113,3 +117,19 @@ def load_yaml(path: Path) -> Mapping[str, Any]:
     if not isinstance(data, Mapping):
         raise ConfigurationError(f"{path} must hold a mapping at the top level")
     return data
+
+
+def _non_finite(data: Any, where: str = "") -> list[str]:
+    """Where ``data`` (parsed YAML) holds .nan or .inf: no rule means anything with them,
+    and every comparison with nan is false, so a check would silently never fire."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return [f"{where or 'the document'} is {data}"]
+    items: Iterable[tuple[Any, Any]] = ()
+    if isinstance(data, dict):
+        items = data.items()
+    elif isinstance(data, list):
+        items = enumerate(data)
+    found: list[str] = []
+    for key, value in items:
+        found += _non_finite(value, f"{where}.{key}" if where else str(key))
+    return found

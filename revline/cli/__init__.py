@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 import typing
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -265,36 +265,13 @@ def file_errors(path: Path | str, flag: str = "", what: str = "YAML") -> Iterato
                                  f"({describe_error(exc)})") from exc
 
 
-def finite_problems(data: Any, where: str = "") -> list[str]:
-    """Where ``data`` (parsed YAML) holds .nan or .inf: no rule means anything with them,
-    and every comparison with nan is false, so a check would silently never fire."""
-    import math
-
-    if isinstance(data, float) and not math.isfinite(data):
-        return [f"{where or 'the document'} is {data}"]
-    items: Iterable[tuple[Any, Any]] = ()
-    if isinstance(data, dict):
-        items = data.items()
-    elif isinstance(data, list):
-        items = enumerate(data)
-    found: list[str] = []
-    for key, value in items:
-        found += finite_problems(value, f"{where}.{key}" if where else str(key))
-    return found
-
-
 def load_rules(path: Path, flag: str) -> Any:
     """QA rules from ``path`` (named by ``flag``), or one line saying what is wrong."""
     from revline.processors import Rules, load_yaml
 
     readable_file(path, "a rules YAML file", flag)
     with file_errors(path, flag):
-        data = load_yaml(path)
-        odd = finite_problems(data)
-        if odd:  # refused here, so `rules validate` says so, not the backtest later
-            raise ConfigurationError(f"{flag} {path}: {'; '.join(odd[:5])}: give a finite "
-                                     "number")
-        return Rules.from_mapping(data)
+        return Rules.from_mapping(load_yaml(path))
 
 
 def writable_file(path: Path, flag: str) -> Path:

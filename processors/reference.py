@@ -110,10 +110,17 @@ class Rules:
 
 
 def load_yaml(path: Path) -> Mapping[str, Any]:
+    # Every caller (the worker, the exception manager, the backtest, the CLI) gets one
+    # ConfigurationError naming the file, whatever the bytes are.
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigurationError(f"cannot read {path}: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigurationError(
+            f"{path} is not UTF-8 text (byte {exc.start}): give a YAML file") from exc
+    except RecursionError as exc:
+        raise ConfigurationError(f"{path} is nested too deeply to read") from exc
     if not isinstance(data, Mapping):
         raise ConfigurationError(f"{path} must hold a mapping at the top level")
     return data

@@ -15,6 +15,7 @@ Serializers follow confluent-kafka's ``__call__(obj, ctx)`` convention.
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Mapping
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, cast
@@ -24,6 +25,11 @@ from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from revline.core.errors import InfrastructureError, RevlineError
 from revline.schemas._catalog import SchemaCatalog, SchemaEntry, crc64_fingerprint, default_catalog
 from revline.schemas._fastread import Reader, compile_reader
+
+# fastavro names the stream it read from ("cannot read boolean from <_io.BytesIO object at
+# 0x7f…>"): an address that differs on every run would make the same bad record's error text
+# differ between a run and its replay, and tells an operator nothing.
+_OBJECT_REPR = re.compile(r"\s*(?:from\s+)?<[\w.]+ object at 0x[0-9a-fA-F]+>")
 
 if TYPE_CHECKING:
     from confluent_kafka.schema_registry import SchemaRegistryClient
@@ -344,7 +350,7 @@ class EventDeserializer:
         except Exception as exc:  # fastavro raises anything from EOFError to UnicodeError
             raise MalformedRecordError(
                 f"{entry.event_type} v{entry.version}: body does not decode "
-                f"({type(exc).__name__}: {exc})",
+                f"({type(exc).__name__}: {_OBJECT_REPR.sub('', str(exc))})",
                 schema_ref=f"fingerprint:{entry.fingerprint_hex}",
             ) from exc
         if body.tell() != len(data):

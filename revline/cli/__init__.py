@@ -252,6 +252,8 @@ def file_errors(path: Path | str, flag: str = "", what: str = "YAML") -> Iterato
         yield
     except ConfigurationError as exc:
         text = str(exc)
+        if flag and text.startswith(f"{path} "):  # the loader named the file: add the flag
+            text = f"{flag} {text}"
         raise ConfigurationError(text if str(path) in text else f"{name}: {text}") from exc
     except UnicodeDecodeError as exc:
         raise ConfigurationError(f"{name} is not UTF-8 text (byte {exc.start}): give a "

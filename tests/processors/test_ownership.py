@@ -117,3 +117,24 @@ def test_event_amount() -> None:
         7, "USD")
     assert event_amount(env("order_cancelled")) == (None, None)
     assert event_amount(None) == (None, None)
+
+
+@pytest.mark.parametrize(("body", "expect"), [
+    (bytes(range(128, 256)), "is not UTF-8 text (byte 0)"),
+    (b"[" * 100_000, "nested too deeply"),
+    (b"key: [unclosed", "cannot read"),
+    (b"- a list\n", "must hold a mapping"),
+])
+def test_any_caller_of_load_yaml_gets_one_configuration_error(
+        tmp_path: Any, body: bytes, expect: str) -> None:
+    """The worker, the exception manager and the backtest load YAML without the CLI's
+    guard: bad bytes are a ConfigurationError naming the file, not a UnicodeDecodeError
+    or a RecursionError."""
+    path = tmp_path / "rules.yaml"
+    path.write_bytes(body)
+    with pytest.raises(ConfigurationError) as caught:
+        load_yaml(path)
+    assert expect in str(caught.value) and str(path) in str(caught.value)
+    if b"[" not in body[:1]:
+        with pytest.raises(ConfigurationError):
+            load_ownership(path)

@@ -421,13 +421,20 @@ class SqlLedger:
         return tuple(amounts)
 
     def _plan(self, conn: Connection, prepared: list[_Prepared]) -> _Plan:
+        # What a cancellation or a refund posts depends on the order's other journals:
+        # one writer per such order at a time (see _lock_orders). Locked before looking
+        # up what is posted: a cancellation's twin writes no row that could collide with
+        # the first one's, so a lookup made before the wait would miss the committed
+        # cancellation and find nothing left to reverse (not_applicable, not
+        # already_applied).
+        _lock_orders(conn, {
+            p.order_id for p in prepared
+            if p.rule is not None and (p.rule.action == "reverse" or p.rule.after_reversal)
+        })  # fmt: skip
         existing = self._existing(conn, list(dict.fromkeys(p.ident for p in prepared)))
         todo = [p for p in prepared if p.rule is not None and p.ident not in existing]
         reversing = [p for p in todo if p.rule is not None and p.rule.action == "reverse"]
         switching = [p for p in todo if p.rule is not None and p.rule.after_reversal]
-        # What a cancellation or a refund posts depends on the order's other journals:
-        # one writer per such order at a time (see _lock_orders).
-        _lock_orders(conn, {p.order_id for p in (*reversing, *switching)})
         types = {t for p in reversing if p.rule is not None for t in p.rule.reverses}
         candidates = self._reversible(conn, {p.order_id for p in reversing}, types)
         # (order, currency) that have a credit note: a refund there pays back a credit.

@@ -740,6 +740,33 @@ class LedgerContract:
         for o in orders:
             assert self.order_balances(ledger, o) == {"accounts_receivable": -700, "cash": 700}
 
+    def test_concurrent_twins_of_a_cancellation_resolve_to_already_applied(
+        self, ledger: SqlLedger
+    ) -> None:
+        # Writers re-sending the same cancellations at once (a replay beside a live sink):
+        # a cancellation writes no row a twin's insert could collide with, so each writer
+        # must read what is posted only once it holds the order (PostgreSQL: the lock).
+        # Read before it, the loser found nothing left to reverse and recorded
+        # not_applicable for a cancellation that was applied.
+        url = ledger.engine.url.render_as_string(hide_password=False)
+        orders = [f"SO-{i}" for i in range(20)]
+        ledger.post([invoice(o, 1000, 200) for o in orders])
+        writers = 4
+        barrier = threading.Barrier(writers)
+
+        def write(_: int) -> list[Any]:
+            with SqlLedger(url) as other:
+                barrier.wait()
+                return other.post([cancellation(o) for o in orders])
+
+        with ThreadPoolExecutor(writers) as pool:
+            outcomes = list(pool.map(write, range(writers)))
+        for i, order in enumerate(orders):
+            statuses = sorted(rs[i].status for rs in outcomes)
+            assert statuses == ["already_applied"] * (writers - 1) + ["applied"], order
+            assert len({str(rs[i].external_refs) for rs in outcomes}) == 1, order
+            assert self.order_balances(ledger, order) == {}
+
     def test_integrity_error_that_is_no_race_is_permanent(
         self, ledger: SqlLedger, monkeypatch: pytest.MonkeyPatch
     ) -> None:

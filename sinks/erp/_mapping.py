@@ -309,3 +309,17 @@ def dispatch(
             raise partial(progress.done, exc, etype) from exc
         raise
     return result(order_id, key, progress.wrote, progress.refs)
+
+
+def refuse_a_second_cancellation(order_id: str, key: str, note_comments: list[Any]) -> None:
+    """A cancellation under another key, of an order whose invoices an earlier cancellation
+    credited (``note_comments``: those credit notes' comments). The engine refuses it, but
+    one can reach the sink; crediting again would give the customer back twice."""
+    earlier = sorted({k for comment in note_comments
+                      for step, k in markers(comment) if step == CREDIT_NOTE and k != key})
+    if earlier:
+        raise PermanentSinkError(
+            f"order_cancelled {key} for order {order_id}: the order was already cancelled "
+            f"by {earlier[0]} (its credit notes are in the ERP); crediting again would give "
+            "the customer back twice"
+        )

@@ -355,6 +355,9 @@ class InMemoryErp:
             sale["state"] = "cancelled"
             p.wrote = True
         elif sale["state"] != "cancelled":
+            m.refuse_a_second_cancellation(order_id, key, [
+                self.store.invoices[n]["comment"] for n in sale.get("cancellation_notes", [])
+            ])  # fmt: skip
             # One credit note per invoice of the order (a deposit and a balance: two), and
             # one crediting each refund's credit note: the invoices' credit notes give the
             # customer back all they were billed, so what the refunds' notes already gave
@@ -671,3 +674,4 @@ class InMemoryErp:
             move = self._pay(credit_id, -amount, description, env)
             p.wrote = True
         p.complete(m.REFUND_PAYMENT, move)
+

@@ -951,6 +951,10 @@ class TrytonErp:
             refunds = self._read(
                 "account.invoice", sorted(self._order_invoices(order_id) - set(own)), fields
             )
+            m.refuse_a_second_cancellation(order_id, key, [
+                r["comment"] for r in refunds
+                if str(r["description"] or "").startswith("cancellation ")
+            ])  # fmt: skip
             rows += [
                 r for r in refunds
                 if str(r["description"] or "").startswith("refund ")

@@ -752,6 +752,34 @@ class ErpContract:
         assert {again.apply(e).status for e in [inv, *steps]} == {"already_applied"}
         assert self.counts(erp) == before
 
+    @pytest.mark.parametrize("paid", [0, 1, 2], ids=["unpaid", "half_paid", "paid"])
+    def test_a_second_cancellation_under_another_key_credits_nothing(
+        self, erp: ErpAdapter, paid: int
+    ) -> None:
+        # The engine refuses a second cancellation of an order, but one can still reach the
+        # sink (a hand-published event, a second upstream system): crediting the invoices
+        # again would give the customer back twice what they were billed.
+        order = new_order()
+        erp.apply(booked(order, LINES))
+        inv = invoiced(order, LINES)
+        erp.apply(inv)
+        if paid:
+            erp.apply(captured(order, 1, inv["total_minor"] * paid // 2))
+        first = erp.apply(cancelled(order))
+        assert first.status == "applied"
+        before = self.counts(erp)
+        second = cancelled(order, later=timedelta(hours=1))
+        second["envelope"]["idempotency_key"] = f"{order}:cancelled-again"
+        with pytest.raises(PermanentSinkError, match="already cancelled"):
+            erp.apply(second)
+        assert self.counts(erp) == before
+        refs = sorted({d.ref for d in self.documents(erp)
+                       if d.order_id == order and d.step in ("invoice", "credit_note")})
+        docs = [self.invoice(erp, ref) for ref in refs]
+        assert sum(d["total_minor"] for d in docs) == 0, docs
+        # The first cancellation's replay is still its own, applied once.
+        assert erp.apply(cancelled(order)).status == "already_applied"
+
     # -- markers --------------------------------------------------------------------------
     def test_markers_round_trip_and_old_markers_still_read(self) -> None:
         for key in ("SO-1:booked", "a[b]c", "%", "%25", "]]", "ü€漢", "x%5Dy", "k y_z\\"):

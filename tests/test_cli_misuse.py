@@ -102,6 +102,10 @@ ONE_SHOT = [
     ("publish", "{events}"),
     ("reference", "load"),
     ("generate", "--orders", "2", "--out", "w", "--publish"),
+    # One-shot jobs that start a local broker when none is configured: a configured one
+    # that is not there is one line, before a workload or an ERP database is built.
+    ("demo", "--orders", "3", "--erp", "memory"),
+    ("bench", "--events", "100"),
 ]
 
 

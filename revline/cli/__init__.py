@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -410,11 +411,17 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     """Broker (if needed) → reference data → worker + sink → workload → outcomes and money."""
     from revline.cli.demo import DemoOptions, run_demo
 
-    bootstrap = bootstrap_for(settings, start_if_missing=True)
+    # One-shot: a configured cluster that is not there is one line within seconds, before
+    # the workload or a Tryton database is built.
+    bootstrap = bootstrap_for(settings, start_if_missing=True, one_shot=True)
     options = DemoOptions(orders=args.orders, seed=args.seed, hold_timeout=args.hold_timeout,
                           erp=args.erp)
     mark_running()  # the demo's own components stop on its KeyboardInterrupt
-    return run_demo(options, settings, bootstrap, console, _progress)
+    try:
+        return run_demo(options, settings, bootstrap, console, _progress)
+    except subprocess.CalledProcessError as exc:
+        # A step run as `revline …` (reference load) printed its own one-line error.
+        return exc.returncode if exc.returncode > 0 else 1
 
 
 # -- worker --------------------------------------------------------------------------
@@ -453,9 +460,7 @@ def _supervise(commands: Sequence[tuple[tuple[str, ...], dict[str, str]]],
     configuration error dies at once, every time), or a clean exit 0, stop them all: a
     half-running pipeline (a worker without its sink, say) is worse than a stopped one.
     """
-    import os
     import signal
-    import subprocess
 
     def launch(args: tuple[str, ...], extra: dict[str, str]) -> subprocess.Popen[bytes]:
         env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, **extra}
@@ -697,7 +702,8 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     include_pipeline = not (args.no_pipeline or args.sinks_only)
     include_baselines = not args.sinks_only and (only is None or "contenders" in only)
     kafka = include_pipeline or include_baselines or sinks is not None
-    bootstrap = bootstrap_for(settings, start_if_missing=True) if kafka else None
+    bootstrap = (bootstrap_for(settings, start_if_missing=True, one_shot=True)
+                 if kafka else None)
     mark_running()  # the benchmark stops what it started on its KeyboardInterrupt
     with _progress() as progress:
         report = run_benchmark(

@@ -249,6 +249,20 @@ class ErpContract:
         assert self.counts(erp) == before
         return first
 
+    def invoiced_order(self, erp: ErpAdapter) -> tuple[str, dict[str, Any]]:
+        """A new order booked with LINES and invoiced in full: (order id, the invoice event)."""
+        order = new_order()
+        erp.apply(booked(order, LINES))
+        inv = invoiced(order, LINES)
+        erp.apply(inv)
+        return order, inv
+
+    def order_documents(self, erp: ErpAdapter, order: str) -> list[dict[str, Any]]:
+        """The order's invoices and credit notes, as ``invoice`` reads them."""
+        refs = sorted({d.ref for d in self.documents(erp)
+                       if d.order_id == order and d.step in ("invoice", "credit_note")})
+        return [self.invoice(erp, ref) for ref in refs]
+
     # -- the contract ----------------------------------------------------------------------
     def test_is_an_erp_adapter(self, erp: ErpAdapter) -> None:
         assert isinstance(erp, ErpAdapter)
@@ -703,10 +717,7 @@ class ErpContract:
     def test_cancelled_order_gives_each_refund_back_once(
         self, erp: ErpAdapter, script: str
     ) -> None:
-        order = new_order()
-        erp.apply(booked(order, LINES))
-        inv = invoiced(order, LINES)
-        erp.apply(inv)
+        order, inv = self.invoiced_order(erp)
         total = inv["total_minor"]
         captured_ = refunded_ = 0
         cancel = cancelled(order, later=timedelta(days=3))
@@ -741,9 +752,7 @@ class ErpContract:
                 }  # fmt: skip
             else:
                 assert {"credit_note", "refund_payment"} <= set(found)
-        refs = sorted({d.ref for d in self.documents(erp)
-                       if d.order_id == order and d.step in ("invoice", "credit_note")})
-        docs = [self.invoice(erp, ref) for ref in refs]
+        docs = self.order_documents(erp, order)
         assert sum(d["total_minor"] for d in docs) == 0, docs
         assert sum(d["to_pay_minor"] for d in docs) == -(captured_ - refunded_), docs
         # A replay of everything, by a restarted adapter, changes nothing.
@@ -759,10 +768,7 @@ class ErpContract:
         # The engine refuses a second cancellation of an order, but one can still reach the
         # sink (a hand-published event, a second upstream system): crediting the invoices
         # again would give the customer back twice what they were billed.
-        order = new_order()
-        erp.apply(booked(order, LINES))
-        inv = invoiced(order, LINES)
-        erp.apply(inv)
+        order, inv = self.invoiced_order(erp)
         if paid:
             erp.apply(captured(order, 1, inv["total_minor"] * paid // 2))
         first = erp.apply(cancelled(order))
@@ -773,9 +779,7 @@ class ErpContract:
         with pytest.raises(PermanentSinkError, match="already cancelled"):
             erp.apply(second)
         assert self.counts(erp) == before
-        refs = sorted({d.ref for d in self.documents(erp)
-                       if d.order_id == order and d.step in ("invoice", "credit_note")})
-        docs = [self.invoice(erp, ref) for ref in refs]
+        docs = self.order_documents(erp, order)
         assert sum(d["total_minor"] for d in docs) == 0, docs
         # The first cancellation's replay is still its own, applied once.
         assert erp.apply(cancelled(order)).status == "already_applied"

@@ -31,6 +31,11 @@ from revline.schemas._fastread import Reader, compile_reader
 # differ between a run and its replay, and tells an operator nothing.
 _OBJECT_REPR = re.compile(r"\s*(?:from\s+)?<[\w.]+ object at 0x[0-9a-fA-F]+>")
 
+
+def describe_decode_error(exc: Exception) -> str:
+    """``ExcType: message`` of what fastavro raised, without the stream's address."""
+    return f"{type(exc).__name__}: {_OBJECT_REPR.sub('', str(exc))}"
+
 if TYPE_CHECKING:
     from confluent_kafka.schema_registry import SchemaRegistryClient
 
@@ -350,7 +355,7 @@ class EventDeserializer:
         except Exception as exc:  # fastavro raises anything from EOFError to UnicodeError
             raise MalformedRecordError(
                 f"{entry.event_type} v{entry.version}: body does not decode "
-                f"({type(exc).__name__}: {_OBJECT_REPR.sub('', str(exc))})",
+                f"({describe_decode_error(exc)})",
                 schema_ref=f"fingerprint:{entry.fingerprint_hex}",
             ) from exc
         if body.tell() != len(data):

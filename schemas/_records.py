@@ -16,7 +16,11 @@ from fastavro import schemaless_reader, schemaless_writer
 from fastavro.schema import parse_schema
 
 from revline.schemas._catalog import crc64_fingerprint
-from revline.schemas._codec import SINGLE_OBJECT_MAGIC, MalformedRecordError
+from revline.schemas._codec import (
+    SINGLE_OBJECT_MAGIC,
+    MalformedRecordError,
+    describe_decode_error,
+)
 from revline.schemas._fastwrite import compile_encoder
 
 PIPELINE_ROOT = Path(__file__).parent / "avro" / "pipeline"
@@ -44,7 +48,20 @@ class RecordCodec:
     def decode(self, data: bytes) -> dict[str, Any]:
         if data[:10] != self.header:
             raise MalformedRecordError(f"not a {self.name} record (header {data[:10].hex()})")
-        return cast(dict[str, Any], schemaless_reader(io.BytesIO(data[10:]), self.parsed, None))
+        # Whatever the bytes, a DecodeError the readers (report, index rebuild, exception
+        # manager) already route, never fastavro's own EOFError or UnicodeDecodeError.
+        body = io.BytesIO(data)
+        body.seek(10)
+        try:
+            record = schemaless_reader(body, self.parsed, None)
+        except Exception as exc:
+            raise MalformedRecordError(
+                f"{self.name} record does not decode ({describe_decode_error(exc)})"
+            ) from exc
+        if body.tell() != len(data):
+            raise MalformedRecordError(
+                f"{self.name} record has {len(data) - body.tell()} trailing bytes")
+        return cast(dict[str, Any], record)
 
 
 @cache

@@ -58,3 +58,24 @@ def test_outcome_bytes_equal_fastavro(record: dict[str, Any]) -> None:
 def test_exception_bytes_equal_fastavro(record: dict[str, Any]) -> None:
     codec = exception_codec()
     assert codec.encode(record) == codec.header + _fastavro(codec.parsed, record)
+
+
+@settings(max_examples=100, deadline=None)
+@given(record=outcomes, data=st.data())
+def test_damaged_records_are_one_decode_error(record: dict[str, Any], data: st.DataObject) -> None:
+    """Readers of the outcomes and exceptions topics (report, index rebuild, exception
+    manager) route a DecodeError; a cut, padded or corrupted record is one, whose text
+    carries no object address."""
+    from revline.schemas import DecodeError
+
+    codec = outcome_codec()
+    value = codec.encode(record)
+    cut = data.draw(st.integers(min_value=10, max_value=len(value) - 1))
+    flipped = bytearray(value)
+    at = data.draw(st.integers(min_value=10, max_value=len(value) - 1))
+    flipped[at] = data.draw(st.integers(0, 255))
+    for damaged in (value[:cut], value + b"\x00", bytes(flipped)):
+        try:
+            codec.decode(damaged)
+        except DecodeError as exc:
+            assert " at 0x" not in str(exc), str(exc)

@@ -24,7 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from revline.cli._tables import counts_table
-from revline.core.errors import ConfigurationError, RevlineError
+from revline.core.errors import ConfigurationError, InfrastructureError, RevlineError
 from revline.core.redact import redact_url
 from revline.core.settings import Settings
 
@@ -420,8 +420,11 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     try:
         return run_demo(options, settings, bootstrap, console, _progress)
     except subprocess.CalledProcessError as exc:
-        # A step run as `revline …` (reference load) printed its own one-line error.
-        return exc.returncode if exc.returncode > 0 else 1
+        if exc.returncode > 0:  # a step run as `revline …` printed its own one-line error
+            return exc.returncode
+        raise InfrastructureError(  # killed by a signal: it printed nothing
+            f"the demo's step `revline {' '.join(map(str, exc.cmd[3:]))}` was killed by "
+            f"signal {-exc.returncode}") from exc
 
 
 # -- worker --------------------------------------------------------------------------

@@ -319,7 +319,7 @@ def refuse_a_second_cancellation(order_id: str, key: str, note_comments: list[An
                       for step, k in markers(comment) if step == CREDIT_NOTE and k != key})
     if earlier:
         raise PermanentSinkError(
-            f"order_cancelled {key} for order {order_id}: the order was already cancelled "
-            f"by {earlier[0]} (its credit notes are in the ERP); crediting again would give "
-            "the customer back twice"
+            f"order_cancelled {key} for order {order_id}: an earlier cancellation, "
+            f"{earlier[0]}, credited the order's invoices (replay it if it did not finish); "
+            "crediting again would give the customer back twice"
         )

@@ -674,4 +674,3 @@ class InMemoryErp:
             move = self._pay(credit_id, -amount, description, env)
             p.wrote = True
         p.complete(m.REFUND_PAYMENT, move)
-

@@ -422,11 +422,9 @@ class SqlLedger:
 
     def _plan(self, conn: Connection, prepared: list[_Prepared]) -> _Plan:
         # What a cancellation or a refund posts depends on the order's other journals:
-        # one writer per such order at a time (see _lock_orders). Locked before looking
-        # up what is posted: a cancellation's twin writes no row that could collide with
-        # the first one's, so a lookup made before the wait would miss the committed
-        # cancellation and find nothing left to reverse (not_applicable, not
-        # already_applied).
+        # one writer per such order at a time (see _lock_orders). Locked before reading
+        # what is posted, so a twin waiting behind us sees our commit and records
+        # already_applied (its rows would not collide with ours to tell it).
         _lock_orders(conn, {
             p.order_id for p in prepared
             if p.rule is not None and (p.rule.action == "reverse" or p.rule.after_reversal)

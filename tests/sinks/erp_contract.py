@@ -776,7 +776,7 @@ class ErpContract:
         before = self.counts(erp)
         second = cancelled(order, later=timedelta(hours=1))
         second["envelope"]["idempotency_key"] = f"{order}:cancelled-again"
-        with pytest.raises(PermanentSinkError, match="already cancelled"):
+        with pytest.raises(PermanentSinkError, match="earlier cancellation"):
             erp.apply(second)
         assert self.counts(erp) == before
         docs = self.order_documents(erp, order)

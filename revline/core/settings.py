@@ -149,6 +149,11 @@ class Settings(BaseSettings):
     sink_crash_after_erp_writes: int | None = Field(
         default=None, description="Testing only: SIGKILL the sink right after its Nth ERP write."
     )
+    memory_erp_file: Path | None = Field(
+        default=None,
+        description="In-memory ERP only: keep its documents in this append-only file, so a "
+                    "sink killed and restarted finds what it wrote (chaos runs set it).",
+    )
     memory_erp_outage_file: Path | None = Field(
         default=None,
         description="In-memory ERP only: while this file exists every ERP call fails as an "

@@ -162,6 +162,9 @@ def _start(bootstrap: str, state: Path, name: str, rules: Path, dsn: str | None)
     dsn = dsn or f"sqlite:///{(run_dir / 'ledger.db').absolute()}"
     pipeline = IsolatedPipeline(bootstrap, run_dir, rules_file=rules, prefix=name,
                                 extra_env={"REVLINE_ERP": "memory", "REVLINE_LEDGER_DSN": dsn,
+                                           # The ERP outlives a killed sink, as Tryton does.
+                                           "REVLINE_MEMORY_ERP_FILE":
+                                               str((run_dir / "erp.jsonl").absolute()),
                                            "REVLINE_MEMORY_ERP_OUTAGE_FILE":
                                                str(erp_down_file(run_dir))})
     run_dir.mkdir(parents=True)
@@ -616,11 +619,6 @@ def _skipped(o: ChaosOptions) -> list[str]:
     return out
 
 
-# The in-memory ERP dies with a killed sink: the restarted sink's ERP lacks what an event
-# needs (the sale, the invoice) and refuses it with this text. Not an outage's doing.
-_ERP_FORGOT = "the ERP has no "
-
-
 def _erp_effects(dsn: str) -> dict[tuple[str, str], tuple[str, str, float]]:
     """(order, key) -> (done | refused | partial, detail, when: epoch seconds), of every ERP
     side-effect row."""
@@ -632,27 +630,6 @@ def _erp_effects(dsn: str) -> dict[tuple[str, str], tuple[str, str, float]]:
                 (e.status if e.status in ("refused", "partial") else "done", e.detail or "",
                  epoch(e.applied_at))
                 for e in ledger.all_effects("erp")}
-
-
-def _forgotten_by_a_killed_sink(erp_chaos: dict[tuple[str, str], tuple[str, str, float]],
-                                sink_deaths: list[float]) -> Callable[[tuple[str, str]], bool]:
-    """Whether a refusal is the in-memory ERP's loss, not the pipeline's: refused for lack of
-    a document ("the ERP has no …") by a sink started after a kill, in an order that had an
-    ERP effect done before that kill (the document the dead sink's ERP held). A refusal for
-    lack of something never applied (an invoice before its booking) is not excused."""
-    done_at: dict[str, list[float]] = defaultdict(list)
-    for (order, _key), (status, _detail, at) in erp_chaos.items():
-        if status == "done":
-            done_at[order].append(at)
-    deaths = sorted(sink_deaths)
-
-    def excused(k: tuple[str, str]) -> bool:
-        status, detail, at = erp_chaos[k]
-        if status != "refused" or _ERP_FORGOT not in detail:
-            return False
-        before = [d for d in deaths if d < at]
-        return bool(before) and any(t < before[-1] for t in done_at[k[0]])
-    return excused
 
 
 def _check(o: ChaosOptions, workload: Workload, clean: Run, chaos: Run) -> dict[str, Any]:
@@ -678,13 +655,10 @@ def _check(o: ChaosOptions, workload: Workload, clean: Run, chaos: Run) -> dict[
     rec_rc, drift = _reconcile(chaos)
     erp_clean, erp_chaos = _erp_effects(clean.dsn), _erp_effects(chaos.dsn)
     erp_lost = sorted(k for k in erp_clean.keys() - erp_chaos.keys())
-    differ = sorted(k for k in erp_clean.keys() & erp_chaos.keys()
-                    if erp_clean[k][0] != erp_chaos[k][0])
-    # Refused by a restarted sink's fresh in-memory ERP (documents lost with the kill -9):
-    # counted, not a failure, when the sink was killed.
-    excused = _forgotten_by_a_killed_sink(erp_chaos, chaos.supervisor.deaths.get("sink", []))
-    erp_forgot = [k for k in differ if erp_clean[k][0] == "done" and excused(k)]
-    erp_differ = [k for k in differ if k not in erp_forgot]
+    # The in-memory ERP keeps its documents in a file (REVLINE_MEMORY_ERP_FILE), so a
+    # killed sink's successor has them: no refusal is excused.
+    erp_differ = sorted(k for k in erp_clean.keys() & erp_chaos.keys()
+                        if erp_clean[k][0] != erp_chaos[k][0])
     erp_extra = sorted(k for k in erp_chaos.keys() - erp_clean.keys())
     faults = Counter(r["kind"] for r in chaos.recoveries)
     recovery: dict[str, dict[str, float]] = {}
@@ -724,7 +698,7 @@ def _check(o: ChaosOptions, workload: Workload, clean: Run, chaos: Run) -> dict[
         "skipped": _skipped(o), "notes": chaos.notes,
         "erp_effects": {"clean": len(erp_clean), "chaos": len(erp_chaos),
                         "lost": len(erp_lost), "status_differs": len(erp_differ),
-                        "extra": len(erp_extra), "refused_after_sink_kill": len(erp_forgot),
+                        "extra": len(erp_extra),
                         "first": [list(k) for k in (erp_lost + erp_differ + erp_extra)[:5]]},
         "throughput": {"clean_inputs_per_s": round(total / clean_s, 1),
                        "chaos_inputs_per_s": round(total / chaos_s, 1),
@@ -754,9 +728,7 @@ def table(s: dict[str, Any]) -> str:
              f"events lost: {s['events_lost']}; effects doubled: {s['effects_doubled']}",
              f"ERP effects: {s['erp_effects']['chaos']} (clean run {s['erp_effects']['clean']}"
              f"; lost {s['erp_effects']['lost']}, status differs "
-             f"{s['erp_effects']['status_differs']}, extra {s['erp_effects']['extra']}; "
-             f"refused by a restarted sink's empty in-memory ERP "
-             f"{s['erp_effects']['refused_after_sink_kill']})",
+             f"{s['erp_effects']['status_differs']}, extra {s['erp_effects']['extra']})",
              f"dead letter: {s['dead_letter']['distinct_lines']} inputs (poison "
              f"{s['dead_letter']['poison']}); the same record sent again by a killed worker "
              f"{s['dead_letter'].get('repeats', 0)}",

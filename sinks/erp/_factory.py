@@ -5,7 +5,7 @@ from __future__ import annotations
 from revline.core.errors import ConfigurationError
 from revline.core.settings import Settings
 from revline.sinks._protocols import ErpAdapter
-from revline.sinks.erp._memory import InMemoryErp
+from revline.sinks.erp._memory import InMemoryErp, MemoryErpStore
 from revline.sinks.erp._tryton import TrytonErp
 
 
@@ -15,7 +15,8 @@ def erp_from_settings(settings: Settings) -> ErpAdapter:
     if kind == "auto":
         kind = "tryton" if settings.tryton_url else "memory"
     if kind == "memory":
-        return InMemoryErp(outage_file=settings.memory_erp_outage_file)
+        store = MemoryErpStore(journal=settings.memory_erp_file)
+        return InMemoryErp(store, outage_file=settings.memory_erp_outage_file)
     if kind == "tryton":
         if not settings.tryton_url:
             raise ConfigurationError(

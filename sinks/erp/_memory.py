@@ -12,6 +12,13 @@ Test hooks: ``fail_next(step, error)`` makes the next write of a step raise
 ``error`` (after the earlier steps were applied), ``available = False`` makes
 every call raise ``TransientSinkError`` as an unreachable server would.
 
+Durable across processes: with ``journal`` (the sink's ``REVLINE_MEMORY_ERP_FILE``),
+every ``apply`` ends by appending the order's documents, as they now stand, to that
+file, and a store opened on it reads them back: a sink killed with ``kill -9`` and
+restarted finds what it had written, as it would in Tryton. A write is one ``write``
+call on an append-only file; a line a kill cut short is ignored on reading (that
+apply is then as if it had not happened, and its event is applied again).
+
 An outage from outside the process: with ``outage_file`` (the sink's
 ``REVLINE_MEMORY_ERP_OUTAGE_FILE``), every call raises that same
 ``TransientSinkError`` while the file exists, as a Tryton that cannot be reached
@@ -21,11 +28,16 @@ stopped once the file is gone (``revline chaos`` takes the ERP down this way).
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
 from typing import Any
+
+import orjson
 
 from revline.sinks._protocols import (
     EffectResult,
@@ -91,9 +103,11 @@ class _Docs(dict[int, dict[str, Any]]):
         super().__init__()
         self.kind = kind
         self.index = index
+        self.of_order: dict[str, set[int]] = {}  # order id -> ids (what a journal line holds)
 
     def __setitem__(self, doc_id: int, doc: dict[str, Any]) -> None:
         super().__setitem__(doc_id, _Doc(doc, self.index, (self.kind, doc_id)))
+        self.of_order.setdefault(str(doc.get("order")), set()).add(doc_id)
 
     def marked(self, key: str) -> list[int]:
         """Ids of the documents of this kind that carry a marker of ``key``, in id order."""
@@ -116,11 +130,64 @@ class MemoryErpStore:
     lock: threading.RLock = field(default_factory=threading.RLock)
     _next: int = 0
     by_key: KeyIndex = field(default_factory=dict)
+    journal: Path | None = None  # durable: see the module docstring
 
     def __post_init__(self) -> None:
         self.sales = _Docs("sale", self.by_key)
         self.invoices = _Docs("invoice", self.by_key)
         self.moves = _Docs("move", self.by_key)
+        self._saved_parties: set[int] = set()
+        self._journal_fd: int | None = None
+        if self.journal is not None:
+            self._read_journal(self.journal)
+            self._journal_fd = os.open(self.journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                                       0o600)
+
+    def _tables(self) -> dict[str, _Docs]:
+        return {"sale": self.sales, "invoice": self.invoices, "move": self.moves}
+
+    def _read_journal(self, path: Path) -> None:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return
+        tables = self._tables()
+        for line in data.split(b"\n"):
+            try:
+                record = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue  # the last line, cut short by a kill: that apply did not happen
+            self._next = max(self._next, int(record["next"]))
+            for pid, party in record["parties"]:
+                self.parties[int(pid)] = party
+                self.party_ids[str(party["code"])] = int(pid)
+                self._saved_parties.add(int(pid))
+            for kind, doc_id, doc in record["docs"]:
+                tables[kind][int(doc_id)] = {k: _thaw(v) for k, v in doc.items()}
+
+    def save_order(self, order_id: str) -> None:
+        """Append the order's documents (and parties not yet saved) to the journal."""
+        if self._journal_fd is None:
+            return
+        docs = [[kind, doc_id, {k: _freeze(v) for k, v in table[doc_id].items()}]
+                for kind, table in self._tables().items()
+                for doc_id in sorted(table.of_order.get(order_id, ()))]
+        parties = ([] if len(self.parties) == len(self._saved_parties) else  # only ever added
+                   [(pid, party) for pid, party in sorted(self.parties.items())
+                    if pid not in self._saved_parties])
+        if not docs and not parties:
+            return
+        line = orjson.dumps({"next": self._next, "parties": parties, "docs": docs}) + b"\n"
+        written = os.write(self._journal_fd, line)
+        if written != len(line):
+            raise TransientSinkError(
+                f"in-memory ERP journal {self.journal}: wrote {written} of {len(line)} bytes")
+        self._saved_parties.update(pid for pid, _ in parties)
+
+    def close(self) -> None:
+        if self._journal_fd is not None:
+            os.close(self._journal_fd)
+            self._journal_fd = None
 
     def new_id(self) -> int:
         self._next += 1
@@ -243,7 +310,13 @@ class InMemoryErp:
     # -- apply -----------------------------------------------------------------------------
     def apply(self, event: Event) -> EffectResult:
         with self.store.lock:
-            return m.dispatch(self, event, before=self._reach)
+            try:
+                return m.dispatch(self, event, before=self._reach)
+            finally:  # what a failed step left written is kept too, as Tryton's commits
+                order = event.get("envelope", {}).get("order_id") if isinstance(
+                    event.get("envelope"), Mapping) else None
+                if isinstance(order, str):
+                    self.store.save_order(order)
 
     # -- shared pieces ---------------------------------------------------------------------
     def _sale_for_order(self, order_id: str) -> tuple[int, dict[str, Any]] | None:
@@ -674,3 +747,27 @@ class InMemoryErp:
             move = self._pay(credit_id, -amount, description, env)
             p.wrote = True
         p.complete(m.REFUND_PAYMENT, move)
+
+
+# A document's values as JSON (the journal) and back: dates, lines (Decimal prices) tagged.
+def _freeze(value: Any) -> Any:
+    if isinstance(value, m.PricedLine):
+        return {"$line": [value.line_id, value.sku, value.quantity, str(value.unit_price),
+                          value.amount_minor]}
+    if isinstance(value, dt.date):
+        return {"$date": value.isoformat()}
+    if isinstance(value, list):
+        return [_freeze(v) for v in value]
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, dict):
+        if "$line" in value:
+            line_id, sku, quantity, unit_price, amount = value["$line"]
+            return m.PricedLine(line_id, sku, quantity, Decimal(unit_price), amount)
+        if "$date" in value:
+            return dt.date.fromisoformat(value["$date"])
+    if isinstance(value, list):
+        return [_thaw(v) for v in value]
+    return value

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from revline.sinks._protocols import ErpAdapter, PermanentSinkError
-from revline.sinks.erp import InMemoryErp
-from tests.sinks.erp_contract import ErpContract, booked, line, new_order
+from revline.sinks.erp import InMemoryErp, MemoryErpStore
+from tests.sinks.erp_contract import LINES, ErpContract, booked, invoiced, line, new_order
 
 
 def _mem(erp: ErpAdapter) -> InMemoryErp:
@@ -72,6 +73,47 @@ class TestInMemoryErp(ErpContract):
             yield
         finally:
             _mem(erp).available = True
+
+
+
+class TestDurableInMemoryErp(TestInMemoryErp):
+    """The same contract on a store with a journal, where a reopened adapter is another
+    process reading the file: every document must come back as it was written."""
+
+    @pytest.fixture
+    def erp(self, tmp_path: Path) -> Iterator[ErpAdapter]:
+        store = MemoryErpStore(journal=tmp_path / "erp.jsonl")
+        yield InMemoryErp(store)
+        store.close()
+
+    def reopen(self, erp: ErpAdapter) -> ErpAdapter:
+        # The old process is gone: what both handles see from here on is what the file
+        # gave back (the contract then reads the ERP through the first handle).
+        old = _mem(erp)
+        old.store.close()
+        old.store = MemoryErpStore(journal=old.store.journal)
+        return InMemoryErp(old.store)
+
+
+def test_a_journal_line_cut_by_a_kill_is_as_if_that_apply_never_happened(
+        tmp_path: Path) -> None:
+    journal = tmp_path / "erp.jsonl"
+    erp = InMemoryErp(MemoryErpStore(journal=journal))
+    order = new_order()
+    erp.apply(booked(order, LINES))
+    invoice = invoiced(order, LINES)
+    erp.apply(invoice)
+    whole = journal.read_bytes()
+    before = {k: dict(v) for k, v in erp.store.invoices.items()}
+    journal.write_bytes(whole[: len(whole) - 7])  # the invoice's line, cut mid-write
+    again = InMemoryErp(MemoryErpStore(journal=journal))
+    assert not again.store.invoices  # the booking is there, the invoice is not
+    assert again.apply(booked(order, LINES)).status == "already_applied"
+    assert again.apply(invoice).status == "applied"  # applied again, once
+    assert {k: dict(v) for k, v in again.store.invoices.items()} == before
+    third = InMemoryErp(MemoryErpStore(journal=journal))
+    assert third.apply(invoice).status == "already_applied"
+    assert third.store.counts() == again.store.counts()
 
 
 def test_fail_next_fires_once_and_only_for_its_step() -> None:

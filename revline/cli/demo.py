@@ -54,8 +54,9 @@ def demo_erp(kind: str, run_dir: Path, settings: Settings,
     from revline.sinks.erp import prepare_database, start_server, tryton_available
 
     use_tryton = kind == "tryton" or (kind == "auto" and tryton_available())
-    if not use_tryton:
-        yield {"REVLINE_ERP": "memory"}
+    if not use_tryton:  # its documents in a file, so `revline reconcile` can read them
+        yield {"REVLINE_ERP": "memory",
+               "REVLINE_MEMORY_ERP_FILE": str((run_dir / "erp.jsonl").absolute())}
         return
     say("Preparing a local Tryton ERP (the first run on a machine builds a template, "
         "about a minute)…")

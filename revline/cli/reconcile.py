@@ -169,11 +169,18 @@ def _erp_for_reconcile(settings: Settings, *, ledger_only: bool) -> tuple[Any, s
     kind = settings.erp
     if kind == "auto":
         kind = "tryton" if settings.tryton_url else "memory"
+    if kind == "memory" and settings.memory_erp_file is not None:
+        from revline.sinks.erp import InMemoryErp, MemoryErpStore
+
+        # Read as the sink's file stands (it may be appending): documents, no lock.
+        return InMemoryErp(MemoryErpStore(journal=settings.memory_erp_file,
+                                          read_only=True)), ""
     if kind == "memory":
         return None, (
             "not reconciled: the sink's ERP is the in-memory one, which lived inside the "
             "`revline sink` process and ended with it, so there is nothing left to read. "
-            "Set REVLINE_TRYTON_URL to reconcile a real ERP."
+            "Set REVLINE_MEMORY_ERP_FILE (the sink's file) or REVLINE_TRYTON_URL to "
+            "reconcile the ERP."
         )
     from revline.sinks.erp import erp_from_settings
 

@@ -29,6 +29,7 @@ stopped once the file is gone (``revline chaos`` takes the ERP down this way).
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import os
 import threading
 from collections.abc import Mapping
@@ -39,6 +40,7 @@ from typing import Any
 
 import orjson
 
+from revline.core.errors import ConfigurationError
 from revline.sinks._protocols import (
     EffectResult,
     ErpDocument,
@@ -131,6 +133,7 @@ class MemoryErpStore:
     _next: int = 0
     by_key: KeyIndex = field(default_factory=dict)
     journal: Path | None = None  # durable: see the module docstring
+    read_only: bool = False  # read the journal, take no lock, write nothing (reconcile)
 
     def __post_init__(self) -> None:
         self.sales = _Docs("sale", self.by_key)
@@ -138,10 +141,19 @@ class MemoryErpStore:
         self.moves = _Docs("move", self.by_key)
         self._saved_parties: set[int] = set()
         self._journal_fd: int | None = None
-        if self.journal is not None:
+        if self.journal is not None and self.read_only:
             self._read_journal(self.journal)
-            self._journal_fd = os.open(self.journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
-                                       0o600)
+        elif self.journal is not None:
+            fd = os.open(self.journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:  # one process per file: two would hand out the same document ids
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise ConfigurationError(
+                    f"in-memory ERP file {self.journal} is in use by another process "
+                    "(one sink per file)") from None
+            self._journal_fd = fd
+            self._read_journal(self.journal)
 
     def _tables(self) -> dict[str, _Docs]:
         return {"sale": self.sales, "invoice": self.invoices, "move": self.moves}

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from revline.core.errors import ConfigurationError
 from revline.sinks._protocols import ErpAdapter, PermanentSinkError
 from revline.sinks.erp import InMemoryErp, MemoryErpStore
 from tests.sinks.erp_contract import LINES, ErpContract, booked, invoiced, line, new_order
@@ -105,12 +106,16 @@ def test_a_journal_line_cut_by_a_kill_is_as_if_that_apply_never_happened(
     erp.apply(invoice)
     whole = journal.read_bytes()
     before = {k: dict(v) for k, v in erp.store.invoices.items()}
+    erp.store.close()  # the process is killed: its lock on the file goes with it
     journal.write_bytes(whole[: len(whole) - 7])  # the invoice's line, cut mid-write
     again = InMemoryErp(MemoryErpStore(journal=journal))
+    with pytest.raises(ConfigurationError, match="in use by another process"):
+        MemoryErpStore(journal=journal)  # a second sink on the same file
     assert not again.store.invoices  # the booking is there, the invoice is not
     assert again.apply(booked(order, LINES)).status == "already_applied"
     assert again.apply(invoice).status == "applied"  # applied again, once
     assert {k: dict(v) for k, v in again.store.invoices.items()} == before
+    again.store.close()
     third = InMemoryErp(MemoryErpStore(journal=journal))
     assert third.apply(invoice).status == "already_applied"
     assert third.store.counts() == again.store.counts()

@@ -26,7 +26,7 @@ manifest; the ledger per (order, account, currency) equals the clean run's and e
 journal balances; no journal per (order, key) and no side-effect row per (order, key,
 adapter) twice; the dead letter holds exactly the poison inputs, each once (a record sent
 again by a killed worker is counted, not failed); ``audit verify`` is
-intact and complete; ``reconcile --ledger-only`` reports no drift; the ERP effects per
+intact and complete; ``reconcile`` (ledger and ERP) reports no drift; the ERP effects per
 (order, key) are the clean run's (none lost, none refused, none left partial); no
 component needed an operator's restart (a stall) or exited by itself (but a watchdog's
 75). Exit 0 only if all hold.
@@ -544,7 +544,8 @@ def _dead_letter_lines(run: Run) -> tuple[Counter[int], int]:
 
 
 def _reconcile(run: Run) -> tuple[int, str]:
-    done = subprocess.run([sys.executable, "-m", "revline.cli", "reconcile", "--ledger-only",
+    # The ledger and the in-memory ERP (read from the run's file) against the stream.
+    done = subprocess.run([sys.executable, "-m", "revline.cli", "reconcile",
                            "--no-exceptions"], env={**run.pipeline.env, "COLUMNS": "200"},
                           capture_output=True, text=True, timeout=600)
     text = done.stdout + done.stderr

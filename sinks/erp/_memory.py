@@ -227,6 +227,10 @@ class InMemoryErp:
         # While this file exists, the ERP is "down" (see the module docstring).
         self.outage_file = os.fspath(outage_file) if outage_file is not None else None
 
+    def close(self) -> None:
+        """Release the store's file (a store without one has nothing to release)."""
+        self.store.close()
+
     # -- test hooks ------------------------------------------------------------------------
     @property
     def available(self) -> bool:

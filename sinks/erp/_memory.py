@@ -140,6 +140,7 @@ class MemoryErpStore:
         self.invoices = _Docs("invoice", self.by_key)
         self.moves = _Docs("move", self.by_key)
         self._saved_parties: set[int] = set()
+        self._written: dict[tuple[str, int], bytes] = {}  # each document as last written
         self._journal_fd: int | None = None
         if self.journal is not None and self.read_only:
             self._read_journal(self.journal)
@@ -181,20 +182,27 @@ class MemoryErpStore:
         """Append the order's documents (and parties not yet saved) to the journal."""
         if self._journal_fd is None:
             return
-        docs = [[kind, doc_id, {k: _freeze(v) for k, v in table[doc_id].items()}]
-                for kind, table in self._tables().items()
-                for doc_id in sorted(table.of_order.get(order_id, ()))]
+        # Only the documents that changed since they were last written: the file grows
+        # with the writes, not with the order's size times its events.
+        changed: dict[tuple[str, int], bytes] = {}
+        for kind, table in self._tables().items():
+            for doc_id in sorted(table.of_order.get(order_id, ())):
+                text = orjson.dumps({k: _freeze(v) for k, v in table[doc_id].items()})
+                if self._written.get((kind, doc_id)) != text:
+                    changed[(kind, doc_id)] = text
         parties = ([] if len(self.parties) == len(self._saved_parties) else  # only ever added
                    [(pid, party) for pid, party in sorted(self.parties.items())
                     if pid not in self._saved_parties])
-        if not docs and not parties:
+        if not changed and not parties:
             return
+        docs = [(kind, doc_id, orjson.Fragment(text)) for (kind, doc_id), text in changed.items()]
         line = orjson.dumps({"next": self._next, "parties": parties, "docs": docs}) + b"\n"
         written = os.write(self._journal_fd, line)
         if written != len(line):
             raise TransientSinkError(
                 f"in-memory ERP journal {self.journal}: wrote {written} of {len(line)} bytes")
         self._saved_parties.update(pid for pid, _ in parties)
+        self._written.update(changed)
 
     def close(self) -> None:
         if self._journal_fd is not None:

@@ -111,7 +111,6 @@ class LedgerView:
     doubled: list[tuple[str, str]]  # (order, key) of more than one journal
     balances: dict[tuple[str, str, str], int]  # (order, account, currency) -> balance
     effects: dict[tuple[str, str, str], tuple[str, str]]  # (order, key, adapter) -> status
-    applied_at: dict[tuple[str, str, str], float]  # when each row was written (epoch s)
 
 
 @dataclass
@@ -125,7 +124,6 @@ class Run:
     recoveries: list[dict[str, Any]] = field(default_factory=list)
     stalls: list[dict[str, Any]] = field(default_factory=list)
     log_signs: dict[str, bool] = field(default_factory=dict)
-    sink_deaths: list[float] = field(default_factory=list)
     exits: list[Exit] = field(default_factory=list)
     stop_codes: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
@@ -159,10 +157,8 @@ def read_ledger(path: Path) -> LedgerView:
         rows = ledger.all_effects()
     effects = {(e.order_id or "", e.idempotency_key, e.adapter): (e.status, e.detail)
                for e in rows}
-    applied_at = {(e.order_id or "", e.idempotency_key, e.adapter): e.applied_at.timestamp()
-                  for e in rows}
     return LedgerView(journals, sorted(k for k, n in counts.items() if n > 1),
-                      dict(balances), effects, applied_at)
+                      dict(balances), effects)
 
 
 def start_pipeline(bootstrap: str, tmp_path: Path, name: str,
@@ -228,7 +224,6 @@ def finish(run: Run, workload: Workload, supervisor: Supervisor, tail: Tail,
         f"{what} after {at - run.began:.0f}s" for what, at in run.times.items()), flush=True)
     run.ledger = read_ledger(pipeline.state_dir / "ledger.db")
     run.exits = list(supervisor.unexpected)
-    run.sink_deaths = list(supervisor.deaths.get("sink", []))
 
 
 def clean_run(bootstrap: str, tmp_path: Path, workload: Workload, rules: Path) -> Run:

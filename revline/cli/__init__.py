@@ -567,6 +567,8 @@ def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
     port = metrics.serve(settings.sink_metrics_port, settings.metrics_host)
     erp = erp_from_settings(settings)
     erp_where = (redact_url(settings.tryton_url) if settings.tryton_url
+                 else f"in-memory, kept in {settings.memory_erp_file}"
+                 if settings.memory_erp_file is not None
                  else "in-memory: lives as long as this process")
     membership = membership_config(settings.session_timeout_s, "sink", instance)
     err_console.print(

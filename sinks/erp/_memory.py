@@ -28,6 +28,7 @@ stopped once the file is gone (``revline chaos`` takes the ERP down this way).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import fcntl
 import os
@@ -143,6 +144,10 @@ class MemoryErpStore:
         self._written: dict[tuple[str, int], bytes] = {}  # each document as last written
         self._journal_fd: int | None = None
         if self.journal is not None and self.read_only:
+            if not self.journal.is_file():  # a misspelt path would read as an empty ERP
+                raise ConfigurationError(
+                    f"in-memory ERP file {self.journal} does not exist (REVLINE_MEMORY_ERP_FILE "
+                    "names the sink's file)")
             self._read_journal(self.journal)
         elif self.journal is not None:
             fd = os.open(self.journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -154,22 +159,30 @@ class MemoryErpStore:
                     f"in-memory ERP file {self.journal} is in use by another process "
                     "(one sink per file)") from None
             self._journal_fd = fd
-            self._read_journal(self.journal)
+            whole = self._read_journal(self.journal)
+            # A line a kill cut short is dropped from the file too: the next line appended
+            # to it would otherwise be unreadable with it.
+            if os.fstat(fd).st_size != whole:
+                os.ftruncate(fd, whole)
 
     def _tables(self) -> dict[str, _Docs]:
         return {"sale": self.sales, "invoice": self.invoices, "move": self.moves}
 
-    def _read_journal(self, path: Path) -> None:
+    def _read_journal(self, path: Path) -> int:
+        """Load the file's documents; the length of its whole lines (the rest was cut)."""
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            return
+            return 0
+        whole = data.rfind(b"\n") + 1
         tables = self._tables()
-        for line in data.split(b"\n"):
+        for line in data[:whole].split(b"\n"):
+            if not line:
+                continue
             try:
                 record = orjson.loads(line)
             except orjson.JSONDecodeError:
-                continue  # the last line, cut short by a kill: that apply did not happen
+                continue  # not a record (it cannot be one of ours: each is one write)
             self._next = max(self._next, int(record["next"]))
             for pid, party in record["parties"]:
                 self.parties[int(pid)] = party
@@ -177,10 +190,13 @@ class MemoryErpStore:
                 self._saved_parties.add(int(pid))
             for kind, doc_id, doc in record["docs"]:
                 tables[kind][int(doc_id)] = {k: _thaw(v) for k, v in doc.items()}
+        return whole
 
     def save_order(self, order_id: str) -> None:
         """Append the order's documents (and parties not yet saved) to the journal."""
         if self._journal_fd is None:
+            if self.journal is not None and not self.read_only:
+                raise TransientSinkError(f"in-memory ERP file {self.journal} is closed")
             return
         # Only the documents that changed since they were last written: the file grows
         # with the writes, not with the order's size times its events.
@@ -197,10 +213,17 @@ class MemoryErpStore:
             return
         docs = [(kind, doc_id, orjson.Fragment(text)) for (kind, doc_id), text in changed.items()]
         line = orjson.dumps({"next": self._next, "parties": parties, "docs": docs}) + b"\n"
-        written = os.write(self._journal_fd, line)
-        if written != len(line):
+        fd = self._journal_fd
+        size = os.fstat(fd).st_size
+        try:
+            written = os.write(fd, line)
+            if written != len(line):
+                raise OSError(f"wrote {written} of {len(line)} bytes")
+        except OSError as exc:  # a disk full: take back the half line, or the next is lost
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
             raise TransientSinkError(
-                f"in-memory ERP journal {self.journal}: wrote {written} of {len(line)} bytes")
+                f"in-memory ERP file {self.journal}: the write failed ({exc})") from exc
         self._saved_parties.update(pid for pid, _ in parties)
         self._written.update(changed)
 
@@ -335,12 +358,21 @@ class InMemoryErp:
     def apply(self, event: Event) -> EffectResult:
         with self.store.lock:
             try:
-                return m.dispatch(self, event, before=self._reach)
-            finally:  # what a failed step left written is kept too, as Tryton's commits
-                order = event.get("envelope", {}).get("order_id") if isinstance(
-                    event.get("envelope"), Mapping) else None
-                if isinstance(order, str):
-                    self.store.save_order(order)
+                result = m.dispatch(self, event, before=self._reach)
+            except BaseException:
+                # What a failed step left written is kept too, as Tryton's commits are. If
+                # keeping it fails, that TransientSinkError stands (the refusal or partial
+                # write is its __context__): the retry finds the documents in memory and
+                # writes them then, so nothing is taken as done that is not in the file.
+                self._save(event)
+                raise
+            self._save(event)
+            return result
+
+    def _save(self, event: Event) -> None:
+        env = event.get("envelope")
+        if isinstance(env, Mapping) and env.get("order_id") is not None:
+            self.store.save_order(str(env["order_id"]))
 
     # -- shared pieces ---------------------------------------------------------------------
     def _sale_for_order(self, order_id: str) -> tuple[int, dict[str, Any]] | None:

@@ -121,6 +121,56 @@ def test_a_journal_line_cut_by_a_kill_is_as_if_that_apply_never_happened(
     assert third.store.counts() == again.store.counts()
 
 
+
+def test_a_line_written_after_a_cut_one_is_not_lost_with_it(tmp_path: Path) -> None:
+    # The cut line is dropped from the file on opening: the next line appended does not
+    # glue onto it (both would be unreadable, and B's sale, recorded done, gone).
+    journal = tmp_path / "erp.jsonl"
+    erp = InMemoryErp(MemoryErpStore(journal=journal))
+    a, b = new_order(), new_order()
+    erp.apply(booked(a, LINES))
+    erp.apply(booked(b, LINES))
+    erp.store.close()
+    journal.write_bytes(journal.read_bytes()[:-9])  # B's line cut by a kill
+    again = InMemoryErp(MemoryErpStore(journal=journal))
+    assert again.apply(booked(b, LINES)).status == "applied"
+    again.store.close()
+    third = InMemoryErp(MemoryErpStore(journal=journal))
+    assert third.apply(booked(a, LINES)).status == "already_applied"
+    assert third.apply(booked(b, LINES)).status == "already_applied"
+    assert third.apply(invoiced(b, LINES)).status == "applied"
+
+
+def test_a_failed_write_is_taken_back_and_the_retry_writes_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from revline.sinks._protocols import TransientSinkError
+    from revline.sinks.erp import _memory
+
+    journal = tmp_path / "erp.jsonl"
+    erp = InMemoryErp(MemoryErpStore(journal=journal))
+    a = new_order()
+    erp.apply(booked(a, LINES))
+    real_write = os.write
+
+    def half(fd: int, data: bytes) -> int:  # a disk that fills in the middle of the line
+        return real_write(fd, data[: len(data) // 2])
+
+    monkeypatch.setattr(_memory.os, "write", half)
+    with pytest.raises(TransientSinkError, match="write failed"):
+        erp.apply(invoiced(a, LINES))
+    monkeypatch.setattr(_memory.os, "write", real_write)
+    assert journal.read_bytes().endswith(b"\n")  # the half line is gone
+    # The retry finds the invoice in memory and writes it now.
+    assert erp.apply(invoiced(a, LINES)).status == "already_applied"
+    erp.store.close()
+    again = InMemoryErp(MemoryErpStore(journal=journal))
+    assert again.apply(invoiced(a, LINES)).status == "already_applied"
+    with pytest.raises(ConfigurationError, match="does not exist"):
+        MemoryErpStore(journal=tmp_path / "typo.jsonl", read_only=True)
+
+
 def test_fail_next_fires_once_and_only_for_its_step() -> None:
     erp = InMemoryErp()
     erp.fail_next("invoice", PermanentSinkError("boom"))

@@ -8,8 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from revline.core.config_files import read_yaml
 from revline.core.errors import ConfigurationError
 
 SEVERITIES = ("P1", "P2", "P3")
@@ -112,15 +111,7 @@ class Rules:
 def load_yaml(path: Path) -> Mapping[str, Any]:
     # Every caller (the worker, the exception manager, the backtest, the CLI) gets one
     # ConfigurationError naming the file, whatever the bytes are.
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigurationError(f"cannot read {path}: {exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigurationError(
-            f"{path} is not UTF-8 text (byte {exc.start}): give a YAML file") from exc
-    except RecursionError as exc:
-        raise ConfigurationError(f"{path} is nested too deeply to read") from exc
+    data = read_yaml(path)
     if not isinstance(data, Mapping):
         raise ConfigurationError(f"{path} must hold a mapping at the top level")
     return data

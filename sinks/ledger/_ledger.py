@@ -425,14 +425,12 @@ class SqlLedger:
         # one writer per such order at a time (see _lock_orders). Locked before reading
         # what is posted, so a twin waiting behind us sees our commit and records
         # already_applied (its rows would not collide with ours to tell it).
-        _lock_orders(conn, {
-            p.order_id for p in prepared
-            if p.rule is not None and (p.rule.action == "reverse" or p.rule.after_reversal)
-        })  # fmt: skip
+        reversing = [p for p in prepared if p.rule is not None and p.rule.action == "reverse"]
+        switching = [p for p in prepared if p.rule is not None and p.rule.after_reversal]
+        _lock_orders(conn, {p.order_id for p in (*reversing, *switching)})
         existing = self._existing(conn, list(dict.fromkeys(p.ident for p in prepared)))
-        todo = [p for p in prepared if p.rule is not None and p.ident not in existing]
-        reversing = [p for p in todo if p.rule is not None and p.rule.action == "reverse"]
-        switching = [p for p in todo if p.rule is not None and p.rule.after_reversal]
+        reversing = [p for p in reversing if p.ident not in existing]
+        switching = [p for p in switching if p.ident not in existing]
         types = {t for p in reversing if p.rule is not None for t in p.rule.reverses}
         candidates = self._reversible(conn, {p.order_id for p in reversing}, types)
         # (order, currency) that have a credit note: a refund there pays back a credit.

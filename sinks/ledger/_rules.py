@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
+from revline.core.config_files import read_yaml
 from revline.core.errors import ConfigurationError
 
 DEFAULT_RULES_FILE = Path(__file__).with_name("postings.yaml")
@@ -92,15 +91,7 @@ class PostingRules:
 def load_posting_rules(path: Path | str | None = None) -> PostingRules:
     """Read and check a posting-rules file (default: the packaged ``postings.yaml``)."""
     file = Path(path) if path is not None else DEFAULT_RULES_FILE
-    try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigurationError(f"cannot read posting rules {file}: {exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigurationError(
-            f"posting rules {file} are not UTF-8 text (byte {exc.start})") from exc
-    except RecursionError as exc:
-        raise ConfigurationError(f"posting rules {file} are nested too deeply to read") from exc
+    data = read_yaml(file, f"posting rules {file}")
     return PostingRules.from_mapping(data, source=str(file))
 
 
